@@ -1,0 +1,3 @@
+from haif.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,138 @@
+"""The ``haif`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+
+from haif.configfile import ConfigError
+
+err_console = Console(stderr=True)
+
+
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from haif.sim.driver import run_scenario
+    from haif.sim.report import write_report
+    from haif.sim.scenario import load_scenario
+
+    overrides = list(args.set or [])
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    scenario = load_scenario(args.scenario, overrides)
+    out = Path(args.out) if args.out else Path("reports") / scenario.name
+    console = Console()
+    with Progress(
+        TextColumn(f"[bold]simulating {scenario.name}"),
+        BarColumn(),
+        TextColumn("{task.fields[t]:>7.0f} / {task.total:.0f} s simulated"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+        disable=args.quiet,
+    ) as progress:
+        end = scenario.duration_s + scenario.drain_s
+        task = progress.add_task("sim", total=end, t=0.0)
+        result = run_scenario(
+            scenario, progress=lambda t, _end: progress.update(task, completed=t, t=t)
+        )
+    summary = write_report(result, out)
+    if not args.quiet:
+        table = Table(title=f"{scenario.name} (seed {scenario.seed})")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        rate = summary["success_rate"]
+        table.add_row("requests", str(summary["requests"]))
+        table.add_row("success rate", "n/a" if rate is None else f"{rate:.2%}")
+        for key in ("latency_p50_s", "latency_p99_s", "ttft_p50_s"):
+            value = summary[key]
+            table.add_row(key.removesuffix("_s"), "n/a" if value is None else f"{value:.3f} s")
+        table.add_row("retried", str(summary["retried"]))
+        table.add_row("dead-lettered", str(summary["dead_letters"]))
+        console.print(table)
+        console.print(f"report: {out / 'report.md'}")
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from haif.runtime.cluster import run_cluster
+
+    return run_cluster(args.config, data_dir=Path(args.data_dir), port=args.port)
+
+
+def _cmd_service(args: argparse.Namespace) -> int:
+    from haif.runtime.services import run_service
+
+    return run_service(args.command, args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="haif", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("sim", help="simulate a scenario and write a report")
+    sim.add_argument("scenario", help="scenario YAML file, e.g. scenarios/failover.yaml")
+    sim.add_argument("--seed", type=int, help="override the scenario's seed")
+    sim.add_argument("--out", help="report directory (default reports/<scenario name>)")
+    sim.add_argument("--set", action="append", metavar="PATH=VALUE",
+                     help="override a scenario field, e.g. --set workload.rate=30")
+    sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
+    sim.set_defaults(func=_cmd_sim)
+
+    up = sub.add_parser("up", help="start a local cluster (gateway, orchestrator, workers)")
+    up.add_argument("config", nargs="?", help="cluster YAML (default: built-in 2 workers)")
+    up.add_argument("--port", type=int, default=None, help="gateway port (default 8080)")
+    up.add_argument("--data-dir", default=".haif", help="store and logs (default .haif)")
+    up.set_defaults(func=_cmd_up)
+
+    orch = sub.add_parser("orchestrator", help="run one orchestrator")
+    orch.add_argument("--host", default="127.0.0.1")
+    orch.add_argument("--port", type=int, required=True)
+    orch.add_argument("--store", required=True, help="DuckDB file for the metadata store")
+    orch.add_argument("--config", help="cluster YAML holding the policy")
+    orch.add_argument("--seed", type=int, default=0)
+    orch.set_defaults(func=_cmd_service)
+
+    worker = sub.add_parser("worker", help="run one worker")
+    worker.add_argument("--host", default="127.0.0.1")
+    worker.add_argument("--port", type=int, required=True)
+    worker.add_argument("--id", required=True, dest="worker_id")
+    worker.add_argument("--region", required=True)
+    worker.add_argument("--orchestrator", required=True, help="orchestrator base URL")
+    worker.add_argument("--gpu-class", default="A100-80G")
+    worker.add_argument("--capacity", type=int, default=8)
+    worker.add_argument("--models", default="llama-3-8b", help="comma-separated")
+    worker.add_argument("--mean-s", type=float, default=0.05, help="synthetic service time")
+    worker.add_argument("--ttft-s", type=float, default=0.01)
+    worker.add_argument("--heartbeat-s", type=float, default=0.5)
+    worker.set_defaults(func=_cmd_service)
+
+    gw = sub.add_parser("gateway", help="run one gateway")
+    gw.add_argument("--host", default="127.0.0.1")
+    gw.add_argument("--port", type=int, required=True)
+    gw.add_argument("--orchestrator", required=True, help="orchestrator base URL")
+    gw.add_argument("--region", default="local")
+    gw.set_defaults(func=_cmd_service)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Configuration of the control core: one frozen object built once at the edge.
+
+The shells (scenario YAML, cluster YAML) validate user input with pydantic
+and hand the core a :class:`CoreConfig`; the core never reads files or the
+environment. Defaults follow ``REFERENCE.md`` (SRE: 3 attempts, retry budget
+10 %, adaptive throttling K = 2 over 2 minutes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from haif.policy.admission import ShedConfig, ThrottleConfig
+from haif.policy.breaker import BreakerConfig
+from haif.policy.placement import make_placement
+from haif.policy.ratelimit import QuotaConfig
+from haif.policy.retry import RetryConfig
+
+
+def _worker_breaker() -> BreakerConfig:
+    # Per worker: trip fast on a dead host (5 of the last 10 calls failed),
+    # probe again after 5 s; repeated re-opens back off up to 60 s.
+    return BreakerConfig(
+        window="count",
+        window_size=10,
+        min_calls=5,
+        failure_threshold=0.5,
+        open_s=5.0,
+        open_multiplier=2.0,
+        open_max_s=60.0,
+        half_open_permits=1,
+        half_open_max_s=30.0,
+    )
+
+
+def _route_breaker() -> BreakerConfig:
+    # Per (model, region): a 10-second time window over the whole region,
+    # so a region-wide outage stops attracting traffic as a unit.
+    return BreakerConfig(
+        window="time",
+        window_size=10.0,
+        min_calls=20,
+        failure_threshold=0.5,
+        open_s=10.0,
+        open_multiplier=2.0,
+        open_max_s=120.0,
+        half_open_permits=3,
+        half_open_max_s=30.0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CoreConfig:
+    """Everything the orchestrator's decision loop needs to decide."""
+
+    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+
+    placement: str = "p2c"
+    placement_params: Mapping[str, Any] = field(default_factory=dict)
+    retry: RetryConfig = field(default_factory=RetryConfig)
+    worker_breaker: BreakerConfig = field(default_factory=_worker_breaker)
+    route_breaker: BreakerConfig = field(default_factory=_route_breaker)
+    tenant_quotas: Mapping[str, QuotaConfig] = field(default_factory=dict)
+    default_quota: QuotaConfig | None = None
+    global_quota: QuotaConfig | None = None
+    throttle: ThrottleConfig = field(default_factory=ThrottleConfig)
+    # Shed by priority when fleet load / slots reaches: critical 4 (the
+    # queue limit), standard 2 (a queue as deep as the running set),
+    # sheddable 1 (any queueing at all).
+    shedding: ShedConfig = field(default_factory=lambda: ShedConfig(thresholds=(4.0, 2.0, 1.0)))
+    # A worker whose last heartbeat is older than this is not placed on.
+    stale_after_s: float = 3.0
+    # An attempt running longer than this is cancelled and retried elsewhere.
+    attempt_timeout_s: float | None = 120.0
+    # Deadline given to requests that carry none (None: no deadline).
+    default_timeout_s: float | None = None
+    # A worker is full when the orchestrator's outstanding count reaches
+    # capacity x this factor (queueing at the worker beyond that is refused).
+    max_queue_factor: float = 4.0
+    # Round-trip times between regions in milliseconds: {"a": {"b": 70.0}}.
+    rtt_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        make_placement(self.placement, self.placement_params)  # fails early on typos
+        if self.stale_after_s <= 0:
+            raise ValueError(f"stale_after_s must be > 0, got {self.stale_after_s}")
+        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
+            raise ValueError(f"attempt_timeout_s must be > 0, got {self.attempt_timeout_s}")
+        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
+            raise ValueError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
+        if self.max_queue_factor <= 0:
+            raise ValueError(f"max_queue_factor must be > 0, got {self.max_queue_factor}")
+        for src, row in self.rtt_ms.items():
+            for dst, ms in row.items():
+                if ms < 0:
+                    raise ValueError(f"rtt_ms.{src}.{dst} must be >= 0, got {ms}")
+
+    def rtt(self, a: str, b: str) -> float:
+        """RTT between two regions in ms (symmetric; 0 within a region)."""
+        if a == b:
+            return 0.0
+        row = self.rtt_ms.get(a, {})
+        if b in row:
+            return float(row[b])
+        return float(self.rtt_ms.get(b, {}).get(a, 100.0))

@@ -1,0 +1,465 @@
+"""The orchestrator's decision loop as a pure state machine (events in, decisions out).
+
+Theory of operation
+-------------------
+Both shells own one :class:`ControlCore`. They feed it events — a request
+was submitted, a worker's heartbeat arrived, an attempt finished, a worker
+left — together with the time on their own clock, and execute the decisions
+it returns, in order. They also ask :meth:`ControlCore.next_deadline` when
+to call :meth:`ControlCore.on_timer` next. The core never reads a clock,
+never does I/O and draws randomness only from the ``random.Random`` it was
+given, so the SimPy driver and the aiohttp driver make identical decisions
+from identical inputs (``tests/test_parity.py``).
+
+A request's life::
+
+    submit -> shed? -> throttle? -> quota? -> [admitted] -> place
+    place  -> eligible workers (healthy, fresh, breakers closed, room, model)
+           -> strategy.choose -> reserve (breaker permits, outstanding + 1)
+           -> Dispatch
+    result ok   -> Finalize(ok), release quota
+    result fail -> retry policy: RetryAt (backoff) -> place elsewhere later
+                                 | DeadLetter + Finalize(dead_lettered)
+                                 | Finalize(failed)      (not retryable)
+    timers: backoff expiry (place again), attempt timeout (Cancel, retry),
+            request deadline (Cancel, Finalize(timeout)).
+
+Every rejected or finished request produces exactly one ``Finalize``.
+Results for attempts the core has already given up on (cancelled, or from a
+previous attempt) are ignored.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+from haif.contracts import (
+    AttemptResult,
+    Cancel,
+    DeadLetter,
+    Decision,
+    Dispatch,
+    Event,
+    Finalize,
+    Heartbeat,
+    Reject,
+    Request,
+    RequestRecord,
+    RetryAt,
+    Submit,
+    WorkerGone,
+    WorkerSnapshot,
+)
+from haif.control.config import CoreConfig
+from haif.policy.admission import AdaptiveThrottle, PriorityShedder
+from haif.policy.breaker import CircuitBreaker, Permit
+from haif.policy.placement import Candidate, make_placement
+from haif.policy.ratelimit import QuotaManager
+from haif.policy.retry import RetryPolicy
+
+# Errors that say "this worker is unhealthy" as opposed to "this request is bad".
+_WORKER_FAULTS = frozenset(
+    {"worker_crashed", "connection_error", "timeout", "unavailable", "overloaded", "internal"}
+)
+_RETRY_AFTER_OVERLOAD_S = 1.0
+
+
+@dataclass(slots=True)
+class _Attempt:
+    number: int
+    worker_id: str
+    region: str
+    gpu_class: str
+    started_s: float
+    worker_permit: Permit
+    route_permit: Permit
+    route: tuple[str, str]
+
+
+@dataclass(slots=True)
+class _Job:
+    request: Request
+    admitted_s: float
+    deadline_s: float | None
+    attempts: int = 0  # dispatches so far
+    placement_failures: int = 0
+    running: _Attempt | None = None
+    tried: list[str] = field(default_factory=list)
+    last_delay: float | None = None
+    retry_at: float | None = None
+    cold_start: bool = False
+    cost: float = 0.0
+    last: _Attempt | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Timer:
+    at: float
+    seq: int
+    kind: str  # "retry" | "attempt_timeout" | "deadline"
+    request_id: str
+    attempt: int
+
+
+class ControlCore:
+    """One orchestrator's decisions. Not thread-safe; drive it from one task."""
+
+    def __init__(self, config: CoreConfig, rng: random.Random) -> None:
+        self.config = config
+        self._rng = rng
+        self._placement = make_placement(config.placement, config.placement_params)
+        self._retry = RetryPolicy(config.retry)
+        self._quotas = QuotaManager(
+            config.tenant_quotas, default=config.default_quota, global_=config.global_quota
+        )
+        self._throttle = AdaptiveThrottle(config.throttle)
+        self._shedder = PriorityShedder(config.shedding)
+        self._workers: dict[str, WorkerSnapshot] = {}
+        self._outstanding: dict[str, int] = {}
+        self._worker_breakers: dict[str, CircuitBreaker] = {}
+        self._route_breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        self._jobs: dict[str, _Job] = {}
+        self._timers: list[tuple[float, int, _Timer]] = []
+        self._seq = 0
+
+    # ------------------------------------------------------------ inputs
+
+    def handle(self, event: Event, now: float) -> list[Decision]:
+        """Feed one event; return the decisions to execute, in order."""
+        if isinstance(event, Submit):
+            return self.submit(event.request, now)
+        if isinstance(event, AttemptResult):
+            return self.on_result(event, now)
+        if isinstance(event, Heartbeat):
+            self.on_heartbeat(event.snapshot, now)
+            return []
+        if isinstance(event, WorkerGone):
+            self.on_worker_gone(event.worker_id)
+            return []
+        raise TypeError(f"unknown event {event!r}")
+
+    def on_heartbeat(self, snapshot: WorkerSnapshot, now: float) -> None:
+        """Refresh the discovery snapshot, stamped with the receiver's clock."""
+        self._workers[snapshot.worker_id] = replace(snapshot, last_seen=now)
+        self._outstanding.setdefault(snapshot.worker_id, 0)
+
+    def on_worker_gone(self, worker_id: str) -> None:
+        """Forget a departed worker; its in-flight attempts fail via results."""
+        self._workers.pop(worker_id, None)
+
+    def submit(self, request: Request, now: float) -> list[Decision]:
+        """Admission, then placement."""
+        rid = request.request_id
+        if rid in self._jobs:
+            return [Reject(rid, 409, "duplicate_request_id")]
+        if self._shedder.should_shed(request.priority, self.utilization(now)):
+            return self._refuse(request, now, 529, "overloaded", _RETRY_AFTER_OVERLOAD_S)
+        if self._throttle.should_reject(now, self._rng):
+            return self._refuse(request, now, 529, "throttled", _RETRY_AFTER_OVERLOAD_S)
+        quota = self._quotas.admit(request.tenant, request.prompt_tokens + request.max_tokens, now)
+        if not quota.allowed:
+            return self._refuse(request, now, 429, quota.reason or "quota", quota.retry_after)
+        self._retry.record_request(now)
+        deadline = request.deadline_s
+        if deadline is None and self.config.default_timeout_s is not None:
+            deadline = request.arrival_s + self.config.default_timeout_s
+        job = _Job(request=request, admitted_s=now, deadline_s=deadline)
+        self._jobs[rid] = job
+        if deadline is not None:
+            self._arm(deadline, "deadline", rid, 0)
+        return self._place(job, now)
+
+    def on_result(self, result: AttemptResult, now: float) -> list[Decision]:
+        """An attempt finished (well or badly)."""
+        job = self._jobs.get(result.request_id)
+        if job is None or job.running is None or job.running.number != result.attempt:
+            return []  # an attempt we already gave up on
+        attempt = job.running
+        job.running = None
+        self._release_worker(attempt, ok=result.ok, duration=result.finish_s - result.started_s,
+                             error=result.error, now=now)
+        # SRE "accepts": the backend took the request (a client error counts).
+        self._throttle.record(now, accepted=result.ok or result.error not in _WORKER_FAULTS)
+        job.cost += result.cost
+        job.cold_start = job.cold_start or result.cold_start
+        if result.ok:
+            return [self._finish(job, now, "ok", None, result)]
+        return self._after_failure(job, result.error or "failed", result.retryable, now, result)
+
+    # ------------------------------------------------------------ timers
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` must next be called (None: no timer armed)."""
+        while self._timers and not self._timer_live(self._timers[0][2]):
+            heapq.heappop(self._timers)
+        return self._timers[0][0] if self._timers else None
+
+    def on_timer(self, now: float) -> list[Decision]:
+        """Fire every timer due at ``now``."""
+        out: list[Decision] = []
+        while self._timers and self._timers[0][0] <= now:
+            timer = heapq.heappop(self._timers)[2]
+            if not self._timer_live(timer):
+                continue
+            job = self._jobs[timer.request_id]
+            if timer.kind == "retry":
+                job.retry_at = None
+                out.extend(self._place(job, now))
+            elif timer.kind == "attempt_timeout":
+                out.extend(self._attempt_timed_out(job, now))
+            else:
+                out.extend(self._deadline_passed(job, now))
+        return out
+
+    # ------------------------------------------------------------ views
+
+    def utilization(self, now: float) -> float:
+        """Load over capacity of the fresh, healthy fleet.
+
+        0 when no worker is known: an empty fleet is unavailability, which
+        placement answers (retry, then 503), not overload.
+        """
+        load = capacity = 0
+        for w in self._workers.values():
+            if w.healthy and now - w.last_seen <= self.config.stale_after_s:
+                load += max(self._outstanding.get(w.worker_id, 0), w.queue_depth + w.running)
+                capacity += w.capacity
+        return load / capacity if capacity else 0.0
+
+    def outstanding(self, worker_id: str) -> int:
+        return self._outstanding.get(worker_id, 0)
+
+    def in_flight(self) -> int:
+        """Admitted requests not yet finalized."""
+        return len(self._jobs)
+
+    def breaker_state(self, worker_id: str, now: float) -> str:
+        br = self._worker_breakers.get(worker_id)
+        return br.state(now) if br else "closed"
+
+    # ------------------------------------------------------------ internals
+
+    def _arm(self, at: float, kind: str, request_id: str, attempt: int) -> None:
+        self._seq += 1
+        timer = _Timer(at, self._seq, kind, request_id, attempt)
+        heapq.heappush(self._timers, (at, self._seq, timer))
+
+    def _timer_live(self, timer: _Timer) -> bool:
+        job = self._jobs.get(timer.request_id)
+        if job is None:
+            return False
+        if timer.kind == "retry":
+            return job.retry_at == timer.at and job.running is None
+        if timer.kind == "attempt_timeout":
+            return job.running is not None and job.running.number == timer.attempt
+        return True
+
+    def _worker_breaker(self, worker_id: str) -> CircuitBreaker:
+        br = self._worker_breakers.get(worker_id)
+        if br is None:
+            br = self._worker_breakers[worker_id] = CircuitBreaker(self.config.worker_breaker)
+        return br
+
+    def _route_breaker(self, route: tuple[str, str]) -> CircuitBreaker:
+        br = self._route_breakers.get(route)
+        if br is None:
+            br = self._route_breakers[route] = CircuitBreaker(self.config.route_breaker)
+        return br
+
+    def _candidates(self, job: _Job, now: float) -> list[Candidate]:
+        req = job.request
+        fresh: list[Candidate] = []
+        for w in sorted(self._workers.values(), key=lambda s: s.worker_id):
+            if not w.healthy or now - w.last_seen > self.config.stale_after_s:
+                continue
+            warm = req.model in w.models_warm
+            if not warm and req.model not in w.models_loadable:
+                continue
+            outstanding = self._outstanding.get(w.worker_id, 0)
+            if outstanding >= w.capacity * self.config.max_queue_factor:
+                continue
+            if not self._worker_breaker(w.worker_id).would_allow(now):
+                continue
+            if not self._route_breaker((req.model, w.region)).would_allow(now):
+                continue
+            fresh.append(
+                Candidate(
+                    worker_id=w.worker_id,
+                    region=w.region,
+                    gpu_class=w.gpu_class,
+                    warm=warm,
+                    queue_depth=w.queue_depth,
+                    running=w.running,
+                    outstanding=outstanding,
+                    capacity=w.capacity,
+                    rtt_ms=self.config.rtt(req.origin_region, w.region),
+                    same_region=w.region == req.origin_region,
+                )
+            )
+        untried = [c for c in fresh if c.worker_id not in job.tried]
+        return untried or fresh  # re-place elsewhere when there is an elsewhere
+
+    def _place(self, job: _Job, now: float) -> list[Decision]:
+        req = job.request
+        chosen = self._placement.choose(req, self._candidates(job, now), now, self._rng)
+        if chosen is None:
+            job.placement_failures += 1
+            return self._after_failure(job, "no_eligible_worker", True, now, None)
+        route = (req.model, chosen.region)
+        worker_permit = self._worker_breaker(chosen.worker_id).acquire(now)
+        route_permit = self._route_breaker(route).acquire(now)
+        assert isinstance(worker_permit, Permit) and isinstance(route_permit, Permit)
+        job.attempts += 1
+        job.tried.append(chosen.worker_id)
+        attempt = _Attempt(
+            number=job.attempts,
+            worker_id=chosen.worker_id,
+            region=chosen.region,
+            gpu_class=chosen.gpu_class,
+            started_s=now,
+            worker_permit=worker_permit,
+            route_permit=route_permit,
+            route=route,
+        )
+        job.running = job.last = attempt
+        self._outstanding[chosen.worker_id] = self._outstanding.get(chosen.worker_id, 0) + 1
+        if self.config.attempt_timeout_s is not None:
+            self._arm(now + self.config.attempt_timeout_s, "attempt_timeout",
+                      req.request_id, attempt.number)
+        return [Dispatch(req.request_id, chosen.worker_id, attempt.number,
+                         chosen.region, chosen.gpu_class)]
+
+    def _release_worker(
+        self, attempt: _Attempt, *, ok: bool, duration: float, error: str | None, now: float
+    ) -> None:
+        wid = attempt.worker_id
+        self._outstanding[wid] = max(0, self._outstanding.get(wid, 0) - 1)
+        # A request-caused error (bad input, deadline) says nothing about the worker.
+        if ok or error in _WORKER_FAULTS:
+            self._worker_breaker(wid).record(attempt.worker_permit, ok, duration, now)
+            self._route_breaker(attempt.route).record(attempt.route_permit, ok, duration, now)
+
+    def _after_failure(
+        self, job: _Job, error: str, retryable: bool, now: float, result: AttemptResult | None
+    ) -> list[Decision]:
+        tries = job.attempts + job.placement_failures
+        verdict = self._retry.decide(tries, error, retryable, now, self._rng, job.last_delay)
+        rid = job.request.request_id
+        if verdict.retry:
+            at = now + verdict.delay
+            if job.deadline_s is None or at < job.deadline_s:
+                job.last_delay = verdict.delay
+                job.retry_at = at
+                self._arm(at, "retry", rid, tries + 1)
+                return [RetryAt(rid, job.attempts + 1, at, error)]
+        if job.attempts == 0:
+            # Never ran anywhere: nothing can serve it (HTTP 503).
+            return [Reject(rid, 503, error, _RETRY_AFTER_OVERLOAD_S),
+                    self._finish(job, now, "rejected", error, None)]
+        if not retryable or verdict.reason == "not_retryable":
+            return [self._finish(job, now, "failed", error, result)]
+        reason = f"{verdict.reason}:{error}"
+        return [DeadLetter(rid, reason, job.attempts),
+                self._finish(job, now, "dead_lettered", reason, result)]
+
+    def _attempt_timed_out(self, job: _Job, now: float) -> list[Decision]:
+        attempt = job.running
+        assert attempt is not None
+        job.running = None
+        self._release_worker(attempt, ok=False, duration=now - attempt.started_s,
+                             error="timeout", now=now)
+        self._throttle.record(now, accepted=False)
+        cancel = Cancel(job.request.request_id, attempt.worker_id, attempt.number,
+                        "attempt_timeout")
+        return [cancel, *self._after_failure(job, "timeout", True, now, None)]
+
+    def _deadline_passed(self, job: _Job, now: float) -> list[Decision]:
+        out: list[Decision] = []
+        attempt = job.running
+        if attempt is not None:
+            job.running = None
+            # The deadline is the request's, not the worker's fault: free the
+            # slot, but do not count an outcome against the worker.
+            self._release_worker(attempt, ok=False, duration=now - attempt.started_s,
+                                 error="deadline", now=now)
+            out.append(Cancel(job.request.request_id, attempt.worker_id, attempt.number,
+                              "deadline"))
+        out.append(self._finish(job, now, "timeout", "deadline_exceeded", None))
+        return out
+
+    def _refuse(
+        self, request: Request, now: float, status: int, reason: str, retry_after: float
+    ) -> list[Decision]:
+        rec = RequestRecord(
+            request_id=request.request_id,
+            tenant=request.tenant,
+            model=request.model,
+            origin_region=request.origin_region,
+            served_region=None,
+            worker_id=None,
+            gpu_class=None,
+            arrival_s=request.arrival_s,
+            admitted_s=None,
+            first_token_s=None,
+            finish_s=now,
+            prompt_tokens=request.prompt_tokens,
+            output_tokens=0,
+            attempts=0,
+            status="rejected",
+            reason=reason,
+            cold_start=False,
+            cost=0.0,
+        )
+        return [Reject(request.request_id, status, reason, retry_after), Finalize(rec)]
+
+    def _finish(
+        self, job: _Job, now: float, status: str, reason: str | None,
+        result: AttemptResult | None,
+    ) -> Finalize:
+        req = job.request
+        del self._jobs[req.request_id]
+        output = result.output_tokens if result is not None else 0
+        self._quotas.release(req.tenant, now, unused_tokens=max(0, req.max_tokens - output))
+        last = job.last
+        rec = RequestRecord(
+            request_id=req.request_id,
+            tenant=req.tenant,
+            model=req.model,
+            origin_region=req.origin_region,
+            served_region=last.region if last else None,
+            worker_id=last.worker_id if last else None,
+            gpu_class=last.gpu_class if last else None,
+            arrival_s=req.arrival_s,
+            admitted_s=job.admitted_s,
+            first_token_s=result.first_token_s if result is not None and result.ok else None,
+            finish_s=now,
+            prompt_tokens=req.prompt_tokens,
+            output_tokens=output,
+            attempts=job.attempts,
+            status=status,
+            reason=reason,
+            cold_start=job.cold_start,
+            cost=job.cost,
+        )
+        return Finalize(rec)
+
+
+def run_events(
+    core: ControlCore, events: Iterable[tuple[float, Event]]
+) -> list[tuple[float, Decision]]:
+    """Feed time-ordered events, firing timers in between; for tests and tools."""
+    log: list[tuple[float, Decision]] = []
+    for t, event in events:
+        deadline = core.next_deadline()
+        while deadline is not None and deadline <= t:
+            log.extend((deadline, d) for d in core.on_timer(deadline))
+            deadline = core.next_deadline()
+        log.extend((t, d) for d in core.handle(event, t))
+    deadline = core.next_deadline()
+    while deadline is not None:
+        log.extend((deadline, d) for d in core.on_timer(deadline))
+        deadline = core.next_deadline()
+    return log

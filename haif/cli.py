@@ -11,7 +11,7 @@ from rich.console import Console
 
 from haif.configfile import ConfigError
 
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _cmd_sim(args: argparse.Namespace) -> int:
@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("scenario", help="scenario YAML file, e.g. scenarios/failover.yaml")
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
     sim.add_argument("--out", help="report directory (default reports/<scenario name>)")
-    sim.add_argument("--set", action="append", metavar="PATH=VALUE",
-                     help="override a scenario field, e.g. --set workload.rate=30")
+    sim.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a scenario field, e.g. --set workload.rate=30",
+    )
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     sim.set_defaults(func=_cmd_sim)
 

@@ -8,6 +8,7 @@ and the dotted field path, with pydantic's description of what is allowed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ import pydantic
 import yaml
 
 M = TypeVar("M", bound=pydantic.BaseModel)
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
 
 
 class ConfigError(Exception):
@@ -49,12 +51,12 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
         for i, key in enumerate(keys[:-1]):
             if isinstance(target, list):
                 if not key.isdigit() or int(key) >= len(target):
-                    raise ConfigError(f"--set {path}: {'.'.join(keys[:i + 1])} is not an index")
+                    raise ConfigError(f"--set {path}: {'.'.join(keys[: i + 1])} is not an index")
                 target = target[int(key)]
             else:
                 target = target.setdefault(key, {})
             if not isinstance(target, dict | list):
-                raise ConfigError(f"--set {path}: {'.'.join(keys[:i + 1])} is not a mapping")
+                raise ConfigError(f"--set {path}: {'.'.join(keys[: i + 1])} is not a mapping")
         value = yaml.safe_load(raw) if raw else None
         last = keys[-1]
         if isinstance(target, list):
@@ -71,13 +73,17 @@ def format_validation_error(
 ) -> str:
     lines = [f"{source}: invalid configuration ({exc.error_count()} error(s))"]
     for err in exc.errors():
-        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        loc: list[int | str] = [
+            p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
+        ]
+        msg = err["msg"].removeprefix("Value error, ")
+        # Validators that check several fields name the one at fault as "a.b.0: ...".
+        if match := _FIELD_PREFIX.match(msg):
+            loc += [int(p) if p.isdigit() else p for p in match.group(1).split(".")]
+            msg = msg[match.end() :]
         field = ".".join(str(p) for p in loc) or "(top level)"
         line = _node_line(root, loc)
         where = f"{source}:{line}" if line else source
-        msg = err["msg"]
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
         lines.append(f"  {where}: {field}: {msg}")
     return "\n".join(lines)
 

@@ -45,9 +45,9 @@ assert SCHEMA.names == [f.name for f in dataclasses.fields(RequestRecord)]
 
 def to_table(records: Iterable[RequestRecord]) -> pa.Table:
     rows = [dataclasses.astuple(r) for r in records]
-    columns = list(zip(*rows, strict=True)) if rows else [[] for _ in SCHEMA.names]
+    columns = [[row[i] for row in rows] for i in range(len(SCHEMA.names))]
     return pa.Table.from_arrays(
-        [pa.array(list(col), type=f.type) for col, f in zip(columns, SCHEMA, strict=True)],
+        [pa.array(col, type=f.type) for col, f in zip(columns, SCHEMA, strict=True)],
         schema=SCHEMA,
     )
 

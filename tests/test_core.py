@@ -33,36 +33,78 @@ from haif.policy.ratelimit import QuotaConfig
 from haif.policy.retry import Backoff, RetryConfig
 
 MODEL = "llama-3-8b"
-CONSTANT = RetryConfig(max_attempts=3, backoff=Backoff("constant", 0.5, 0.5),
-                       budget_min_retries=100)
+CONSTANT = RetryConfig(
+    max_attempts=3, backoff=Backoff("constant", 0.5, 0.5), budget_min_retries=100
+)
 
 
 def snap(wid: str, region: str = "a", **kw: object) -> WorkerSnapshot:
-    base = WorkerSnapshot(worker_id=wid, region=region, gpu_class="A100-80G",
-                          models_warm=(MODEL,), models_loadable=(MODEL,), capacity=4)
+    base = WorkerSnapshot(
+        worker_id=wid,
+        region=region,
+        gpu_class="A100-80G",
+        models_warm=(MODEL,),
+        models_loadable=(MODEL,),
+        capacity=4,
+    )
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def req(rid: str = "r1", t: float = 0.0, **kw: object) -> Request:
-    base = Request(request_id=rid, tenant="acme", model=MODEL, prompt_tokens=100,
-                   max_tokens=10, arrival_s=t, origin_region="a")
+    base = Request(
+        request_id=rid,
+        tenant="acme",
+        model=MODEL,
+        prompt_tokens=100,
+        max_tokens=10,
+        arrival_s=t,
+        origin_region="a",
+    )
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def ok(d: Dispatch, started: float, finish: float, tokens: int = 10) -> AttemptResult:
-    return AttemptResult(d.request_id, d.attempt, d.worker_id, True, started, finish,
-                         first_token_s=started + 0.1, output_tokens=tokens, cost=0.01)
+    return AttemptResult(
+        d.request_id,
+        d.attempt,
+        d.worker_id,
+        True,
+        started,
+        finish,
+        first_token_s=started + 0.1,
+        output_tokens=tokens,
+        cost=0.01,
+    )
 
 
-def fail(d: Dispatch, started: float, finish: float, error: str = "connection_error",
-         retryable: bool = True) -> AttemptResult:
-    return AttemptResult(d.request_id, d.attempt, d.worker_id, False, started, finish,
-                         error=error, retryable=retryable)
+def fail(
+    d: Dispatch,
+    started: float,
+    finish: float,
+    error: str = "connection_error",
+    retryable: bool = True,
+) -> AttemptResult:
+    return AttemptResult(
+        d.request_id,
+        d.attempt,
+        d.worker_id,
+        False,
+        started,
+        finish,
+        error=error,
+        retryable=retryable,
+    )
 
 
 def core(**kw: object) -> ControlCore:
     kw.setdefault("retry", CONSTANT)
     return ControlCore(CoreConfig(**kw), random.Random(1))  # type: ignore[arg-type]
+
+
+def one_dispatch(decisions: list[Decision]) -> Dispatch:
+    """The decisions are exactly one Dispatch; return it."""
+    assert len(decisions) == 1 and isinstance(decisions[0], Dispatch), decisions
+    return decisions[0]
 
 
 def only(decisions: list[Decision], cls: type) -> list[Decision]:
@@ -75,7 +117,7 @@ def only(decisions: list[Decision], cls: type) -> list[Decision]:
 def test_submit_dispatches_and_result_finalizes() -> None:
     c = core(placement="round_robin")
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(), 1.0)
+    d = one_dispatch(c.submit(req(), 1.0))
     assert d == Dispatch("r1", "w1", 1, "a", "A100-80G")
     assert c.outstanding("w1") == 1
     [fin] = c.on_result(ok(d, 1.0, 2.0, tokens=7), 2.0)
@@ -90,24 +132,26 @@ def test_submit_dispatches_and_result_finalizes() -> None:
 # ------------------------------------------------------------------ eligibility
 
 ELIGIBILITY = [
-    # (snapshot override, heartbeat time, submit time, eligible?)
-    ({}, 0.0, 3.0, True),  # exactly stale_after_s old: still fresh
-    ({}, 0.0, 3.01, False),  # stale
-    ({"healthy": False}, 0.0, 0.5, False),
-    ({"models_warm": (), "models_loadable": ()}, 0.0, 0.5, False),
-    ({"models_warm": (), "models_loadable": (MODEL,)}, 0.0, 0.5, True),  # cold but loadable
+    # (snapshot override, heartbeat time, submit time, outcome)
+    ({}, 0.0, 3.0, "dispatch"),  # exactly stale_after_s old: still fresh
+    ({}, 0.0, 3.01, "wait"),  # stale: wait for a heartbeat (backoff), not fail at once
+    ({"healthy": False}, 0.0, 0.5, "wait"),
+    ({"models_warm": (), "models_loadable": ()}, 0.0, 0.5, "404"),  # nobody has the model
+    ({"models_warm": (), "models_loadable": (MODEL,)}, 0.0, 0.5, "dispatch"),  # cold, loadable
 ]
 
 
-@pytest.mark.parametrize(("override", "hb_t", "submit_t", "eligible"), ELIGIBILITY)
-def test_eligibility(override: dict[str, object], hb_t: float, submit_t: float,
-                     eligible: bool) -> None:
+@pytest.mark.parametrize(("override", "hb_t", "submit_t", "outcome"), ELIGIBILITY)
+def test_eligibility(
+    override: dict[str, object], hb_t: float, submit_t: float, outcome: str
+) -> None:
     c = core()
-    c.on_heartbeat(snap("w1", **override), hb_t)
-    out = c.submit(req(t=submit_t), submit_t)
-    assert bool(only(out, Dispatch)) is eligible
-    if not eligible:
-        assert only(out, RetryAt)  # waits for a worker instead of failing at once
+    c.on_heartbeat(replace(snap("w1"), **override), hb_t)  # type: ignore[arg-type]
+    first = c.submit(req(t=submit_t), submit_t)[0]
+    got = {Dispatch: "dispatch", RetryAt: "wait", Reject: "404"}[type(first)]
+    assert got == outcome
+    if isinstance(first, Reject):
+        assert first.status == 404
 
 
 def test_worker_gone_is_not_placed() -> None:
@@ -155,12 +199,12 @@ def test_failure_retries_elsewhere_after_backoff() -> None:
     c = core(placement="round_robin")
     c.on_heartbeat(snap("w1"), 0.0)
     c.on_heartbeat(snap("w2"), 0.0)
-    [d1] = c.submit(req(), 0.0)
+    d1 = one_dispatch(c.submit(req(), 0.0))
     out = c.on_result(fail(d1, 0.0, 0.1), 0.1)
     assert out == [RetryAt("r1", 2, 0.6, "connection_error")]
     assert c.next_deadline() == pytest.approx(0.6)
     assert c.on_timer(0.59) == []
-    [d2] = c.on_timer(0.6)
+    d2 = one_dispatch(c.on_timer(0.6))
     assert isinstance(d2, Dispatch) and d2.attempt == 2 and d2.worker_id != d1.worker_id
     [fin] = c.on_result(ok(d2, 0.6, 1.0), 1.0)
     assert isinstance(fin, Finalize)
@@ -170,13 +214,13 @@ def test_failure_retries_elsewhere_after_backoff() -> None:
 def test_attempts_exhausted_dead_letters() -> None:
     c = core()
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(), 0.0)
+    d = one_dispatch(c.submit(req(), 0.0))
     now = 0.0
     for _ in range(2):
         [retry] = c.on_result(fail(d, now, now + 0.1), now + 0.1)
         assert isinstance(retry, RetryAt)
         now = retry.at
-        [d] = c.on_timer(now)  # type: ignore[assignment]
+        d = one_dispatch(c.on_timer(now))
     out = c.on_result(fail(d, now, now + 0.1), now + 0.1)
     assert [type(x) for x in out] == [DeadLetter, Finalize]
     dl, fin = out
@@ -188,7 +232,7 @@ def test_attempts_exhausted_dead_letters() -> None:
 def test_not_retryable_fails_at_once() -> None:
     c = core()
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(), 0.0)
+    d = one_dispatch(c.submit(req(), 0.0))
     [fin] = c.on_result(fail(d, 0.0, 0.1, "bad_request", retryable=False), 0.1)
     assert isinstance(fin, Finalize)
     assert (fin.record.status, fin.record.reason) == ("failed", "bad_request")
@@ -199,7 +243,7 @@ def test_request_errors_do_not_trip_the_worker_breaker() -> None:
     c = core(worker_breaker=brk)
     c.on_heartbeat(snap("w1"), 0.0)
     for i in range(3):
-        [d] = c.submit(req(f"r{i}"), 0.0)
+        d = one_dispatch(c.submit(req(f"r{i}"), 0.0))
         c.on_result(fail(d, 0.0, 0.1, "bad_request", retryable=False), 0.1)
     assert c.breaker_state("w1", 0.2) == "closed"
 
@@ -207,27 +251,31 @@ def test_request_errors_do_not_trip_the_worker_breaker() -> None:
 @pytest.mark.parametrize("strategy", placement_names())
 def test_open_breaker_excludes_worker_under_every_strategy(strategy: str) -> None:
     brk = BreakerConfig(window_size=2, min_calls=2, failure_threshold=0.5, open_s=10.0)
-    c = core(placement=strategy, worker_breaker=brk, throttle=ThrottleConfig(enabled=False),
-             retry=RetryConfig(max_attempts=1))
+    c = core(
+        placement=strategy,
+        worker_breaker=brk,
+        throttle=ThrottleConfig(enabled=False),
+        retry=RetryConfig(max_attempts=1),
+    )
     c.on_heartbeat(snap("bad"), 0.0)
     for i in range(2):
-        [d] = c.submit(req(f"x{i}"), 0.0)
+        d = one_dispatch(c.submit(req(f"x{i}"), 0.0))
         c.on_result(fail(d, 0.0, 0.1), 0.1)
     assert c.breaker_state("bad", 0.2) == "open"
     c.on_heartbeat(snap("good"), 0.2)
     c.on_heartbeat(snap("bad"), 0.2)
     for i in range(10):
         out = c.submit(req(f"y{i}"), 0.3)
-        assert [d.worker_id for d in only(out, Dispatch)] == ["good"]  # type: ignore[attr-defined]
+        assert one_dispatch(out).worker_id == "good"
 
 
 def test_stale_results_are_ignored() -> None:
     c = core()
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(), 0.0)
+    d = one_dispatch(c.submit(req(), 0.0))
     c.on_result(fail(d, 0.0, 0.1), 0.1)
     assert c.on_result(ok(d, 0.0, 0.2), 0.2) == []  # attempt 1 already failed
-    assert c.on_result(ok(replace(d, request_id="nope"), 0.0, 0.2), 0.2) == []
+    assert c.on_result(ok(Dispatch("nope", "w1", 1, "a", "A100-80G"), 0.0, 0.2), 0.2) == []
 
 
 # ------------------------------------------------------------------ timers
@@ -236,7 +284,7 @@ def test_stale_results_are_ignored() -> None:
 def test_deadline_cancels_and_times_out() -> None:
     c = core()
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(deadline_s=5.0), 0.0)
+    d = one_dispatch(c.submit(req(deadline_s=5.0), 0.0))
     assert c.next_deadline() == 5.0
     out = c.on_timer(5.0)
     assert [type(x) for x in out] == [Cancel, Finalize]
@@ -252,16 +300,18 @@ def test_attempt_timeout_cancels_and_retries() -> None:
     c = core(attempt_timeout_s=2.0, placement="round_robin")
     c.on_heartbeat(snap("w1"), 0.0)
     c.on_heartbeat(snap("w2"), 0.0)
-    [d] = c.submit(req(), 0.0)
+    d = one_dispatch(c.submit(req(), 0.0))
     out = c.on_timer(2.0)
-    assert out == [Cancel("r1", d.worker_id, 1, "attempt_timeout"),
-                   RetryAt("r1", 2, 2.5, "timeout")]
+    assert out == [
+        Cancel("r1", d.worker_id, 1, "attempt_timeout"),
+        RetryAt("r1", 2, 2.5, "timeout"),
+    ]
 
 
 def test_retry_not_scheduled_past_deadline() -> None:
     c = core()
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req(deadline_s=0.3), 0.0)
+    d = one_dispatch(c.submit(req(deadline_s=0.3), 0.0))
     out = c.on_result(fail(d, 0.0, 0.1), 0.1)
     assert [type(x) for x in out] == [DeadLetter, Finalize]
 
@@ -291,7 +341,7 @@ def test_tenant_quota_rejects_429_and_debits_nothing() -> None:
 def test_concurrency_limit_released_on_finish() -> None:
     c = core(tenant_quotas={"acme": QuotaConfig(max_concurrency=1)})
     c.on_heartbeat(snap("w1"), 0.0)
-    [d] = c.submit(req("r1"), 0.0)
+    d = one_dispatch(c.submit(req("r1"), 0.0))
     assert isinstance(c.submit(req("r2"), 0.0)[0], Reject)
     c.on_result(ok(d, 0.0, 0.5), 0.5)
     assert only(c.submit(req("r3"), 0.6), Dispatch)
@@ -336,13 +386,18 @@ op = st.one_of(
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(op, max_size=60), seed=st.integers(0, 2**32),
-       strategy=st.sampled_from(placement_names()))
+@given(
+    ops=st.lists(op, max_size=60),
+    seed=st.integers(0, 2**32),
+    strategy=st.sampled_from(placement_names()),
+)
 def test_every_request_finalized_exactly_once(
     ops: list[tuple[str, object]], seed: int, strategy: str
 ) -> None:
-    c = ControlCore(CoreConfig(placement=strategy, default_timeout_s=30.0,
-                               attempt_timeout_s=10.0), random.Random(seed))
+    c = ControlCore(
+        CoreConfig(placement=strategy, default_timeout_s=30.0, attempt_timeout_s=10.0),
+        random.Random(seed),
+    )
     now = 0.0
     submitted: list[str] = []
     finalized: list[str] = []
@@ -355,8 +410,9 @@ def test_every_request_finalized_exactly_once(
             elif isinstance(d, Finalize):
                 finalized.append(d.record.request_id)
             elif isinstance(d, Cancel):
-                running[:] = [r for r in running
-                              if (r.request_id, r.attempt) != (d.request_id, d.attempt)]
+                running[:] = [
+                    r for r in running if (r.request_id, r.attempt) != (d.request_id, d.attempt)
+                ]
 
     for kind, arg in ops:
         if kind == "submit":
@@ -389,3 +445,11 @@ def test_every_request_finalized_exactly_once(
     assert sorted(finalized) == sorted(submitted)
     assert len(finalized) == len(set(finalized))
     assert c.in_flight() == 0
+
+
+def test_unknown_model_is_404_once_workers_are_known() -> None:
+    c = core()
+    assert not isinstance(c.submit(req("early", model="nope"), 0.0)[0], Reject)
+    c.on_heartbeat(snap("w1"), 0.0)
+    out = c.submit(req("r1", model="nope"), 0.1)
+    assert isinstance(out[0], Reject) and (out[0].status, out[0].reason) == (404, "model_not_found")

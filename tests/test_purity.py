@@ -10,12 +10,36 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PURE_DIRS = [ROOT / "haif" / "policy", ROOT / "haif" / "control"]
 FORBIDDEN = {
-    "time", "asyncio", "aiohttp", "simpy", "msgpack", "os", "socket", "subprocess",
-    "threading", "datetime", "asyncpg", "duckdb", "sys", "pathlib",
+    "time",
+    "asyncio",
+    "aiohttp",
+    "simpy",
+    "msgpack",
+    "os",
+    "socket",
+    "subprocess",
+    "threading",
+    "datetime",
+    "asyncpg",
+    "duckdb",
+    "sys",
+    "pathlib",
 }
 GLOBAL_RANDOM = {
-    "random", "uniform", "randint", "choice", "choices", "shuffle", "seed", "expovariate",
-    "gauss", "sample", "randrange", "lognormvariate", "getrandbits", "normalvariate",
+    "random",
+    "uniform",
+    "randint",
+    "choice",
+    "choices",
+    "shuffle",
+    "seed",
+    "expovariate",
+    "gauss",
+    "sample",
+    "randrange",
+    "lognormvariate",
+    "getrandbits",
+    "normalvariate",
 }
 PURE_FILES = sorted(p for d in PURE_DIRS for p in d.rglob("*.py"))
 
@@ -29,8 +53,9 @@ def violations(source: str) -> list[str]:
             if node.module.split(".")[0] in FORBIDDEN:
                 found.append(node.module)
             if node.module == "random":
-                found += [f"from random import {a.name}" for a in node.names
-                          if a.name in GLOBAL_RANDOM]
+                found += [
+                    f"from random import {a.name}" for a in node.names if a.name in GLOBAL_RANDOM
+                ]
         elif (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -39,16 +64,25 @@ def violations(source: str) -> list[str]:
             and node.func.attr in GLOBAL_RANDOM
         ):
             found.append(f"random.{node.func.attr}()")
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
-            if node.func.id in {"hash", "open", "print", "input"}:
-                found.append(f"{node.func.id}()")
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in {"hash", "open", "print", "input"}
+        ):
+            found.append(f"{node.func.id}()")
     return found
 
 
 def test_pure_modules_exist() -> None:
     names = {p.name for p in PURE_FILES}
-    assert {"ratelimit.py", "retry.py", "breaker.py", "placement.py", "admission.py",
-            "core.py"} <= names
+    assert {
+        "ratelimit.py",
+        "retry.py",
+        "breaker.py",
+        "placement.py",
+        "admission.py",
+        "core.py",
+    } <= names
 
 
 @pytest.mark.parametrize("path", PURE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
@@ -73,5 +107,7 @@ def test_checker_catches(source: str) -> None:
 
 
 def test_checker_allows_injected_rng() -> None:
-    assert violations("import random\ndef f(rng: random.Random) -> float:\n"
-                      "    return rng.random()\n") == []
+    assert (
+        violations("import random\ndef f(rng: random.Random) -> float:\n    return rng.random()\n")
+        == []
+    )

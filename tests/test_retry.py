@@ -245,6 +245,7 @@ def test_retry_config_defaults() -> None:
     assert cfg.backoff == Backoff("full_jitter", 0.1, 5.0) == DEFAULT_BACKOFF
     assert (cfg.budget_ratio, cfg.budget_min_retries, cfg.budget_window_s) == (0.1, 3, 10.0)
     assert cfg.retry_on == (
+        "no_eligible_worker",
         "worker_crashed",
         "connection_error",
         "timeout",

@@ -14,16 +14,46 @@ from haif import wire
 from haif.runtime.messages import Announce, InferReply, SubmitReply
 
 RECORD = c.RequestRecord(
-    request_id="r1", tenant="acme", model="llama-3-8b", origin_region="us-east",
-    served_region="eu-west", worker_id="w1", gpu_class="A100-80G", arrival_s=1.5,
-    admitted_s=1.6, first_token_s=1.7, finish_s=2.5, prompt_tokens=100, output_tokens=20,
-    attempts=2, status="ok", reason=None, cold_start=False, cost=0.001,
+    request_id="r1",
+    tenant="acme",
+    model="llama-3-8b",
+    origin_region="us-east",
+    served_region="eu-west",
+    worker_id="w1",
+    gpu_class="A100-80G",
+    arrival_s=1.5,
+    admitted_s=1.6,
+    first_token_s=1.7,
+    finish_s=2.5,
+    prompt_tokens=100,
+    output_tokens=20,
+    attempts=2,
+    status="ok",
+    reason=None,
+    cold_start=False,
+    cost=0.001,
 )
-SNAP = c.WorkerSnapshot("w1", "us-east", "H100-80G", 80.0, ("m",), ("m", "n"), 3, 2, 8, 1000,
-                        True, 12.0, 4.0)
+SNAP = c.WorkerSnapshot(
+    "w1", "us-east", "H100-80G", 80.0, ("m",), ("m", "n"), 3, 2, 8, 1000, True, 12.0, 4.0
+)
 SAMPLES = [
-    c.Request("r1", "acme", "m", 10, 5, 0.5, "us-east", 0, 9.5, True, "key", "v1", "lora",
-              "hello", (1, 2, 3)),
+    c.Request(
+        "r1",
+        "acme",
+        "m",
+        10,
+        5,
+        0.5,
+        "us-east",
+        0,
+        9.5,
+        True,
+        "key",
+        "v1",
+        "lora",
+        "hello",
+        (1, 2, 3),
+    ),
     SNAP,
     c.Submit(c.Request("r2", "t", "m", 1, 1, 0.0)),
     c.Heartbeat(SNAP),

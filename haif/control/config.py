@@ -83,7 +83,11 @@ class CoreConfig:
     rtt_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        make_placement(self.placement, self.placement_params)  # fails early on typos
+        try:
+            make_placement(self.placement, self.placement_params)  # fail early on typos
+        except ValueError as exc:
+            field = "placement_params" if "parameter" in str(exc) else "placement"
+            raise ValueError(f"{field}: {exc}") from None
         if self.stale_after_s <= 0:
             raise ValueError(f"stale_after_s must be > 0, got {self.stale_after_s}")
         if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:

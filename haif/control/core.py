@@ -155,6 +155,11 @@ class ControlCore:
         rid = request.request_id
         if rid in self._jobs:
             return [Reject(rid, 409, "duplicate_request_id")]
+        if self._workers and not any(
+            request.model in w.models_warm or request.model in w.models_loadable
+            for w in self._workers.values()
+        ):
+            return self._refuse(request, now, 404, "model_not_found", 0.0)
         if self._shedder.should_shed(request.priority, self.utilization(now)):
             return self._refuse(request, now, 529, "overloaded", _RETRY_AFTER_OVERLOAD_S)
         if self._throttle.should_reject(now, self._rng):
@@ -179,8 +184,13 @@ class ControlCore:
             return []  # an attempt we already gave up on
         attempt = job.running
         job.running = None
-        self._release_worker(attempt, ok=result.ok, duration=result.finish_s - result.started_s,
-                             error=result.error, now=now)
+        self._release_worker(
+            attempt,
+            ok=result.ok,
+            duration=result.finish_s - result.started_s,
+            error=result.error,
+            now=now,
+        )
         # SRE "accepts": the backend took the request (a client error counts).
         self._throttle.record(now, accepted=result.ok or result.error not in _WORKER_FAULTS)
         job.cost += result.cost
@@ -327,10 +337,17 @@ class ControlCore:
         job.running = job.last = attempt
         self._outstanding[chosen.worker_id] = self._outstanding.get(chosen.worker_id, 0) + 1
         if self.config.attempt_timeout_s is not None:
-            self._arm(now + self.config.attempt_timeout_s, "attempt_timeout",
-                      req.request_id, attempt.number)
-        return [Dispatch(req.request_id, chosen.worker_id, attempt.number,
-                         chosen.region, chosen.gpu_class)]
+            self._arm(
+                now + self.config.attempt_timeout_s,
+                "attempt_timeout",
+                req.request_id,
+                attempt.number,
+            )
+        return [
+            Dispatch(
+                req.request_id, chosen.worker_id, attempt.number, chosen.region, chosen.gpu_class
+            )
+        ]
 
     def _release_worker(
         self, attempt: _Attempt, *, ok: bool, duration: float, error: str | None, now: float
@@ -357,23 +374,29 @@ class ControlCore:
                 return [RetryAt(rid, job.attempts + 1, at, error)]
         if job.attempts == 0:
             # Never ran anywhere: nothing can serve it (HTTP 503).
-            return [Reject(rid, 503, error, _RETRY_AFTER_OVERLOAD_S),
-                    self._finish(job, now, "rejected", error, None)]
+            return [
+                Reject(rid, 503, error, _RETRY_AFTER_OVERLOAD_S),
+                self._finish(job, now, "rejected", error, None),
+            ]
         if not retryable or verdict.reason == "not_retryable":
             return [self._finish(job, now, "failed", error, result)]
         reason = f"{verdict.reason}:{error}"
-        return [DeadLetter(rid, reason, job.attempts),
-                self._finish(job, now, "dead_lettered", reason, result)]
+        return [
+            DeadLetter(rid, reason, job.attempts),
+            self._finish(job, now, "dead_lettered", reason, result),
+        ]
 
     def _attempt_timed_out(self, job: _Job, now: float) -> list[Decision]:
         attempt = job.running
         assert attempt is not None
         job.running = None
-        self._release_worker(attempt, ok=False, duration=now - attempt.started_s,
-                             error="timeout", now=now)
+        self._release_worker(
+            attempt, ok=False, duration=now - attempt.started_s, error="timeout", now=now
+        )
         self._throttle.record(now, accepted=False)
-        cancel = Cancel(job.request.request_id, attempt.worker_id, attempt.number,
-                        "attempt_timeout")
+        cancel = Cancel(
+            job.request.request_id, attempt.worker_id, attempt.number, "attempt_timeout"
+        )
         return [cancel, *self._after_failure(job, "timeout", True, now, None)]
 
     def _deadline_passed(self, job: _Job, now: float) -> list[Decision]:
@@ -383,10 +406,12 @@ class ControlCore:
             job.running = None
             # The deadline is the request's, not the worker's fault: free the
             # slot, but do not count an outcome against the worker.
-            self._release_worker(attempt, ok=False, duration=now - attempt.started_s,
-                                 error="deadline", now=now)
-            out.append(Cancel(job.request.request_id, attempt.worker_id, attempt.number,
-                              "deadline"))
+            self._release_worker(
+                attempt, ok=False, duration=now - attempt.started_s, error="deadline", now=now
+            )
+            out.append(
+                Cancel(job.request.request_id, attempt.worker_id, attempt.number, "deadline")
+            )
         out.append(self._finish(job, now, "timeout", "deadline_exceeded", None))
         return out
 
@@ -416,7 +441,11 @@ class ControlCore:
         return [Reject(request.request_id, status, reason, retry_after), Finalize(rec)]
 
     def _finish(
-        self, job: _Job, now: float, status: str, reason: str | None,
+        self,
+        job: _Job,
+        now: float,
+        status: str,
+        reason: str | None,
         result: AttemptResult | None,
     ) -> Finalize:
         req = job.request

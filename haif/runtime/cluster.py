@@ -111,25 +111,66 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        orch_args = ["orchestrator", "--port", str(orch_port), "--store", str(store),
-                     "--seed", str(config.seed)]
+        orch_args = [
+            "orchestrator",
+            "--port",
+            str(orch_port),
+            "--store",
+            str(store),
+            "--seed",
+            str(config.seed),
+        ]
         if config_path:
             orch_args += ["--config", config_path]
         spawn("orchestrator", orch_args, orch_url)
         for w in config.workers:
             wport = w.port or free_port()
-            spawn(f"worker-{w.id}", [
-                "worker", "--port", str(wport), "--id", w.id, "--region", w.region,
-                "--orchestrator", orch_url, "--gpu-class", w.gpu_class,
-                "--capacity", str(w.capacity), "--models", ",".join(w.models),
-                "--mean-s", str(w.mean_s), "--ttft-s", str(w.ttft_s),
-                "--heartbeat-s", str(w.heartbeat_s),
-            ], f"http://127.0.0.1:{wport}")
+            spawn(
+                f"worker-{w.id}",
+                [
+                    "worker",
+                    "--port",
+                    str(wport),
+                    "--id",
+                    w.id,
+                    "--region",
+                    w.region,
+                    "--orchestrator",
+                    orch_url,
+                    "--gpu-class",
+                    w.gpu_class,
+                    "--capacity",
+                    str(w.capacity),
+                    "--models",
+                    ",".join(w.models),
+                    "--mean-s",
+                    str(w.mean_s),
+                    "--ttft-s",
+                    str(w.ttft_s),
+                    "--heartbeat-s",
+                    str(w.heartbeat_s),
+                ],
+                f"http://127.0.0.1:{wport}",
+            )
         gw_url = f"http://127.0.0.1:{gw_port}"
-        spawn("gateway", ["gateway", "--port", str(gw_port), "--orchestrator", orch_url,
-                          "--region", config.region], gw_url)
-        print(f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
-              f"{len(config.workers)} workers); logs in {logs}; Ctrl-C to stop", flush=True)
+        spawn(
+            "gateway",
+            [
+                "gateway",
+                "--port",
+                str(gw_port),
+                "--orchestrator",
+                orch_url,
+                "--region",
+                config.region,
+            ],
+            gw_url,
+        )
+        print(
+            f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
+            f"{len(config.workers)} workers); logs in {logs}; Ctrl-C to stop",
+            flush=True,
+        )
         while not stop:
             for name, proc in procs:
                 if proc.poll() is not None:

@@ -49,15 +49,25 @@ class ChatBody(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
 
 
-def openai_error(status: int, message: str, kind: str, code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None
-                 ) -> web.Response:
+def openai_error(
+    status: int,
+    message: str,
+    kind: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
     body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
     return web.json_response(body, status=status, headers=headers)
 
 
-_REJECT_TYPES = {429: "rate_limit_exceeded", 503: "service_unavailable", 529: "overloaded",
-                 409: "conflict"}
+_REJECT_TYPES = {
+    404: "invalid_request_error",
+    429: "rate_limit_exceeded",
+    503: "service_unavailable",
+    529: "overloaded",
+    409: "conflict",
+}
 
 
 class Gateway:
@@ -78,8 +88,12 @@ class Gateway:
         try:
             raw = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            return openai_error(413, f"body larger than {MAX_BODY_BYTES} bytes",
-                                "invalid_request_error", "payload_too_large")
+            return openai_error(
+                413,
+                f"body larger than {MAX_BODY_BYTES} bytes",
+                "invalid_request_error",
+                "payload_too_large",
+            )
         try:
             data = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -89,16 +103,22 @@ class Gateway:
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
-            return openai_error(400, f"{param}: {first['msg']}", "invalid_request_error",
-                                "invalid_value", param)
+            return openai_error(
+                400, f"{param}: {first['msg']}", "invalid_request_error", "invalid_value", param
+            )
 
     async def _complete(self, request: web.Request, chat: bool) -> web.Response:
         parsed = await self._parse(request, ChatBody if chat else CompletionBody)
         if isinstance(parsed, web.Response):
             return parsed
         if parsed.stream:
-            return openai_error(400, "streaming is not supported yet", "invalid_request_error",
-                                "unsupported", "stream")
+            return openai_error(
+                400,
+                "streaming is not supported yet",
+                "invalid_request_error",
+                "unsupported",
+                "stream",
+            )
         if isinstance(parsed, ChatBody):
             prompt = "\n".join(m.content for m in parsed.messages)
         else:
@@ -124,41 +144,61 @@ class Gateway:
         try:
             reply = await client.call("submit", req)
         except RpcUnavailable as exc:
-            return openai_error(503, f"orchestrator unavailable: {exc}", "service_unavailable",
-                                headers=headers)
+            return openai_error(
+                503, f"orchestrator unavailable: {exc}", "service_unavailable", headers=headers
+            )
         except RpcError as exc:
             status = 409 if exc.code == "conflict" else 400
-            return openai_error(status, exc.message, "invalid_request_error", exc.code,
-                                headers=headers)
+            return openai_error(
+                status, exc.message, "invalid_request_error", exc.code, headers=headers
+            )
         if not isinstance(reply, SubmitReply):
             return openai_error(502, "bad reply from orchestrator", "api_error", headers=headers)
         return self._answer(reply, parsed, chat, headers)
 
-    def _answer(self, reply: SubmitReply, body: _Body, chat: bool, headers: dict[str, str]
-                ) -> web.Response:
+    def _answer(
+        self, reply: SubmitReply, body: _Body, chat: bool, headers: dict[str, str]
+    ) -> web.Response:
         rec = reply.record
         if reply.reject is not None:
             rej = reply.reject
             if rej.retry_after > 0:
                 headers["Retry-After"] = str(max(1, math.ceil(rej.retry_after)))
-            return openai_error(rej.status, f"request refused: {rej.reason}",
-                                _REJECT_TYPES.get(rej.status, "api_error"), rej.reason,
-                                headers=headers)
+            return openai_error(
+                rej.status,
+                f"request refused: {rej.reason}",
+                _REJECT_TYPES.get(rej.status, "api_error"),
+                rej.reason,
+                headers=headers,
+            )
         if rec.status != "ok":
             status = 504 if rec.status == "timeout" else 502
-            return openai_error(status, f"request {rec.status}: {rec.reason}", "api_error",
-                                rec.status, headers=headers)
+            return openai_error(
+                status,
+                f"request {rec.status}: {rec.reason}",
+                "api_error",
+                rec.status,
+                headers=headers,
+            )
         choice: dict[str, Any] = {"index": 0, "finish_reason": "length"}
         if chat:
             choice["message"] = {"role": "assistant", "content": reply.text}
         else:
             choice["text"] = reply.text
-        usage = {"prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.output_tokens,
-                 "total_tokens": rec.prompt_tokens + rec.output_tokens}
+        usage = {
+            "prompt_tokens": rec.prompt_tokens,
+            "completion_tokens": rec.output_tokens,
+            "total_tokens": rec.prompt_tokens + rec.output_tokens,
+        }
         return web.json_response(
-            {"id": rec.request_id, "object": "chat.completion" if chat else "text_completion",
-             "created": int(time.time()), "model": body.model, "choices": [choice],
-             "usage": usage},
+            {
+                "id": rec.request_id,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": body.model,
+                "choices": [choice],
+                "usage": usage,
+            },
             headers=headers,
         )
 

@@ -13,8 +13,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, replace
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -46,7 +47,11 @@ class LoopDriver(CoreDriver):
     """The core on the asyncio event loop's clock."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, core: ControlCore, sink: Sink, *,
+        self,
+        loop: asyncio.AbstractEventLoop,
+        core: ControlCore,
+        sink: Sink,
+        *,
         keep_log: bool = False,
     ) -> None:
         super().__init__(core, sink, keep_log=keep_log)
@@ -69,7 +74,11 @@ class _Pending:
 
 class Orchestrator:
     def __init__(
-        self, config: CoreConfig, store: DuckDBStore, *, seed: int = 0,
+        self,
+        config: CoreConfig,
+        store: DuckDBStore,
+        *,
+        seed: int = 0,
         rpc_timeout_s: float = 300.0,
     ) -> None:
         from haif.seeding import derive_rng
@@ -103,8 +112,8 @@ class Orchestrator:
             await self._session.close()
         await self.store.close()
 
-    def _spawn(self, coro: object) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.ensure_future(coro)  # type: ignore[arg-type]
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
@@ -122,7 +131,7 @@ class Orchestrator:
         deadline = None
         if body.deadline_s is not None:
             deadline = now + max(0.0, body.deadline_s - body.arrival_s)
-        request = Request(**{**_fields(body), "arrival_s": now, "deadline_s": deadline})
+        request = replace(body, arrival_s=now, deadline_s=deadline)
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
         self._pending[request.request_id] = _Pending(request, future)
         self.driver.feed(Submit(request))
@@ -177,10 +186,15 @@ class Orchestrator:
             now = self.driver.now()
             pending.text = reply.text
             result = AttemptResult(
-                request_id=rid, attempt=attempt, worker_id=dispatch.worker_id, ok=True,
-                started_s=started, finish_s=now,
+                request_id=rid,
+                attempt=attempt,
+                worker_id=dispatch.worker_id,
+                ok=True,
+                started_s=started,
+                finish_s=now,
                 first_token_s=now - (reply.service_s - reply.ttft_s),
-                output_tokens=reply.output_tokens, cold_start=reply.cold_start,
+                output_tokens=reply.output_tokens,
+                cold_start=reply.cold_start,
                 cost=reply.cost,
             )
         except RpcUnavailable as exc:
@@ -198,9 +212,14 @@ class Orchestrator:
     ) -> AttemptResult:
         assert self.driver is not None
         return AttemptResult(
-            request_id=dispatch.request_id, attempt=dispatch.attempt,
-            worker_id=dispatch.worker_id, ok=False, started_s=started,
-            finish_s=self.driver.now(), error=error, retryable=retryable,
+            request_id=dispatch.request_id,
+            attempt=dispatch.attempt,
+            worker_id=dispatch.worker_id,
+            ok=False,
+            started_s=started,
+            finish_s=self.driver.now(),
+            error=error,
+            retryable=retryable,
         )
 
     async def _writer(self) -> None:
@@ -219,10 +238,6 @@ class Orchestrator:
 
 def decision_request_id(decision: Finalize | DeadLetter) -> str:
     return decision.record.request_id if isinstance(decision, Finalize) else decision.request_id
-
-
-def _fields(obj: Request) -> dict[str, object]:
-    return {name: getattr(obj, name) for name in Request.__dataclass_fields__}
 
 
 def build_app(orch: Orchestrator) -> web.Application:

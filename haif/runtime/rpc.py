@@ -51,7 +51,11 @@ class RpcClient:
         self.timeout_s = timeout_s
 
     async def call(
-        self, method: str, body: Any, *, timeout_s: float | None = None,
+        self,
+        method: str,
+        body: Any,
+        *,
+        timeout_s: float | None = None,
         trace: str | None = None,
     ) -> Any:
         envelope = {

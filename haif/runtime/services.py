@@ -12,8 +12,9 @@ from haif.control.config import CoreConfig
 
 
 def run_service(kind: str, args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s"
+    )
     if kind == "orchestrator":
         from haif.runtime import orchestrator
         from haif.runtime.cluster import load_cluster
@@ -26,11 +27,16 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         from haif.runtime import worker
 
         spec = worker.WorkerSpec(
-            worker_id=args.worker_id, region=args.region,
-            url=f"http://{args.host}:{args.port}", orchestrator_url=args.orchestrator,
-            gpu_class=args.gpu_class, capacity=args.capacity,
-            models=tuple(m for m in args.models.split(",") if m), mean_s=args.mean_s,
-            ttft_s=args.ttft_s, heartbeat_s=args.heartbeat_s,
+            worker_id=args.worker_id,
+            region=args.region,
+            url=f"http://{args.host}:{args.port}",
+            orchestrator_url=args.orchestrator,
+            gpu_class=args.gpu_class,
+            capacity=args.capacity,
+            models=tuple(m for m in args.models.split(",") if m),
+            mean_s=args.mean_s,
+            ttft_s=args.ttft_s,
+            heartbeat_s=args.heartbeat_s,
         )
         app = worker.build_app(worker.Worker(spec))
     elif kind == "gateway":

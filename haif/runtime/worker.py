@@ -74,9 +74,15 @@ class Worker:
     def snapshot(self) -> WorkerSnapshot:
         s = self.spec
         return WorkerSnapshot(
-            worker_id=s.worker_id, region=s.region, gpu_class=s.gpu_class,
-            models_warm=s.models, models_loadable=s.models, queue_depth=self._waiting,
-            running=self._running, capacity=s.capacity, healthy=True,
+            worker_id=s.worker_id,
+            region=s.region,
+            gpu_class=s.gpu_class,
+            models_warm=s.models,
+            models_loadable=s.models,
+            queue_depth=self._waiting,
+            running=self._running,
+            capacity=s.capacity,
+            healthy=True,
             price_per_hour=s.price_per_hour,
         )
 
@@ -101,8 +107,13 @@ class Worker:
             self._slots.release()
         queued = started - received
         cost = service * self.spec.price_per_hour / 3600.0 / self.spec.capacity
-        return InferReply(text=text, output_tokens=body.max_tokens, ttft_s=queued + ttft,
-                          service_s=queued + service, cost=cost)
+        return InferReply(
+            text=text,
+            output_tokens=body.max_tokens,
+            ttft_s=queued + ttft,
+            service_s=queued + service,
+            cost=cost,
+        )
 
     async def _heartbeats(self) -> None:
         assert self._session is not None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import simpy
 
@@ -119,9 +120,9 @@ class SimCluster:
             hop = sc.policy.rtt(req.origin_region, sc.control_region) / 2000.0
             self.pending_submits += 1
             timeout = self.env.timeout(hop)
-            timeout.callbacks.append(lambda _ev, r=req: self._submit(r))
+            timeout.callbacks.append(partial(self._submit, req))
 
-    def _submit(self, req: Request) -> None:
+    def _submit(self, req: Request, _event: object) -> None:
         self.pending_submits -= 1
         self.driver.feed(Submit(req))
 

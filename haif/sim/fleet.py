@@ -129,7 +129,9 @@ class SimWorker:
                 yield env.timeout(service)
         except simpy.Interrupt as stop:
             if isinstance(stop.cause, _Crash):
-                self._deliver(self.one_way_s, self._failure(rid, attempt, sent_s, stop.cause.reason))
+                self._deliver(
+                    self.one_way_s, self._failure(rid, attempt, sent_s, stop.cause.reason)
+                )
             return
         self._running.pop((rid, attempt), None)
         self.served += 1

@@ -67,8 +67,7 @@ def render_markdown(summary: dict[str, Any], records: list[RequestRecord]) -> st
         f"| success rate | {'n/a' if rate is None else f'{rate:.2%}'} |",
         f"| latency p50 / p99 | {_fmt_s(summary['latency_p50_s'])} / "
         f"{_fmt_s(summary['latency_p99_s'])} |",
-        f"| TTFT p50 / p99 | {_fmt_s(summary['ttft_p50_s'])} / "
-        f"{_fmt_s(summary['ttft_p99_s'])} |",
+        f"| TTFT p50 / p99 | {_fmt_s(summary['ttft_p50_s'])} / {_fmt_s(summary['ttft_p99_s'])} |",
         f"| retried requests | {summary['retried']} |",
         f"| dead-lettered | {summary['dead_letters']} |",
         f"| unfinished at end | {summary['unfinished']} |",

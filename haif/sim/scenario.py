@@ -135,7 +135,7 @@ class Scenario(_Strict):
         for i, group in enumerate(self.workers):
             check(f"workers.{i}.region", group.region)
         for region in self.workload.origins:
-            check("workload.origins", region)
+            check(f"workload.origins.{region}", region)
         for i, fault in enumerate(self.faults):
             check(f"faults.{i}.region", fault.region)
         return self

@@ -1,0 +1,159 @@
+"""`haif up` for real: processes on loopback, HTTP in, msgpack between services."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from haif.records import SCHEMA, read_parquet
+from haif.runtime.cluster import free_port
+
+
+def _post(
+    url: str, body: bytes, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], Any]:
+    req = urllib.request.Request(
+        url,
+        data=body,
+        method="POST",
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read())
+
+
+class Cluster:
+    """A `haif up` subprocess; ``stop()`` interrupts it like Ctrl-C would."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data
+        port = free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        assert "haif cluster up" in line, line + self.proc.stdout.read()
+        self.output = line
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            out, _ = self.proc.communicate(timeout=30)
+            self.output += out
+        return self.output
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
+    # Wait for the workers' first heartbeats to reach the orchestrator.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        status, _, _ = _post(
+            f"{c.url}/v1/completions",
+            b'{"model": "llama-3-8b", "prompt": "warm up", "max_tokens": 1}',
+        )
+        if status == 200:
+            break
+        time.sleep(0.2)
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def test_completion_round_trip(cluster: Cluster) -> None:
+    url = cluster.url
+    status, headers, body = _post(
+        f"{url}/v1/completions",
+        json.dumps({"model": "llama-3-8b", "prompt": "hello there", "max_tokens": 4}).encode(),
+        {"x-request-id": "e2e-1"},
+    )
+    assert status == 200, body
+    assert headers["x-request-id"] == "e2e-1"
+    assert body["id"] == "e2e-1" and body["object"] == "text_completion"
+    assert len(body["choices"][0]["text"].split()) == 4
+    assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
+
+
+def test_chat_completion(cluster: Cluster) -> None:
+    url = cluster.url
+    status, _, body = _post(
+        f"{url}/v1/chat/completions",
+        json.dumps(
+            {
+                "model": "llama-3-8b",
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "hi"}],
+            }
+        ).encode(),
+        {"x-request-id": "e2e-chat"},
+    )
+    assert status == 200, body
+    assert body["choices"][0]["message"]["role"] == "assistant"
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "param"),
+    [
+        (b"{not json", 400, None),
+        (b'{"model": "llama-3-8b"}', 400, "prompt"),
+        (b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 0}', 400, "max_tokens"),
+        (b'{"model": "no-such-model", "prompt": "x"}', 404, None),
+        (b'{"model": "llama-3-8b", "prompt": "' + b"x" * (2 << 20) + b'"}', 413, None),
+    ],
+    ids=["bad-json", "missing-prompt", "zero-max-tokens", "unknown-model", "too-large"],
+)
+def test_bad_requests_get_openai_errors(
+    cluster: Cluster, payload: bytes, status: int, param: str | None
+) -> None:
+    url = cluster.url
+    got, _, body = _post(f"{url}/v1/completions", payload)
+    assert got == status, body
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    if param:
+        assert body["error"]["param"] == param
+
+
+def test_records_after_shutdown_share_the_simulator_schema(cluster: Cluster) -> None:
+    """Defined last: stops the cluster, which exports the store to Parquet."""
+    _post(
+        f"{cluster.url}/v1/completions",
+        b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 2}',
+        {"x-request-id": "e2e-record"},
+    )
+    output = cluster.stop()
+    assert cluster.proc.returncode == 0, output
+    path = cluster.data / "records.parquet"
+    assert path.exists(), output
+    assert pq.read_schema(path).remove_metadata() == SCHEMA
+    records = {r.request_id: r for r in read_parquet(path)}
+    for rid in ("e2e-1", "e2e-chat", "e2e-record"):
+        rec = records[rid]
+        assert rec.status == "ok" and rec.attempts == 1
+        assert rec.worker_id in ("w1", "w2") and rec.served_region == "local"
+        assert rec.admitted_s is not None and rec.first_token_s is not None
+        assert rec.admitted_s <= rec.first_token_s <= rec.finish_s
+        assert rec.output_tokens > 0 and rec.cost > 0
+    assert any(r.status == "rejected" and r.reason == "model_not_found" for r in records.values())

@@ -45,9 +45,12 @@ Conventions chosen
 * Deadline anchoring: a time-driven transition happens *at its deadline*, not
   when it is observed, so the state is a function of the recorded history
   alone (a simulator polling at every deadline and a runtime that looks
-  seldom agree). Catching up over a long idle gap replays the missed
+  seldom agree). A non-finite ``now`` raises ``ValueError``; an earlier ``now``
+  than already seen never undoes a transition. Catching up over a long idle gap replays the missed
   open/half-open cycles; past a few dozen of them whole cycles are skipped
   arithmetically, so a huge jump of ``now`` costs O(log) work, not O(gap).
+  (Where a duration is below the float resolution of ``now``, e.g. 1 s at
+  ``now`` = 1e300, time cannot advance: the breaker then stays half-open.)
 * Generations: every transition increments :attr:`CircuitBreaker.generation`.
   A :class:`Permit` remembers the generation it was issued in, and an outcome
   recorded with a permit from another generation is silently ignored (a call
@@ -92,11 +95,11 @@ HALF_OPEN: Final = "half_open"
 # Exact step-by-step catch-up for this many time-driven transitions, then
 # skip whole open/half-open cycles arithmetically.
 _EXACT_CATCH_UP_STEPS: Final = 64
-# Hard bound on loop iterations in one catch-up; only reachable when float
-# absorption (e.g. ``now`` ~ 1e20 with sub-ulp durations) stalls progress.
+# Hard bound on loop iterations in one catch-up (defensive; the skip keeps
+# real catch-ups far below it).
 _MAX_CATCH_UP_STEPS: Final = 4096
 # Largest number of cycles skipped in one jump (keeps float(n) finite).
-_MAX_SKIP: Final = 2**1000
+_MAX_SKIP: Final = 2**1023
 # Up to this many uncapped open durations are summed term by term.
 _EXACT_SUM_TERMS: Final = 256
 
@@ -176,7 +179,8 @@ def _raw_open(config: BreakerConfig, reopen_count: int) -> float:
     if config.open_multiplier == 1.0:
         return config.open_s
     try:
-        return config.open_s * config.open_multiplier**reopen_count
+        # float(): an int multiplier would make this an exact (unbounded) int power.
+        return config.open_s * float(config.open_multiplier) ** reopen_count
     except OverflowError:
         return math.inf
 
@@ -445,13 +449,15 @@ class CircuitBreaker:
             case "closed":
                 return Permit(self._generation)
             case "open":
-                return Rejection(self._entered_at + self._open_s - now, OPEN)
+                return Rejection(self._retry_after(self._entered_at + self._open_s, now), OPEN)
             case "half_open":
                 probes = self._probes
                 if probes.granted < self.config.half_open_permits:
                     probes.granted += 1
                     return Permit(self._generation, probe=True, slot=probes.granted - 1)
-                return Rejection(self._half_open_retry_after(now), HALF_OPEN)
+                limit = self.config.half_open_max_s
+                until = math.inf if limit is None else self._entered_at + limit
+                return Rejection(self._retry_after(until, now), HALF_OPEN)
 
     def record(self, permit: Permit, ok: bool, duration: float, now: float) -> None:
         """Report the outcome of a call admitted by ``permit``.
@@ -522,8 +528,13 @@ class CircuitBreaker:
                 if step >= _EXACT_CATCH_UP_STEPS and self._skip_cycles(now):
                     continue
                 self._fire(_Event.OPEN_ELAPSED, deadline)
-            else:
+            elif deadline > self._entered_at:
                 self._fire(_Event.PROBE_TIMEOUT, deadline)
+            else:
+                # half_open_max_s is below the float resolution of the clock at
+                # this magnitude: cycling could never advance time, so stay
+                # half-open (probes can still settle it).
+                break
         if self._state == CLOSED:
             self._window.prune(now)
 
@@ -551,19 +562,22 @@ class CircuitBreaker:
                 low = middle
             else:
                 high = middle
-        if low == 0:
-            return False
-        self._entered_at = start + _open_time(self.config, k, low) + float(low) * limit
+        resumed_at = start + (_open_time(self.config, k, low) + float(low) * limit)
+        if low == 0 or resumed_at <= start:
+            return False  # nothing to skip, or cycles below the clock's float resolution
+        self._entered_at = resumed_at
         self._reopen_count = k + low
         self._open_s = open_duration(self.config, self._reopen_count)
         self._generation += 2 * low
         return True
 
-    def _half_open_retry_after(self, now: float) -> float:
-        limit = self.config.half_open_max_s
-        if limit is None:
-            return open_duration(self.config, 0)
-        return self._entered_at + limit - now
+    def _retry_after(self, until: float, now: float) -> float:
+        """Seconds from ``now`` to ``until``; the base open duration when that is
+        unknown (``inf``) or not positive (only past a float-resolution stall)."""
+        wait = until - now
+        if 0 < wait < math.inf:
+            return wait
+        return open_duration(self.config, 0)
 
     # -- the transition function ---------------------------------------------
 

@@ -141,11 +141,12 @@ ELIGIBILITY = [
 ]
 
 
+@pytest.mark.parametrize("strategy", placement_names())
 @pytest.mark.parametrize(("override", "hb_t", "submit_t", "outcome"), ELIGIBILITY)
 def test_eligibility(
-    override: dict[str, object], hb_t: float, submit_t: float, outcome: str
+    override: dict[str, object], hb_t: float, submit_t: float, outcome: str, strategy: str
 ) -> None:
-    c = core()
+    c = core(placement=strategy)
     c.on_heartbeat(replace(snap("w1"), **override), hb_t)  # type: ignore[arg-type]
     first = c.submit(req(t=submit_t), submit_t)[0]
     got = {Dispatch: "dispatch", RetryAt: "wait", Reject: "404"}[type(first)]

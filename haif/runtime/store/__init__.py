@@ -1,0 +1,101 @@
+"""The metadata store: one async interface, two backends, the same migrations.
+
+- :class:`DuckDBStore` — embedded DuckDB file (default, zero setup);
+  ``DuckDBStore(path)`` connects and migrates on construction.
+- :class:`PostgresStore` — PostgreSQL through an asyncpg pool.
+
+:func:`open_store` picks the backend from a URL and returns a migrated store::
+
+    store = await open_store("duckdb:///var/lib/haif/store.duckdb")
+    store = await open_store("postgresql://postgres@127.0.0.1:5432/haif")
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from haif.runtime.store.base import (
+    JOB_STATUSES,
+    LATEST_VERSION,
+    MIGRATIONS,
+    DeadLetterRow,
+    JobRow,
+    JobStatus,
+    MetadataStore,
+    Migration,
+    Quota,
+    Reservation,
+    ReserveOutcome,
+    UsageRow,
+    UsageTotals,
+)
+from haif.runtime.store.duckdb_store import DuckDBStore
+from haif.runtime.store.postgres_store import PostgresStore
+
+__all__ = [
+    "JOB_STATUSES",
+    "LATEST_VERSION",
+    "MIGRATIONS",
+    "DeadLetterRow",
+    "DuckDBStore",
+    "JobRow",
+    "JobStatus",
+    "MetadataStore",
+    "Migration",
+    "PostgresStore",
+    "Quota",
+    "Reservation",
+    "ReserveOutcome",
+    "UsageRow",
+    "UsageTotals",
+    "open_store",
+    "store_backend",
+]
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_ALLOWED = "duckdb:///path/to/file.duckdb, a plain file path, ':memory:' or postgresql://..."
+
+
+def store_backend(url: str) -> tuple[str, str]:
+    """``(backend, target)`` for a store URL: ``("duckdb", path)`` or ``("postgres", dsn)``.
+
+    ``duckdb://`` is followed by the path as written: ``duckdb:///abs/file.duckdb``
+    is absolute, ``duckdb://rel/file.duckdb`` relative, ``duckdb://:memory:``
+    in memory. Raises :class:`ValueError` for any other scheme.
+    """
+    if not url:
+        raise ValueError(f"empty store URL; use {_ALLOWED}")
+    match = _SCHEME.match(url)
+    if match is None:
+        return "duckdb", url
+    scheme = match.group(1).lower()
+    if scheme == "duckdb":
+        path = url[match.end() :]
+        if path in ("", "/"):
+            raise ValueError(f"store URL {url!r} names no file; use {_ALLOWED}")
+        return "duckdb", ":memory:" if path in (":memory:", "/:memory:") else path
+    if scheme in ("postgresql", "postgres"):
+        return "postgres", url
+    raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_ALLOWED}")
+
+
+async def open_store(url: str, **options: Any) -> MetadataStore:
+    """Open and migrate the store ``url`` names (see :func:`store_backend`).
+
+    ``options`` go to :meth:`PostgresStore.connect` (pool sizes, timeouts).
+    """
+    backend, target = store_backend(url)
+    store: MetadataStore
+    if backend == "duckdb":
+        if options:
+            raise ValueError(f"DuckDB store takes no options, got {sorted(options)}")
+        store = DuckDBStore(target)
+    else:
+        store = await PostgresStore.connect(target, **options)
+    try:
+        await store.migrate()
+    except BaseException:
+        await store.close()
+        raise
+    return store

@@ -40,7 +40,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
         end = scenario.duration_s + scenario.drain_s
         task = progress.add_task("sim", total=end, t=0.0)
         result = run_scenario(
-            scenario, progress=lambda t, _end: progress.update(task, completed=t, t=t)
+            scenario,
+            progress=lambda t, _end: progress.update(task, completed=t, t=t),
         )
     summary = write_report(result, out)
     if not args.quiet:
@@ -55,6 +56,10 @@ def _cmd_sim(args: argparse.Namespace) -> int:
             table.add_row(key.removesuffix("_s"), "n/a" if value is None else f"{value:.3f} s")
         table.add_row("retried", str(summary["retried"]))
         table.add_row("dead-lettered", str(summary["dead_letters"]))
+        table.add_row(
+            "wall time",
+            f"{result.wall_s:.1f} s ({summary['requests'] / max(result.wall_s, 1e-9):,.0f} req/s)",
+        )
         console.print(table)
         console.print(f"report: {out / 'report.md'}")
     return 0

@@ -33,11 +33,13 @@ def _scenario(placement: str, seed: int) -> Scenario:
         ROOT / "scenarios" / "failover.yaml",
         [
             f"seed={seed}",
-            "duration_s=60",
-            "drain_s=60",
-            "workload.rate=12",
-            "faults.0.start_s=20",
-            "faults.0.end_s=35",
+            "duration_s=240",
+            "drain_s=120",
+            "workload.rate_scale=3",
+            "faults.0.start_s=60",
+            "faults.0.end_s=150",
+            "workload.timeout_s=20",
+            "policy.attempt_timeout_s=8",
             f"policy.placement={placement}",
         ],
     )
@@ -58,12 +60,12 @@ def _normalize(value: Any) -> Any:
 
 
 def replay_in_runtime(
-    scenario: Scenario, events: list[tuple[float, Event]]
+    scenario: Scenario, region: str, events: list[tuple[float, Event]]
 ) -> list[tuple[float, Decision]]:
     loop = VirtualTimeLoop()
     try:
         taken: list[Decision] = []
-        core = ControlCore(scenario.policy, derive_rng(scenario.seed, "core"))
+        core = ControlCore(scenario.policy, derive_rng(scenario.seed, f"core:{region}"))
         driver = LoopDriver(loop, core, taken.append, keep_log=True)
 
         # Events at the same instant go in one callback, in the sim's order.
@@ -95,15 +97,16 @@ def test_sim_and_runtime_drivers_decide_identically(placement: str, seed: int) -
     scenario = _scenario(placement, seed)
     result = run_scenario(scenario, keep_log=True)
     assert result.events and result.decisions
-    kinds = {type(d).__name__ for _, d in result.decisions}
+    assert set(result.decisions) == set(scenario.control)  # one core per control region
+    kinds = {type(d).__name__ for log in result.decisions.values() for _, d in log}
     # The run must exercise the interesting paths, or the test proves little.
-    assert {"Dispatch", "RetryAt", "Finalize"} <= kinds, kinds
-    assert len(result.decisions) > 1000
-
-    runtime = replay_in_runtime(scenario, result.events)
-    assert len(runtime) == len(result.decisions)
-    for i, (sim_d, rt_d) in enumerate(zip(result.decisions, runtime, strict=True)):
-        assert _normalize(sim_d) == _normalize(rt_d), f"decision {i} differs"
+    assert {"Dispatch", "RetryAt", "Finalize", "Cancel"} <= kinds, kinds
+    for region, sim_log in result.decisions.items():
+        assert len(sim_log) > 300, region
+        runtime = replay_in_runtime(scenario, region, result.events[region])
+        assert len(runtime) == len(sim_log), region
+        for i, (sim_d, rt_d) in enumerate(zip(sim_log, runtime, strict=True)):
+            assert _normalize(sim_d) == _normalize(rt_d), f"{region}: decision {i} differs"
 
 
 def test_replay_detects_a_different_policy() -> None:
@@ -114,5 +117,6 @@ def test_replay_detects_a_different_policy() -> None:
     other = scenario.model_copy(
         update={"policy": dataclasses.replace(scenario.policy, placement="random")}
     )
-    runtime = replay_in_runtime(other, result.events)
-    assert [_normalize(d) for d in runtime] != [_normalize(d) for d in result.decisions]
+    runtime = replay_in_runtime(other, "us-east", result.events["us-east"])
+    sim_log = result.decisions["us-east"]
+    assert [_normalize(d) for d in runtime] != [_normalize(d) for d in sim_log]

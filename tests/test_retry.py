@@ -246,6 +246,7 @@ def test_retry_config_defaults() -> None:
     assert (cfg.budget_ratio, cfg.budget_min_retries, cfg.budget_window_s) == (0.1, 3, 10.0)
     assert cfg.retry_on == (
         "no_eligible_worker",
+        "store_unavailable",
         "worker_crashed",
         "connection_error",
         "timeout",

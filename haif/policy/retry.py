@@ -57,6 +57,7 @@ BACKOFF_KINDS: tuple[str, ...] = (
 
 DEFAULT_RETRY_ON: tuple[str, ...] = (
     "no_eligible_worker",
+    "store_unavailable",
     "worker_crashed",
     "connection_error",
     "timeout",

@@ -1,10 +1,14 @@
-"""The SimPy shell: runs a scenario's fleet, workload and faults around the core.
+"""The SimPy shell: regions, clients, control planes, workers and faults around the core.
 
-Clients in each region send requests to the orchestrator in the control
-region (one network hop); the orchestrator is a :class:`SimDriver` around
-the same :class:`~haif.control.core.ControlCore` the runtime uses; workers
-are :class:`~haif.sim.fleet.SimWorker`. Network hops are half the RTT
-between the regions involved.
+Each control region runs a gateway and an orchestrator — a :class:`SimDriver`
+around the same :class:`~haif.control.core.ControlCore` the runtime uses —
+that sees every worker through heartbeats. Clients send to their region's
+gateway (or the nearest one) and fail over to the nearest healthy gateway
+once they notice theirs is down. Every message crosses the network: half
+the RTT between the regions involved, and nothing across a partition. A
+reservation is written to the metadata store before each dispatch; while the
+store is out, the attempt fails with ``store_unavailable`` and the core
+retries or gives up as its policy says.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from functools import partial
 import simpy
 
 from haif.contracts import (
+    AttemptResult,
     Cancel,
     DeadLetter,
     Decision,
@@ -29,9 +34,20 @@ from haif.contracts import (
 from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
 from haif.seeding import derive_rng
-from haif.sim.fleet import SimWorker
-from haif.sim.scenario import Scenario
-from haif.sim.workload import poisson_requests
+from haif.sim.engine import BatchingWorker, RequestLevelWorker
+from haif.sim.fleet import AbstractWorker, BaseWorker, Network
+from haif.sim.profiles import PerfProfile, ProfileCatalog, load_catalog
+from haif.sim.scenario import (
+    GatewayDown,
+    GrayFailure,
+    Partition,
+    RegionOutage,
+    Scenario,
+    StoreOutage,
+    WorkerCrash,
+    WorkerGroup,
+)
+from haif.sim.workload import build_requests
 
 Progress = Callable[[float, float], None]  # (sim time, end time)
 
@@ -52,14 +68,6 @@ class SimDriver(CoreDriver):
         timeout = self.env.timeout(max(0.0, when - self.env.now))
         timeout.callbacks.append(lambda _ev: fn(when))
 
-    def deliver(self, delay: float, event: Event) -> None:
-        """Feed ``event`` after ``delay`` seconds of simulated network."""
-        if delay <= 0:
-            # Still go through the event queue: never re-enter the core from a sink.
-            delay = 0.0
-        timeout = self.env.timeout(delay)
-        timeout.callbacks.append(lambda _ev: self.feed(event))
-
 
 @dataclass
 class SimResult:
@@ -69,94 +77,356 @@ class SimResult:
     served_by_worker: dict[str, int]
     unfinished: int
     end_s: float
-    events: list[tuple[float, Event]] | None = None
-    decisions: list[tuple[float, Decision]] | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    wall_s: float = 0.0
+    # (t, worker_id, region, gpu_class, busy fraction) once per simulated second.
+    utilization: list[tuple[float, str, str, str, float]] = field(default_factory=list)
+    fault_windows: list[tuple[float, float, str]] = field(default_factory=list)
+    provisioned_cost: float = 0.0
+    sim_events: int = 0
+    # Per control region: (time, event) fed to its core and (time, decision) taken.
+    events: dict[str, list[tuple[float, Event]]] | None = None
+    decisions: dict[str, list[tuple[float, Decision]]] | None = None
 
 
 class SimCluster:
-    """Builds the simulated world for a scenario and executes the core's decisions."""
+    """Builds the simulated world for a scenario and executes the cores' decisions."""
 
     def __init__(self, scenario: Scenario, *, keep_log: bool = False) -> None:
-        self.scenario = scenario
+        self.scenario = sc = scenario
         self.env = simpy.Environment()
-        seed = scenario.seed
-        core = ControlCore(scenario.policy, derive_rng(seed, "core"))
-        self.driver = SimDriver(self.env, core, self.execute, keep_log=keep_log)
+        self.net = Network(sc.policy.rtt, sc.network.connect_timeout_s)
+        self.drivers: dict[str, SimDriver] = {
+            region: SimDriver(
+                self.env,
+                ControlCore(sc.policy, derive_rng(sc.seed, f"core:{region}")),
+                partial(self.execute, region),
+                keep_log=keep_log,
+            )
+            for region in sc.control
+        }
         self.requests: dict[str, Request] = {}
         self.records: list[RequestRecord] = []
         self.dead_letters: list[DeadLetter] = []
-        self.pending_submits = 0
-        policy = scenario.policy
-        ctrl = scenario.control_region
-        self.workers: dict[str, SimWorker] = {}
-        for gi, group in enumerate(scenario.workers):
+        self.in_transit = 0  # submits on the wire, client retries pending
+        self.gateway_down: dict[str, float] = {}
+        self.store_down: set[str | None] = set()
+        self.fault_windows: list[tuple[float, float, str]] = []
+        self.utilization: list[tuple[float, str, str, str, float]] = []
+        self.workers: dict[str, BaseWorker] = {}
+        self._gpus: dict[str, int] = {}
+        catalog = load_catalog() if any(g.gpu for g in sc.workers) else None
+        for gi, group in enumerate(sc.workers):
             for i in range(group.count):
-                wid = f"{group.region}/{group.gpu_class}/{gi}.{i}"
-                self.workers[wid] = SimWorker(
-                    self.env,
-                    wid,
-                    group,
-                    one_way_s=policy.rtt(ctrl, group.region) / 2000.0,
-                    connect_timeout_s=scenario.network.connect_timeout_s,
-                    deliver=self.driver.deliver,
-                    rng=derive_rng(seed, f"worker:{wid}"),
-                )
-        hb = scenario.heartbeat
+                wid = f"{group.region}/{group.label}/{gi}.{i}"
+                self.workers[wid] = self._make_worker(wid, group, catalog)
+        self._arrivals = build_requests(sc)
+        hb = sc.heartbeat
         for w in self.workers.values():
-            self.env.process(w.heartbeats(hb.interval_s, hb.loss))
-        for fault in scenario.faults:
-            self.env.process(self._outage(fault.region, fault.start_s, fault.end_s))
+            self.env.process(w.heartbeats(sc.control, hb.interval_s, hb.loss))
+        for i, fault in enumerate(sc.faults):
+            self.env.process(self._fault(i, fault))
+        if sc.random_failures is not None and sc.random_failures.per_gpu_hour > 0:
+            for wid in self.workers:
+                self.env.process(self._random_failures(wid))
         self.env.process(self._clients())
+        self.env.process(self._sample_utilization())
 
-    # ------------------------------------------------------------ world
+    def _make_worker(
+        self, wid: str, group: WorkerGroup, catalog: ProfileCatalog | None
+    ) -> BaseWorker:
+        sc = self.scenario
+        common: dict[str, object] = {
+            "models": group.models,
+            "net": self.net,
+            "send": self.send,
+            "rng": derive_rng(sc.seed, f"worker:{wid}"),
+        }
+        if group.gpu is None:
+            self._gpus[wid] = 1
+            return AbstractWorker(
+                self.env,
+                wid,
+                group.region,
+                group.label,
+                capacity=group.capacity,
+                vram_gb=0.0,
+                price_per_hour=group.price_per_hour or 0.0,
+                kind=group.service.kind,
+                mean_s=group.service.mean_s,
+                ttft_s=group.service.ttft_s,
+                **common,
+            )
+        assert catalog is not None
+        profiles: dict[str, PerfProfile] = {m: catalog.get(group.gpu, m) for m in group.models}
+        warm = (group.warm_models or group.models)[0]
+        first = profiles[warm]
+        self._gpus[wid] = first.model.tensor_parallel
+        price = (
+            group.price_per_hour
+            if group.price_per_hour is not None
+            else first.gpu.price_per_hour * first.model.tensor_parallel
+        )
+        max_batch = group.max_batch or first.max_batch
+        args = (self.env, wid, group.region, group.label)
+        if sc.fidelity == "request":
+            return RequestLevelWorker(
+                *args,
+                capacity=max_batch,
+                vram_gb=first.gpu.vram_gb,
+                price_per_hour=price,
+                profiles=profiles,
+                warm=warm,
+                **common,
+            )
+        return BatchingWorker(
+            *args,
+            capacity=max_batch,
+            vram_gb=first.gpu.vram_gb,
+            price_per_hour=price,
+            profiles=profiles,
+            warm=warm,
+            max_batch=max_batch,
+            chunked_prefill_tokens=group.chunked_prefill_tokens,
+            prefix_cache=group.prefix_cache,
+            **common,
+        )
+
+    # ------------------------------------------------------------ network
+
+    def send(self, src: str, dst: str, event: Event) -> None:
+        """Deliver ``event`` to the orchestrator of region ``dst`` (if reachable)."""
+        driver = self.drivers.get(dst)
+        if driver is None or not self.net.reachable(src, dst):
+            return
+        timeout = self.env.timeout(self.net.one_way_s(src, dst))
+        timeout.callbacks.append(lambda _ev: driver.feed(event))
+
+    # ------------------------------------------------------------ clients
+
+    def _gateway_for(self, origin: str, now: float) -> tuple[str | None, float]:
+        """(gateway region, extra delay) for a client in ``origin`` sending now."""
+        by_distance = sorted(self.drivers, key=lambda r: (self.scenario.policy.rtt(origin, r), r))
+        first = by_distance[0]
+        down_at = self.gateway_down.get(first)
+        if down_at is None:
+            return first, 0.0
+        noticed = down_at + self.scenario.network.failover_delay_s
+        # Until the client notices, its attempts time out; then it fails over.
+        delay = max(self.net.connect_timeout_s, noticed - now) if now < noticed else 0.0
+        for region in by_distance[1:]:
+            if region not in self.gateway_down:
+                return region, delay
+        return None, delay
 
     def _clients(self) -> simpy.events.ProcessGenerator:
-        sc = self.scenario
-        rng = derive_rng(sc.seed, "workload")
-        for req in poisson_requests(sc.workload, sc.regions, sc.duration_s, rng):
-            yield self.env.timeout(req.arrival_s - self.env.now)
+        for req in self._arrivals:
+            if req.arrival_s > self.env.now:
+                yield self.env.timeout(req.arrival_s - self.env.now)
             self.requests[req.request_id] = req
-            hop = sc.policy.rtt(req.origin_region, sc.control_region) / 2000.0
-            self.pending_submits += 1
-            timeout = self.env.timeout(hop)
-            timeout.callbacks.append(partial(self._submit, req))
+            self._client_send(req)
 
-    def _submit(self, req: Request, _event: object) -> None:
-        self.pending_submits -= 1
-        self.driver.feed(Submit(req))
+    def _client_send(self, req: Request) -> None:
+        region, delay = self._gateway_for(req.origin_region, self.env.now)
+        if region is None:
+            if delay > 0:
+                self._later(delay, lambda: self._client_send(req))
+            else:
+                self._record_client_failure(req, "no_gateway")
+            return
+        hop = delay + self.net.one_way_s(req.origin_region, region)
+        driver = self.drivers[region]
+        self._later(hop, lambda: driver.feed(Submit(req)))
 
-    def _outage(self, region: str, start: float, end: float) -> simpy.events.ProcessGenerator:
-        yield self.env.timeout(start)
-        victims = [w for w in self.workers.values() if w.group.region == region]
-        for w in victims:
-            w.go_down()
-        yield self.env.timeout(end - start)
-        for w in victims:
-            w.come_up()
+    def _later(self, delay: float, fn: Callable[[], None]) -> None:
+        self.in_transit += 1
+        timeout = self.env.timeout(delay)
+
+        def fire(_ev: simpy.Event) -> None:
+            self.in_transit -= 1
+            fn()
+
+        timeout.callbacks.append(fire)
+
+    def _record_client_failure(self, req: Request, reason: str) -> None:
+        """The request never reached any gateway; only the client knows."""
+        self.records.append(
+            RequestRecord(
+                request_id=req.request_id,
+                tenant=req.tenant,
+                model=req.model,
+                origin_region=req.origin_region,
+                served_region=None,
+                worker_id=None,
+                gpu_class=None,
+                arrival_s=req.arrival_s,
+                admitted_s=None,
+                first_token_s=None,
+                finish_s=self.env.now,
+                prompt_tokens=req.prompt_tokens,
+                output_tokens=0,
+                attempts=0,
+                status="failed",
+                reason=reason,
+                cold_start=False,
+                cost=0.0,
+            )
+        )
 
     # ------------------------------------------------------------ decisions
 
-    def execute(self, decision: Decision) -> None:
+    def execute(self, region: str, decision: Decision) -> None:
         if isinstance(decision, Dispatch):
-            req = self.requests[decision.request_id]
-            self.workers[decision.worker_id].dispatch(req, decision.attempt)
+            self._later(
+                self.scenario.store.write_latency_ms / 1000.0,
+                partial(self._dispatch, region, decision),
+            )
         elif isinstance(decision, Cancel):
             self.workers[decision.worker_id].cancel(decision.request_id, decision.attempt)
         elif isinstance(decision, Finalize):
             self.records.append(decision.record)
-            self.requests.pop(decision.record.request_id, None)
         elif isinstance(decision, DeadLetter):
             self.dead_letters.append(decision)
         # Reject and RetryAt need no action here: a Finalize or a timer follows.
 
+    def _dispatch(self, region: str, d: Dispatch) -> None:
+        if self.store_down & {None, region}:
+            now = self.env.now
+            self.drivers[region].feed(
+                AttemptResult(
+                    request_id=d.request_id,
+                    attempt=d.attempt,
+                    worker_id=d.worker_id,
+                    ok=False,
+                    started_s=now,
+                    finish_s=now,
+                    error="store_unavailable",
+                    retryable=True,
+                )
+            )
+            return
+        self.workers[d.worker_id].dispatch(self.requests[d.request_id], d.attempt, region)
+
+    # ------------------------------------------------------------ faults
+
+    def _pick(
+        self,
+        index: int,
+        ids: tuple[str, ...],
+        region: str | None,
+        count: int | None,
+        fraction: float | None = None,
+    ) -> list[BaseWorker]:
+        if ids:
+            unknown = [i for i in ids if i not in self.workers]
+            if unknown:
+                from haif.configfile import ConfigError
+
+                raise ConfigError(
+                    f"faults.{index}.ids: unknown worker(s) {unknown}; "
+                    f"workers are {sorted(self.workers)}"
+                )
+            return [self.workers[i] for i in ids]
+        pool = [w for w in self.workers.values() if region is None or w.region == region]
+        n = len(pool)
+        if count is not None:
+            n = min(n, count)
+        elif fraction is not None:
+            n = max(1, round(fraction * len(pool)))
+        rng = derive_rng(self.scenario.seed, f"fault:{index}")
+        return rng.sample(pool, n)
+
+    def _fault(self, index: int, fault: object) -> simpy.events.ProcessGenerator:
+        env = self.env
+        if isinstance(fault, WorkerCrash):
+            victims = self._pick(index, fault.ids, fault.region, fault.count, fault.fraction)
+            end = fault.at_s + fault.restart_s
+            self.fault_windows.append((fault.at_s, end, f"{len(victims)} worker(s) crash"))
+            yield env.timeout(fault.at_s)
+            for w in victims:
+                w.go_down()
+            yield env.timeout(fault.restart_s)
+            for w in victims:
+                w.come_up()
+            return
+        assert isinstance(fault, RegionOutage | Partition | GrayFailure | StoreOutage | GatewayDown)
+        start, end = fault.start_s, fault.end_s
+        if isinstance(fault, RegionOutage):
+            victims = self._pick(index, (), fault.region, None)
+            label = f"{fault.region} out"
+        elif isinstance(fault, GrayFailure):
+            victims = self._pick(index, fault.ids, fault.region, fault.count)
+            label = f"{len(victims)} worker(s) {fault.factor:g}x slow"
+        elif isinstance(fault, Partition):
+            label = f"{fault.a} | {fault.b} partition"
+        elif isinstance(fault, StoreOutage):
+            label = f"store out ({fault.region or 'all regions'})"
+        else:
+            label = f"{fault.region} gateway down"
+        self.fault_windows.append((start, end, label))
+        yield env.timeout(start)
+        if isinstance(fault, RegionOutage):
+            for w in victims:
+                w.go_down()
+        elif isinstance(fault, GrayFailure):
+            for w in victims:
+                w.slow = fault.factor
+        elif isinstance(fault, Partition):
+            self.net.cuts.add(frozenset((fault.a, fault.b)))
+        elif isinstance(fault, StoreOutage):
+            self.store_down.add(fault.region)
+        else:
+            self.gateway_down[fault.region] = env.now
+        yield env.timeout(end - start)
+        if isinstance(fault, RegionOutage):
+            for w in victims:
+                w.come_up()
+        elif isinstance(fault, GrayFailure):
+            for w in victims:
+                w.slow = 1.0
+        elif isinstance(fault, Partition):
+            self.net.cuts.discard(frozenset((fault.a, fault.b)))
+        elif isinstance(fault, StoreOutage):
+            self.store_down.discard(fault.region)
+        else:
+            self.gateway_down.pop(fault.region, None)
+
+    def _random_failures(self, wid: str) -> simpy.events.ProcessGenerator:
+        rf = self.scenario.random_failures
+        assert rf is not None
+        worker = self.workers[wid]
+        rng = derive_rng(self.scenario.seed, f"random_failures:{wid}")
+        rate = rf.per_gpu_hour * self._gpus[wid] / 3600.0
+        while True:
+            yield self.env.timeout(rng.expovariate(rate))
+            if worker.up:
+                worker.go_down()
+                self.fault_windows.append(
+                    (self.env.now, self.env.now + rf.restart_s, f"{wid} failed")
+                )
+                yield self.env.timeout(rf.restart_s)
+                worker.come_up()
+
+    # ------------------------------------------------------------ telemetry
+
+    def _sample_utilization(self) -> simpy.events.ProcessGenerator:
+        while True:
+            yield self.env.timeout(1.0)
+            t = float(self.env.now) - 1.0
+            for w in self.workers.values():
+                self.utilization.append(
+                    (t, w.worker_id, w.region, w.gpu_class, min(1.0, w.take_busy_s()))
+                )
+
     # ------------------------------------------------------------ running
 
     def run(self, progress: Progress | None = None) -> SimResult:
+        import time
+
         sc = self.scenario
         end = sc.duration_s + sc.drain_s
         step = max(1.0, sc.duration_s / 200)
         t = 0.0
+        wall = time.perf_counter()
         while t < end:
             t = min(end, t + step)
             self.env.run(until=t)
@@ -164,19 +434,41 @@ class SimCluster:
                 progress(t, end)
             if t >= sc.duration_s and self._idle():
                 break
+        wall = time.perf_counter() - wall
+        end_s = float(self.env.now)
+        keep = next(iter(self.drivers.values())).events is not None
+        hours = end_s / 3600.0
         return SimResult(
             scenario=sc,
             records=self.records,
             dead_letters=self.dead_letters,
             served_by_worker={wid: w.served for wid, w in self.workers.items()},
-            unfinished=self.driver.core.in_flight() + self.pending_submits,
-            end_s=float(self.env.now),
-            events=self.driver.events,
-            decisions=self.driver.decisions,
+            unfinished=sum(d.core.in_flight() for d in self.drivers.values())
+            + self.in_transit
+            + sum(1 for r in self._arrivals if r.arrival_s > end_s),
+            end_s=end_s,
+            wall_s=wall,
+            utilization=self.utilization,
+            fault_windows=sorted(self.fault_windows),
+            provisioned_cost=sum(w.price_per_hour for w in self.workers.values()) * hours,
+            sim_events=_event_count(self.env),
+            events={r: d.events or [] for r, d in self.drivers.items()} if keep else None,
+            decisions={r: d.decisions or [] for r, d in self.drivers.items()} if keep else None,
         )
 
     def _idle(self) -> bool:
-        return self.pending_submits == 0 and self.driver.core.in_flight() == 0
+        if self.in_transit or any(r.arrival_s > self.env.now for r in self._arrivals[-1:]):
+            return False
+        return all(d.core.in_flight() == 0 for d in self.drivers.values())
+
+
+def _event_count(env: simpy.Environment) -> int:
+    # SimPy numbers every scheduled event; the counter is the number scheduled so far.
+    eid = getattr(env, "_eid", None)
+    try:
+        return int(next(eid)) if eid is not None else 0
+    except TypeError:
+        return 0
 
 
 def run_scenario(

@@ -1,166 +1,335 @@
-"""Simulated workers: slots, service times, heartbeats, crashes.
+"""Simulated workers: what every worker model shares, and slot-based service.
 
-A worker serves up to ``capacity`` requests at once and queues the rest in
-arrival order. It tells the orchestrator about itself only through
-heartbeats (every ``interval_s``, each lost with probability ``loss``), so
-the control core sees the same stale picture it would see in production.
-While a worker is down it sends nothing; a request sent to it fails after
-the connect timeout, and requests running on it when it goes down fail with
-``worker_crashed``, one network hop later.
+A worker tells orchestrators about itself only through heartbeats (every
+``interval_s``, each lost with probability ``loss``, not at all while it is
+down or partitioned away), so the control core sees the same stale picture
+it would in production. A request sent to a worker that is down or
+unreachable fails after the connect timeout; requests it holds when it
+crashes fail with ``worker_crashed`` one network hop later. Results travel
+back over the network and are lost if the path is cut (the core's attempt
+timeout then notices).
+
+Three service models share this base: :class:`AbstractWorker` (fixed or
+exponential service time per slot — with ``c`` slots an M/M/c server),
+and, in :mod:`haif.sim.engine`, the request-level and iteration-level
+models of an LLM engine timed by GPU x model profiles.
 """
 
 from __future__ import annotations
 
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import simpy
 
 from haif.contracts import AttemptResult, Event, Heartbeat, Request, WorkerSnapshot
-from haif.sim.scenario import WorkerGroup
 
-Deliver = Callable[[float, Event], None]  # (delay, event) -> schedule at orchestrator
-
-
-@dataclass(frozen=True, slots=True)
-class _Crash:
-    reason: str
+# (source region, destination region, event) -> None; the network applies delay and loss.
+Send = Callable[[str, str, Event], None]
 
 
-class SimWorker:
+@dataclass(slots=True)
+class Job:
+    """One attempt of one request while it is at a worker."""
+
+    request: Request
+    attempt: int
+    orchestrator: str  # region of the orchestrator that dispatched it
+    sent_s: float  # when the orchestrator dispatched it (orchestrator clock == sim clock)
+    prompt_left: int = 0
+    context: int = 0
+    generated: int = 0
+    first_token_s: float | None = None
+    cold_start: bool = False
+    cost: float = 0.0
+    process: simpy.Process | None = field(default=None, repr=False)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.request.request_id, self.attempt)
+
+
+class Network:
+    """RTTs between regions and the partitions in force."""
+
+    def __init__(self, rtt: Callable[[str, str], float], connect_timeout_s: float) -> None:
+        self._rtt = rtt
+        self.connect_timeout_s = connect_timeout_s
+        self.cuts: set[frozenset[str]] = set()
+
+    def one_way_s(self, a: str, b: str) -> float:
+        return self._rtt(a, b) / 2000.0
+
+    def reachable(self, a: str, b: str) -> bool:
+        return a == b or frozenset((a, b)) not in self.cuts
+
+
+class BaseWorker(ABC):
     def __init__(
         self,
         env: simpy.Environment,
         worker_id: str,
-        group: WorkerGroup,
+        region: str,
+        gpu_class: str,
         *,
-        one_way_s: float,
-        connect_timeout_s: float,
-        deliver: Deliver,
+        models: tuple[str, ...],
+        capacity: int,
+        vram_gb: float,
+        price_per_hour: float,
+        net: Network,
+        send: Send,
         rng: random.Random,
     ) -> None:
         self.env = env
         self.worker_id = worker_id
-        self.group = group
-        self.one_way_s = one_way_s
-        self.connect_timeout_s = connect_timeout_s
-        self._deliver = deliver
-        self._rng = rng
-        self.slots = simpy.Resource(env, capacity=group.capacity)
+        self.region = region
+        self.gpu_class = gpu_class
+        self.models = models
+        self.capacity = capacity
+        self.vram_gb = vram_gb
+        self.price_per_hour = price_per_hour
+        self.net = net
+        self._send = send
+        self.rng = rng  # heartbeat loss and jitter
+        # Service-time draws get their own stream, so heartbeat settings never shift them.
+        self.service_rng = random.Random(rng.getrandbits(64))
         self.up = True
-        self._running: dict[tuple[str, int], simpy.Process] = {}
+        self.slow = 1.0  # gray failure factor
         self.served = 0
+        self.jobs: dict[tuple[str, int], Job] = {}
+        self._busy_s = 0.0  # integral of busy fraction since the last sample
+        self._sampled_at = 0.0
 
-    # -------------------------------------------------------------- control
+    # -------------------------------------------------------- model hooks
 
-    def dispatch(self, request: Request, attempt: int) -> None:
-        """The orchestrator sent attempt ``attempt`` of ``request`` (now)."""
-        key = (request.request_id, attempt)
-        self._running[key] = self.env.process(self._serve(request, attempt, self.env.now))
+    @abstractmethod
+    def start(self, job: Job) -> None:
+        """The job reached the worker (it is up)."""
 
-    def cancel(self, request_id: str, attempt: int) -> None:
-        proc = self._running.pop((request_id, attempt), None)
-        if proc is not None and proc.is_alive:
-            proc.interrupt(None)
+    @abstractmethod
+    def drop(self, job: Job) -> None:
+        """Forget the job (cancelled or crashed), releasing what it holds."""
 
-    def go_down(self) -> None:
-        self.up = False
-        for proc in list(self._running.values()):
-            if proc.is_alive:
-                proc.interrupt(_Crash("worker_crashed"))
-        self._running.clear()
+    @abstractmethod
+    def busy_fraction_now(self) -> float:
+        """Busy fraction right now (for the utilization integral)."""
 
-    def come_up(self) -> None:
-        self.up = True
+    def warm_models(self) -> tuple[str, ...]:
+        return self.models
 
-    def snapshot(self) -> WorkerSnapshot:
-        g = self.group
-        return WorkerSnapshot(
-            worker_id=self.worker_id,
-            region=g.region,
-            gpu_class=g.gpu_class,
-            vram_gb=g.vram_gb,
-            models_warm=g.models,
-            models_loadable=g.models,
-            queue_depth=len(self.slots.queue),
-            running=self.slots.count,
-            capacity=g.capacity,
-            healthy=True,
-            price_per_hour=g.price_per_hour,
-        )
+    def queue_depth(self) -> int:
+        return 0
 
-    def heartbeats(self, interval_s: float, loss: float) -> simpy.events.ProcessGenerator:
-        # Announce at start-up (workers are up before traffic), then beat
-        # with a random phase so workers are not synchronised.
-        if self.up:
-            self._deliver(self.one_way_s, Heartbeat(self.snapshot()))
-        yield self.env.timeout(self._rng.uniform(0, interval_s))
-        while True:
-            if self.up and self._rng.random() >= loss:
-                self._deliver(self.one_way_s, Heartbeat(self.snapshot()))
-            yield self.env.timeout(interval_s)
+    def running(self) -> int:
+        return len(self.jobs)
 
-    # -------------------------------------------------------------- service
+    def free_kv_tokens(self) -> int:
+        return 0
 
-    def _service_time(self) -> float:
-        svc = self.group.service
-        if svc.kind == "fixed":
-            return svc.mean_s
-        return self._rng.expovariate(1.0 / svc.mean_s)
+    def on_restart(self) -> None:  # noqa: B027 - optional hook
+        """Called when a crashed worker comes back (before it serves again)."""
 
-    def _serve(
-        self, request: Request, attempt: int, sent_s: float
-    ) -> simpy.events.ProcessGenerator:
-        env = self.env
-        rid = request.request_id
-        if not self.up:
-            yield env.timeout(self.connect_timeout_s)
-            self._running.pop((rid, attempt), None)
-            self._deliver(0.0, self._failure(rid, attempt, sent_s, "connection_error"))
+    # -------------------------------------------------------- control
+
+    def dispatch(self, request: Request, attempt: int, orchestrator: str) -> None:
+        """An orchestrator in region ``orchestrator`` sends an attempt now."""
+        job = Job(request, attempt, orchestrator, self.env.now)
+        if not self.up or not self.net.reachable(orchestrator, self.region):
+            timeout = self.env.timeout(self.net.connect_timeout_s)
+            timeout.callbacks.append(lambda _ev: self._fail_unreached(job))
             return
-        try:
-            yield env.timeout(self.one_way_s)
-            with self.slots.request() as slot:
-                yield slot
-                service = self._service_time()
-                first_token = env.now + min(self.group.service.ttft_s, service)
-                start = env.now
-                yield env.timeout(service)
-        except simpy.Interrupt as stop:
-            if isinstance(stop.cause, _Crash):
-                self._deliver(
-                    self.one_way_s, self._failure(rid, attempt, sent_s, stop.cause.reason)
-                )
+        timeout = self.env.timeout(self.net.one_way_s(orchestrator, self.region))
+        timeout.callbacks.append(lambda _ev: self._arrive(job))
+
+    def _arrive(self, job: Job) -> None:
+        if not self.up:  # crashed while the request was on the wire
+            self._result(job, ok=False, error="worker_crashed")
             return
-        self._running.pop((rid, attempt), None)
-        self.served += 1
-        hop = self.one_way_s
-        cost = (env.now - start) * self.group.price_per_hour / 3600.0 / self.group.capacity
-        self._deliver(
-            hop,
+        job.prompt_left = job.request.prompt_tokens
+        self.jobs[job.key] = job
+        self.start(job)
+
+    def _fail_unreached(self, job: Job) -> None:
+        self._send(
+            self.region,
+            job.orchestrator,
             AttemptResult(
-                request_id=rid,
-                attempt=attempt,
+                request_id=job.request.request_id,
+                attempt=job.attempt,
                 worker_id=self.worker_id,
-                ok=True,
-                started_s=sent_s,
-                finish_s=env.now + hop,
-                first_token_s=first_token + hop,
-                output_tokens=request.max_tokens,
-                cost=cost,
+                ok=False,
+                started_s=job.sent_s,
+                finish_s=self.env.now,
+                error="connection_error",
             ),
         )
 
-    def _failure(self, rid: str, attempt: int, sent_s: float, error: str) -> AttemptResult:
-        hop = self.one_way_s if error == "worker_crashed" else 0.0
-        return AttemptResult(
-            request_id=rid,
-            attempt=attempt,
-            worker_id=self.worker_id,
-            ok=False,
-            started_s=sent_s,
-            finish_s=self.env.now + hop,
-            error=error,
-            retryable=True,
+    def cancel(self, request_id: str, attempt: int) -> None:
+        job = self.jobs.pop((request_id, attempt), None)
+        if job is not None:
+            self._account()
+            self.drop(job)
+
+    def go_down(self) -> None:
+        """Crash: every job fails; nothing more is served until :meth:`come_up`."""
+        self._account()
+        self.up = False
+        for job in list(self.jobs.values()):
+            del self.jobs[job.key]
+            self.drop(job)
+            self._result(job, ok=False, error="worker_crashed")
+
+    def come_up(self) -> None:
+        self._account()
+        self.up = True
+        self.on_restart()
+
+    def complete(self, job: Job) -> None:
+        """The model finished the job successfully (called by subclasses)."""
+        self._account()
+        self.jobs.pop(job.key, None)
+        self.served += 1
+        self._result(job, ok=True)
+
+    def _result(self, job: Job, *, ok: bool, error: str | None = None) -> None:
+        hop = self.net.one_way_s(self.region, job.orchestrator)
+        first = job.first_token_s + hop if ok and job.first_token_s is not None else None
+        self._send(
+            self.region,
+            job.orchestrator,
+            AttemptResult(
+                request_id=job.request.request_id,
+                attempt=job.attempt,
+                worker_id=self.worker_id,
+                ok=ok,
+                started_s=job.sent_s,
+                finish_s=self.env.now + hop,
+                first_token_s=first,
+                output_tokens=job.generated if ok else 0,
+                error=error,
+                retryable=True,
+                cold_start=job.cold_start,
+                cost=job.cost,
+            ),
         )
+
+    # -------------------------------------------------------- telemetry
+
+    def snapshot(self) -> WorkerSnapshot:
+        return WorkerSnapshot(
+            worker_id=self.worker_id,
+            region=self.region,
+            gpu_class=self.gpu_class,
+            vram_gb=self.vram_gb,
+            models_warm=self.warm_models(),
+            models_loadable=self.models,
+            queue_depth=self.queue_depth(),
+            running=self.running(),
+            capacity=self.capacity,
+            free_kv_tokens=self.free_kv_tokens(),
+            healthy=True,
+            price_per_hour=self.price_per_hour,
+        )
+
+    def heartbeats(
+        self, orchestrators: tuple[str, ...], interval_s: float, loss: float
+    ) -> simpy.events.ProcessGenerator:
+        """Announce at start-up, then beat with a random phase."""
+        first = True
+        while True:
+            if self.up:
+                for region in orchestrators:
+                    if first or self.rng.random() >= loss:
+                        self._send(self.region, region, Heartbeat(self.snapshot()))
+            if first:
+                first = False
+                yield self.env.timeout(self.rng.uniform(0, interval_s))
+            else:
+                yield self.env.timeout(interval_s)
+
+    def _account(self) -> None:
+        """Integrate the busy fraction up to now (call before any change)."""
+        now = self.env.now
+        if self.up:
+            self._busy_s += self.busy_fraction_now() * (now - self._sampled_at)
+        self._sampled_at = now
+
+    def take_busy_s(self) -> float:
+        """Busy seconds since the last call (for per-second utilization)."""
+        self._account()
+        busy, self._busy_s = self._busy_s, 0.0
+        return busy
+
+
+class SlotWorker(BaseWorker):
+    """A worker with ``capacity`` slots; a job holds one for its service time."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.slots = simpy.Resource(self.env, capacity=self.capacity)
+        self._in_service = 0
+        self._restarting_until = 0.0
+
+    @abstractmethod
+    def service_times(self, job: Job) -> tuple[float, float]:
+        """(time to first token, total service time) for a job starting now."""
+
+    def start(self, job: Job) -> None:
+        job.process = self.env.process(self._serve(job))
+
+    def drop(self, job: Job) -> None:
+        if job.process is not None and job.process.is_alive:
+            job.process.interrupt()
+
+    def busy_fraction_now(self) -> float:
+        return self._in_service / self.capacity
+
+    def queue_depth(self) -> int:
+        return len(self.slots.queue)
+
+    def running(self) -> int:
+        return self.slots.count
+
+    def _serve(self, job: Job) -> simpy.events.ProcessGenerator:
+        env = self.env
+        try:
+            with self.slots.request() as slot:
+                yield slot
+                if env.now < self._restarting_until:
+                    job.cold_start = True
+                    yield env.timeout(self._restarting_until - env.now)
+                ttft, total = self.service_times(job)
+                self._account()
+                self._in_service += 1
+                try:
+                    job.first_token_s = env.now + min(ttft, total)
+                    yield env.timeout(total)
+                finally:
+                    self._account()
+                    self._in_service -= 1
+        except simpy.Interrupt:
+            return
+        job.generated = job.request.max_tokens
+        job.cost = total * self.price_per_hour / 3600.0 / self.capacity
+        self.complete(job)
+
+
+class AbstractWorker(SlotWorker):
+    """Fixed or exponential service times (no GPU profile)."""
+
+    def __init__(
+        self, *args: object, kind: str, mean_s: float, ttft_s: float, **kwargs: object
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+        self.mean_s = mean_s
+        self.ttft_s = ttft_s
+
+    def service_times(self, job: Job) -> tuple[float, float]:
+        if self.kind == "fixed":
+            total = self.mean_s
+        else:
+            total = self.service_rng.expovariate(1.0 / self.mean_s)
+        return self.ttft_s * self.slow, total * self.slow

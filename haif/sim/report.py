@@ -1,4 +1,10 @@
-"""A simulation run's report folder: records.parquet, summary.json, report.md."""
+"""A simulation run's report folder.
+
+``records.parquet`` (one row per request, the schema both shells write),
+``timeseries.parquet`` (per second), ``utilization.parquet`` (per worker and
+second), ``summary.json`` (headline figures), ``report.md`` (the same, for a
+person, with the PNG figures next to it). Same scenario and seed, same bytes.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-from haif.contracts import RequestRecord
 from haif.records import summarize, write_parquet
 from haif.sim.driver import SimResult
+from haif.sim.plots import plot_all
+from haif.sim.timeseries import per_second, utilization_frame, write_timeseries
 
 
 def _phases(result: SimResult) -> list[tuple[str, float, float]]:
-    """Before / during / after the first fault window (or one phase if none)."""
-    faults = result.scenario.faults
+    """Before / during / after the scheduled fault windows (or one phase if none)."""
+    faults = [w for w in result.fault_windows if w[1] - w[0] < result.scenario.duration_s]
     if not faults:
         return [("whole run", 0.0, float("inf"))]
-    start = min(f.start_s for f in faults)
-    end = max(f.end_s for f in faults)
+    start = min(f[0] for f in faults)
+    end = max(f[1] for f in faults)
     return [("before", 0.0, start), ("during", start, end), ("after", end, float("inf"))]
 
 
@@ -33,18 +40,43 @@ def served_by_region(result: SimResult) -> dict[str, dict[str, int]]:
     return table
 
 
+def _slo_attainment(result: SimResult) -> float | None:
+    sc = result.scenario
+    if (sc.slo_ttft_s is None and sc.slo_e2e_s is None) or not result.records:
+        return None
+    met = 0
+    for r in result.records:
+        if r.status != "ok":
+            continue
+        ttft = r.first_token_s - r.arrival_s if r.first_token_s is not None else None
+        if sc.slo_ttft_s is not None and (ttft is None or ttft > sc.slo_ttft_s):
+            continue
+        if sc.slo_e2e_s is not None and r.finish_s - r.arrival_s > sc.slo_e2e_s:
+            continue
+        met += 1
+    return met / len(result.records)
+
+
 def build_summary(result: SimResult) -> dict[str, Any]:
     sc = result.scenario
     summary = summarize(result.records)
+    ok_tokens = sum(r.output_tokens for r in result.records if r.status == "ok")
+    util = [u[4] for u in result.utilization]
     summary.update(
         scenario=sc.name,
         seed=sc.seed,
+        fidelity=sc.fidelity,
         placement=sc.policy.placement,
         simulated_s=round(result.end_s, 6),
         dead_letters=len(result.dead_letters),
         unfinished=result.unfinished,
+        goodput_tokens_per_s=ok_tokens / sc.duration_s,
+        slo_attainment=_slo_attainment(result),
+        gpu_utilization=sum(util) / len(util) if util else None,
+        provisioned_cost=result.provisioned_cost,
         served_by_region=served_by_region(result),
         served_by_worker=dict(sorted(result.served_by_worker.items())),
+        fault_windows=[list(w) for w in result.fault_windows],
     )
     return summary
 
@@ -53,25 +85,35 @@ def _fmt_s(value: float | None) -> str:
     return "n/a" if value is None else f"{value * 1000:.0f} ms"
 
 
-def render_markdown(summary: dict[str, Any], records: list[RequestRecord]) -> str:
-    rate = summary["success_rate"]
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2%}"
+
+
+def render_markdown(summary: dict[str, Any], scenario_text: str, figures: list[str]) -> str:
     lines = [
         f"# HAIF simulation: {summary['scenario']}",
         "",
-        f"Seed {summary['seed']}, placement `{summary['placement']}`, "
-        f"{summary['simulated_s']:.0f} s simulated.",
+        scenario_text,
+        "",
+        f"Seed {summary['seed']}, {summary['fidelity']}-level worker model, placement "
+        f"`{summary['placement']}`, {summary['simulated_s']:.0f} s simulated.",
         "",
         "| metric | value |",
         "|---|---|",
         f"| requests | {summary['requests']} |",
-        f"| success rate | {'n/a' if rate is None else f'{rate:.2%}'} |",
-        f"| latency p50 / p99 | {_fmt_s(summary['latency_p50_s'])} / "
+        f"| success rate | {_pct(summary['success_rate'])} |",
+        f"| SLO attainment | {_pct(summary['slo_attainment'])} |",
+        f"| end-to-end latency p50 / p99 | {_fmt_s(summary['latency_p50_s'])} / "
         f"{_fmt_s(summary['latency_p99_s'])} |",
-        f"| TTFT p50 / p99 | {_fmt_s(summary['ttft_p50_s'])} / {_fmt_s(summary['ttft_p99_s'])} |",
-        f"| retried requests | {summary['retried']} |",
+        f"| time to first token p50 / p99 | {_fmt_s(summary['ttft_p50_s'])} / "
+        f"{_fmt_s(summary['ttft_p99_s'])} |",
+        f"| goodput | {summary['goodput_tokens_per_s']:.0f} output tokens/s |",
+        f"| requests retried | {summary['retried']} |",
         f"| dead-lettered | {summary['dead_letters']} |",
         f"| unfinished at end | {summary['unfinished']} |",
-        f"| cost | ${summary['cost']:.2f} |",
+        f"| mean GPU utilization | {_pct(summary['gpu_utilization'])} |",
+        f"| cost: provisioned / attributed to requests | ${summary['provisioned_cost']:.2f} / "
+        f"${summary['cost']:.2f} |",
         "",
         "## Outcomes",
         "",
@@ -88,16 +130,31 @@ def render_markdown(summary: dict[str, Any], records: list[RequestRecord]) -> st
     lines.append("|---|" + "---|" * len(regions))
     for phase, row in by_phase.items():
         lines.append(f"| {phase} | " + " | ".join(str(row.get(r, 0)) for r in regions) + " |")
+    if summary["fault_windows"]:
+        lines += ["", "## Faults", "", "| from | to | what |", "|---|---|---|"]
+        lines += [f"| {a:.0f} s | {b:.0f} s | {what} |" for a, b, what in summary["fault_windows"]]
+    lines += ["", "## Figures", ""]
+    lines += [f"![{name}]({name})" for name in figures]
     lines.append("")
     return "\n".join(lines)
 
 
-def write_report(result: SimResult, out_dir: str | Path) -> dict[str, Any]:
+def write_report(result: SimResult, out_dir: str | Path, *, plots: bool = True) -> dict[str, Any]:
     """Write the run's files into ``out_dir``; return the summary."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    sc = result.scenario
     write_parquet(result.records, out / "records.parquet")
+    series = per_second(result.records, result.end_s, sc.regions, sc.slo_ttft_s, sc.slo_e2e_s)
+    write_timeseries(series, out / "timeseries.parquet")
+    util = utilization_frame(result.utilization)
+    write_timeseries(util, out / "utilization.parquet")
     summary = build_summary(result)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    (out / "report.md").write_text(render_markdown(summary, result.records))
+    figures: list[str] = []
+    if plots:
+        paths = plot_all(result.records, series, util, sc.regions, result.fault_windows, out)
+        figures = [p.name for p in paths.values()]
+    text = sc.description or ""
+    (out / "report.md").write_text(render_markdown(summary, text, figures))
     return summary

@@ -1,7 +1,8 @@
-"""The scenario file: fleet, workload, faults and policy of one what-if run.
+"""The scenario file: regions, fleet, workload, faults and policy of one what-if run.
 
 Validated once by pydantic (unknown keys are errors, so a typo never
-silently falls back to a default); the control core's part is the
+silently falls back to a default); errors name the file, line and field
+(:mod:`haif.configfile`). The control core's part is the
 :class:`~haif.control.config.CoreConfig` under ``policy``.
 """
 
@@ -18,18 +19,23 @@ from haif.control.config import CoreConfig
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Count = Annotated[int, Field(ge=1)]
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class ServiceModel(_Strict):
-    """Time a request occupies a worker slot (the skeleton's service model).
+# ------------------------------------------------------------------ fleet
 
-    ``fixed``: exactly ``mean_s``; ``exponential``: exponential with that mean.
-    The first token arrives ``ttft_s`` after the request starts (bounded by
-    the service time).
+
+class ServiceModel(_Strict):
+    """The abstract service model (no GPU profile): a request holds a slot.
+
+    ``fixed``: exactly ``mean_s``; ``exponential``: exponential with that mean
+    (with ``capacity`` slots this is an M/M/c server). The first token arrives
+    ``ttft_s`` after the request starts (bounded by the service time).
     """
 
     kind: Literal["fixed", "exponential"] = "exponential"
@@ -38,18 +44,37 @@ class ServiceModel(_Strict):
 
 
 class WorkerGroup(_Strict):
+    """``count`` identical workers in one region.
+
+    With ``gpu`` set, the worker is modelled from the GPU x model profile
+    (continuous batching; see :mod:`haif.sim.engine`); without it, from the
+    abstract ``service`` model with ``capacity`` slots.
+    """
+
     region: str
-    count: Annotated[int, Field(ge=1)] = 1
-    gpu_class: str = "A100-80G"
-    vram_gb: NonNegFloat = 80.0
-    capacity: Annotated[int, Field(ge=1)] = 8
+    count: Count = 1
+    gpu: str | None = None
+    gpu_class: str | None = None  # label for the abstract model (default: gpu or "generic")
     models: tuple[str, ...] = ("llama-3-8b",)
-    price_per_hour: NonNegFloat = 2.21
-    service: ServiceModel = ServiceModel()
+    warm_models: tuple[str, ...] | None = None  # default: the first model
+    max_batch: Count | None = None  # default: the profile's
+    chunked_prefill_tokens: Count | None = None  # None: prefill-only steps (vLLM v0)
+    prefix_cache: bool = False
+    capacity: Count = 8  # abstract model only
+    service: ServiceModel = ServiceModel()  # abstract model only
+    price_per_hour: NonNegFloat | None = None  # default: the GPU's list price
+
+    @property
+    def label(self) -> str:
+        return self.gpu_class or self.gpu or "generic"
+
+
+# ------------------------------------------------------------------ workload
 
 
 class Distribution(_Strict):
-    """A token-count distribution: fixed, uniform[low, high] or lognormal(mean, cv)."""
+    """Token counts: fixed, uniform[low, high], lognormal(mean, cv), or
+    ``empirical`` pairs (prompt, output) drawn from a length CSV (``path``)."""
 
     kind: Literal["fixed", "uniform", "lognormal"] = "fixed"
     value: Annotated[int, Field(ge=0)] = 0
@@ -61,21 +86,56 @@ class Distribution(_Strict):
     @model_validator(mode="after")
     def _check(self) -> Distribution:
         if self.kind == "uniform" and self.high < self.low:
-            raise ValueError(f"high ({self.high}) must be >= low ({self.low})")
+            raise ValueError(f"high: must be >= low ({self.low}), got {self.high}")
         if self.kind == "lognormal" and self.mean <= 0:
-            raise ValueError("lognormal needs mean > 0")
+            raise ValueError("mean: lognormal needs mean > 0")
         return self
 
 
 class Workload(_Strict):
-    kind: Literal["poisson"] = "poisson"
+    """Where requests come from.
+
+    Synthetic arrivals: ``poisson`` (``rate``), ``gamma`` (``rate``, ``cv``),
+    ``diurnal`` (``rate`` as the mean, ``amplitude``, ``period_s``) with token
+    counts from ``prompt_tokens`` / ``output_tokens`` or, when ``lengths`` names
+    a length CSV, drawn from it. Trace replay: ``azure`` and ``mooncake``
+    (arrivals and lengths from ``path``), ``servegen`` (per-client windows from
+    ``path``, lengths as for synthetic). ``rate_scale`` compresses time
+    (2 = twice the rate); ``start_s`` skips into the trace; ``region_shift_s``
+    shifts each origin region's clients in time (wrapping around).
+    """
+
+    kind: Literal["poisson", "gamma", "diurnal", "azure", "mooncake", "servegen"] = "poisson"
     rate: PositiveFloat = 10.0
+    cv: PositiveFloat = 1.0
+    amplitude: Fraction = 0.5
+    period_s: PositiveFloat = 86400.0
+    path: str | None = None
+    lengths: str | None = None
+    servegen_model: str | None = None
+    rate_scale: PositiveFloat = 1.0
+    start_s: NonNegFloat = 0.0
     tenants: dict[str, PositiveFloat] = Field(default_factory=lambda: {"default": 1.0})
     models: dict[str, PositiveFloat] = Field(default_factory=lambda: {"llama-3-8b": 1.0})
     origins: dict[str, PositiveFloat] = Field(default_factory=dict)
+    priorities: dict[int, PositiveFloat] = Field(default_factory=lambda: {1: 1.0})
+    region_shift_s: dict[str, float] = Field(default_factory=dict)
     prompt_tokens: Distribution = Distribution(kind="fixed", value=512)
     output_tokens: Distribution = Distribution(kind="fixed", value=128)
+    max_prompt_tokens: Count = 32768
     timeout_s: PositiveFloat | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Workload:
+        if self.kind in ("azure", "mooncake", "servegen") and not self.path:
+            raise ValueError(f"path: workload kind {self.kind!r} replays a trace file; give it")
+        for p in self.priorities:
+            if p < 0:
+                raise ValueError(f"priorities.{p}: priority must be >= 0 (0 = most important)")
+        return self
+
+
+# ------------------------------------------------------------------ control plane
 
 
 class Heartbeats(_Strict):
@@ -83,27 +143,103 @@ class Heartbeats(_Strict):
     loss: Annotated[float, Field(ge=0, lt=1)] = 0.0
 
 
-class RegionOutage(_Strict):
-    """Every worker of ``region`` is down (unreachable) from start_s to end_s."""
+class Network(_Strict):
+    # A request to an unreachable peer fails after this long.
+    connect_timeout_s: PositiveFloat = 1.0
+    # Clients notice their gateway is down after this long and fail over.
+    failover_delay_s: NonNegFloat = 5.0
 
-    kind: Literal["region_outage"]
-    region: str
+
+class Store(_Strict):
+    """Metadata store: a reservation is written before every dispatch."""
+
+    write_latency_ms: NonNegFloat = 2.0
+
+
+# ------------------------------------------------------------------ faults
+
+
+class _Window(_Strict):
     start_s: NonNegFloat
     end_s: PositiveFloat
 
     @model_validator(mode="after")
-    def _check(self) -> RegionOutage:
+    def _window(self) -> _Window:
         if self.end_s <= self.start_s:
-            raise ValueError(f"end_s ({self.end_s}) must be after start_s ({self.start_s})")
+            raise ValueError(f"end_s: must be after start_s ({self.start_s}), got {self.end_s}")
         return self
 
 
-Fault = Annotated[RegionOutage, Field(discriminator="kind")]
+class RegionOutage(_Window):
+    """Every worker of ``region`` is unreachable (crashed) in the window."""
+
+    kind: Literal["region_outage"]
+    region: str
 
 
-class Network(_Strict):
-    # A request to an unreachable worker fails after this long.
-    connect_timeout_s: PositiveFloat = 1.0
+class WorkerCrash(_Strict):
+    """Workers crash at ``at_s`` and restart after ``restart_s`` (then reload weights).
+
+    Choose them by ``ids``, or ``count`` / ``fraction`` of a ``region`` (or of
+    the fleet), picked with the fault's own seeded generator.
+    """
+
+    kind: Literal["worker_crash"]
+    at_s: NonNegFloat
+    restart_s: PositiveFloat = 120.0
+    ids: tuple[str, ...] = ()
+    region: str | None = None
+    count: Count | None = None
+    fraction: Annotated[float, Field(gt=0, le=1)] | None = None
+
+
+class Partition(_Window):
+    """Regions ``a`` and ``b`` cannot reach each other in the window."""
+
+    kind: Literal["partition"]
+    a: str
+    b: str
+
+
+class GrayFailure(_Window):
+    """Workers run ``factor`` times slower in the window (still healthy-looking)."""
+
+    kind: Literal["gray_failure"]
+    factor: Annotated[float, Field(gt=1)] = 3.0
+    ids: tuple[str, ...] = ()
+    region: str | None = None
+    count: Count | None = None
+
+
+class StoreOutage(_Window):
+    """Reservations cannot be written (optionally in one region only)."""
+
+    kind: Literal["store_outage"]
+    region: str | None = None
+
+
+class GatewayDown(_Window):
+    """A region's gateway is down; its clients fail over to the nearest other one."""
+
+    kind: Literal["gateway_down"]
+    region: str
+
+
+Fault = Annotated[
+    RegionOutage | WorkerCrash | Partition | GrayFailure | StoreOutage | GatewayDown,
+    Field(discriminator="kind"),
+]
+
+
+class RandomFailures(_Strict):
+    """Independent worker failures at a rate per GPU-hour (Llama 3 405B
+    training: 419 interruptions / (16,384 GPUs x 54 days) = 2e-5; REFERENCE.md)."""
+
+    per_gpu_hour: NonNegFloat = 2e-5
+    restart_s: PositiveFloat = 300.0
+
+
+# ------------------------------------------------------------------ scenario
 
 
 class Scenario(_Strict):
@@ -113,34 +249,59 @@ class Scenario(_Strict):
     duration_s: PositiveFloat = 600.0
     # Extra time after the last arrival to let requests finish.
     drain_s: NonNegFloat = 120.0
-    control_region: str
+    # "iteration": continuous batching step by step (accurate);
+    # "request": one service time per request (fast approximation).
+    fidelity: Literal["iteration", "request"] = "iteration"
     regions: tuple[str, ...]
+    # Regions running a gateway + orchestrator (default: every region).
+    control_regions: tuple[str, ...] | None = None
+    # Targets reported in the SLO columns of the report.
+    slo_ttft_s: PositiveFloat | None = None
+    slo_e2e_s: PositiveFloat | None = None
     workers: tuple[WorkerGroup, ...]
     workload: Workload = Workload()
     heartbeat: Heartbeats = Heartbeats()
     network: Network = Network()
+    store: Store = Store()
     faults: tuple[Fault, ...] = ()
+    random_failures: RandomFailures | None = None
     policy: CoreConfig = CoreConfig()
+    # Data paths (traces, length files) are relative to this directory;
+    # load_scenario sets it to the scenario file's directory.
+    base_dir: str = "."
+
+    @property
+    def control(self) -> tuple[str, ...]:
+        return self.control_regions or self.regions
 
     @model_validator(mode="after")
     def _check_regions(self) -> Scenario:
         known = set(self.regions)
         allowed = ", ".join(self.regions)
 
-        def check(where: str, region: str) -> None:
-            if region not in known:
+        def check(where: str, region: str | None) -> None:
+            if region is not None and region not in known:
                 raise ValueError(f"{where}: unknown region {region!r} (allowed: {allowed})")
 
-        check("control_region", self.control_region)
+        if not self.regions:
+            raise ValueError("regions: give at least one region")
+        for i, region in enumerate(self.control):
+            check(f"control_regions.{i}", region)
         for i, group in enumerate(self.workers):
             check(f"workers.{i}.region", group.region)
         for region in self.workload.origins:
             check(f"workload.origins.{region}", region)
+        for region in self.workload.region_shift_s:
+            check(f"workload.region_shift_s.{region}", region)
         for i, fault in enumerate(self.faults):
-            check(f"faults.{i}.region", fault.region)
+            for attr in ("region", "a", "b"):
+                check(f"faults.{i}.{attr}", getattr(fault, attr, None))
         return self
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
     """Load and validate a scenario file (raises ConfigError with file:line: field)."""
-    return load_model(Scenario, path, overrides)
+    scenario = load_model(Scenario, path, overrides)
+    if "base_dir" not in scenario.model_fields_set:
+        scenario = scenario.model_copy(update={"base_dir": str(Path(path).resolve().parent)})
+    return scenario

@@ -216,7 +216,9 @@ class BatchingWorker(BaseWorker):
         head = self.waiting[0]
         if head.request.model != self.host.active:
             return not self.batch  # a swap can start once the batch is empty
-        return self.kv_used + head.prompt_left + head.context + 1 <= self.kv_capacity
+        need = head.prompt_left + head.context + 1
+        # A prompt that can never fit is admissible too: admission fails it.
+        return self.kv_used + need <= self.kv_capacity or need > self.kv_capacity
 
     def _admit(self) -> None:
         profile_model = self.host.active

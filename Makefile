@@ -20,8 +20,8 @@ test: $(STAMP)
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check haif tests
-	$(BIN)/ruff format --check haif tests
+	$(BIN)/ruff check haif tests bench
+	$(BIN)/ruff format --check haif tests bench
 	$(BIN)/mypy
 
 check: lint test

@@ -97,6 +97,8 @@ class WorkerGone:
 class AttemptResult:
     """The outcome of one dispatched attempt.
 
+    ``output_tokens`` counts the whole response so far (including tokens a
+    resumed attempt was given), also when the attempt failed part-way.
     ``error`` is a short machine-readable kind (``worker_crashed``,
     ``connection_error``, ``overloaded``, ``bad_request``, ...); ``retryable``
     says whether running the request elsewhere could succeed.
@@ -125,13 +127,18 @@ Event = Submit | Heartbeat | WorkerGone | AttemptResult
 
 @dataclass(frozen=True, slots=True)
 class Dispatch:
-    """Run ``attempt`` of a request on a worker (capacity already reserved)."""
+    """Run ``attempt`` of a request on a worker (capacity already reserved).
+
+    ``resume_tokens`` > 0 continues a response an earlier attempt had begun:
+    the worker recomputes the prompt plus those tokens and generates the rest.
+    """
 
     request_id: str
     worker_id: str
     attempt: int
     region: str
     gpu_class: str
+    resume_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -454,3 +454,34 @@ def test_unknown_model_is_404_once_workers_are_known() -> None:
     c.on_heartbeat(snap("w1"), 0.0)
     out = c.submit(req("r1", model="nope"), 0.1)
     assert isinstance(out[0], Reject) and (out[0].status, out[0].reason) == (404, "model_not_found")
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_partial_response_resumes_elsewhere_only_when_configured(resume: bool) -> None:
+    c = core(placement="round_robin", resume_partial=resume)
+    c.on_heartbeat(snap("w1"), 0.0)
+    c.on_heartbeat(snap("w2"), 0.0)
+    d1 = one_dispatch(c.submit(req(max_tokens=10), 0.0))
+    crashed = AttemptResult(
+        "r1",
+        1,
+        d1.worker_id,
+        False,
+        0.0,
+        1.0,
+        first_token_s=0.2,
+        output_tokens=6,
+        error="worker_crashed",
+    )
+    [retry] = c.on_result(crashed, 1.0)
+    assert isinstance(retry, RetryAt)
+    d2 = one_dispatch(c.on_timer(retry.at))
+    assert d2.resume_tokens == (6 if resume else 0)
+    done = AttemptResult(
+        "r1", 2, d2.worker_id, True, retry.at, 3.0, first_token_s=2.0, output_tokens=10
+    )
+    [fin] = c.on_result(done, 3.0)
+    assert isinstance(fin, Finalize)
+    # The client saw its first token on the first worker when the stream continued.
+    assert fin.record.first_token_s == (0.2 if resume else 2.0)
+    assert fin.record.output_tokens == 10 and fin.record.attempts == 2

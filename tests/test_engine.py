@@ -38,11 +38,16 @@ def profile(
 class Harness:
     """One worker on a zero-latency network; results collected in order."""
 
-    def __init__(self, kind: type = BatchingWorker, **kw: object) -> None:
+    def __init__(
+        self,
+        kind: type = BatchingWorker,
+        profiles: dict[str, PerfProfile] | None = None,
+        **kw: object,
+    ) -> None:
         self.env = simpy.Environment()
         self.results: list[AttemptResult] = []
         net = Network(lambda _a, _b: 0.0, connect_timeout_s=1.0)
-        profiles = kw.pop("profiles", None) or {"m": profile()}
+        profiles = profiles or {"m": profile()}
         self.worker = kind(
             self.env,
             "w",
@@ -232,7 +237,8 @@ def test_chunked_prefill_interleaves_with_decoding() -> None:
     # Chunked: the long prompt takes several steps, but the decoder never stalls
     # for a 4 s prefill step.
     assert ch["decoder"].finish_s < p["decoder"].finish_s
-    assert ch["long"].first_token_s > 0.5 + 4000 * 0.001
+    long_first = ch["long"].first_token_s
+    assert long_first is not None and long_first > 0.5 + 4000 * 0.001
 
 
 def test_prefix_cache_skips_cached_blocks() -> None:
@@ -288,3 +294,14 @@ def test_request_level_worker_times() -> None:
     # prefill 0.1 s, then 9 decode steps at batch 1.
     assert r.first_token_s == pytest.approx(0.1)
     assert r.finish_s == pytest.approx(0.19)
+
+
+def test_resumed_attempt_recomputes_and_finishes_the_response() -> None:
+    h = Harness()
+    req = Request("r", "t", "m", 100, 10, 0.0)
+    h.worker.dispatch(req, 2, "r", resume_tokens=6)
+    r = h.run()["r"]
+    # Prefill of prompt + 6 resumed tokens (0.106 s) yields token 7; 3 more decode steps.
+    assert r.ok and r.output_tokens == 10
+    assert r.first_token_s == pytest.approx(0.106)
+    assert r.finish_s == pytest.approx(0.106 + 3 * 0.01)

@@ -79,6 +79,9 @@ class CoreConfig:
     # A worker is full when the orchestrator's outstanding count reaches
     # capacity x this factor (queueing at the worker beyond that is refused).
     max_queue_factor: float = 4.0
+    # When an attempt fails after generating tokens, continue from them on the
+    # next worker (migration) instead of starting the response over.
+    resume_partial: bool = False
     # Round-trip times between regions in milliseconds: {"a": {"b": 70.0}}.
     rtt_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
 

@@ -31,10 +31,11 @@ previous attempt) are ignored.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from haif.contracts import (
     AttemptResult,
@@ -93,6 +94,8 @@ class _Job:
     cold_start: bool = False
     cost: float = 0.0
     last: _Attempt | None = None
+    resumed: int = 0  # response tokens already produced by failed attempts
+    first_token_s: float | None = None  # of a response resumed across attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,9 @@ class ControlCore:
         self._throttle = AdaptiveThrottle(config.throttle)
         self._shedder = PriorityShedder(config.shedding)
         self._workers: dict[str, WorkerSnapshot] = {}
+        self._last_seen: dict[str, float] = {}  # receiver's clock, per worker
+        self._order: list[str] = []  # worker ids, sorted (placement sees them in this order)
+        self._rtt: dict[tuple[str, str], float] = {}
         self._outstanding: dict[str, int] = {}
         self._worker_breakers: dict[str, CircuitBreaker] = {}
         self._route_breakers: dict[tuple[str, str], CircuitBreaker] = {}
@@ -143,12 +149,18 @@ class ControlCore:
 
     def on_heartbeat(self, snapshot: WorkerSnapshot, now: float) -> None:
         """Refresh the discovery snapshot, stamped with the receiver's clock."""
-        self._workers[snapshot.worker_id] = replace(snapshot, last_seen=now)
-        self._outstanding.setdefault(snapshot.worker_id, 0)
+        wid = snapshot.worker_id
+        if wid not in self._workers:
+            bisect.insort(self._order, wid)
+        self._workers[wid] = snapshot
+        self._last_seen[wid] = now
+        self._outstanding.setdefault(wid, 0)
 
     def on_worker_gone(self, worker_id: str) -> None:
         """Forget a departed worker; its in-flight attempts fail via results."""
-        self._workers.pop(worker_id, None)
+        if self._workers.pop(worker_id, None) is not None:
+            self._order.remove(worker_id)
+            del self._last_seen[worker_id]
 
     def submit(self, request: Request, now: float) -> list[Decision]:
         """Admission, then placement."""
@@ -195,6 +207,10 @@ class ControlCore:
         self._throttle.record(now, accepted=result.ok or result.error not in _WORKER_FAULTS)
         job.cost += result.cost
         job.cold_start = job.cold_start or result.cold_start
+        if not result.ok and self.config.resume_partial and result.output_tokens > job.resumed:
+            job.resumed = min(result.output_tokens, job.request.max_tokens - 1)
+            if job.first_token_s is None:
+                job.first_token_s = result.first_token_s
         if result.ok:
             return [self._finish(job, now, "ok", None, result)]
         return self._after_failure(job, result.error or "failed", result.retryable, now, result)
@@ -233,8 +249,8 @@ class ControlCore:
         placement answers (retry, then 503), not overload.
         """
         load = capacity = 0
-        for w in self._workers.values():
-            if w.healthy and now - w.last_seen <= self.config.stale_after_s:
+        for wid, w in self._workers.items():
+            if w.healthy and now - self._last_seen[wid] <= self.config.stale_after_s:
                 load += max(self._outstanding.get(w.worker_id, 0), w.queue_depth + w.running)
                 capacity += w.capacity
         return load / capacity if capacity else 0.0
@@ -281,23 +297,31 @@ class ControlCore:
 
     def _candidates(self, job: _Job, now: float) -> list[Candidate]:
         req = job.request
+        stale_after = self.config.stale_after_s
+        routes: dict[str, bool] = {}  # region -> (model, region) breaker allows
         fresh: list[Candidate] = []
-        for w in sorted(self._workers.values(), key=lambda s: s.worker_id):
-            if not w.healthy or now - w.last_seen > self.config.stale_after_s:
+        for wid in self._order:
+            w = self._workers[wid]
+            if not w.healthy or now - self._last_seen[wid] > stale_after:
                 continue
             warm = req.model in w.models_warm
             if not warm and req.model not in w.models_loadable:
                 continue
-            outstanding = self._outstanding.get(w.worker_id, 0)
+            outstanding = self._outstanding[wid]
             if outstanding >= w.capacity * self.config.max_queue_factor:
                 continue
-            if not self._worker_breaker(w.worker_id).would_allow(now):
+            if not self._worker_breaker(wid).would_allow(now):
                 continue
-            if not self._route_breaker((req.model, w.region)).would_allow(now):
+            route_ok = routes.get(w.region)
+            if route_ok is None:
+                route_ok = routes[w.region] = self._route_breaker(
+                    (req.model, w.region)
+                ).would_allow(now)
+            if not route_ok:
                 continue
             fresh.append(
                 Candidate(
-                    worker_id=w.worker_id,
+                    worker_id=wid,
                     region=w.region,
                     gpu_class=w.gpu_class,
                     warm=warm,
@@ -305,12 +329,19 @@ class ControlCore:
                     running=w.running,
                     outstanding=outstanding,
                     capacity=w.capacity,
-                    rtt_ms=self.config.rtt(req.origin_region, w.region),
+                    rtt_ms=self._rtt_ms(req.origin_region, w.region),
                     same_region=w.region == req.origin_region,
                 )
             )
         untried = [c for c in fresh if c.worker_id not in job.tried]
         return untried or fresh  # re-place elsewhere when there is an elsewhere
+
+    def _rtt_ms(self, a: str, b: str) -> float:
+        key = (a, b)
+        rtt = self._rtt.get(key)
+        if rtt is None:
+            rtt = self._rtt[key] = self.config.rtt(a, b)
+        return rtt
 
     def _place(self, job: _Job, now: float) -> list[Decision]:
         req = job.request
@@ -345,7 +376,12 @@ class ControlCore:
             )
         return [
             Dispatch(
-                req.request_id, chosen.worker_id, attempt.number, chosen.region, chosen.gpu_class
+                req.request_id,
+                chosen.worker_id,
+                attempt.number,
+                chosen.region,
+                chosen.gpu_class,
+                job.resumed,
             )
         ]
 
@@ -463,7 +499,9 @@ class ControlCore:
             gpu_class=last.gpu_class if last else None,
             arrival_s=req.arrival_s,
             admitted_s=job.admitted_s,
-            first_token_s=result.first_token_s if result is not None and result.ok else None,
+            first_token_s=(job.first_token_s or result.first_token_s)
+            if result is not None and result.ok
+            else None,
             finish_s=now,
             prompt_tokens=req.prompt_tokens,
             output_tokens=output,

@@ -433,6 +433,8 @@ class CircuitBreaker:
 
     def would_allow(self, now: float) -> bool:
         """Whether :meth:`acquire` would return a :class:`Permit` now; consumes nothing."""
+        if self._state == CLOSED:
+            return True  # time never moves a closed breaker (fast path: hot in placement)
         self._advance(now)
         match self._state:
             case "closed":

@@ -174,6 +174,16 @@ class Candidate:
     same_region: bool
 
     def __post_init__(self) -> None:
+        # One cheap test on the hot path (the core builds a candidate per
+        # eligible worker per request); the detailed checks only on failure.
+        if (
+            self.queue_depth >= 0
+            and self.running >= 0
+            and self.outstanding >= 0
+            and self.capacity >= 1
+            and 0.0 <= self.rtt_ms < math.inf
+        ):
+            return
         _check_int("Candidate", "queue_depth", self.queue_depth, minimum=0)
         _check_int("Candidate", "running", self.running, minimum=0)
         _check_int("Candidate", "outstanding", self.outstanding, minimum=0)

@@ -304,7 +304,9 @@ class SimCluster:
                 )
             )
             return
-        self.workers[d.worker_id].dispatch(self.requests[d.request_id], d.attempt, region)
+        self.workers[d.worker_id].dispatch(
+            self.requests[d.request_id], d.attempt, region, d.resume_tokens
+        )
 
     # ------------------------------------------------------------ faults
 

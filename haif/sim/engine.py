@@ -104,6 +104,14 @@ class RequestLevelWorker(SlotWorker):
     def on_restart(self) -> None:
         self._restarting_until = self.env.now + self.host.profile.load_time_s
 
+    def busy_fraction_now(self) -> float:
+        # The GPU is busy while any request is in the batch (as in the iteration model).
+        return 1.0 if self._in_service else 0.0
+
+    def cost_share(self) -> float:
+        # The GPU's cost is shared by the requests batched together.
+        return 1.0 / max(1, self._in_service)
+
     def service_times(self, job: Job) -> tuple[float, float]:
         req = job.request
         profile = self.host.profiles[req.model]
@@ -115,9 +123,10 @@ class RequestLevelWorker(SlotWorker):
         else:
             load = 0.0
         batch = max(1, self.slots.count)
-        prefill = profile.prefill_time(req.prompt_tokens, 1)
+        prefill = profile.prefill_time(job.prompt_left, 1)  # prompt (+ resumed tokens)
         context = req.prompt_tokens + req.max_tokens // 2
-        decode = max(0, req.max_tokens - 1) * profile.decode_step_time(batch, context)
+        decode_steps = max(0, req.max_tokens - job.generated - 1)
+        decode = decode_steps * profile.decode_step_time(batch, context)
         api = profile.api_overhead_s
         ttft = load + api + prefill
         return ttft * self.slow, (ttft + decode) * self.slow
@@ -149,6 +158,9 @@ class BatchingWorker(BaseWorker):
         self.steps = 0
         self._stepping = False
         self._wake: simpy.Event | None = None
+        # The decode segment in progress: (start, base, inc), for crediting
+        # the steps completed so far if the worker crashes mid-segment.
+        self._segment: tuple[float, float, float] | None = None
         self._loop: simpy.Process = self.env.process(self._run(load_first=False))
 
     # -------------------------------------------------------- BaseWorker hooks
@@ -186,6 +198,11 @@ class BatchingWorker(BaseWorker):
             self.waiting.remove(job)
 
     def go_down(self) -> None:
+        if self._segment is not None:
+            start, base, inc = self._segment
+            done = _steps_within(self.env.now - start, base, inc)
+            for job in self.batch:
+                job.generated += done  # streamed before the crash
         super().go_down()
         if self._loop.is_alive:
             self._loop.interrupt()
@@ -193,6 +210,7 @@ class BatchingWorker(BaseWorker):
         self.batch.clear()
         self.kv_used = 0
         self._stepping = False
+        self._segment = None
         if self.prefix is not None:
             self.prefix.clear()
 
@@ -356,6 +374,7 @@ class BatchingWorker(BaseWorker):
             return steps * base + inc * steps * (steps - 1) / 2.0
 
         start = env.now
+        self._segment = (start, base, inc)
         self._account()
         self._stepping = True
         self._wake = env.event()
@@ -368,6 +387,7 @@ class BatchingWorker(BaseWorker):
             # Interrupted by an admissible arrival: finish the step in progress.
             done = min(k, _steps_within(env.now - start, base, inc) + 1)
             yield env.timeout(max(0.0, start + elapsed(done) - env.now))
+        self._segment = None
         self._account()
         self._stepping = False
         self.steps += done

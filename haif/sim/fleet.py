@@ -56,14 +56,19 @@ class Network:
 
     def __init__(self, rtt: Callable[[str, str], float], connect_timeout_s: float) -> None:
         self._rtt = rtt
+        self._one_way: dict[tuple[str, str], float] = {}
         self.connect_timeout_s = connect_timeout_s
         self.cuts: set[frozenset[str]] = set()
 
     def one_way_s(self, a: str, b: str) -> float:
-        return self._rtt(a, b) / 2000.0
+        key = (a, b)
+        delay = self._one_way.get(key)
+        if delay is None:
+            delay = self._one_way[key] = self._rtt(a, b) / 2000.0
+        return delay
 
     def reachable(self, a: str, b: str) -> bool:
-        return a == b or frozenset((a, b)) not in self.cuts
+        return a == b or not self.cuts or frozenset((a, b)) not in self.cuts
 
 
 class BaseWorker(ABC):
@@ -133,9 +138,15 @@ class BaseWorker(ABC):
 
     # -------------------------------------------------------- control
 
-    def dispatch(self, request: Request, attempt: int, orchestrator: str) -> None:
-        """An orchestrator in region ``orchestrator`` sends an attempt now."""
-        job = Job(request, attempt, orchestrator, self.env.now)
+    def dispatch(
+        self, request: Request, attempt: int, orchestrator: str, resume_tokens: int = 0
+    ) -> None:
+        """An orchestrator in region ``orchestrator`` sends an attempt now.
+
+        With ``resume_tokens`` the response continues from that many tokens an
+        earlier attempt produced: they are recomputed with the prompt.
+        """
+        job = Job(request, attempt, orchestrator, self.env.now, generated=resume_tokens)
         if not self.up or not self.net.reachable(orchestrator, self.region):
             timeout = self.env.timeout(self.net.connect_timeout_s)
             timeout.callbacks.append(lambda _ev: self._fail_unreached(job))
@@ -147,7 +158,7 @@ class BaseWorker(ABC):
         if not self.up:  # crashed while the request was on the wire
             self._result(job, ok=False, error="worker_crashed")
             return
-        job.prompt_left = job.request.prompt_tokens
+        job.prompt_left = job.request.prompt_tokens + job.generated
         self.jobs[job.key] = job
         self.start(job)
 
@@ -195,7 +206,7 @@ class BaseWorker(ABC):
 
     def _result(self, job: Job, *, ok: bool, error: str | None = None) -> None:
         hop = self.net.one_way_s(self.region, job.orchestrator)
-        first = job.first_token_s + hop if ok and job.first_token_s is not None else None
+        first = job.first_token_s + hop if job.first_token_s is not None else None
         self._send(
             self.region,
             job.orchestrator,
@@ -207,7 +218,7 @@ class BaseWorker(ABC):
                 started_s=job.sent_s,
                 finish_s=self.env.now + hop,
                 first_token_s=first,
-                output_tokens=job.generated if ok else 0,
+                output_tokens=job.generated,  # so far, on failure too
                 error=error,
                 retryable=True,
                 cold_start=job.cold_start,
@@ -240,9 +251,10 @@ class BaseWorker(ABC):
         first = True
         while True:
             if self.up:
+                beat = Heartbeat(self.snapshot())
                 for region in orchestrators:
                     if first or self.rng.random() >= loss:
-                        self._send(self.region, region, Heartbeat(self.snapshot()))
+                        self._send(self.region, region, beat)
             if first:
                 first = False
                 yield self.env.timeout(self.rng.uniform(0, interval_s))
@@ -303,6 +315,7 @@ class SlotWorker(BaseWorker):
                 ttft, total = self.service_times(job)
                 self._account()
                 self._in_service += 1
+                share = self.cost_share()
                 try:
                     job.first_token_s = env.now + min(ttft, total)
                     yield env.timeout(total)
@@ -312,8 +325,12 @@ class SlotWorker(BaseWorker):
         except simpy.Interrupt:
             return
         job.generated = job.request.max_tokens
-        job.cost = total * self.price_per_hour / 3600.0 / self.capacity
+        job.cost = total * self.price_per_hour / 3600.0 * share
         self.complete(job)
+
+    def cost_share(self) -> float:
+        """Fraction of the worker's price a job starting now is charged (one slot)."""
+        return 1.0 / self.capacity
 
 
 class AbstractWorker(SlotWorker):

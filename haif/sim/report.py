@@ -40,6 +40,19 @@ def served_by_region(result: SimResult) -> dict[str, dict[str, int]]:
     return table
 
 
+def latency_by_phase(result: SimResult) -> dict[str, dict[str, float | None]]:
+    """Success rate and latency percentiles per phase (by arrival time)."""
+    table: dict[str, dict[str, float | None]] = {}
+    for name, lo, hi in _phases(result):
+        records = [r for r in result.records if lo <= r.arrival_s < hi]
+        s = summarize(records)
+        table[name] = {
+            k: s[k]
+            for k in ("success_rate", "ttft_p50_s", "ttft_p99_s", "latency_p50_s", "latency_p99_s")
+        }
+    return table
+
+
 def _slo_attainment(result: SimResult) -> float | None:
     sc = result.scenario
     if (sc.slo_ttft_s is None and sc.slo_e2e_s is None) or not result.records:
@@ -75,6 +88,7 @@ def build_summary(result: SimResult) -> dict[str, Any]:
         gpu_utilization=sum(util) / len(util) if util else None,
         provisioned_cost=result.provisioned_cost,
         served_by_region=served_by_region(result),
+        latency_by_phase=latency_by_phase(result),
         served_by_worker=dict(sorted(result.served_by_worker.items())),
         fault_windows=[list(w) for w in result.fault_windows],
     )
@@ -130,6 +144,19 @@ def render_markdown(summary: dict[str, Any], scenario_text: str, figures: list[s
     lines.append("|---|" + "---|" * len(regions))
     for phase, row in by_phase.items():
         lines.append(f"| {phase} | " + " | ".join(str(row.get(r, 0)) for r in regions) + " |")
+    lines += [
+        "",
+        "## Latency by phase (by arrival time)",
+        "",
+        "| phase | success | TTFT p50 / p99 | end-to-end p50 / p99 |",
+        "|---|---|---|---|",
+    ]
+    for phase, row in summary["latency_by_phase"].items():
+        lines.append(
+            f"| {phase} | {_pct(row['success_rate'])} | {_fmt_s(row['ttft_p50_s'])} / "
+            f"{_fmt_s(row['ttft_p99_s'])} | {_fmt_s(row['latency_p50_s'])} / "
+            f"{_fmt_s(row['latency_p99_s'])} |"
+        )
     if summary["fault_windows"]:
         lines += ["", "## Faults", "", "| from | to | what |", "|---|---|---|"]
         lines += [f"| {a:.0f} s | {b:.0f} s | {what} |" for a, b, what in summary["fault_windows"]]

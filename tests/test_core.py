@@ -402,9 +402,15 @@ def test_every_request_finalized_exactly_once(
     now = 0.0
     submitted: list[str] = []
     finalized: list[str] = []
+    before: float | None = None
     running: list[Dispatch] = []
 
     def take(decisions: list[Decision]) -> None:
+        # The drivers skip re-arming their timer when nothing was decided:
+        # the core must only ever arm a timer alongside a decision.
+        assert decisions or c.next_deadline() in (before, None) or (
+            before is not None and c.next_deadline() > before  # type: ignore[operator]
+        )
         for d in decisions:
             if isinstance(d, Dispatch):
                 running.append(d)
@@ -416,6 +422,7 @@ def test_every_request_finalized_exactly_once(
                 ]
 
     for kind, arg in ops:
+        before = c.next_deadline()
         if kind == "submit":
             rid = f"r{len(submitted)}"
             submitted.append(rid)

@@ -100,7 +100,7 @@ def test_candidate_load_and_utilization() -> None:
 )
 def test_candidate_validation_names_field(field: str, value: Any) -> None:
     with pytest.raises(ValueError, match=field):
-        replace(cand("w"), **{field: value})
+        cand("w", **{field: value})
 
 
 # ------------------------------------------------------- table of choices

@@ -321,16 +321,16 @@ class ControlCore:
                 continue
             fresh.append(
                 Candidate(
-                    worker_id=wid,
-                    region=w.region,
-                    gpu_class=w.gpu_class,
-                    warm=warm,
-                    queue_depth=w.queue_depth,
-                    running=w.running,
-                    outstanding=outstanding,
-                    capacity=w.capacity,
-                    rtt_ms=self._rtt_ms(req.origin_region, w.region),
-                    same_region=w.region == req.origin_region,
+                    wid,
+                    w.region,
+                    w.gpu_class,
+                    warm,
+                    w.queue_depth,
+                    w.running,
+                    outstanding,
+                    w.capacity,
+                    self._rtt_ms(req.origin_region, w.region),
+                    w.region == req.origin_region,
                 )
             )
         untried = [c for c in fresh if c.worker_id not in job.tried]

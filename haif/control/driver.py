@@ -50,6 +50,8 @@ class CoreDriver(ABC):
         self._execute(now, self.core.on_timer(now))
 
     def _execute(self, now: float, decisions: list[Decision]) -> None:
+        if not decisions:
+            return  # the core arms timers only alongside decisions
         for decision in decisions:
             if self.decisions is not None:
                 self.decisions.append((now, decision))

@@ -77,7 +77,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields, is_dataclass
 from types import MappingProxyType
-from typing import Any, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from haif.contracts import Request
 
@@ -153,15 +153,7 @@ def _argmin(
 # ---------------------------------------------------------------- candidate
 
 
-@dataclass(frozen=True, slots=True)
-class Candidate:
-    """One eligible worker as the core presents it to a placement strategy.
-
-    ``outstanding`` is the orchestrator's exact count of requests it sent
-    there and has not seen finish; ``queue_depth`` and ``running`` come from
-    the last heartbeat. ``rtt_ms`` is from the request's origin region.
-    """
-
+class _CandidateFields(NamedTuple):
     worker_id: str
     region: str
     gpu_class: str
@@ -173,22 +165,62 @@ class Candidate:
     rtt_ms: float
     same_region: bool
 
-    def __post_init__(self) -> None:
-        # One cheap test on the hot path (the core builds a candidate per
-        # eligible worker per request); the detailed checks only on failure.
-        if (
-            self.queue_depth >= 0
-            and self.running >= 0
-            and self.outstanding >= 0
-            and self.capacity >= 1
-            and 0.0 <= self.rtt_ms < math.inf
+
+class Candidate(_CandidateFields):
+    """One eligible worker as the core presents it to a placement strategy.
+
+    ``outstanding`` is the orchestrator's exact count of requests it sent
+    there and has not seen finish; ``queue_depth`` and ``running`` come from
+    the last heartbeat. ``rtt_ms`` is from the request's origin region.
+
+    An immutable named tuple rather than a dataclass: the core builds one per
+    eligible worker for every request, and a tuple is several times cheaper
+    to build (see ``bench/sim_speed.py``). Values are checked on creation.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        worker_id: str,
+        region: str,
+        gpu_class: str,
+        warm: bool,
+        queue_depth: int,
+        running: int,
+        outstanding: int,
+        capacity: int,
+        rtt_ms: float,
+        same_region: bool,
+    ) -> Candidate:
+        # One cheap test on the hot path; the detailed checks only on failure.
+        if not (
+            queue_depth >= 0
+            and running >= 0
+            and outstanding >= 0
+            and capacity >= 1
+            and 0.0 <= rtt_ms < math.inf
         ):
-            return
-        _check_int("Candidate", "queue_depth", self.queue_depth, minimum=0)
-        _check_int("Candidate", "running", self.running, minimum=0)
-        _check_int("Candidate", "outstanding", self.outstanding, minimum=0)
-        _check_int("Candidate", "capacity", self.capacity, minimum=1)
-        _check_number("Candidate", "rtt_ms", self.rtt_ms, minimum=0.0)
+            _check_int("Candidate", "queue_depth", queue_depth, minimum=0)
+            _check_int("Candidate", "running", running, minimum=0)
+            _check_int("Candidate", "outstanding", outstanding, minimum=0)
+            _check_int("Candidate", "capacity", capacity, minimum=1)
+            _check_number("Candidate", "rtt_ms", rtt_ms, minimum=0.0)
+        return tuple.__new__(
+            cls,
+            (
+                worker_id,
+                region,
+                gpu_class,
+                warm,
+                queue_depth,
+                running,
+                outstanding,
+                capacity,
+                rtt_ms,
+                same_region,
+            ),
+        )
 
     @property
     def load(self) -> int:

@@ -408,8 +408,12 @@ def test_every_request_finalized_exactly_once(
     def take(decisions: list[Decision]) -> None:
         # The drivers skip re-arming their timer when nothing was decided:
         # the core must only ever arm a timer alongside a decision.
-        assert decisions or c.next_deadline() in (before, None) or (
-            before is not None and c.next_deadline() > before  # type: ignore[operator]
+        assert (
+            decisions
+            or c.next_deadline() in (before, None)
+            or (
+                before is not None and c.next_deadline() > before  # type: ignore[operator]
+            )
         )
         for d in decisions:
             if isinstance(d, Dispatch):

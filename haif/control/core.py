@@ -135,13 +135,13 @@ class ControlCore:
 
     def handle(self, event: Event, now: float) -> list[Decision]:
         """Feed one event; return the decisions to execute, in order."""
+        if isinstance(event, Heartbeat):  # by far the most frequent
+            self.on_heartbeat(event.snapshot, now)
+            return []
         if isinstance(event, Submit):
             return self.submit(event.request, now)
         if isinstance(event, AttemptResult):
             return self.on_result(event, now)
-        if isinstance(event, Heartbeat):
-            self.on_heartbeat(event.snapshot, now)
-            return []
         if isinstance(event, WorkerGone):
             self.on_worker_gone(event.worker_id)
             return []
@@ -249,9 +249,13 @@ class ControlCore:
         placement answers (retry, then 503), not overload.
         """
         load = capacity = 0
+        oldest = now - self.config.stale_after_s
+        last_seen, outstanding = self._last_seen, self._outstanding
         for wid, w in self._workers.items():
-            if w.healthy and now - self._last_seen[wid] <= self.config.stale_after_s:
-                load += max(self._outstanding.get(w.worker_id, 0), w.queue_depth + w.running)
+            if w.healthy and last_seen[wid] >= oldest:
+                reported = w.queue_depth + w.running
+                mine = outstanding[wid]
+                load += mine if mine > reported else reported
                 capacity += w.capacity
         return load / capacity if capacity else 0.0
 
@@ -296,45 +300,54 @@ class ControlCore:
         return br
 
     def _candidates(self, job: _Job, now: float) -> list[Candidate]:
+        """Every eligible worker, in worker-id order (the hottest loop of a simulation)."""
         req = job.request
-        stale_after = self.config.stale_after_s
-        routes: dict[str, bool] = {}  # region -> (model, region) breaker allows
+        model, origin = req.model, req.origin_region
+        oldest = now - self.config.stale_after_s
+        queue_factor = self.config.max_queue_factor
+        workers, last_seen, outstanding = self._workers, self._last_seen, self._outstanding
+        breakers = self._worker_breakers
+        regions: dict[str, tuple[bool, float]] = {}  # region -> (route breaker allows, rtt)
         fresh: list[Candidate] = []
         for wid in self._order:
-            w = self._workers[wid]
-            if not w.healthy or now - self._last_seen[wid] > stale_after:
+            w = workers[wid]
+            if not w.healthy or last_seen[wid] < oldest:
                 continue
-            warm = req.model in w.models_warm
-            if not warm and req.model not in w.models_loadable:
+            warm = model in w.models_warm
+            if not warm and model not in w.models_loadable:
                 continue
-            outstanding = self._outstanding[wid]
-            if outstanding >= w.capacity * self.config.max_queue_factor:
+            load = outstanding[wid]
+            if load >= w.capacity * queue_factor:
                 continue
-            if not self._worker_breaker(wid).would_allow(now):
+            breaker = breakers.get(wid)
+            if breaker is not None and not breaker.would_allow(now):
                 continue
-            route_ok = routes.get(w.region)
-            if route_ok is None:
-                route_ok = routes[w.region] = self._route_breaker(
-                    (req.model, w.region)
-                ).would_allow(now)
-            if not route_ok:
+            region = w.region
+            route = regions.get(region)
+            if route is None:
+                allows = self._route_breaker((model, region)).would_allow(now)
+                route = regions[region] = (allows, self._rtt_ms(origin, region))
+            if not route[0]:
                 continue
             fresh.append(
                 Candidate(
                     wid,
-                    w.region,
+                    region,
                     w.gpu_class,
                     warm,
                     w.queue_depth,
                     w.running,
-                    outstanding,
+                    load,
                     w.capacity,
-                    self._rtt_ms(req.origin_region, w.region),
-                    w.region == req.origin_region,
+                    route[1],
+                    region == origin,
                 )
             )
-        untried = [c for c in fresh if c.worker_id not in job.tried]
-        return untried or fresh  # re-place elsewhere when there is an elsewhere
+        if job.tried:
+            untried = [c for c in fresh if c.worker_id not in job.tried]
+            if untried:
+                return untried  # re-place elsewhere when there is an elsewhere
+        return fresh
 
     def _rtt_ms(self, a: str, b: str) -> float:
         key = (a, b)

@@ -37,7 +37,9 @@ class CoreDriver(ABC):
 
     def feed(self, event: Event) -> None:
         """Hand one event to the core and carry out what it decides."""
-        now = self.now()
+        self._feed_at(self.now(), event)
+
+    def _feed_at(self, now: float, event: Event) -> None:
         if self.events is not None:
             self.events.append((now, event))
         self._execute(now, self.core.handle(event, now))

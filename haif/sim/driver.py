@@ -13,6 +13,7 @@ retries or gives up as its policy says.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -27,6 +28,7 @@ from haif.contracts import (
     Dispatch,
     Event,
     Finalize,
+    Heartbeat,
     Request,
     RequestRecord,
     Submit,
@@ -53,13 +55,23 @@ Progress = Callable[[float, float], None]  # (sim time, end time)
 
 
 class SimDriver(CoreDriver):
-    """The core on SimPy's clock."""
+    """The core on SimPy's clock.
+
+    Heartbeats are the most numerous messages by far (every worker, every
+    interval, to every orchestrator) and change nothing until the core is
+    next consulted. So they are not scheduled as SimPy events: they wait in
+    a queue ordered by delivery time and are fed, each at its own delivery
+    time, just before the core handles the next event or timer. The core
+    sees exactly what per-message events would have shown it.
+    """
 
     def __init__(
         self, env: simpy.Environment, core: ControlCore, sink: Sink, *, keep_log: bool = False
     ) -> None:
         super().__init__(core, sink, keep_log=keep_log)
         self.env = env
+        self._pending: list[tuple[float, int, Event]] = []
+        self._seq = 0
 
     def now(self) -> float:
         return float(self.env.now)
@@ -67,6 +79,26 @@ class SimDriver(CoreDriver):
     def call_at(self, when: float, fn: Callable[[float], None]) -> None:
         timeout = self.env.timeout(max(0.0, when - self.env.now))
         timeout.callbacks.append(lambda _ev: fn(when))
+
+    def deliver_at(self, when: float, event: Event) -> None:
+        """Queue a message that changes nothing until the core is next consulted."""
+        self._seq += 1
+        heapq.heappush(self._pending, (when, self._seq, event))
+
+    def _flush(self) -> None:
+        now = self.env.now
+        pending = self._pending
+        while pending and pending[0][0] <= now:
+            when, _seq, event = heapq.heappop(pending)
+            self._feed_at(when, event)
+
+    def feed(self, event: Event) -> None:
+        self._flush()
+        super().feed(event)
+
+    def _fire(self, when: float) -> None:
+        self._flush()
+        super()._fire(when)
 
 
 @dataclass
@@ -109,6 +141,7 @@ class SimCluster:
         self.dead_letters: list[DeadLetter] = []
         self.in_transit = 0  # submits on the wire, client retries pending
         self.gateway_down: dict[str, float] = {}
+        self._gateways_by_distance: dict[str, list[str]] = {}
         self.store_down: set[str | None] = set()
         self.fault_windows: list[tuple[float, float, str]] = []
         self.utilization: list[tuple[float, str, str, str, float]] = []
@@ -198,6 +231,9 @@ class SimCluster:
         driver = self.drivers.get(dst)
         if driver is None or not self.net.reachable(src, dst):
             return
+        if isinstance(event, Heartbeat):
+            driver.deliver_at(self.env.now + self.net.one_way_s(src, dst), event)
+            return
         timeout = self.env.timeout(self.net.one_way_s(src, dst))
         timeout.callbacks.append(lambda _ev: driver.feed(event))
 
@@ -205,7 +241,11 @@ class SimCluster:
 
     def _gateway_for(self, origin: str, now: float) -> tuple[str | None, float]:
         """(gateway region, extra delay) for a client in ``origin`` sending now."""
-        by_distance = sorted(self.drivers, key=lambda r: (self.scenario.policy.rtt(origin, r), r))
+        by_distance = self._gateways_by_distance.get(origin)
+        if by_distance is None:
+            rtt = self.scenario.policy.rtt
+            by_distance = sorted(self.drivers, key=lambda r: (rtt(origin, r), r))
+            self._gateways_by_distance[origin] = by_distance
         first = by_distance[0]
         down_at = self.gateway_down.get(first)
         if down_at is None:

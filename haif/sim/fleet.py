@@ -104,6 +104,8 @@ class BaseWorker(ABC):
         self.slow = 1.0  # gray failure factor
         self.served = 0
         self.jobs: dict[tuple[str, int], Job] = {}
+        self._snapshot: WorkerSnapshot | None = None
+        self._snapshot_state: tuple[object, ...] = ()
         self._busy_s = 0.0  # integral of busy fraction since the last sample
         self._sampled_at = 0.0
 
@@ -229,20 +231,25 @@ class BaseWorker(ABC):
     # -------------------------------------------------------- telemetry
 
     def snapshot(self) -> WorkerSnapshot:
-        return WorkerSnapshot(
-            worker_id=self.worker_id,
-            region=self.region,
-            gpu_class=self.gpu_class,
-            vram_gb=self.vram_gb,
-            models_warm=self.warm_models(),
-            models_loadable=self.models,
-            queue_depth=self.queue_depth(),
-            running=self.running(),
-            capacity=self.capacity,
-            free_kv_tokens=self.free_kv_tokens(),
-            healthy=True,
-            price_per_hour=self.price_per_hour,
-        )
+        state = (self.warm_models(), self.queue_depth(), self.running(), self.free_kv_tokens())
+        if state != self._snapshot_state or self._snapshot is None:
+            # Rebuilt only when something changed since the last beat (it is immutable).
+            self._snapshot_state = state
+            self._snapshot = WorkerSnapshot(
+                worker_id=self.worker_id,
+                region=self.region,
+                gpu_class=self.gpu_class,
+                vram_gb=self.vram_gb,
+                models_warm=state[0],
+                models_loadable=self.models,
+                queue_depth=state[1],
+                running=state[2],
+                capacity=self.capacity,
+                free_kv_tokens=state[3],
+                healthy=True,
+                price_per_hour=self.price_per_hour,
+            )
+        return self._snapshot
 
     def heartbeats(
         self, orchestrators: tuple[str, ...], interval_s: float, loss: float

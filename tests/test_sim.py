@@ -29,8 +29,15 @@ def test_same_seed_same_bytes(tmp_path: Path) -> None:
     b = write_report(run_scenario(load_scenario(FAILOVER, SHORT)), tmp_path / "b")
     assert a == b
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
-    assert {"records.parquet", "timeseries.parquet", "utilization.parquet", "summary.json",
-            "report.md", "timeseries.png", "latency_cdf.png"} <= set(names)
+    assert {
+        "records.parquet",
+        "timeseries.parquet",
+        "utilization.parquet",
+        "summary.json",
+        "report.md",
+        "timeseries.png",
+        "latency_cdf.png",
+    } <= set(names)
     assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
     for name in names:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -1,0 +1,230 @@
+"""The ``compare``, ``query`` and ``regress`` subcommands of ``haif``.
+
+:func:`add_analysis_commands` registers them on the main parser's
+subparsers object; each sets ``func`` to a function taking the parsed
+arguments and returning an exit code, and raises
+:class:`~haif.configfile.ConfigError` for user errors (the main CLI prints
+those and exits 2). The heavy modules (DuckDB, matplotlib, the simulator)
+are imported when a command runs, so ``haif --help`` stays fast.
+
+::
+
+    haif compare RUN [RUN ...] [--out DIR] [--labels a,b]
+    haif query "SQL" [--runs DIR ...] [--format table|csv|json] [--max-rows N]
+    haif regress --current DIR [--baseline DIR] [--thresholds YAML] [--report PATH] [--exact]
+    haif regress --run-canonical --out DIR [--no-compare] [--baseline DIR] ...
+    haif regress --refresh-baseline [--baseline DIR] [--canonical YAML]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+
+from haif.configfile import ConfigError
+
+if TYPE_CHECKING:
+    from haif.analysis.regress import CanonicalRun
+
+
+def _console() -> Console:
+    """stdout; wide when it is not a terminal, so tables written to files do not wrap."""
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from haif.analysis.compare import (
+        compare_runs,
+        parse_labels,
+        print_comparison,
+        write_comparison,
+    )
+
+    labels = parse_labels(args.labels, len(args.runs))
+    comparison = compare_runs(args.runs, labels)
+    console = _console()
+    print_comparison(comparison, console)
+    paths = write_comparison(comparison, args.out)
+    console.print(f"comparison: {paths[0]}", highlight=False)
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from haif.analysis.query import (
+        DEFAULT_ROOT,
+        discover_runs,
+        resolve_runs,
+        run_query,
+        write_result,
+    )
+
+    if args.runs:
+        runs = resolve_runs(args.runs)
+    else:
+        runs = discover_runs(DEFAULT_ROOT)
+        if not runs:
+            raise ConfigError(
+                f"query: no run folders under {DEFAULT_ROOT}/ (none holds records.parquet); "
+                "give them with --runs DIR"
+            )
+    result = run_query(args.sql, runs)
+    write_result(result, args.format, sys.stdout, max_rows=args.max_rows)
+    return 0
+
+
+def _cmd_regress(args: argparse.Namespace) -> int:
+    from haif.analysis import regress
+
+    modes = [
+        name
+        for name, on in (
+            ("--current", args.current is not None),
+            ("--run-canonical", args.run_canonical),
+            ("--refresh-baseline", args.refresh_baseline),
+        )
+        if on
+    ]
+    if len(modes) != 1:
+        raise ConfigError(
+            "regress: give exactly one of --current DIR, --run-canonical --out DIR "
+            f"or --refresh-baseline (got {', '.join(modes) or 'none'})"
+        )
+    if args.run_canonical and args.out is None:
+        raise ConfigError("regress --run-canonical: give --out DIR for the runs")
+    if args.out is not None and not args.run_canonical:
+        raise ConfigError("regress: --out only goes with --run-canonical")
+    if args.no_compare and not args.run_canonical:
+        raise ConfigError("regress: --no-compare only goes with --run-canonical")
+
+    console = _console()
+    baseline = Path(args.baseline)
+
+    def progress(entry: CanonicalRun, index: int, total: int, seconds: float) -> None:
+        if not args.quiet:
+            console.print(
+                f"[{index + 1}/{total}] {entry.name}: {entry.scenario} "
+                f"(seed {entry.seed}) in {seconds:.1f} s",
+                highlight=False,
+            )
+
+    if args.refresh_baseline:
+        summaries = regress.refresh_baseline(args.canonical, baseline, progress=progress)
+        console.print(f"baseline refreshed: {baseline} ({len(summaries)} scenario(s))")
+        return 0
+
+    if args.run_canonical:
+        current = Path(args.out)
+        regress.run_canonical(args.canonical, current, progress=progress)
+        if args.no_compare:
+            console.print(f"canonical runs written to {current}", highlight=False)
+            return 0
+        if not baseline.is_dir():
+            raise ConfigError(
+                f"{baseline}: no baseline to compare with; create it with "
+                "`haif regress --refresh-baseline` (or pass --no-compare)"
+            )
+    else:
+        current = Path(args.current)
+
+    thresholds_path = Path(args.thresholds)
+    thresholds = regress.load_thresholds(thresholds_path)
+    report = regress.compare_sets(
+        baseline, current, thresholds, thresholds_path=thresholds_path, exact=args.exact
+    )
+    regress.print_report(report, console, verbose=not args.quiet)
+    path = regress.write_markdown(report, args.report or current / "regress.md")
+    console.print(f"report: {path}", highlight=False)
+    return 1 if report.failed else 0
+
+
+def add_analysis_commands(subparsers: Any) -> None:
+    """Register ``compare``, ``query`` and ``regress`` on an argparse subparsers object."""
+    from haif.analysis.query import FORMATS
+    from haif.analysis.regress import DEFAULT_BASELINE, DEFAULT_CANONICAL, DEFAULT_THRESHOLDS
+
+    cmp = subparsers.add_parser(
+        "compare",
+        help="compare run folders side by side",
+        description="Compare run folders (haif sim reports or live records.parquet) "
+        "side by side, with deltas against the first.",
+    )
+    cmp.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holds records.parquet)")
+    cmp.add_argument(
+        "--out",
+        default=str(Path("reports") / "compare"),
+        help="where compare.md and the figures go (default reports/compare)",
+    )
+    cmp.add_argument("--labels", help="comma-separated run labels (default: folder names)")
+    cmp.set_defaults(func=_cmd_compare)
+
+    qry = subparsers.add_parser(
+        "query",
+        help="SQL (DuckDB) over the Parquet files of runs",
+        description="Run SQL over runs: views records / timeseries / utilization (all "
+        "runs, with a run column), <run>_records etc. (one run), and a runs table.",
+    )
+    qry.add_argument("sql", help="the SQL query")
+    qry.add_argument(
+        "--runs",
+        nargs="+",
+        metavar="DIR",
+        help="run folders or folders of runs (default: every subfolder of reports/ "
+        "holding records.parquet)",
+    )
+    qry.add_argument("--format", choices=FORMATS, default="table", help="output (default table)")
+    qry.add_argument(
+        "--max-rows",
+        type=int,
+        default=200,
+        help="rows shown by --format table (default 200; -1 for all)",
+    )
+    qry.set_defaults(func=_cmd_query)
+
+    reg = subparsers.add_parser(
+        "regress",
+        help="check runs against the committed regression baseline",
+        description="Compare runs with a baseline under per-metric thresholds (exit 1 on a "
+        "regression), run the canonical scenario set, or refresh the baseline.",
+    )
+    reg.add_argument(
+        "--baseline",
+        default=str(DEFAULT_BASELINE),
+        help=f"baseline folder (default {DEFAULT_BASELINE})",
+    )
+    reg.add_argument("--current", help="run folder, or folder of runs, to check")
+    reg.add_argument(
+        "--thresholds",
+        default=str(DEFAULT_THRESHOLDS),
+        help=f"thresholds YAML (default {DEFAULT_THRESHOLDS})",
+    )
+    reg.add_argument("--report", help="Markdown report path (default <current>/regress.md)")
+    reg.add_argument(
+        "--run-canonical",
+        action="store_true",
+        help="run the canonical set into --out, then check it against --baseline",
+    )
+    reg.add_argument("--out", help="folder for --run-canonical's runs")
+    reg.add_argument(
+        "--no-compare", action="store_true", help="with --run-canonical: only run the set"
+    )
+    reg.add_argument(
+        "--refresh-baseline",
+        action="store_true",
+        help="rerun the canonical set into --baseline, replacing it (deliberately!)",
+    )
+    reg.add_argument(
+        "--canonical",
+        default=str(DEFAULT_CANONICAL),
+        help=f"canonical scenario set (default {DEFAULT_CANONICAL})",
+    )
+    reg.add_argument(
+        "--exact",
+        action="store_true",
+        help="also require every summary.json to equal the baseline's",
+    )
+    reg.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    reg.set_defaults(func=_cmd_regress)

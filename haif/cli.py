@@ -77,6 +77,25 @@ def _cmd_service(args: argparse.Namespace) -> int:
     return run_service(args.command, args)
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from haif.runtime.services import add_key, revoke_key
+
+    if args.keys_command == "add":
+        key = add_key(args.store, args.tenant, args.name)
+        print(key, flush=True)
+        err_console.print(
+            f"API key for tenant {args.tenant!r} stored (as a hash) in {args.store}; "
+            "this is the only time it is shown.",
+            highlight=False,
+        )
+        return 0
+    if revoke_key(args.store, args.key):
+        err_console.print("key revoked", highlight=False)
+        return 0
+    err_console.print("[bold red]error:[/] no such active key", highlight=False)
+    return 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haif", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -106,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     orch.add_argument("--store", required=True, help="DuckDB file for the metadata store")
     orch.add_argument("--config", help="cluster YAML holding the policy")
     orch.add_argument("--seed", type=int, default=0)
+    orch.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=10.0,
+        help="fail an attempt when its worker sends nothing for this long (default 10)",
+    )
     orch.set_defaults(func=_cmd_service)
 
     worker = sub.add_parser("worker", help="run one worker")
@@ -127,7 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--port", type=int, required=True)
     gw.add_argument("--orchestrator", required=True, help="orchestrator base URL")
     gw.add_argument("--region", default="local")
+    gw.add_argument("--config", help="cluster YAML holding the auth settings")
+    gw.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=15.0,
+        help="give up on the orchestrator when it sends nothing for this long (default 15)",
+    )
+    gw.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long in-flight streams may run on (default 10)",
+    )
     gw.set_defaults(func=_cmd_service)
+
+    keys = sub.add_parser("keys", help="manage API keys in the store")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    add = keys_sub.add_parser("add", help="create an API key; prints it once")
+    add.add_argument("--tenant", required=True, help="the tenant the key acts for")
+    add.add_argument("--name", default="", help="a label for the key")
+    add.add_argument(
+        "--store",
+        default=".haif/store.duckdb",
+        help="DuckDB file or postgresql:// URL (default .haif/store.duckdb)",
+    )
+    add.set_defaults(func=_cmd_keys)
+    revoke = keys_sub.add_parser("revoke", help="revoke an API key")
+    revoke.add_argument("key", help="the key, or its SHA-256 hex digest")
+    revoke.add_argument("--store", default=".haif/store.duckdb")
+    revoke.set_defaults(func=_cmd_keys)
     return parser
 
 

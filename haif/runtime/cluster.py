@@ -3,9 +3,39 @@
 One orchestrator (with the embedded DuckDB store), synthetic workers and a
 gateway, each its own process started as ``python -m haif <service>``. The
 command waits until every service answers ``/healthz``, prints the gateway
-URL and runs until interrupted; then it stops the services (SIGTERM, so the
-orchestrator finishes its store writes) and exports the request records to
+URL and runs until interrupted; then it stops the services one at a time,
+gateway first (SIGTERM: the gateway stops accepting requests and lets
+in-flight streams finish, then the workers, then the orchestrator, which
+finishes its store writes) and exports the request records to
 ``<data-dir>/records.parquet`` in the simulator's schema.
+
+Cluster YAML (every key optional)::
+
+    seed: 0
+    region: local
+    gateway_port: 8080
+    orchestrator_port: 0            # 0: a free port
+    workers:
+      - {id: w1, region: local, capacity: 8, mean_s: 0.05, ttft_s: 0.01}
+    policy:                         # haif.control.config.CoreConfig
+      resume_partial: true          # default true here: resume interrupted streams
+      placement: p2c
+    auth:
+      required: false               # true: every request needs credentials
+      key_cache_s: 5.0              # how long the gateway trusts an API-key lookup
+      jwt:                          # optional; accept JWTs from this issuer
+        issuer: https://issuer.example
+        audience: haif
+        key_file: jwt-public.pem    # PEM public key / certificate (relative to
+                                    # this file), or an HMAC secret in the file
+        # secret: "..."             # or an inline HMAC secret (>= 32 bytes)
+        algorithms: [RS256]
+        tenant_claim: tenant
+        leeway_s: 30
+
+API keys live in the store as SHA-256 digests: ``haif keys add --tenant T
+--store <data-dir>/store.duckdb`` prints a new key once (while the cluster
+is down: DuckDB allows one process per file).
 """
 
 from __future__ import annotations
@@ -20,12 +50,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from haif.configfile import ConfigError, load_model
 from haif.control.config import CoreConfig
+
+if TYPE_CHECKING:
+    from haif.runtime.gateway import GatewayAuth
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 
@@ -46,6 +79,33 @@ class WorkerConfig(_Strict):
     port: Port = 0
 
 
+_DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
+
+
+class JwtSettings(_Strict):
+    """Where bearer JWTs come from (see :class:`haif.runtime.security.JwtConfig`)."""
+
+    issuer: Annotated[str, Field(min_length=1)]
+    audience: Annotated[str, Field(min_length=1)]
+    algorithms: tuple[str, ...] = _DEFAULT_ALGORITHMS
+    key_file: str | None = None
+    secret: str | None = Field(default=None, repr=False)
+    tenant_claim: Annotated[str, Field(min_length=1)] = "tenant"
+    leeway_s: Annotated[float, Field(ge=0)] = 30.0
+
+    @model_validator(mode="after")
+    def _one_key(self) -> JwtSettings:
+        if (self.key_file is None) == (self.secret is None):
+            raise ValueError("give exactly one of key_file and secret")
+        return self
+
+
+class AuthConfig(_Strict):
+    required: bool = False
+    key_cache_s: Annotated[float, Field(ge=0)] = 5.0
+    jwt: JwtSettings | None = None
+
+
 class ClusterConfig(_Strict):
     seed: int = 0
     region: str = "local"
@@ -55,11 +115,62 @@ class ClusterConfig(_Strict):
         WorkerConfig(id="w1", region="local"),
         WorkerConfig(id="w2", region="local"),
     )
-    policy: CoreConfig = CoreConfig()
+    # A live cluster resumes interrupted responses on the next worker.
+    policy: CoreConfig = CoreConfig(resume_partial=True)
+    auth: AuthConfig = AuthConfig()
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _resume_by_default(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {"resume_partial": True, **value}
+        return value
+
+
+def gateway_auth(auth: AuthConfig, base_dir: Path | None = None) -> GatewayAuth:
+    """The gateway's authentication settings; ``ValueError`` names the bad field."""
+    from haif.runtime.gateway import GatewayAuth
+    from haif.runtime.security import JwtConfig
+
+    jwt = None
+    if auth.jwt is not None:
+        s = auth.jwt
+        key: str | bytes
+        if s.key_file is not None:
+            path = Path(s.key_file)
+            if not path.is_absolute() and base_dir is not None:
+                path = base_dir / path
+            try:
+                key = path.read_bytes()
+            except OSError as exc:
+                raise ValueError(f"auth.jwt.key_file: cannot read {path}: {exc.strerror}") from None
+        else:
+            assert s.secret is not None
+            key = s.secret
+        try:
+            jwt = JwtConfig(
+                issuer=s.issuer,
+                audience=s.audience,
+                algorithms=s.algorithms,
+                key=key,
+                tenant_claim=s.tenant_claim,
+                leeway_s=s.leeway_s,
+            )
+        except ValueError as exc:
+            raise ValueError(f"auth.jwt: {exc}") from None
+    return GatewayAuth(required=auth.required, jwt=jwt, key_cache_s=auth.key_cache_s)
+
+
+GATEWAY_SHUTDOWN_S = 10.0
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:
-    return load_model(ClusterConfig, path)
+    config = load_model(ClusterConfig, path)
+    try:
+        gateway_auth(config.auth, Path(path).parent)
+    except ValueError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    return config
 
 
 def free_port() -> int:
@@ -98,7 +209,9 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
 
     def spawn(name: str, args: list[str], url: str) -> None:
         out = (logs / f"{name}.log").open("wb")
-        proc = subprocess.Popen([*py, *args], stdout=out, stderr=subprocess.STDOUT)
+        # Own process group: a Ctrl-C in the terminal reaches only this
+        # process, which then stops the services in order.
+        proc = subprocess.Popen([*py, *args], stdout=out, stderr=subprocess.STDOUT, process_group=0)
         procs.append((name, proc))
         _wait_healthy(url, proc)
 
@@ -110,6 +223,7 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
     try:
         orch_args = [
             "orchestrator",
@@ -163,6 +277,9 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
                 orch_url,
                 "--region",
                 config.region,
+                *(["--config", config_path] if config_path else []),
+                "--shutdown-timeout-s",
+                str(GATEWAY_SHUTDOWN_S),
             ],
             gw_url,
         )
@@ -183,14 +300,16 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     else:
         return_code = 0
     finally:
+        # Gateway first (it drains in-flight streams), then workers, then the
+        # orchestrator, so nothing still running loses the service behind it.
         for _name, proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for _name, proc in procs:
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=GATEWAY_SHUTDOWN_S + 5)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
     if store.exists():
         from haif.runtime.store import DuckDBStore
 

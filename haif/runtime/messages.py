@@ -1,11 +1,21 @@
-"""Runtime-only RPC messages (the core's contracts live in haif.contracts)."""
+"""Runtime-only RPC messages (the core's contracts live in haif.contracts).
+
+Streams (see :mod:`haif.runtime.rpc` for the framing):
+
+- worker ``infer_stream(InferCall)`` -> ``TokenChunk``... then one ``InferEnd``;
+- orchestrator ``submit_stream(Request)`` -> ``TokenChunk``... then one
+  ``SubmitReply`` (the final record, or the core's ``Reject``). The chunks the
+  orchestrator relays form one gap-free, duplicate-free sequence of token
+  indexes across every attempt of the request; the ``SubmitReply`` of a stream
+  carries ``text=""`` (the text is the concatenation of the chunks).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from haif import wire
-from haif.contracts import Reject, RequestRecord, WorkerSnapshot
+from haif.contracts import Reject, Request, RequestRecord, WorkerSnapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,5 +47,73 @@ class SubmitReply:
     reject: Reject | None = None
 
 
-for _cls in (Announce, InferReply, SubmitReply):
+@dataclass(frozen=True, slots=True)
+class InferCall:
+    """Run (or continue) a request on a worker.
+
+    ``resume_tokens`` > 0: the response's first ``resume_tokens`` tokens were
+    already delivered by an earlier attempt; generate from that index on.
+    """
+
+    request: Request
+    resume_tokens: int = 0
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """Consecutive response tokens ``start, start + 1, ...`` as text deltas.
+
+    ``texts[i]`` is the text of token ``start + i`` exactly as it appears in
+    the response (separators included), so concatenating every chunk's texts
+    in order gives the whole response text.
+    """
+
+    start: int
+    texts: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class InferEnd:
+    """The last frame of ``infer_stream``; times are seconds since the worker got the call.
+
+    ``output_tokens`` counts the whole response (resumed tokens included).
+    """
+
+    output_tokens: int
+    ttft_s: float
+    service_s: float
+    cold_start: bool = False
+    cost: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class OrchestratorStatus:
+    """The orchestrator's ``status`` answer (readiness and load).
+
+    ``fresh_workers``: healthy workers whose last heartbeat is younger than the
+    core's ``stale_after_s``; ``models``: what those workers can serve;
+    ``outstanding``: attempts in flight per known worker; ``in_flight``:
+    admitted requests not finalized yet.
+    """
+
+    fresh_workers: tuple[str, ...]
+    models: tuple[str, ...]
+    outstanding: dict[str, int]
+    in_flight: int
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.fresh_workers)
+
+
+for _cls in (
+    Announce,
+    InferReply,
+    SubmitReply,
+    InferCall,
+    TokenChunk,
+    InferEnd,
+    OrchestratorStatus,
+):
     wire.register(_cls)

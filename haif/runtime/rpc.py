@@ -1,5 +1,7 @@
 """msgpack RPC over aiohttp between gateway, orchestrator and workers.
 
+Unary calls
+-----------
 A call is ``POST /rpc/<method>`` whose body is a msgpack envelope::
 
     {"v": 1, "type": method, "id": message id, "trace": traceparent | None,
@@ -8,12 +10,38 @@ A call is ``POST /rpc/<method>`` whose body is a msgpack envelope::
 and whose reply is ``{"ok": true, "body": ...}`` or
 ``{"ok": false, "error": {"code": ..., "message": ...}}``. Every call has a
 timeout, so a dead peer turns into :class:`RpcUnavailable` instead of a hang.
+
+Streaming calls
+---------------
+A streaming method (``infer_stream`` on workers, ``submit_stream`` on the
+orchestrator) takes the same envelope and answers ``200`` with content type
+``application/x-msgpack-stream``: a chunked HTTP body of msgpack maps written
+back to back (msgpack is self-delimiting; the client reads them with
+``msgpack.Unpacker.feed``). Frames:
+
+- ``{"ok": true, "body": <contract>}`` — one item of the stream;
+- ``{"ok": true, "keepalive": true}`` — nothing new yet; sent whenever the
+  handler has produced nothing for ``keepalive_s`` (1 s), so a silent peer is
+  distinguishable from a busy one;
+- ``{"ok": false, "error": {"code", "message"}}`` — the call failed; last frame;
+- ``{"ok": true, "end": true}`` — the stream is complete; last frame.
+
+The client (:meth:`RpcClient.stream`) applies an *idle* timeout between reads
+(``sock_read``): a peer that dies or hangs mid-stream surfaces as
+:class:`RpcUnavailable` (``kind`` ``"disconnected"`` when the connection broke
+or the body ended without an end frame, ``"timeout"`` when nothing arrived in
+time, ``"connect"`` when the peer could not be reached), never as a hang. An
+unknown method or a malformed envelope is answered with a plain unary error
+reply, which the client raises as :class:`RpcError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import aiohttp
@@ -23,7 +51,14 @@ from aiohttp import web
 from haif import wire
 
 CONTENT_TYPE = "application/msgpack"
+STREAM_CONTENT_TYPE = "application/x-msgpack-stream"
 Handler = Callable[[Any], Awaitable[Any]]
+StreamHandler = Callable[[Any], AsyncIterator[Any]]
+#: Largest single frame a stream client accepts.
+MAX_FRAME_BYTES = 16 << 20
+DEFAULT_KEEPALIVE_S = 1.0
+
+log = logging.getLogger("haif.rpc")
 
 
 class RpcError(Exception):
@@ -36,7 +71,16 @@ class RpcError(Exception):
 
 
 class RpcUnavailable(Exception):
-    """The peer could not be reached or did not answer in time."""
+    """The peer could not be reached, broke the connection or did not answer in time.
+
+    ``kind``: ``"connect"`` (never reached), ``"timeout"`` (no answer / idle
+    between stream frames too long) or ``"disconnected"`` (the connection or
+    stream broke after the call was sent).
+    """
+
+    def __init__(self, message: str, kind: str = "connect") -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def _pack(obj: Any) -> bytes:
@@ -44,11 +88,37 @@ def _pack(obj: Any) -> bytes:
     return packed
 
 
+def _kind_of(exc: BaseException) -> str:
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
+        return "connect"
+    if isinstance(exc, TimeoutError):  # ServerTimeoutError, asyncio timeouts
+        return "timeout"
+    return "disconnected"
+
+
+def _raise_error(reply: Mapping[str, Any]) -> None:
+    error = reply.get("error") or {}
+    if not isinstance(error, Mapping):
+        error = {}
+    raise RpcError(str(error.get("code", "error")), str(error.get("message", "")))
+
+
 class RpcClient:
     def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+
+    def _envelope(self, method: str, body: Any, trace: str | None) -> bytes:
+        return _pack(
+            {
+                "v": 1,
+                "type": method,
+                "id": uuid.uuid4().hex,
+                "trace": trace,
+                "body": wire.to_plain(body),
+            }
+        )
 
     async def call(
         self,
@@ -58,24 +128,19 @@ class RpcClient:
         timeout_s: float | None = None,
         trace: str | None = None,
     ) -> Any:
-        envelope = {
-            "v": 1,
-            "type": method,
-            "id": uuid.uuid4().hex,
-            "trace": trace,
-            "body": wire.to_plain(body),
-        }
         timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
         try:
             async with self.session.post(
                 f"{self.base_url}/rpc/{method}",
-                data=_pack(envelope),
+                data=self._envelope(method, body, trace),
                 headers={"Content-Type": CONTENT_TYPE},
                 timeout=timeout,
             ) as resp:
                 payload = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise RpcUnavailable(f"{self.base_url}: {type(exc).__name__}: {exc}") from None
+            raise RpcUnavailable(
+                f"{self.base_url}: {type(exc).__name__}: {exc}", _kind_of(exc)
+            ) from None
         try:
             reply = msgpack.unpackb(payload, raw=False)
         except (msgpack.UnpackException, ValueError):
@@ -83,9 +148,72 @@ class RpcClient:
         if not isinstance(reply, dict):
             raise RpcError("bad_reply", "reply is not a map")
         if not reply.get("ok"):
-            error = reply.get("error") or {}
-            raise RpcError(str(error.get("code", "error")), str(error.get("message", "")))
+            _raise_error(reply)
         return wire.from_plain(reply.get("body"))
+
+    async def stream(
+        self,
+        method: str,
+        body: Any,
+        *,
+        idle_timeout_s: float,
+        connect_timeout_s: float = 5.0,
+        timeout_s: float | None = None,
+        trace: str | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Call a streaming method; yield each decoded item until the end frame.
+
+        Raises :class:`RpcError` on an error frame and :class:`RpcUnavailable`
+        when the peer cannot be reached, stays silent for ``idle_timeout_s``
+        (keepalives count as activity), breaks the connection, ends the body
+        without an end frame, or the whole call exceeds ``timeout_s`` (default:
+        the client's ``timeout_s``). Use it under ``contextlib.aclosing`` so
+        leaving the loop early releases the connection at once.
+        """
+        timeout = aiohttp.ClientTimeout(
+            total=timeout_s or self.timeout_s,
+            sock_connect=connect_timeout_s,
+            sock_read=idle_timeout_s,
+        )
+        url = f"{self.base_url}/rpc/{method}"
+        try:
+            async with self.session.post(
+                url,
+                data=self._envelope(method, body, trace),
+                headers={"Content-Type": CONTENT_TYPE},
+                timeout=timeout,
+            ) as resp:
+                if resp.content_type != STREAM_CONTENT_TYPE:
+                    payload = await resp.read()
+                    try:
+                        reply = msgpack.unpackb(payload, raw=False)
+                    except (msgpack.UnpackException, ValueError):
+                        raise RpcError("bad_reply", f"HTTP {resp.status}, not msgpack") from None
+                    if isinstance(reply, dict) and not reply.get("ok"):
+                        _raise_error(reply)
+                    raise RpcError("bad_reply", f"{method} did not answer with a stream")
+                unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME_BYTES)
+                async for data in resp.content.iter_any():
+                    try:
+                        unpacker.feed(data)
+                        frames = list(unpacker)
+                    except (msgpack.UnpackException, ValueError) as exc:
+                        raise RpcError("bad_reply", f"bad stream frame: {exc}") from None
+                    for frame in frames:
+                        if not isinstance(frame, dict):
+                            raise RpcError("bad_reply", "stream frame is not a map")
+                        if not frame.get("ok"):
+                            _raise_error(frame)
+                        if frame.get("end"):
+                            return
+                        if frame.get("keepalive"):
+                            continue
+                        yield wire.from_plain(frame.get("body"))
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise RpcUnavailable(
+                f"{self.base_url}: {type(exc).__name__}: {exc}", _kind_of(exc)
+            ) from None
+        raise RpcUnavailable(f"{url}: stream ended without an end frame", "disconnected")
 
 
 def _reply(status: int, obj: dict[str, Any]) -> web.Response:
@@ -96,13 +224,57 @@ def error_reply(status: int, code: str, message: str) -> web.Response:
     return _reply(status, {"ok": False, "error": {"code": code, "message": message}})
 
 
-def add_rpc_routes(app: web.Application, handlers: Mapping[str, Handler]) -> None:
-    """Serve ``handlers`` (method name -> coroutine taking the decoded body)."""
+async def with_keepalive(items: AsyncIterator[Any], every_s: float) -> AsyncGenerator[Any, None]:
+    """Yield ``items``, and ``None`` whenever none came for ``every_s`` seconds.
 
-    async def dispatch(request: web.Request) -> web.Response:
+    The pending ``__anext__`` is never cancelled by a keepalive, only when the
+    consumer stops early (then ``items`` is closed too).
+    """
+    pending: asyncio.Future[Any] | None = None
+    try:
+        while True:
+            if pending is None:
+                pending = asyncio.ensure_future(items.__anext__())
+            done, _ = await asyncio.wait({pending}, timeout=every_s)
+            if not done:
+                yield None
+                continue
+            task, pending = pending, None
+            try:
+                item = task.result()
+            except StopAsyncIteration:
+                return
+            yield item
+    finally:
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(BaseException):
+                await pending
+        aclose = getattr(items, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
+
+
+def add_rpc_routes(
+    app: web.Application,
+    handlers: Mapping[str, Handler],
+    streams: Mapping[str, StreamHandler] | None = None,
+    *,
+    keepalive_s: float = DEFAULT_KEEPALIVE_S,
+) -> None:
+    """Serve ``handlers`` (unary) and ``streams`` (streaming) by method name.
+
+    A unary handler is a coroutine taking the decoded body; a streaming
+    handler is an async generator taking it, whose items become frames.
+    """
+    stream_handlers = dict(streams or {})
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
         method = request.match_info["method"]
         handler = handlers.get(method)
-        if handler is None:
+        stream_handler = stream_handlers.get(method)
+        if handler is None and stream_handler is None:
             return error_reply(404, "unknown_method", f"no RPC method {method!r}")
         try:
             envelope = msgpack.unpackb(await request.read(), raw=False)
@@ -111,6 +283,9 @@ def add_rpc_routes(app: web.Application, handlers: Mapping[str, Handler]) -> Non
             body = wire.from_plain(envelope.get("body"))
         except (msgpack.UnpackException, ValueError) as exc:
             return error_reply(400, "bad_request", str(exc))
+        if stream_handler is not None:
+            return await _serve_stream(request, stream_handler(body), keepalive_s)
+        assert handler is not None
         try:
             result = await handler(body)
         except RpcError as exc:
@@ -118,3 +293,34 @@ def add_rpc_routes(app: web.Application, handlers: Mapping[str, Handler]) -> Non
         return _reply(200, {"ok": True, "body": wire.to_plain(result)})
 
     app.router.add_post("/rpc/{method}", dispatch)
+
+
+async def _serve_stream(
+    request: web.Request, items: AsyncIterator[Any], keepalive_s: float
+) -> web.StreamResponse:
+    resp = web.StreamResponse(status=200, headers={"Content-Type": STREAM_CONTENT_TYPE})
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    frames = with_keepalive(items, keepalive_s)
+    try:
+        try:
+            async for item in frames:
+                if item is None:
+                    await resp.write(_pack({"ok": True, "keepalive": True}))
+                else:
+                    await resp.write(_pack({"ok": True, "body": wire.to_plain(item)}))
+            final: dict[str, Any] = {"ok": True, "end": True}
+        except RpcError as exc:
+            final = {"ok": False, "error": {"code": exc.code, "message": exc.message}}
+        except (ConnectionResetError, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            log.exception("stream handler %s failed", request.path)
+            final = {"ok": False, "error": {"code": "internal", "message": type(exc).__name__}}
+        await resp.write(_pack(final))
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the caller went away; the generator is closed below
+    finally:
+        await frames.aclose()
+    return resp

@@ -1,27 +1,50 @@
-"""Run one service (gateway, orchestrator or worker) in this process."""
+"""Run one service (gateway, orchestrator or worker) in this process; manage API keys.
+
+``haif keys add --tenant T [--name N] --store PATH`` creates an API key,
+stores only its SHA-256 digest with the tenant and prints the key once;
+``haif keys revoke KEY --store PATH`` revokes it. ``--store`` is the
+orchestrator's store: a DuckDB file (``<data-dir>/store.duckdb`` of
+``haif up``; DuckDB allows one process per file, so run these while the
+cluster is down) or a ``postgresql://`` URL.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import re
+import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from aiohttp import web
 
-from haif.control.config import CoreConfig
+from haif.configfile import ConfigError
+
+T = TypeVar("T")
+_TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 
 def run_service(kind: str, args: argparse.Namespace) -> int:
+    from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
+
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s"
     )
+    shutdown_timeout = 5.0
     if kind == "orchestrator":
         from haif.runtime import orchestrator
-        from haif.runtime.cluster import load_cluster
         from haif.runtime.store import DuckDBStore
 
-        config = load_cluster(args.config).policy if args.config else CoreConfig()
-        orch = orchestrator.Orchestrator(config, DuckDBStore(Path(args.store)), seed=args.seed)
+        config = load_cluster(args.config).policy if args.config else ClusterConfig().policy
+        orch = orchestrator.Orchestrator(
+            config,
+            DuckDBStore(Path(args.store)),
+            seed=args.seed,
+            idle_timeout_s=args.idle_timeout_s,
+        )
         app = orchestrator.build_app(orch)
     elif kind == "worker":
         from haif.runtime import worker
@@ -42,8 +65,73 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     elif kind == "gateway":
         from haif.runtime import gateway
 
-        app = gateway.build_app(gateway.Gateway(args.orchestrator, args.region))
+        cluster = load_cluster(args.config) if args.config else ClusterConfig()
+        base = Path(args.config).parent if args.config else None
+        try:
+            auth = gateway_auth(cluster.auth, base)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        gw = gateway.Gateway(
+            args.orchestrator, args.region, auth=auth, idle_timeout_s=args.idle_timeout_s
+        )
+        app = gateway.build_app(gw)
+        shutdown_timeout = args.shutdown_timeout_s
     else:
         raise ValueError(f"unknown service {kind!r}")
-    web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=5.0)
+    web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=shutdown_timeout)
     return 0
+
+
+def _check_tenant(tenant: str) -> None:
+    if not _TENANT.fullmatch(tenant) or tenant != tenant.strip():
+        raise ConfigError(
+            f"--tenant {tenant!r}: 1-256 characters, no control characters or outer spaces"
+        )
+
+
+def add_key(store_url: str, tenant: str, name: str = "") -> str:
+    """Create an API key for ``tenant``; store its digest; return the key (shown once)."""
+    from haif.runtime.security import generate_api_key, hash_api_key
+    from haif.runtime.store import open_store
+
+    _check_tenant(tenant)
+
+    async def run() -> str:
+        store = await open_store(store_url)
+        try:
+            key = generate_api_key()
+            if not await store.add_api_key(hash_api_key(key), tenant, name, time.time()):
+                raise ConfigError("key collision; run the command again")
+            return key
+        finally:
+            await store.close()
+
+    return _run_store(run, store_url)
+
+
+def revoke_key(store_url: str, key: str) -> bool:
+    """Revoke ``key`` (the key itself, or its 64-hex digest); True if it was active."""
+    from haif.runtime.security import hash_api_key
+    from haif.runtime.store import open_store
+
+    key_hash = key if re.fullmatch(r"[0-9a-f]{64}", key) else hash_api_key(key)
+
+    async def run() -> bool:
+        store = await open_store(store_url)
+        try:
+            return await store.revoke_api_key(key_hash)
+        finally:
+            await store.close()
+
+    return _run_store(run, store_url)
+
+
+def _run_store(run: Callable[[], Coroutine[Any, Any, T]], store_url: str) -> T:
+    try:
+        return asyncio.run(run())
+    except ConfigError:
+        raise
+    except Exception as exc:  # a locked DuckDB file, a bad URL, PostgreSQL down
+        hint = " (stop the cluster first: DuckDB allows one process per file)"
+        hint = hint if "lock" in str(exc).lower() else ""
+        raise ConfigError(f"store {store_url}: {type(exc).__name__}: {exc}{hint}") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from haif.analysis.cli import add_analysis_commands
 from haif.configfile import ConfigError
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -182,6 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key", help="the key, or its SHA-256 hex digest")
     revoke.add_argument("--store", default=".haif/store.duckdb")
     revoke.set_defaults(func=_cmd_keys)
+
+    add_analysis_commands(sub)
     return parser
 
 

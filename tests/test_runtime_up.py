@@ -136,6 +136,18 @@ def test_bad_requests_get_openai_errors(
         assert body["error"]["param"] == param
 
 
+def test_openai_sdk_without_auth_streams(cluster: Cluster) -> None:
+    """The README's example: auth is off in `haif up`, the SDK still sends a key."""
+    import openai
+
+    client = openai.OpenAI(base_url=f"{cluster.url}/v1", api_key="unused", max_retries=0)
+    chunks = list(
+        client.completions.create(model="llama-3-8b", prompt="hello", max_tokens=6, stream=True)
+    )
+    text = "".join(c.choices[0].text for c in chunks)
+    assert len(text.split()) == 6
+
+
 def test_records_after_shutdown_share_the_simulator_schema(cluster: Cluster) -> None:
     """Defined last: stops the cluster, which exports the store to Parquet."""
     _post(

@@ -36,8 +36,9 @@ keys); positive answers are cached for ``key_cache_s`` seconds, so a revoked
 key stops working within that time. JWTs are verified locally against the
 cluster YAML's ``auth.jwt`` (issuer, audience, key, algorithms). The
 principal's tenant becomes ``Request.tenant``. With ``auth.required: false``
-(the default of ``haif up``) a request without credentials acts as tenant
-``anonymous``; credentials that are sent are always checked. Refusals use
+(the default of ``haif up``) a request without a valid credential acts as
+tenant ``anonymous`` (SDKs always send some key: the OpenAI SDK refuses to
+start without one), and a valid one still sets the tenant. Refusals use
 OpenAI error shapes: 401 (with ``WWW-Authenticate: Bearer``) or 403.
 
 Rate limits
@@ -310,6 +311,8 @@ class Gateway:
                 now=time.time(),
             )
         except AuthError as exc:
+            if not self.auth.required and exc.status == 401:
+                return ANONYMOUS_TENANT
             headers = {}
             if exc.status == 401:
                 headers["WWW-Authenticate"] = (

@@ -17,7 +17,7 @@ import pydantic
 import yaml
 
 M = TypeVar("M", bound=pydantic.BaseModel)
-_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[a-z0-9_]+)*): ")
+_FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.-]+?)*): ")
 
 
 class ConfigError(Exception):

@@ -161,3 +161,36 @@ def test_missing_file_and_bad_yaml(tmp_path: Path) -> None:
 def test_bad_overrides(override: str) -> None:
     with pytest.raises(ConfigError, match="--set"):
         load_scenario(FAILOVER, [override])
+
+
+@pytest.mark.parametrize(
+    ("workers", "workload", "field", "message"),
+    [
+        ("[{region: a, gpu: V100}]", "{}", "workers.0.gpu", "unknown GPU 'V100'"),
+        (
+            "[{region: a, gpu: RTX4090-24G, models: [llama-2-70b]}]",
+            "{}",
+            "workers.0.models",
+            "only served on",
+        ),
+        (
+            "[{region: a, gpu: H100-80G}]",
+            "{models: {gpt-5: 1.0}}",
+            "workload.models.gpt-5",
+            "no worker serves 'gpt-5'",
+        ),
+    ],
+)
+def test_fleet_errors_name_the_field(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    workers: str,
+    workload: str,
+    field: str,
+    message: str,
+) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text(f"name: f\nregions: [a]\nworkers: {workers}\nworkload: {workload}\n")
+    assert main(["sim", str(path), "--out", str(tmp_path / "out"), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert f"{field}: " in err and message in err, err

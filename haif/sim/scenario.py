@@ -296,7 +296,33 @@ class Scenario(_Strict):
         for i, fault in enumerate(self.faults):
             for attr in ("region", "a", "b"):
                 check(f"faults.{i}.{attr}", getattr(fault, attr, None))
+        self._check_fleet()
         return self
+
+    def _check_fleet(self) -> None:
+        """Every profiled worker exists in the catalog, and every model has a server."""
+        from haif.sim.profiles import ModelDoesNotFitError, UnknownProfileError, load_catalog
+
+        catalog = load_catalog() if any(g.gpu for g in self.workers) else None
+        for i, group in enumerate(self.workers):
+            if group.gpu is None:
+                continue
+            assert catalog is not None
+            for model in group.models:
+                try:
+                    catalog.get(group.gpu, model)
+                except UnknownProfileError as exc:
+                    field = "gpu" if group.gpu not in catalog.gpus else "models"
+                    raise ValueError(f"workers.{i}.{field}: {exc}") from None
+                except ModelDoesNotFitError as exc:
+                    raise ValueError(f"workers.{i}.models: {exc}") from None
+        served = {m for g in self.workers for m in g.models}
+        for model in self.workload.models:
+            if model not in served:
+                raise ValueError(
+                    f"workload.models.{model}: no worker serves {model!r} "
+                    f"(the workers serve: {', '.join(sorted(served))})"
+                )
 
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:

@@ -1,4 +1,4 @@
-"""The ``compare``, ``query`` and ``regress`` subcommands of ``haif``.
+"""The ``compare``, ``query``, ``regress`` and ``sweep`` subcommands of ``haif``.
 
 :func:`add_analysis_commands` registers them on the main parser's
 subparsers object; each sets ``func`` to a function taking the parsed
@@ -14,6 +14,8 @@ are imported when a command runs, so ``haif --help`` stays fast.
     haif regress --current DIR [--baseline DIR] [--thresholds YAML] [--report PATH] [--exact]
     haif regress --run-canonical --out DIR [--no-compare] [--baseline DIR] ...
     haif regress --refresh-baseline [--baseline DIR] [--canonical YAML]
+    haif sweep SWEEP.yaml [--out DIR] [--executor local|ray] [--address ADDR]
+               [--workers N] [--resume/--no-resume]
 """
 
 from __future__ import annotations
@@ -141,8 +143,26 @@ def _cmd_regress(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from haif.analysis.sweep import print_sweep, run_sweep
+
+    console = _console()
+    result = run_sweep(
+        args.sweep,
+        args.out,
+        executor=args.executor,
+        workers=args.workers,
+        address=args.address,
+        resume=args.resume,
+        console=console,
+    )
+    print_sweep(result, console)
+    return 1 if result.failed else 0
+
+
 def add_analysis_commands(subparsers: Any) -> None:
-    """Register ``compare``, ``query`` and ``regress`` on an argparse subparsers object."""
+    """Register ``compare``, ``query``, ``regress`` and ``sweep`` on an argparse subparsers
+    object."""
     from haif.analysis.query import FORMATS
     from haif.analysis.regress import DEFAULT_BASELINE, DEFAULT_CANONICAL, DEFAULT_THRESHOLDS
 
@@ -228,3 +248,38 @@ def add_analysis_commands(subparsers: Any) -> None:
     )
     reg.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     reg.set_defaults(func=_cmd_regress)
+
+    swp = subparsers.add_parser(
+        "sweep",
+        help="run scenarios over a grid of overrides and seeds, and aggregate",
+        description="Run every cell (scenario x grid point x seed) of a sweep file, in "
+        "parallel processes or Ray tasks, resuming finished cells; aggregate each metric "
+        "over the seeds (mean, std, 95%% CI) into results.parquet, aggregate.parquet and "
+        "sweep.md. Exit 1 if any cell failed.",
+    )
+    swp.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. sweeps/placement.yaml")
+    swp.add_argument("--out", help="output folder (default reports/sweep-<name>)")
+    swp.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="local: a process pool; ray: Ray tasks (default local)",
+    )
+    swp.add_argument(
+        "--address",
+        help="with --executor ray: the Ray cluster to connect to (default: start a local one)",
+    )
+    swp.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="parallel cells: processes, or the local Ray instance's CPUs "
+        "(default: the number of CPUs)",
+    )
+    swp.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="skip cells whose summary.json exists with the same settings (default: on)",
+    )
+    swp.set_defaults(func=_cmd_sweep)

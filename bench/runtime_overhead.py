@@ -1,0 +1,203 @@
+"""What the runtime adds: gateway -> orchestrator -> worker vs calling the worker directly.
+
+Starts ``haif up`` with one synthetic worker whose service time is ~0, then
+drives an open-loop load (requests sent on a fixed schedule, not waiting for
+answers) at a fixed rate, first straight at the worker's msgpack ``infer``
+RPC, then through the gateway's ``/v1/completions`` (JSON), and reports the
+latency percentiles of both and their difference — the overhead of the
+gateway, the orchestrator's control core and two extra hops. Then it raises
+the rate step by step to find the highest rate the cluster sustains (every
+request answered, p99 under ``--max-p99-ms``).
+
+    .venv/bin/python bench/runtime_overhead.py [--rate 200] [--seconds 10]
+
+A script, not a test: it prints figures (and ``--json PATH`` writes them).
+The load generator runs in this process, on the same 2-core machine as the
+cluster, so the figures include its own cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+
+from haif.contracts import Request
+from haif.runtime.cluster import free_port
+from haif.runtime.messages import InferCall
+from haif.runtime.rpc import RpcClient
+
+MODEL = "llama-3-8b"
+
+
+def _cluster_yaml(worker_port: int, gateway_port: int) -> str:
+    return (
+        f"gateway_port: {gateway_port}\n"
+        "workers:\n"
+        f"  - {{id: w1, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
+        f" port: {worker_port}}}\n"
+    )
+
+
+async def _open_loop(rate: float, seconds: float, send: Any) -> tuple[list[float], int]:
+    """Send at ``rate`` per second for ``seconds``; return latencies (s) and errors."""
+    loop = asyncio.get_running_loop()
+    start = loop.time() + 0.05
+    n = int(rate * seconds)
+    latencies: list[float] = []
+    errors = 0
+
+    async def one(at: float) -> None:
+        nonlocal errors
+        await asyncio.sleep(max(0.0, at - loop.time()))
+        t0 = loop.time()
+        try:
+            await send()
+        except Exception:
+            errors += 1
+            return
+        latencies.append(loop.time() - t0)
+
+    await asyncio.gather(*(one(start + i / rate) for i in range(n)))
+    return latencies, errors
+
+
+def _pcts(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values) * 1000.0
+    if arr.size == 0:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan")}
+    return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
+
+
+async def _measure(args: argparse.Namespace, gateway: str, worker: str) -> dict[str, Any]:
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        rpc = RpcClient(session, worker, timeout_s=30.0)
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
+
+        async def direct() -> None:
+            req = Request(f"b-{uuid.uuid4().hex}", "bench", MODEL, 1, 1, 0.0)
+            await rpc.call("infer", InferCall(req, 0, 1))
+
+        async def via_gateway() -> None:
+            async with session.post(f"{gateway}/v1/completions", json=body) as resp:
+                await resp.read()
+                if resp.status != 200:
+                    raise RuntimeError(f"HTTP {resp.status}")
+
+        # Warm up both paths (connections, first heartbeats).
+        await _open_loop(50, 1.0, direct)
+        await _open_loop(50, 1.0, via_gateway)
+        d_lat, d_err = await _open_loop(args.rate, args.seconds, direct)
+        g_lat, g_err = await _open_loop(args.rate, args.seconds, via_gateway)
+        d, g = _pcts(d_lat), _pcts(g_lat)
+        result: dict[str, Any] = {
+            "rate": args.rate,
+            "seconds": args.seconds,
+            "direct": {**d, "errors": d_err, "n": len(d_lat)},
+            "gateway": {**g, "errors": g_err, "n": len(g_lat)},
+            "added_p50_ms": g["p50_ms"] - d["p50_ms"],
+            "added_p99_ms": g["p99_ms"] - d["p99_ms"],
+        }
+        sustained = 0.0
+        steps = []
+        rate = args.ramp_start
+        while rate <= args.ramp_max:
+            lat, err = await _open_loop(rate, args.ramp_seconds, via_gateway)
+            p = _pcts(lat)
+            ok = err == 0 and p["p99_ms"] <= args.max_p99_ms
+            steps.append({"rate": rate, **p, "errors": err, "ok": ok})
+            print(
+                f"  ramp {rate:6.0f} req/s: p50 {p['p50_ms']:7.2f} ms, "
+                f"p99 {p['p99_ms']:8.2f} ms, errors {err} {'ok' if ok else 'NOT sustained'}",
+                flush=True,
+            )
+            if not ok:
+                break
+            sustained = rate
+            rate *= args.ramp_factor
+        result["ramp"] = steps
+        result["max_sustained_rate"] = sustained
+        return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rate", type=float, default=200.0, help="offered load (req/s)")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--ramp-start", type=float, default=100.0)
+    parser.add_argument("--ramp-factor", type=float, default=1.5)
+    parser.add_argument("--ramp-max", type=float, default=3000.0)
+    parser.add_argument("--ramp-seconds", type=float, default=5.0)
+    parser.add_argument("--max-p99-ms", type=float, default=100.0)
+    parser.add_argument("--json", help="also write the figures here")
+    args = parser.parse_args(argv)
+    gw_port, w_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = Path(tmp) / "cluster.yaml"
+        cfg.write_text(_cluster_yaml(w_port, gw_port))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "haif", "up", str(cfg), "--data-dir", str(Path(tmp) / "d")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            if "haif cluster up" not in line:
+                raise SystemExit(f"cluster did not start: {line}{proc.stdout.read()}")
+            time.sleep(1.5)  # first heartbeats
+            print(f"command: {' '.join([sys.executable, *sys.argv])}")
+            print(
+                f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+                f"Python {platform.python_version()}"
+            )
+            result = asyncio.run(
+                _measure(args, f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}")
+            )
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    d, g = result["direct"], result["gateway"]
+    print(f"offered load {args.rate:.0f} req/s for {args.seconds:.0f} s (open loop):")
+    print(
+        f"  worker directly:     p50 {d['p50_ms']:.2f} ms, p99 {d['p99_ms']:.2f} ms, "
+        f"errors {d['errors']}"
+    )
+    print(
+        f"  through the gateway: p50 {g['p50_ms']:.2f} ms, p99 {g['p99_ms']:.2f} ms, "
+        f"errors {g['errors']}"
+    )
+    print(
+        f"  added by gateway + orchestrator: p50 {result['added_p50_ms']:.2f} ms, "
+        f"p99 {result['added_p99_ms']:.2f} ms"
+    )
+    print(
+        f"highest sustained rate (p99 <= {args.max_p99_ms:.0f} ms, no errors): "
+        f"{result['max_sustained_rate']:.0f} req/s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -11,6 +11,9 @@ from rich.console import Console
 
 from haif.analysis.cli import add_analysis_commands
 from haif.configfile import ConfigError
+from haif.runtime.artifacts_cli import add_artifact_commands
+from haif.runtime.dlq_cli import add_dlq_commands
+from haif.runtime.engines import add_worker_engine_args
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -123,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     orch = sub.add_parser("orchestrator", help="run one orchestrator")
     orch.add_argument("--host", default="127.0.0.1")
     orch.add_argument("--port", type=int, required=True)
-    orch.add_argument("--store", required=True, help="DuckDB file for the metadata store")
+    orch.add_argument(
+        "--store", required=True, help="metadata store: a DuckDB file or a postgresql:// URL"
+    )
     orch.add_argument("--config", help="cluster YAML holding the policy")
     orch.add_argument("--seed", type=int, default=0)
     orch.add_argument(
@@ -146,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--mean-s", type=float, default=0.05, help="synthetic service time")
     worker.add_argument("--ttft-s", type=float, default=0.01)
     worker.add_argument("--heartbeat-s", type=float, default=0.5)
+    add_worker_engine_args(worker)
     worker.set_defaults(func=_cmd_service)
 
     gw = sub.add_parser("gateway", help="run one gateway")
@@ -185,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_cmd_keys)
 
     add_analysis_commands(sub)
+    add_dlq_commands(sub)
+    add_artifact_commands(sub)
     return parser
 
 

@@ -1,13 +1,14 @@
 """``haif up``: a local cluster of processes on loopback.
 
-One orchestrator (with the embedded DuckDB store), synthetic workers and a
+One orchestrator (with its metadata store), synthetic workers and a
 gateway, each its own process started as ``python -m haif <service>``. The
 command waits until every service answers ``/healthz``, prints the gateway
 URL and runs until interrupted; then it stops the services one at a time,
 gateway first (SIGTERM: the gateway stops accepting requests and lets
 in-flight streams finish, then the workers, then the orchestrator, which
 finishes its store writes) and exports the request records to
-``<data-dir>/records.parquet`` in the simulator's schema.
+``<data-dir>/records.parquet`` in the simulator's schema (from either
+store backend).
 
 Cluster YAML (every key optional)::
 
@@ -15,6 +16,14 @@ Cluster YAML (every key optional)::
     region: local
     gateway_port: 8080
     orchestrator_port: 0            # 0: a free port
+    store: postgresql://postgres@127.0.0.1:5432/haif
+                                    # default: <data-dir>/store.duckdb (embedded
+                                    # DuckDB); a plain path is a DuckDB file,
+                                    # relative to this file
+    orchestrator:
+      lease_ttl_s: 30.0             # job lease, renewed every lease_ttl_s / 2
+      reconcile_interval_s: 5.0     # how often leaked reservations are expired
+      evict_after_missed: 3         # heartbeat intervals before a worker is evicted
     workers:
       - {id: w1, region: local, capacity: 8, mean_s: 0.05, ttft_s: 0.01}
     policy:                         # haif.control.config.CoreConfig
@@ -35,13 +44,13 @@ Cluster YAML (every key optional)::
 
 API keys live in the store as SHA-256 digests: ``haif keys add --tenant T
 --store <data-dir>/store.duckdb`` prints a new key once (while the cluster
-is down: DuckDB allows one process per file).
+is down: DuckDB allows one process per file; a PostgreSQL store can be
+changed at any time).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 import socket
 import subprocess
@@ -106,11 +115,21 @@ class AuthConfig(_Strict):
     jwt: JwtSettings | None = None
 
 
+class OrchestratorSettings(_Strict):
+    """The orchestrator's upkeep (see :mod:`haif.runtime.orchestrator`)."""
+
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 30.0
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = 5.0
+    evict_after_missed: Annotated[int, Field(ge=1)] = 3
+
+
 class ClusterConfig(_Strict):
     seed: int = 0
     region: str = "local"
     gateway_port: Port = 8080
     orchestrator_port: Port = 0
+    store: Annotated[str, Field(min_length=1)] | None = None
+    orchestrator: OrchestratorSettings = OrchestratorSettings()
     workers: tuple[WorkerConfig, ...] = (
         WorkerConfig(id="w1", region="local"),
         WorkerConfig(id="w2", region="local"),
@@ -118,6 +137,15 @@ class ClusterConfig(_Strict):
     # A live cluster resumes interrupted responses on the next worker.
     policy: CoreConfig = CoreConfig(resume_partial=True)
     auth: AuthConfig = AuthConfig()
+
+    @field_validator("store")
+    @classmethod
+    def _known_store(cls, value: str | None) -> str | None:
+        if value is not None:
+            from haif.runtime.store import store_backend
+
+            store_backend(value)  # ValueError names the schemes allowed
+        return value
 
     @field_validator("policy", mode="before")
     @classmethod
@@ -173,6 +201,39 @@ def load_cluster(path: str | Path) -> ClusterConfig:
     return config
 
 
+def store_url(config: ClusterConfig, config_path: str | Path | None, data_dir: Path) -> str:
+    """The orchestrator's ``--store``: the YAML's ``store`` or the data dir's DuckDB file.
+
+    A DuckDB path in the YAML is relative to the YAML file.
+    """
+    if config.store is None:
+        return str(data_dir / "store.duckdb")
+    from haif.runtime.store import store_backend
+
+    backend, target = store_backend(config.store)
+    if backend == "duckdb" and target != ":memory:" and config_path is not None:
+        path = Path(target)
+        if not path.is_absolute():
+            return str(Path(config_path).parent / path)
+        return target
+    return config.store
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rpartition("@")[2]
+        user = parts.username or ""
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+    except ValueError:
+        return url
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -198,7 +259,7 @@ def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30
 def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) -> int:
     config = load_cluster(config_path) if config_path else ClusterConfig()
     data_dir.mkdir(parents=True, exist_ok=True)
-    store = data_dir / "store.duckdb"
+    store = store_url(config, config_path, data_dir)
     gw_port = port if port is not None else config.gateway_port
     orch_port = config.orchestrator_port or free_port()
     orch_url = f"http://127.0.0.1:{orch_port}"
@@ -230,7 +291,7 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
             "--port",
             str(orch_port),
             "--store",
-            str(store),
+            store,
             "--seed",
             str(config.seed),
         ]
@@ -310,18 +371,23 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-    if store.exists():
-        from haif.runtime.store import DuckDBStore
+    from haif.runtime.store import open_store, store_backend
+
+    backend, target = store_backend(store)
+    if backend != "duckdb" or Path(target).exists():
 
         async def export() -> int:
-            db = DuckDBStore(store)
+            db = await open_store(store)
             try:
                 await db.export_parquet(data_dir / "records.parquet")
                 return len(await db.records())
             finally:
                 await db.close()
 
-        with contextlib.suppress(Exception):
+        try:
             n = asyncio.run(export())
+        except Exception as exc:
+            print(f"could not export the records of {redact(store)}: {exc}", flush=True)
+        else:
             print(f"{n} request records in {data_dir / 'records.parquet'}", flush=True)
     return return_code

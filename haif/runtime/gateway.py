@@ -49,6 +49,14 @@ or ``..._tokens_per_min``), ``x-ratelimit-remaining-{requests,tokens}: 0``
 and ``x-ratelimit-reset-{requests,tokens}``. Limits and remaining budget
 are not sent: the core's ``Reject`` does not carry them.
 
+Idempotency
+-----------
+``Idempotency-Key`` (1-255 printable ASCII characters) goes to the
+orchestrator with the request, which reserves it per tenant: a resend with
+the same key and body attaches to the running request or replays its stored
+result instead of running it again; the same key with a different body is
+answered 409 ``idempotency_conflict`` (see :mod:`haif.runtime.orchestrator`).
+
 Shutdown: on SIGTERM aiohttp stops listening and closes idle connections
 first, the gateway answers new requests on open connections with 503 and
 ``/readyz`` with 503, and in-flight requests and streams get up to the
@@ -78,6 +86,7 @@ from haif.runtime.security import AuthError, JwtConfig, authenticate
 MAX_BODY_BYTES = 1 << 20
 ANONYMOUS_TENANT = "anonymous"
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _KEY_CACHE_MAX = 10_000
 
 
@@ -146,6 +155,12 @@ _REJECT_TYPES = {
     529: "overloaded",
     409: "conflict",
 }
+
+
+#: Orchestrator errors raised before a request ran, by HTTP status. 409: the
+#: ``Idempotency-Key`` was used with another body (``idempotency_conflict``),
+#: or its request is still running elsewhere (``conflict``).
+_RPC_STATUS = {"conflict": 409, "idempotency_conflict": 409, "bad_request": 400}
 
 
 def _duration(seconds: float) -> str:
@@ -394,6 +409,15 @@ class Gateway:
                 "invalid_value",
                 "x-request-id",
             )
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and not _IDEMPOTENCY_KEY.fullmatch(key):
+            return openai_error(
+                400,
+                "Idempotency-Key must be 1-255 printable ASCII characters",
+                "invalid_request_error",
+                "invalid_value",
+                "Idempotency-Key",
+            )
         req = Request(
             request_id=request_id,
             tenant=tenant,
@@ -405,7 +429,7 @@ class Gateway:
             priority=parsed.priority,
             stream=parsed.stream,
             prompt=prompt,
-            idempotency_key=request.headers.get("Idempotency-Key"),
+            idempotency_key=key,
         )
         return await self._run(request, req, parsed, chat)
 
@@ -444,7 +468,7 @@ class Gateway:
             if sse is not None:
                 await self._stream_error(sse, exc.message, "api_error", exc.code)
                 return sse.resp
-            status = {"conflict": 409, "bad_request": 400}.get(exc.code, 502)
+            status = _RPC_STATUS.get(exc.code, 502)
             kind = "api_error" if status == 502 else "invalid_request_error"
             return openai_error(status, exc.message, kind, exc.code, headers=headers)
         if final is None:

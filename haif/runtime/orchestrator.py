@@ -3,8 +3,9 @@
 :class:`LoopDriver` is the whole difference from the simulator's driver:
 ``loop.time()`` instead of ``env.now`` and ``loop.call_at`` instead of a
 SimPy timeout. :class:`Orchestrator` executes the core's decisions with
-real I/O — msgpack RPC to workers, records and dead letters in the store —
-and answers the gateway when the core finalizes.
+real I/O — msgpack RPC to workers, jobs, usage, records and dead letters in
+the metadata store — and answers the gateway when the core finalizes.
+Every admission, placement, retry and dead-letter decision is the core's.
 
 RPC methods (framing in :mod:`haif.runtime.rpc`)
 -------------------------------------------------
@@ -18,15 +19,72 @@ RPC methods (framing in :mod:`haif.runtime.rpc`)
   digest in the store (unknown and revoked keys answer ``None``).
 - ``status(None) -> OrchestratorStatus``: fresh workers, models, load; the
   gateway's ``/readyz`` is ready when at least one worker is fresh.
-  ``GET /readyz`` answers the same as JSON (503 when no worker is fresh).
+  ``GET /readyz`` answers the same as JSON (503 when no worker is fresh) and
+  ``GET /status`` adds presence: fresh, stale and evicted workers.
+- ``dlq_list(None)``, ``dlq_show(request_id)``, ``dlq_replay(request_id)``:
+  the dead-letter queue (``haif dlq``, :mod:`haif.runtime.dlq_cli`).
+
+Request ids
+-----------
+The id a caller sends (``x-request-id``) is echoed back and is what workers
+see (the synthetic engine derives its text from it). Internally — the core,
+the job row, usage, the record — a request is keyed by an id that is unique
+in the store: the caller's id when it is free, else the caller's id plus a
+random ``~suffix`` (another tenant, or the same one, already used it). So
+two tenants sending the same ``x-request-id`` never share a job or a record,
+and a reused id without an ``Idempotency-Key`` simply runs again.
+
+Idempotent reservations
+-----------------------
+Before the core sees a ``Submit``, the request gets a job row
+(:meth:`MetadataStore.reserve`) holding its tenant, its ``Idempotency-Key``
+(if any) and :func:`request_body_hash`, with a lease (``lease_ttl_s``)
+renewed every ``lease_ttl_s / 2`` while it runs. Keys are scoped per tenant.
+
+- ``created``: the request runs.
+- ``existing``, still running here: the caller is attached to the running
+  request — it receives the tokens relayed so far, then the rest, then the
+  same final reply. A resent request never runs twice.
+- ``existing``, running in another orchestrator (or leaked by one that died):
+  the caller waits for it to finish (then it is replayed) or for its lease
+  to lapse (then the reconciler expires it, the key is released and the
+  request runs here).
+- ``existing``, finished: the stored reply (record, text, refusal) is
+  replayed without running anything.
+- ``conflict`` (same key, different body): ``RpcError("idempotency_conflict")``,
+  which the gateway answers with HTTP 409.
+
+When the core emits ``Finalize`` the orchestrator settles the job with
+:meth:`MetadataStore.finalize` — job done/failed, the reply as the job's
+``result``, one usage row and the record, in one transaction that the store
+makes exactly-once. A request the core *refused* (``status == "rejected"``:
+it never ran) has nothing to bill: its record is written, its job is marked
+``expired`` so its key is released and a resend after ``Retry-After`` runs.
+
+Dead letters
+------------
+``DeadLetter`` decisions are stored with the request as the caller sent it.
+``dlq_replay`` resubmits a stored request through the same path (same
+tenant, a fresh internal id, an idempotency key derived from the entry so a
+double replay runs once) and removes the entry when the replay succeeds; a
+replay that fails again updates the entry instead of adding a second one.
+
+Reconciler and presence
+-----------------------
+Every ``reconcile_interval_s`` (and once at start) the reconciler calls
+:meth:`MetadataStore.expire_reservations` and logs the ids it expired:
+reservations leaked by an orchestrator that died mid-request. A worker whose
+heartbeats stop is evicted (``WorkerGone`` to the core) after
+``evict_after_missed`` of its heartbeat intervals (estimated from the gaps
+between its heartbeats); one that missed a heartbeat is counted as stale.
 
 Streaming and mid-stream failure
 --------------------------------
 Each ``Dispatch`` runs as one task that calls the worker's ``infer_stream``
 with the ``resume_tokens`` the core chose and relays its ``TokenChunk``s to
-the request's ``submit_stream`` caller. The relay keeps, per request, the
-number of tokens already delivered and forwards only the next indexes, so
-the client sees one sequence without gaps or duplicates whichever attempt
+the request's ``submit_stream`` callers. The relay keeps, per request, the
+tokens already delivered and forwards only the next indexes, so every
+caller sees one sequence without gaps or duplicates whichever attempt
 produced it (a chunk that would leave a gap fails the attempt). Reads from
 the worker use an idle timeout (``idle_timeout_s``; the worker sends
 keepalives while queued), so a worker that dies or hangs mid-stream becomes
@@ -43,10 +101,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import random
 import re
-from collections.abc import AsyncGenerator, Callable, Coroutine
+import secrets
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -65,6 +127,7 @@ from haif.contracts import (
     Request,
     RequestRecord,
     Submit,
+    WorkerGone,
     WorkerSnapshot,
 )
 from haif.control.config import CoreConfig
@@ -79,9 +142,43 @@ from haif.runtime.messages import (
     TokenChunk,
 )
 from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable, add_rpc_routes
-from haif.runtime.store import MetadataStore
+from haif.runtime.store import DeadLetterRow, JobRow, JobStatus, MetadataStore, Reservation
+from haif.wire import WireError, decode, encode
 
 log = logging.getLogger("haif.orchestrator")
+
+#: Longest ``Idempotency-Key`` accepted (Stripe's limit).
+MAX_IDEMPOTENCY_KEY = 255
+#: Assumed heartbeat interval of a worker until two heartbeats were seen
+#: (the worker's default ``heartbeat_s``).
+DEFAULT_HEARTBEAT_S = 0.5
+_MIN_HEARTBEAT_S = 0.05
+_PRESENCE_TICK_S = 0.1
+_FOLLOW_POLL_S = 0.05
+_FOLLOW_POLL_MAX_S = 0.5
+_RESERVE_ROUNDS = 5
+
+
+def request_body_hash(request: Request) -> str:
+    """SHA-256 of the canonical request body: what the request asks to run.
+
+    Covers the model (version, adapter), the prompt, the token counts and the
+    priority; leaves out who sent it and when (tenant, ids, arrival,
+    deadline, origin) and how the answer travels (``stream``), so an
+    idempotent resend may switch between streaming and not.
+    """
+    canonical = {
+        "model": request.model,
+        "model_version": request.model_version,
+        "adapter": request.adapter,
+        "prompt": request.prompt,
+        "prompt_tokens": request.prompt_tokens,
+        "max_tokens": request.max_tokens,
+        "priority": request.priority,
+        "prefix_hashes": list(request.prefix_hashes),
+    }
+    blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 class LoopDriver(CoreDriver):
@@ -105,17 +202,48 @@ class LoopDriver(CoreDriver):
         self.loop.call_at(when, fn, when)
 
 
+Frame = TokenChunk | SubmitReply
+
+
 @dataclass
 class _Pending:
-    request: Request
-    future: asyncio.Future[SubmitReply]
-    frames: asyncio.Queue[TokenChunk | SubmitReply] = field(default_factory=asyncio.Queue)
-    listening: bool = True  # a submit_stream caller still reads ``frames``
-    collect: bool = False  # keep the text (unary submit)
-    pieces: list[str] = field(default_factory=list)
-    delivered: int = 0  # response tokens relayed so far, across attempts
+    """One running request and the callers attached to it."""
+
+    request: Request  # as the core sees it (internal request id)
+    client_id: str  # the id its first caller sent; what workers see
+    result: asyncio.Future[SubmitReply]  # the final reply with the whole text
+    texts: list[str] = field(default_factory=list)  # response tokens relayed so far
+    listeners: list[asyncio.Queue[Frame]] = field(default_factory=list)
     attempt: int = 0  # the attempt whose tokens are relayed now
     reject: Reject | None = None
+    final: SubmitReply | None = None  # the last stream frame, once finalized
+    replay_of: DeadLetterRow | None = None  # a dead-letter replay: the entry
+
+    @property
+    def delivered(self) -> int:
+        return len(self.texts)
+
+    def listen(self) -> asyncio.Queue[Frame]:
+        """A queue of this request's frames from token 0 on (late joiners included)."""
+        queue: asyncio.Queue[Frame] = asyncio.Queue()
+        if self.texts:
+            queue.put_nowait(TokenChunk(0, tuple(self.texts)))
+        if self.final is not None:
+            queue.put_nowait(self.final)
+        else:
+            self.listeners.append(queue)
+        return queue
+
+    def unlisten(self, queue: asyncio.Queue[Frame]) -> None:
+        with contextlib.suppress(ValueError):
+            self.listeners.remove(queue)
+
+
+@dataclass
+class _Presence:
+    snapshot: WorkerSnapshot
+    seen: float  # our clock
+    interval: float | None = None  # estimated heartbeat interval
 
 
 class Orchestrator:
@@ -127,20 +255,37 @@ class Orchestrator:
         seed: int = 0,
         rpc_timeout_s: float = 300.0,
         idle_timeout_s: float = 10.0,
+        lease_ttl_s: float = 30.0,
+        reconcile_interval_s: float = 5.0,
+        evict_after_missed: int = 3,
     ) -> None:
         from haif.seeding import derive_rng
 
+        if lease_ttl_s <= 0:
+            raise ValueError(f"lease_ttl_s must be > 0, got {lease_ttl_s}")
+        if reconcile_interval_s <= 0:
+            raise ValueError(f"reconcile_interval_s must be > 0, got {reconcile_interval_s}")
+        if evict_after_missed < 1:
+            raise ValueError(f"evict_after_missed must be >= 1, got {evict_after_missed}")
         self.config = config
         self.store = store
+        self.lease_ttl_s = lease_ttl_s
+        self.reconcile_interval_s = reconcile_interval_s
+        self.evict_after_missed = evict_after_missed
         self._rng: random.Random = derive_rng(seed, "core")
         self._rpc_timeout_s = rpc_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._workers: dict[str, str] = {}  # worker_id -> base URL
-        self._seen: dict[str, tuple[WorkerSnapshot, float]] = {}  # last heartbeat, our clock
-        self._pending: dict[str, _Pending] = {}
+        self._seen: dict[str, _Presence] = {}  # last heartbeat of each present worker
+        self._evicted: set[str] = set()  # evicted and not back since
+        self.evictions = 0  # workers evicted since start
+        self._pending: dict[str, _Pending] = {}  # by internal request id
         self._attempts: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writes: asyncio.Queue[tuple[Decision, Request | None] | None] = asyncio.Queue()
+        self._loops: list[asyncio.Task[None]] = []
+        self._writes: asyncio.Queue[tuple[str, Callable[[], Awaitable[object]]] | None] = (
+            asyncio.Queue()
+        )
         self.driver: LoopDriver | None = None
         self._session: aiohttp.ClientSession | None = None
 
@@ -152,8 +297,13 @@ class Orchestrator:
         # No connection cap: every running attempt holds one worker connection.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         self._spawn(self._writer())
+        for coro in (self._reconciler(), self._lease_renewer(), self._presence_watch()):
+            self._loops.append(asyncio.create_task(coro))
 
     async def stop(self) -> None:
+        for task in self._loops:
+            task.cancel()
+        await asyncio.gather(*self._loops, return_exceptions=True)
         for task in list(self._attempts.values()):
             task.cancel()
         await self._writes.put(None)
@@ -168,54 +318,230 @@ class Orchestrator:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    # ------------------------------------------------------------ RPC handlers
+    # ------------------------------------------------------------ submission
 
-    def _admit(self, body: object, *, collect: bool) -> _Pending:
+    async def _enter(
+        self, body: object, *, replay_of: DeadLetterRow | None = None
+    ) -> _Pending | SubmitReply:
+        """Reserve ``body`` and run it, attach to its running twin, or replay its result."""
         if not isinstance(body, Request):
             raise RpcError("bad_request", "submit expects a Request")
+        key = body.idempotency_key
+        if key is not None and not 0 < len(key) <= MAX_IDEMPOTENCY_KEY:
+            raise RpcError(
+                "bad_request", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters"
+            )
+        digest = request_body_hash(body)
+        for _ in range(_RESERVE_ROUNDS):
+            # Shielded: a caller that leaves now must not leave a job row
+            # without its request (the request runs, as if it had left later).
+            reservation, admitted = await asyncio.shield(self._claim(body, digest, replay_of))
+            if admitted is not None:
+                return admitted
+            if reservation.outcome == "conflict":
+                raise RpcError(
+                    "idempotency_conflict",
+                    f"Idempotency-Key {key!r} was already used with a different request body",
+                )
+            found = await self._follow(reservation.job)
+            if found is not None:
+                return found
+            # The job it matched expired meanwhile: reserving again releases its key.
+        raise RpcError("conflict", f"could not reserve request {body.request_id!r}")
+
+    async def _claim(
+        self, body: Request, digest: str, replay_of: DeadLetterRow | None
+    ) -> tuple[Reservation, _Pending | None]:
+        """Reserve ``body``; admit it to the core if the reservation is new."""
+        rid, reservation = await self._reserve(body, digest)
+        if not reservation.created:
+            return reservation, None
+        return reservation, self._admit(body, rid, replay_of)
+
+    async def _reserve(self, request: Request, digest: str) -> tuple[str, Reservation]:
+        """Reserve a job under a request id unique in the store; return both."""
+        rid = request.request_id
+        key = request.idempotency_key
+        for _ in range(_RESERVE_ROUNDS):
+            now = time.time()
+            job = JobRow(rid, request.tenant, key, digest, expires_s=now + self.lease_ttl_s)
+            try:
+                reservation = await self.store.reserve(job, now)
+            except Exception as exc:
+                log.exception("reserve %s failed", rid)
+                raise RpcError(
+                    "store_unavailable", f"cannot reserve the request: {type(exc).__name__}"
+                ) from None
+            if reservation.created:
+                return rid, reservation
+            found = reservation.job
+            if key is not None and found.tenant == request.tenant and found.idempotency_key == key:
+                return rid, reservation  # the key matched: existing or conflict
+            # The id belongs to another request (another tenant's, or an earlier one).
+            rid = f"{request.request_id}~{secrets.token_hex(4)}"
+        raise RpcError("internal", f"no free request id for {request.request_id!r}")
+
+    async def _follow(self, job: JobRow) -> _Pending | SubmitReply | None:
+        """The running request to attach to, the stored reply, or None (expired)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self._rpc_timeout_s
+        poll = _FOLLOW_POLL_S
+        while True:
+            pending = self._pending.get(job.request_id)
+            if pending is not None:
+                return pending
+            if job.status in ("done", "failed"):
+                return self._stored_reply(job)
+            if job.status == "expired":
+                return None
+            if loop.time() >= give_up:
+                raise RpcError(
+                    "conflict",
+                    f"the request with this Idempotency-Key ({job.request_id}) is still running",
+                )
+            # Running elsewhere, or finished here and not settled in the store yet.
+            await asyncio.sleep(poll)
+            poll = min(_FOLLOW_POLL_MAX_S, poll * 1.5)
+            latest = await self.store.get_job(job.request_id)
+            if latest is None:
+                return None
+            job = latest
+
+    @staticmethod
+    def _stored_reply(job: JobRow) -> SubmitReply:
+        reply: object = None
+        if job.result is not None:
+            with contextlib.suppress(WireError):
+                reply = decode(job.result)
+        if not isinstance(reply, SubmitReply):
+            raise RpcError("conflict", f"request {job.request_id} finished without a stored reply")
+        return reply
+
+    def _admit(self, body: Request, rid: str, replay_of: DeadLetterRow | None) -> _Pending:
         assert self.driver is not None
-        if body.request_id in self._pending:
-            raise RpcError("conflict", f"request {body.request_id} is already running")
         now = self.driver.now()
         # Arrival and deadline on this process's clock.
         deadline = None
         if body.deadline_s is not None:
             deadline = now + max(0.0, body.deadline_s - body.arrival_s)
-        request = replace(body, arrival_s=now, deadline_s=deadline)
+        request = replace(body, request_id=rid, arrival_s=now, deadline_s=deadline)
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
-        pending = _Pending(request, future, collect=collect, listening=not collect)
-        self._pending[request.request_id] = pending
+        pending = _Pending(request, body.request_id, future, replay_of=replay_of)
+        self._pending[rid] = pending
         self.driver.feed(Submit(request))
         return pending
 
-    async def rpc_submit(self, body: object) -> SubmitReply:
-        pending = self._admit(body, collect=True)
-        return await pending.future
+    async def _submit(self, body: object, *, replay_of: DeadLetterRow | None = None) -> SubmitReply:
+        entered = await self._enter(body, replay_of=replay_of)
+        if isinstance(entered, SubmitReply):
+            return entered
+        # Shielded: a caller that leaves must not cancel what other callers await.
+        return await asyncio.shield(entered.result)
 
-    async def rpc_submit_stream(
-        self, body: object
-    ) -> AsyncGenerator[TokenChunk | SubmitReply, None]:
-        pending = self._admit(body, collect=False)
+    async def rpc_submit(self, body: object) -> SubmitReply:
+        return await self._submit(body)
+
+    async def rpc_submit_stream(self, body: object) -> AsyncGenerator[Frame, None]:
+        entered = await self._enter(body)
+        if isinstance(entered, SubmitReply):  # a finished request, replayed
+            if entered.text:
+                yield TokenChunk(0, (entered.text,))
+            yield replace(entered, text="")
+            return
+        pending = entered
+        queue = pending.listen()
         try:
             while True:
-                frame = await pending.frames.get()
+                frame = await queue.get()
                 yield frame
                 if isinstance(frame, SubmitReply):
                     return
         finally:
             # The caller left (or the stream ended): stop queueing frames; the
             # request itself runs to its end and is recorded as usual.
-            pending.listening = False
+            pending.unlisten(queue)
+
+    # ------------------------------------------------------------ presence
 
     async def rpc_heartbeat(self, body: object) -> bool:
         if not isinstance(body, Announce):
             raise RpcError("bad_request", "heartbeat expects an Announce")
         assert self.driver is not None
+        now = self.driver.now()
         wid = body.snapshot.worker_id
         self._workers[wid] = body.url
-        self._seen[wid] = (body.snapshot, self.driver.now())
+        presence = self._seen.get(wid)
+        if presence is None:
+            self._seen[wid] = _Presence(body.snapshot, now)
+            if wid in self._evicted:
+                self._evicted.discard(wid)
+                log.info("worker %s is back after its eviction", wid)
+        else:
+            gap = now - presence.seen
+            if gap > 0:
+                est = presence.interval
+                # A long silence counts at most double, so one stall does not
+                # stretch the estimate for good.
+                presence.interval = gap if est is None else 0.7 * est + 0.3 * min(gap, 2 * est)
+            presence.snapshot, presence.seen = body.snapshot, now
         self.driver.feed(Heartbeat(body.snapshot))
         return True
+
+    def _interval(self, presence: _Presence) -> float:
+        est = presence.interval if presence.interval is not None else DEFAULT_HEARTBEAT_S
+        return max(_MIN_HEARTBEAT_S, est)
+
+    def evict_stale(self) -> list[str]:
+        """Evict workers silent for ``evict_after_missed`` heartbeat intervals."""
+        assert self.driver is not None
+        now = self.driver.now()
+        gone = sorted(
+            wid
+            for wid, p in self._seen.items()
+            if now - p.seen > self.evict_after_missed * self._interval(p)
+        )
+        for wid in gone:
+            p = self._seen.pop(wid)
+            self._evicted.add(wid)
+            self.evictions += 1
+            log.warning(
+                "evicting worker %s: no heartbeat for %.2f s (%d intervals of %.2f s)",
+                wid,
+                now - p.seen,
+                self.evict_after_missed,
+                self._interval(p),
+            )
+            self.driver.feed(WorkerGone(wid))
+        return gone
+
+    async def _presence_watch(self) -> None:
+        while True:
+            await asyncio.sleep(_PRESENCE_TICK_S)
+            try:
+                self.evict_stale()
+            except Exception:
+                log.exception("presence check failed")
+
+    def stale_workers(self) -> list[str]:
+        """Present workers that missed at least one heartbeat (not evicted yet)."""
+        assert self.driver is not None
+        now = self.driver.now()
+        return sorted(
+            wid for wid, p in self._seen.items() if now - p.seen > 1.5 * self._interval(p)
+        )
+
+    def presence(self) -> dict[str, Any]:
+        status = self.status()
+        return {
+            "ready": status.ready,
+            "fresh_workers": list(status.fresh_workers),
+            "stale_workers": self.stale_workers(),
+            "evicted_workers": sorted(self._evicted),
+            "evictions": self.evictions,
+            "in_flight": status.in_flight,
+        }
+
+    # ------------------------------------------------------------ other RPCs
 
     async def rpc_auth_key(self, body: object) -> str | None:
         if not isinstance(body, str) or not _KEY_HASH.fullmatch(body):
@@ -230,14 +556,17 @@ class Orchestrator:
         now = self.driver.now()
         fresh = sorted(
             wid
-            for wid, (snap, seen) in self._seen.items()
-            if snap.healthy and now - seen <= self.config.stale_after_s
+            for wid, p in self._seen.items()
+            if p.snapshot.healthy and now - p.seen <= self.config.stale_after_s
         )
         models = sorted(
             {
                 m
                 for wid in fresh
-                for m in (*self._seen[wid][0].models_warm, *self._seen[wid][0].models_loadable)
+                for m in (
+                    *self._seen[wid].snapshot.models_warm,
+                    *self._seen[wid].snapshot.models_loadable,
+                )
             }
         )
         core = self.driver.core
@@ -248,12 +577,55 @@ class Orchestrator:
             in_flight=core.in_flight(),
         )
 
+    # ------------------------------------------------------------ dead letters
+
+    async def rpc_dlq_list(self, _body: object) -> list[dict[str, Any]]:
+        return [_dead_letter_view(row) for row in await self.store.list_dead_letters()]
+
+    async def rpc_dlq_show(self, body: object) -> dict[str, Any]:
+        return _dead_letter_view(await self._dead_letter(body))
+
+    async def _dead_letter(self, body: object) -> DeadLetterRow:
+        if not isinstance(body, str) or not body:
+            raise RpcError("bad_request", "expected a dead letter's request id")
+        row = await self.store.get_dead_letter(body)
+        if row is None:
+            raise RpcError("not_found", f"no dead letter {body!r}")
+        return row
+
+    async def rpc_dlq_replay(self, body: object) -> dict[str, Any]:
+        """Resubmit a dead letter; remove it from the queue if the replay succeeds."""
+        row = await self._dead_letter(body)
+        # The same entry replayed twice at once runs once; a later replay of
+        # an entry that failed again (its created_s is renewed) runs anew.
+        entry = hashlib.sha256(f"{row.request_id}\0{row.created_s!r}".encode()).hexdigest()
+        key = f"dlq-replay:{entry[:32]}"
+        reply = await self._submit(replace(row.request, idempotency_key=key), replay_of=row)
+        rec = reply.record
+        ok = reply.reject is None and rec.status == "ok"
+        removed = False
+        if ok:
+            removed = await self.store.remove_dead_letter(row.request_id)
+            log.info("dead letter %s replayed as %s", row.request_id, rec.request_id)
+        elif reply.reject is None:
+            # It ran and failed: the entry stays, with the new reason and time.
+            again = DeadLetter(row.request_id, rec.reason or rec.status, rec.attempts)
+            await self.store.add_dead_letter(again, row.request, time.time())
+        return {
+            "request_id": row.request_id,
+            "replayed_as": reply.record.request_id,
+            "ok": ok,
+            "removed": removed,
+            "reply": reply,
+        }
+
     # ------------------------------------------------------------ decisions
 
     def execute(self, decision: Decision) -> None:
         if isinstance(decision, Dispatch):
             key = (decision.request_id, decision.attempt)
             self._attempts[key] = self._spawn(self._attempt(decision))
+            self._write_running(decision.request_id, decision.worker_id)
         elif isinstance(decision, Cancel):
             task = self._attempts.pop((decision.request_id, decision.attempt), None)
             if task is not None:
@@ -262,24 +634,73 @@ class Orchestrator:
             pending = self._pending.get(decision.request_id)
             if pending is not None:
                 pending.reject = decision
-        elif isinstance(decision, Finalize | DeadLetter):
-            pending = self._pending.get(decision_request_id(decision))
-            self._writes.put_nowait((decision, pending.request if pending else None))
-            if isinstance(decision, Finalize):
-                self._resolve(decision.record)
+        elif isinstance(decision, DeadLetter):
+            self._write_dead_letter(decision, self._pending.get(decision.request_id))
+        elif isinstance(decision, Finalize):
+            self._settle(decision.record, self._pending.get(decision.record.request_id))
+            self._resolve(decision.record)
+
+    def _write(self, what: str, op: Callable[[], Awaitable[object]]) -> None:
+        self._writes.put_nowait((what, op))
+
+    def _write_running(self, rid: str, worker_id: str) -> None:
+        now = time.time()
+        self._write(
+            f"job {rid} running",
+            lambda: self.store.set_job_status(
+                rid, "running", now, worker_id, expires_s=now + self.lease_ttl_s
+            ),
+        )
+
+    def _write_dead_letter(self, dead: DeadLetter, pending: _Pending | None) -> None:
+        if pending is None:
+            return
+        request = replace(pending.request, request_id=pending.client_id)
+        if pending.replay_of is not None:
+            # A replay failed again: update its entry rather than add another.
+            dead = replace(dead, request_id=pending.replay_of.request_id)
+            request = pending.replay_of.request
+        now = time.time()
+        self._write(
+            f"dead letter {dead.request_id}",
+            lambda: self.store.add_dead_letter(dead, request, now),
+        )
+
+    def _settle(self, record: RequestRecord, pending: _Pending | None) -> None:
+        rid = record.request_id
+        now = time.time()
+        if record.status == "rejected":
+            # Refused before it ran: nothing to bill; release the job (and its key).
+            async def release() -> None:
+                await self.store.write_record(record)
+                await self.store.set_job_status(rid, "expired", now)
+
+            self._write(f"refused {rid}", release)
+            return
+        text = "".join(pending.texts) if pending is not None else ""
+        reject = pending.reject if pending is not None else None
+        blob = encode(SubmitReply(record, text, reject))
+
+        async def finalize() -> None:
+            if not await self.store.finalize(rid, record, blob, now):
+                log.warning("request %s was already finalized; usage left as it was", rid)
+
+        self._write(f"finalize {rid}", finalize)
 
     def _resolve(self, record: RequestRecord) -> None:
         pending = self._pending.pop(record.request_id, None)
         if pending is None:
             return
-        if pending.listening:
-            pending.frames.put_nowait(SubmitReply(record, "", pending.reject))
-        if not pending.future.done():
-            text = "".join(pending.pieces)
-            pending.future.set_result(SubmitReply(record, text, pending.reject))
+        pending.final = SubmitReply(record, "", pending.reject)
+        for queue in pending.listeners:
+            queue.put_nowait(pending.final)
+        pending.listeners.clear()
+        if not pending.result.done():
+            text = "".join(pending.texts)
+            pending.result.set_result(SubmitReply(record, text, pending.reject))
 
     def _relay(self, pending: _Pending, attempt: int, chunk: TokenChunk) -> None:
-        """Forward the tokens of ``chunk`` the client has not seen yet."""
+        """Forward the tokens of ``chunk`` the callers have not seen yet."""
         if pending.attempt != attempt:
             return  # an attempt the core has moved on from
         if chunk.start > pending.delivered:
@@ -291,11 +712,9 @@ class Orchestrator:
         if not new:
             return
         out = TokenChunk(pending.delivered, tuple(new))
-        pending.delivered += len(new)
-        if pending.collect:
-            pending.pieces.extend(new)
-        if pending.listening:
-            pending.frames.put_nowait(out)
+        pending.texts.extend(new)
+        for queue in pending.listeners:
+            queue.put_nowait(out)
 
     async def _attempt(self, dispatch: Dispatch) -> None:
         assert self.driver is not None and self._session is not None
@@ -311,7 +730,11 @@ class Orchestrator:
             if url is None:
                 raise RpcUnavailable(f"unknown worker {dispatch.worker_id}", "connect")
             client = RpcClient(self._session, url, self._rpc_timeout_s)
-            call = InferCall(pending.request, dispatch.resume_tokens, attempt)
+            # Workers see the caller's request id (see "Request ids" above).
+            request = pending.request
+            if pending.client_id != request.request_id:
+                request = replace(request, request_id=pending.client_id)
+            call = InferCall(request, dispatch.resume_tokens, attempt)
             end: InferEnd | None = None
             frames = client.stream("infer_stream", call, idle_timeout_s=self._idle_timeout_s)
             async with contextlib.aclosing(frames):
@@ -380,18 +803,48 @@ class Orchestrator:
             retryable=retryable,
         )
 
+    # ------------------------------------------------------------ store upkeep
+
     async def _writer(self) -> None:
-        """Persist records and dead letters in decision order, off the hot path."""
+        """Persist jobs, usage, records and dead letters in decision order, off the hot path."""
         while (item := await self._writes.get()) is not None:
-            decision, request = item
+            what, op = item
             try:
-                if isinstance(decision, Finalize):
-                    await self.store.write_record(decision.record)
-                elif isinstance(decision, DeadLetter) and request is not None:
-                    now = self.driver.now() if self.driver else 0.0
-                    await self.store.add_dead_letter(decision, request, now)
+                await op()
             except Exception:  # the store must not take the orchestrator down
-                log.exception("store write failed for %r", decision)
+                log.exception("store write failed: %s", what)
+
+    async def reconcile(self) -> list[str]:
+        """Expire reservations whose lease ended (leaked by a dead orchestrator)."""
+        expired = await self.store.expire_reservations(time.time())
+        if expired:
+            log.warning(
+                "reconciler expired %d leaked reservation(s): %s", len(expired), ", ".join(expired)
+            )
+        return expired
+
+    async def _reconciler(self) -> None:
+        while True:
+            try:
+                await self.reconcile()
+            except Exception:
+                log.exception("reconciler pass failed")
+            await asyncio.sleep(self.reconcile_interval_s)
+
+    async def renew_leases(self) -> None:
+        """Extend the lease of every request still running here."""
+        for rid, pending in list(self._pending.items()):
+            now = time.time()
+            status: JobStatus = "running" if pending.attempt else "reserved"
+            await self.store.set_job_status(rid, status, now, expires_s=now + self.lease_ttl_s)
+
+    async def _lease_renewer(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl_s / 2)
+            try:
+                await self.renew_leases()
+            except Exception:
+                log.exception("lease renewal failed")
 
 
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
@@ -400,6 +853,16 @@ _UNAVAILABLE_ERRORS = {
     "timeout": "timeout",
     "disconnected": "worker_crashed",
 }
+
+
+def _dead_letter_view(row: DeadLetterRow) -> dict[str, Any]:
+    return {
+        "request_id": row.request_id,
+        "reason": row.reason,
+        "attempts": row.attempts,
+        "created_s": row.created_s,
+        "request": row.request,
+    }
 
 
 def decision_request_id(decision: Finalize | DeadLetter) -> str:
@@ -415,6 +878,9 @@ def build_app(orch: Orchestrator) -> web.Application:
             "heartbeat": orch.rpc_heartbeat,
             "auth_key": orch.rpc_auth_key,
             "status": orch.rpc_status,
+            "dlq_list": orch.rpc_dlq_list,
+            "dlq_show": orch.rpc_dlq_show,
+            "dlq_replay": orch.rpc_dlq_replay,
         },
         {"submit_stream": orch.rpc_submit_stream},
     )
@@ -423,15 +889,11 @@ def build_app(orch: Orchestrator) -> web.Application:
         return web.json_response({"ok": True})
 
     async def readyz(_request: web.Request) -> web.Response:
-        status = orch.status()
-        return web.json_response(
-            {
-                "ready": status.ready,
-                "fresh_workers": list(status.fresh_workers),
-                "in_flight": status.in_flight,
-            },
-            status=200 if status.ready else 503,
-        )
+        view = orch.presence()
+        return web.json_response(view, status=200 if view["ready"] else 503)
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response(orch.presence())
 
     async def on_startup(_app: web.Application) -> None:
         await orch.start()
@@ -442,6 +904,7 @@ def build_app(orch: Orchestrator) -> web.Application:
 
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/status", status)
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app

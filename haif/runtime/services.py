@@ -1,5 +1,10 @@
 """Run one service (gateway, orchestrator or worker) in this process; manage API keys.
 
+``haif orchestrator --store`` takes a DuckDB file or a ``postgresql://``
+URL (:func:`haif.runtime.store.open_store`); its ``--config`` cluster YAML
+gives the core's ``policy`` and the ``orchestrator`` settings (leases,
+reconciler, eviction).
+
 ``haif keys add --tenant T [--name N] --store PATH`` creates an API key,
 stores only its SHA-256 digest with the tenant and prints the key once;
 ``haif keys revoke KEY --store PATH`` revokes it. ``--store`` is the
@@ -15,13 +20,16 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from haif.configfile import ConfigError
+
+if TYPE_CHECKING:
+    from haif.runtime.cluster import ClusterConfig
 
 T = TypeVar("T")
 _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -34,34 +42,14 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         level=logging.INFO, format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s"
     )
     shutdown_timeout = 5.0
+    app: web.Application | Awaitable[web.Application]
     if kind == "orchestrator":
-        from haif.runtime import orchestrator
-        from haif.runtime.store import DuckDBStore
-
-        config = load_cluster(args.config).policy if args.config else ClusterConfig().policy
-        orch = orchestrator.Orchestrator(
-            config,
-            DuckDBStore(Path(args.store)),
-            seed=args.seed,
-            idle_timeout_s=args.idle_timeout_s,
-        )
-        app = orchestrator.build_app(orch)
+        cluster = load_cluster(args.config) if args.config else ClusterConfig()
+        app = _orchestrator_app(cluster, args)
     elif kind == "worker":
         from haif.runtime import worker
 
-        spec = worker.WorkerSpec(
-            worker_id=args.worker_id,
-            region=args.region,
-            url=f"http://{args.host}:{args.port}",
-            orchestrator_url=args.orchestrator,
-            gpu_class=args.gpu_class,
-            capacity=args.capacity,
-            models=tuple(m for m in args.models.split(",") if m),
-            mean_s=args.mean_s,
-            ttft_s=args.ttft_s,
-            heartbeat_s=args.heartbeat_s,
-        )
-        app = worker.build_app(worker.Worker(spec))
+        return worker.run_worker(args)
     elif kind == "gateway":
         from haif.runtime import gateway
 
@@ -80,6 +68,44 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         raise ValueError(f"unknown service {kind!r}")
     web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=shutdown_timeout)
     return 0
+
+
+async def _orchestrator_app(cluster: ClusterConfig, args: argparse.Namespace) -> web.Application:
+    """The orchestrator's app on the store ``args.store`` names (opened on the app's loop)."""
+    from haif.runtime import orchestrator
+    from haif.runtime.store import open_store
+
+    try:
+        store = await open_store(args.store)
+    except Exception as exc:
+        hint = (
+            "another process holds the file, another orchestrator or a `haif keys` "
+            "command: DuckDB allows one process per file; use PostgreSQL to share a store"
+        )
+        raise ConfigError(store_error(args.store, exc, hint)) from None
+    settings = cluster.orchestrator
+    orch = orchestrator.Orchestrator(
+        cluster.policy,
+        store,
+        seed=args.seed,
+        idle_timeout_s=args.idle_timeout_s,
+        lease_ttl_s=settings.lease_ttl_s,
+        reconcile_interval_s=settings.reconcile_interval_s,
+        evict_after_missed=settings.evict_after_missed,
+    )
+    return orchestrator.build_app(orch)
+
+
+def store_error(
+    store_url: str,
+    exc: BaseException,
+    lock_hint: str = "stop the cluster first: DuckDB allows one process per file",
+) -> str:
+    """A message for a store that cannot be opened (a locked DuckDB file, a bad URL, ...)."""
+    from haif.runtime.cluster import redact
+
+    hint = f" ({lock_hint})" if "lock" in str(exc).lower() else ""
+    return f"store {redact(store_url)}: {type(exc).__name__}: {exc}{hint}"
 
 
 def _check_tenant(tenant: str) -> None:
@@ -132,6 +158,4 @@ def _run_store(run: Callable[[], Coroutine[Any, Any, T]], store_url: str) -> T:
     except ConfigError:
         raise
     except Exception as exc:  # a locked DuckDB file, a bad URL, PostgreSQL down
-        hint = " (stop the cluster first: DuckDB allows one process per file)"
-        hint = hint if "lock" in str(exc).lower() else ""
-        raise ConfigError(f"store {store_url}: {type(exc).__name__}: {exc}{hint}") from None
+        raise ConfigError(store_error(store_url, exc)) from None

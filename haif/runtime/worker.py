@@ -6,6 +6,8 @@ An engine is anything with ``stream(request, start) -> AsyncIterator[TokenChunk]
 (:class:`Engine`): it yields the response's tokens from index ``start`` on,
 in order, as :class:`~haif.runtime.messages.TokenChunk` text deltas. The
 worker wraps it with queueing (``capacity`` slots), accounting and the RPC.
+The engines (synthetic, transformers, vLLM, OpenAI upstream) live in
+:mod:`haif.runtime.engines`; :class:`SyntheticEngine` is re-exported here.
 
 :class:`SyntheticEngine` yields deterministic tokens timed like the
 simulator's service model: the first token ``ttft_s`` after the call (the
@@ -15,36 +17,68 @@ request depends only on the request id and ``i`` â€” the same on every worker â€
 so a response resumed on another worker continues exactly where the first
 one stopped.
 
+Readiness
+---------
+An engine that loads a model (:class:`~haif.runtime.engines.ManagedEngine`)
+is loaded in :meth:`Worker.start`, before the first heartbeat: a model whose
+artifact does not verify (signature or digest) is never announced, and the
+worker process exits non-zero (:func:`run_worker`).
+
 RPC
 ---
 ``infer_stream(InferCall)`` streams ``TokenChunk`` frames then one
 ``InferEnd`` (framing in :mod:`haif.runtime.rpc`; keepalives while queued or
-in prefill). ``infer(Request | InferCall)`` is the unary form returning an
+in prefill). ``InferEnd.output_tokens`` is the length of the response the
+engine produced (``max_tokens`` unless it stopped early, as an upstream
+server may). ``infer(Request | InferCall)`` is the unary form returning an
 ``InferReply`` with the whole text. If the caller goes away mid-stream the
 generation stops and the slot is released.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
-import hashlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+import sys
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import aiohttp
 from aiohttp import web
 
 from haif.contracts import Request, WorkerSnapshot
+from haif.runtime.artifacts import ArtifactError, ModelCacheFull
+from haif.runtime.engines import (
+    MAX_CHUNK_TOKENS,
+    Engine,
+    EngineError,
+    ManagedEngine,
+    SyntheticEngine,
+    add_worker_engine_args,
+    engine_from_args,
+    synthetic_piece,
+    synthetic_token,
+)
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
 from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable, add_rpc_routes
 
-log = logging.getLogger("haif.worker")
+__all__ = [
+    "MAX_CHUNK_TOKENS",
+    "Engine",
+    "SyntheticEngine",
+    "Worker",
+    "WorkerSpec",
+    "build_app",
+    "main",
+    "run_worker",
+    "synthetic_piece",
+    "synthetic_token",
+    "worker_from_args",
+]
 
-#: Most tokens one frame carries (tokens due at the same instant are batched).
-MAX_CHUNK_TOKENS = 256
+log = logging.getLogger("haif.worker")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,77 +96,6 @@ class WorkerSpec:
     price_per_hour: float = 2.21
 
 
-class Engine(Protocol):
-    """What a worker hosts: a token stream for a request, from a token index on."""
-
-    def stream(self, request: Request, start: int = 0) -> AsyncIterator[TokenChunk]: ...
-
-
-def _seed(request_id: str) -> bytes:
-    return hashlib.sha256(request_id.encode()).digest()
-
-
-def synthetic_token(seed: bytes, index: int) -> str:
-    return f"tok{seed[index % len(seed)] + index}"
-
-
-def synthetic_piece(seed: bytes, index: int) -> str:
-    """Token ``index`` as it appears in the text (space-separated tokens)."""
-    token = synthetic_token(seed, index)
-    return token if index == 0 else " " + token
-
-
-class SyntheticEngine:
-    """Deterministic text, timed by a fixed service model."""
-
-    def __init__(self, mean_s: float, ttft_s: float) -> None:
-        self.mean_s = mean_s
-        self.ttft_s = min(ttft_s, mean_s)
-
-    @staticmethod
-    def tokens(request: Request) -> list[str]:
-        seed = _seed(request.request_id)
-        return [synthetic_token(seed, i) for i in range(request.max_tokens)]
-
-    @staticmethod
-    def text(request: Request) -> str:
-        """The whole response text (what the concatenated stream must equal)."""
-        return " ".join(SyntheticEngine.tokens(request))
-
-    async def stream(self, request: Request, start: int = 0) -> AsyncGenerator[TokenChunk, None]:
-        """Tokens ``start..max_tokens-1``: the first after ``ttft_s``, then evenly paced."""
-        n = request.max_tokens
-        if start >= n:
-            return
-        seed = _seed(request.request_id)
-        loop = asyncio.get_running_loop()
-        t0 = loop.time()
-        step = (self.mean_s - self.ttft_s) / max(1, n - 1)
-        i = start
-        while i < n:
-            due = t0 + self.ttft_s + (i - start) * step
-            now = loop.time()
-            if now < due:
-                await asyncio.sleep(due - now)
-                now = loop.time()
-            late = int((now - due) / step) if step > 0 else n
-            j = min(n, i + 1 + late, i + MAX_CHUNK_TOKENS)
-            yield TokenChunk(i, tuple(synthetic_piece(seed, k) for k in range(i, j)))
-            i = j
-
-    async def generate(self, request: Request) -> tuple[str, float, float]:
-        """Return (text, ttft_s, service_s) after the modelled service time."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        ttft: float | None = None
-        pieces: list[str] = []
-        async for chunk in self.stream(request):
-            if ttft is None:
-                ttft = loop.time() - start
-            pieces.extend(chunk.texts)
-        return "".join(pieces), ttft or 0.0, loop.time() - start
-
-
 class Worker:
     def __init__(self, spec: WorkerSpec, engine: Engine | None = None) -> None:
         self.spec = spec
@@ -142,6 +105,7 @@ class Worker:
         self._running = 0
         self._session: aiohttp.ClientSession | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self.ready = False
 
     def snapshot(self) -> WorkerSnapshot:
         s = self.spec
@@ -181,11 +145,13 @@ class Worker:
             self._waiting -= 1
         self._running += 1
         first: float | None = None
+        produced = call.resume_tokens
         try:
             started = loop.time()
             async for chunk in self.engine.stream(request, call.resume_tokens):
                 if first is None:
                     first = loop.time()
+                produced = max(produced, chunk.start + len(chunk.texts))
                 yield chunk
             finished = loop.time()
         finally:
@@ -194,7 +160,7 @@ class Worker:
         service = finished - started
         cost = service * self.spec.price_per_hour / 3600.0 / self.spec.capacity
         yield InferEnd(
-            output_tokens=request.max_tokens,
+            output_tokens=min(produced, request.max_tokens),
             ttft_s=(first if first is not None else finished) - received,
             service_s=finished - received,
             cost=cost,
@@ -229,16 +195,35 @@ class Worker:
             await asyncio.sleep(self.spec.heartbeat_s)
 
     async def start(self) -> None:
+        """Load the engine's model (verifying its artifact), then start heartbeating.
+
+        A failed load is logged and re-raised: nothing is announced.
+        """
+        if isinstance(self.engine, ManagedEngine):
+            try:
+                await self.engine.load()
+            except Exception as exc:
+                log.error(
+                    "worker %s: engine failed to load; not announcing %s: %s",
+                    self.spec.worker_id,
+                    ",".join(self.spec.models),
+                    exc,
+                )
+                raise
+        self.ready = True
         self._session = aiohttp.ClientSession()
         self._heartbeat_task = asyncio.create_task(self._heartbeats())
 
     async def stop(self) -> None:
+        self.ready = False
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat_task
         if self._session is not None:
             await self._session.close()
+        if isinstance(self.engine, ManagedEngine):
+            await self.engine.close()
 
 
 def build_app(worker: Worker) -> web.Application:
@@ -246,7 +231,14 @@ def build_app(worker: Worker) -> web.Application:
     add_rpc_routes(app, {"infer": worker.rpc_infer}, {"infer_stream": worker.rpc_infer_stream})
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"ok": True, "worker_id": worker.spec.worker_id})
+        return web.json_response(
+            {
+                "ok": True,
+                "worker_id": worker.spec.worker_id,
+                "engine": type(worker.engine).__name__,
+                "ready": worker.ready,
+            }
+        )
 
     async def on_startup(_app: web.Application) -> None:
         await worker.start()
@@ -258,3 +250,74 @@ def build_app(worker: Worker) -> web.Application:
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+# --------------------------------------------------------------- entry points
+
+
+def worker_from_args(args: argparse.Namespace) -> Worker:
+    """The worker ``haif worker`` describes (engine options: :func:`add_worker_engine_args`)."""
+    spec = WorkerSpec(
+        worker_id=args.worker_id,
+        region=args.region,
+        url=f"http://{args.host}:{args.port}",
+        orchestrator_url=args.orchestrator,
+        gpu_class=args.gpu_class,
+        capacity=args.capacity,
+        models=tuple(m for m in args.models.split(",") if m),
+        mean_s=args.mean_s,
+        ttft_s=args.ttft_s,
+        heartbeat_s=args.heartbeat_s,
+    )
+    return Worker(spec, engine_from_args(args))
+
+
+def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
+    """Serve a worker until stopped; 1 (logged) if its engine cannot be built or loaded."""
+    try:
+        worker = worker_from_args(args)
+        web.run_app(
+            build_app(worker),
+            host=args.host,
+            port=args.port,
+            print=None,
+            shutdown_timeout=shutdown_timeout,
+        )
+    except (ArtifactError, EngineError, ModelCacheFull) as exc:
+        log.error("worker %s not started: %s", getattr(args, "worker_id", "?"), exc)
+        return 1
+    return 0
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    """The options of ``haif worker`` (as in haif/cli.py) plus the engine options."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--id", required=True, dest="worker_id")
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--orchestrator", required=True, help="orchestrator base URL")
+    parser.add_argument("--gpu-class", default="A100-80G")
+    parser.add_argument("--capacity", type=int, default=8)
+    parser.add_argument("--models", default="llama-3-8b", help="comma-separated")
+    parser.add_argument("--mean-s", type=float, default=0.05, help="synthetic service time")
+    parser.add_argument("--ttft-s", type=float, default=0.01)
+    parser.add_argument("--heartbeat-s", type=float, default=0.5)
+    add_worker_engine_args(parser)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m haif.runtime.worker``: one worker with any engine."""
+    parser = argparse.ArgumentParser(
+        prog="python -m haif.runtime.worker",
+        description="Run one HAIF worker with any engine (synthetic, transformers, vllm, openai).",
+    )
+    add_worker_args(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
+    )
+    return run_worker(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,9 +43,9 @@ from haif.runtime.rpc import RpcClient
 MODEL = "llama-3-8b"
 
 
-def _cluster_yaml(worker_port: int, gateway_port: int) -> str:
+def _cluster_yaml(worker_port: int, gateway_port: int, store: str | None) -> str:
     return (
-        f"gateway_port: {gateway_port}\n"
+        (f"store: {store}\n" if store else "") + f"gateway_port: {gateway_port}\n"
         "workers:\n"
         f"  - {{id: w1, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
         f" port: {worker_port}}}\n"
@@ -143,12 +143,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ramp-max", type=float, default=3000.0)
     parser.add_argument("--ramp-seconds", type=float, default=5.0)
     parser.add_argument("--max-p99-ms", type=float, default=100.0)
+    parser.add_argument(
+        "--store", help="metadata store URL (default: the embedded DuckDB file of haif up)"
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.yaml"
-        cfg.write_text(_cluster_yaml(w_port, gw_port))
+        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store))
         proc = subprocess.Popen(
             [sys.executable, "-m", "haif", "up", str(cfg), "--data-dir", str(Path(tmp) / "d")],
             stdout=subprocess.PIPE,

@@ -285,8 +285,5 @@ async def test_rate_limited_tenant_gets_retry_after(
     assert status == 200, body
 
 
-async def test_tenant_cannot_replay_another_tenants_idempotent_request() -> None:
-    pytest.skip(
-        "Idempotency-Key replay is not implemented in the runtime yet (the orchestrator "
-        "does not reserve jobs in the store), so there is no replay to isolate"
-    )
+# Tenant isolation of Idempotency-Key replay and of request ids is tested in
+# tests/test_runtime_reliability.py::test_keys_and_request_ids_are_per_tenant.

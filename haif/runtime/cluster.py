@@ -59,7 +59,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -86,6 +86,41 @@ class WorkerConfig(_Strict):
     ttft_s: Annotated[float, Field(ge=0)] = 0.01
     heartbeat_s: Annotated[float, Field(gt=0)] = 0.5
     port: Port = 0
+    # The engine (see haif.runtime.engines): synthetic (default), transformers,
+    # vllm or openai. Paths are relative to the cluster YAML.
+    engine: Literal["synthetic", "transformers", "vllm", "openai"] = "synthetic"
+    artifact_store: str | None = None
+    model_ref: str | None = None  # NAME:VERSION in the artifact store
+    keyring: str | None = None  # directory of trusted *.pub signing keys
+    device: str = "auto"
+    upstream_url: str | None = None
+    upstream_model: str | None = None
+
+    @model_validator(mode="after")
+    def _engine_settings(self) -> WorkerConfig:
+        if self.engine in ("transformers", "vllm"):
+            for name in ("artifact_store", "model_ref", "keyring"):
+                if getattr(self, name) is None:
+                    raise ValueError(f"{name}: required by engine {self.engine!r}")
+        if self.engine == "openai" and not (self.upstream_url and self.upstream_model):
+            raise ValueError("upstream_url: engine 'openai' needs upstream_url and upstream_model")
+        return self
+
+    def engine_args(self, base: Path | None) -> list[str]:
+        """Command-line options of ``haif worker`` for this engine."""
+        args = ["--engine", self.engine]
+        for name in ("artifact_store", "keyring"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value) if base is None else base / value
+                args += [f"--{name.replace('_', '-')}", str(path)]
+        if self.model_ref:
+            args += ["--model-ref", self.model_ref]
+        if self.engine == "transformers":
+            args += ["--device", self.device]
+        if self.upstream_url and self.upstream_model:
+            args += ["--upstream-url", self.upstream_url, "--upstream-model", self.upstream_model]
+        return args
 
 
 _DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
@@ -324,6 +359,7 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
                     str(w.ttft_s),
                     "--heartbeat-s",
                     str(w.heartbeat_s),
+                    *w.engine_args(Path(config_path).resolve().parent if config_path else None),
                 ],
                 f"http://127.0.0.1:{wport}",
             )

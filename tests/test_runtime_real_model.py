@@ -1,0 +1,86 @@
+"""`haif up` serving a real (tiny, locally built) transformers model from a signed artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from haif.configfile import ConfigError
+from haif.runtime.cluster import free_port, load_cluster
+
+
+def test_engine_settings_are_validated(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("workers: [{id: w, region: r, engine: transformers}]\n")
+    with pytest.raises(ConfigError, match=r"workers\.0\.artifact_store: required"):
+        load_cluster(path)
+    path.write_text("workers: [{id: w, region: r, engine: tensorflow}]\n")
+    with pytest.raises(ConfigError, match=r"workers\.0\.engine"):
+        load_cluster(path)
+
+
+def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+    haif = [sys.executable, "-m", "haif"]
+    subprocess.run(
+        [*haif, "artifacts", "make-tiny", "--store", "art", "--key", "keys/cluster.key"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    (tmp_path / "cluster.yaml").write_text(
+        f"gateway_port: {port}\n"
+        "workers:\n"
+        "  - {id: t1, region: local, models: [tiny-gpt2], engine: transformers,\n"
+        "     artifact_store: art, model_ref: 'tiny-gpt2:1', keyring: keys, capacity: 2}\n"
+    )
+    proc = subprocess.Popen(
+        [*haif, "up", "cluster.yaml", "--data-dir", "d"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "haif cluster up" in line, line + proc.stdout.read()
+        body = json.dumps({"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 8}).encode()
+        answer = None
+        for _ in range(50):  # the first heartbeat follows the model load
+            req = urllib.request.Request(
+                f"http://127.0.0.1:{port}/v1/completions",
+                data=body,
+                headers={"Content-Type": "application/json"},
+            )
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    answer = json.loads(resp.read())
+                    break
+            except urllib.error.HTTPError:
+                import time
+
+                time.sleep(0.2)
+        assert answer is not None
+        assert answer["usage"]["completion_tokens"] == 8
+        assert answer["choices"][0]["text"].strip()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)

@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -75,8 +77,6 @@ def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
                     answer = json.loads(resp.read())
                     break
             except urllib.error.HTTPError:
-                import time
-
                 time.sleep(0.2)
         assert answer is not None
         assert answer["usage"]["completion_tokens"] == 8

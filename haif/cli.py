@@ -13,7 +13,7 @@ from haif.analysis.cli import add_analysis_commands
 from haif.configfile import ConfigError
 from haif.runtime.artifacts_cli import add_artifact_commands
 from haif.runtime.dlq_cli import add_dlq_commands
-from haif.runtime.engines import add_worker_engine_args
+from haif.runtime.worker import add_worker_args
 
 err_console = Console(stderr=True, soft_wrap=True)
 
@@ -140,18 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     orch.set_defaults(func=_cmd_service)
 
     worker = sub.add_parser("worker", help="run one worker")
-    worker.add_argument("--host", default="127.0.0.1")
-    worker.add_argument("--port", type=int, required=True)
-    worker.add_argument("--id", required=True, dest="worker_id")
-    worker.add_argument("--region", required=True)
-    worker.add_argument("--orchestrator", required=True, help="orchestrator base URL")
-    worker.add_argument("--gpu-class", default="A100-80G")
-    worker.add_argument("--capacity", type=int, default=8)
-    worker.add_argument("--models", default="llama-3-8b", help="comma-separated")
-    worker.add_argument("--mean-s", type=float, default=0.05, help="synthetic service time")
-    worker.add_argument("--ttft-s", type=float, default=0.01)
-    worker.add_argument("--heartbeat-s", type=float, default=0.5)
-    add_worker_engine_args(worker)
+    add_worker_args(worker)
     worker.set_defaults(func=_cmd_service)
 
     gw = sub.add_parser("gateway", help="run one gateway")

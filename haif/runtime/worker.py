@@ -290,7 +290,7 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
 
 
 def add_worker_args(parser: argparse.ArgumentParser) -> None:
-    """The options of ``haif worker`` (as in haif/cli.py) plus the engine options."""
+    """The options of ``haif worker`` (and ``python -m haif.runtime.worker``)."""
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--id", required=True, dest="worker_id")

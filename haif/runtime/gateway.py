@@ -3,7 +3,9 @@
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``GET /v1/models``, ``GET /healthz`` (the process is up) and ``GET /readyz``
 (ready: not draining, the orchestrator answers and knows at least one fresh
-worker; 503 otherwise). The body is validated with pydantic, turned into a
+worker; 503 otherwise); ``GET /metrics`` (Prometheus; every request
+runs in an OpenTelemetry span whose W3C ``traceparent`` is returned: see
+:mod:`haif.runtime.telemetry`). The body is validated with pydantic, turned into a
 :class:`~haif.contracts.Request` and submitted with the orchestrator's
 streaming ``submit_stream`` RPC; every decision (quota, placement, retry) is
 the control core's, the gateway only maps it to HTTP.
@@ -67,6 +69,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import re
 import time
@@ -79,6 +82,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from haif.contracts import Reject, Request, RequestRecord
+from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable
 from haif.runtime.security import AuthError, JwtConfig, authenticate
@@ -88,6 +92,8 @@ ANONYMOUS_TENANT = "anonymous"
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _KEY_CACHE_MAX = 10_000
+
+log = logging.getLogger("haif.gateway")
 
 
 class StreamOptions(BaseModel):
@@ -280,6 +286,7 @@ class Gateway:
         self.draining = False
         self._session: aiohttp.ClientSession | None = None
         self._key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
+        self.metrics = telemetry.GatewayMetrics()
 
     async def start(self) -> None:
         # No connection cap: every open stream holds one connection.
@@ -387,6 +394,7 @@ class Gateway:
         return None
 
     async def _complete(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        arrived = time.perf_counter()
         if (refusal := self._unavailable()) is not None:
             return refusal
         tenant = await self._tenant(request)
@@ -431,12 +439,30 @@ class Gateway:
             prompt=prompt,
             idempotency_key=key,
         )
-        return await self._run(request, req, parsed, chat)
+        return await self._run(request, req, parsed, chat, arrived=arrived)
 
     async def _run(
-        self, request: web.Request, req: Request, body: _Body, chat: bool
+        self,
+        request: web.Request,
+        req: Request,
+        body: _Body,
+        chat: bool,
+        *,
+        arrived: float | None = None,
     ) -> web.StreamResponse:
         headers = {"x-request-id": req.request_id}
+        if (traceparent := telemetry.current_traceparent()) is not None:
+            headers[telemetry.TRACEPARENT] = traceparent
+        log.debug(
+            "request %s: tenant %s, model %s, stream %s",
+            req.request_id,
+            req.tenant,
+            req.model,
+            req.stream,
+        )
+        metrics = self.metrics
+        last_token = arrived if arrived is not None else time.perf_counter()
+        first = True
         sse: _SseStream | None = None
         pieces: list[str] = []
         final: SubmitReply | None = None
@@ -445,6 +471,13 @@ class Gateway:
             async with contextlib.aclosing(frames):
                 async for frame in frames:
                     if isinstance(frame, TokenChunk):
+                        now = time.perf_counter()
+                        if first:
+                            first = False
+                            metrics.ttft.labels(str(body.stream).lower()).observe(now - last_token)
+                        elif body.stream and frame.texts:
+                            metrics.inter_token.observe((now - last_token) / len(frame.texts))
+                        last_token = now
                         if not body.stream:
                             pieces.extend(frame.texts)
                             continue
@@ -606,7 +639,10 @@ class Gateway:
 
 
 def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[telemetry.http_middleware("gateway", gateway.metrics)],
+    )
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
@@ -627,6 +663,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/v1/models", gateway.models)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", gateway.readyz)
+    app.router.add_get("/metrics", telemetry.metrics_handler(gateway.metrics.registry))
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)

@@ -114,6 +114,8 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from haif.contracts import (
     AttemptResult,
@@ -133,6 +135,7 @@ from haif.contracts import (
 from haif.control.config import CoreConfig
 from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
+from haif.runtime import telemetry
 from haif.runtime.messages import (
     Announce,
     InferCall,
@@ -218,6 +221,7 @@ class _Pending:
     reject: Reject | None = None
     final: SubmitReply | None = None  # the last stream frame, once finalized
     replay_of: DeadLetterRow | None = None  # a dead-letter replay: the entry
+    trace_ctx: Context | None = None  # the submitting call's trace context
 
     @property
     def delivered(self) -> int:
@@ -288,6 +292,7 @@ class Orchestrator:
         )
         self.driver: LoopDriver | None = None
         self._session: aiohttp.ClientSession | None = None
+        self.metrics = telemetry.OrchestratorMetrics()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -426,7 +431,13 @@ class Orchestrator:
             deadline = now + max(0.0, body.deadline_s - body.arrival_s)
         request = replace(body, request_id=rid, arrival_s=now, deadline_s=deadline)
         future: asyncio.Future[SubmitReply] = asyncio.get_running_loop().create_future()
-        pending = _Pending(request, body.request_id, future, replay_of=replay_of)
+        pending = _Pending(
+            request,
+            body.request_id,
+            future,
+            replay_of=replay_of,
+            trace_ctx=telemetry.current_context(),
+        )
         self._pending[rid] = pending
         self.driver.feed(Submit(request))
         return pending
@@ -504,6 +515,7 @@ class Orchestrator:
             p = self._seen.pop(wid)
             self._evicted.add(wid)
             self.evictions += 1
+            self.metrics.evictions.inc()
             log.warning(
                 "evicting worker %s: no heartbeat for %.2f s (%d intervals of %.2f s)",
                 wid,
@@ -577,6 +589,26 @@ class Orchestrator:
             in_flight=core.in_flight(),
         )
 
+    async def refresh_metrics(self) -> None:
+        """Set the gauges of ``GET /metrics`` from the core, presence and the store."""
+        if self.driver is None:
+            return
+        core, now, m = self.driver.core, self.driver.now(), self.metrics
+        m.in_flight.set(core.in_flight())
+        m.set_workers(
+            (
+                wid,
+                core.outstanding(wid),
+                p.snapshot.queue_depth,
+                p.snapshot.running,
+                core.breaker_state(wid, now),
+            )
+            for wid, p in sorted(self._seen.items())
+        )
+        m.fresh_workers.set(len(self.status().fresh_workers))
+        m.stale_workers.set(len(self.stale_workers()))
+        m.dlq_size.set(len(await self.store.list_dead_letters()))
+
     # ------------------------------------------------------------ dead letters
 
     async def rpc_dlq_list(self, _body: object) -> list[dict[str, Any]]:
@@ -622,7 +654,10 @@ class Orchestrator:
     # ------------------------------------------------------------ decisions
 
     def execute(self, decision: Decision) -> None:
+        self.metrics.decisions.labels(type(decision).__name__).inc()
         if isinstance(decision, Dispatch):
+            if decision.attempt > 1:
+                self.metrics.retries.inc()
             key = (decision.request_id, decision.attempt)
             self._attempts[key] = self._spawn(self._attempt(decision))
             self._write_running(decision.request_id, decision.worker_id)
@@ -635,6 +670,7 @@ class Orchestrator:
             if pending is not None:
                 pending.reject = decision
         elif isinstance(decision, DeadLetter):
+            self.metrics.dead_letters.inc()
             self._write_dead_letter(decision, self._pending.get(decision.request_id))
         elif isinstance(decision, Finalize):
             self._settle(decision.record, self._pending.get(decision.record.request_id))
@@ -717,6 +753,27 @@ class Orchestrator:
             queue.put_nowait(out)
 
     async def _attempt(self, dispatch: Dispatch) -> None:
+        """Run one dispatch attempt in a span ``orchestrator.dispatch`` of its request's trace."""
+        pending = self._pending.get(dispatch.request_id)
+        with telemetry.tracer().start_as_current_span(
+            "orchestrator.dispatch",
+            context=pending.trace_ctx if pending is not None else None,
+            kind=SpanKind.CLIENT,
+            attributes={
+                "haif.service": "orchestrator",
+                "haif.request_id": dispatch.request_id,
+                "haif.attempt": dispatch.attempt,
+                "haif.worker_id": dispatch.worker_id,
+                "haif.region": dispatch.region,
+                "haif.resume_tokens": dispatch.resume_tokens,
+            },
+        ) as span:
+            log.debug(
+                "dispatch %s/%d to %s", dispatch.request_id, dispatch.attempt, dispatch.worker_id
+            )
+            await self._run_attempt(dispatch, span)
+
+    async def _run_attempt(self, dispatch: Dispatch, span: Span) -> None:
         assert self.driver is not None and self._session is not None
         rid, attempt = dispatch.request_id, dispatch.attempt
         pending = self._pending.get(rid)
@@ -742,6 +799,7 @@ class Orchestrator:
                     if isinstance(frame, TokenChunk):
                         if first_token is None:
                             first_token = self.driver.now()
+                            span.add_event("first_token")
                         self._relay(pending, attempt, frame)
                     elif isinstance(frame, InferEnd):
                         end = frame
@@ -777,6 +835,12 @@ class Orchestrator:
             result = self._failure(dispatch, started, exc.code, retryable, pending, first_token)
         finally:
             self._attempts.pop((rid, attempt), None)
+        span.set_attribute("haif.output_tokens", result.output_tokens)
+        if not result.ok:
+            span.set_status(StatusCode.ERROR, result.error or "failed")
+            span.add_event(
+                "attempt_failed", {"error": result.error or "", "retryable": result.retryable}
+            )
         self.driver.feed(result)
 
     def _failure(
@@ -883,6 +947,7 @@ def build_app(orch: Orchestrator) -> web.Application:
             "dlq_replay": orch.rpc_dlq_replay,
         },
         {"submit_stream": orch.rpc_submit_stream},
+        service="orchestrator",
     )
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -905,6 +970,9 @@ def build_app(orch: Orchestrator) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
+    app.router.add_get(
+        "/metrics", telemetry.metrics_handler(orch.metrics.registry, orch.refresh_metrics)
+    )
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app

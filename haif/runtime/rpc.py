@@ -47,8 +47,10 @@ from typing import Any
 import aiohttp
 import msgpack
 from aiohttp import web
+from opentelemetry.trace import SpanKind, StatusCode
 
 from haif import wire
+from haif.runtime import telemetry
 
 CONTENT_TYPE = "application/msgpack"
 STREAM_CONTENT_TYPE = "application/x-msgpack-stream"
@@ -57,6 +59,8 @@ StreamHandler = Callable[[Any], AsyncIterator[Any]]
 #: Largest single frame a stream client accepts.
 MAX_FRAME_BYTES = 16 << 20
 DEFAULT_KEEPALIVE_S = 1.0
+#: Methods served without a span (periodic noise).
+UNTRACED_METHODS = frozenset({"heartbeat"})
 
 log = logging.getLogger("haif.rpc")
 
@@ -110,6 +114,8 @@ class RpcClient:
         self.timeout_s = timeout_s
 
     def _envelope(self, method: str, body: Any, trace: str | None) -> bytes:
+        if trace is None:  # the caller's current span, if any (W3C traceparent)
+            trace = telemetry.inject()
         return _pack(
             {
                 "v": 1,
@@ -262,11 +268,14 @@ def add_rpc_routes(
     streams: Mapping[str, StreamHandler] | None = None,
     *,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    service: str = "rpc",
 ) -> None:
     """Serve ``handlers`` (unary) and ``streams`` (streaming) by method name.
 
     A unary handler is a coroutine taking the decoded body; a streaming
     handler is an async generator taking it, whose items become frames.
+    Each call (but ``heartbeat``) runs in a span ``rpc.<method>``, child of
+    the envelope's ``trace`` (:mod:`haif.runtime.telemetry`).
     """
     stream_handlers = dict(streams or {})
 
@@ -283,6 +292,22 @@ def add_rpc_routes(
             body = wire.from_plain(envelope.get("body"))
         except (msgpack.UnpackException, ValueError) as exc:
             return error_reply(400, "bad_request", str(exc))
+        if method in UNTRACED_METHODS:
+            return await serve(request, method, body)
+        with telemetry.tracer().start_as_current_span(
+            f"rpc.{method}",
+            context=telemetry.extract(envelope.get("trace")),
+            kind=SpanKind.SERVER,
+            attributes={"haif.service": service, "rpc.method": method},
+        ) as span:
+            resp = await serve(request, method, body)
+            if resp.status >= 400:
+                span.set_status(StatusCode.ERROR, f"HTTP {resp.status}")
+            return resp
+
+    async def serve(request: web.Request, method: str, body: Any) -> web.StreamResponse:
+        handler = handlers.get(method)
+        stream_handler = stream_handlers.get(method)
         if stream_handler is not None:
             return await _serve_stream(request, stream_handler(body), keepalive_s)
         assert handler is not None

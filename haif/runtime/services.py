@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -36,11 +35,13 @@ _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 
 def run_service(kind: str, args: argparse.Namespace) -> int:
+    from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
 
-    logging.basicConfig(
-        level=logging.INFO, format=f"%(asctime)s {kind} %(levelname)s %(name)s: %(message)s"
-    )
+    # Logs (HAIF_LOG_FORMAT, HAIF_LOG_LEVEL) and the tracer provider
+    # (HAIF_OTEL_EXPORTER), once per process: see haif.runtime.telemetry.
+    telemetry.setup_logging(kind)
+    telemetry.setup_tracing(kind)
     shutdown_timeout = 5.0
     app: web.Application | Awaitable[web.Application]
     if kind == "orchestrator":

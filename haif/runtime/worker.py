@@ -47,8 +47,10 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from opentelemetry.trace import StatusCode
 
 from haif.contracts import Request, WorkerSnapshot
+from haif.runtime import telemetry
 from haif.runtime.artifacts import ArtifactError, ModelCacheFull
 from haif.runtime.engines import (
     MAX_CHUNK_TOKENS,
@@ -106,6 +108,9 @@ class Worker:
         self._session: aiohttp.ClientSession | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self.ready = False
+        self.metrics = telemetry.WorkerMetrics(
+            lambda: self._running, lambda: self._waiting, spec.capacity
+        )
 
     def snapshot(self) -> WorkerSnapshot:
         s = self.spec
@@ -146,17 +151,38 @@ class Worker:
         self._running += 1
         first: float | None = None
         produced = call.resume_tokens
+        # Not made current: this generator's steps run in different tasks.
+        span = telemetry.tracer().start_span(
+            "worker.generate",
+            attributes={
+                "haif.service": "worker",
+                "haif.request_id": request.request_id,
+                "haif.attempt": call.attempt,
+                "haif.worker_id": self.spec.worker_id,
+                "haif.model": request.model,
+                "haif.resume_tokens": call.resume_tokens,
+            },
+        )
+        outcome = "error"
         try:
             started = loop.time()
             async for chunk in self.engine.stream(request, call.resume_tokens):
                 if first is None:
                     first = loop.time()
+                    span.add_event("first_token")
                 produced = max(produced, chunk.start + len(chunk.texts))
+                self.metrics.tokens.inc(len(chunk.texts))
                 yield chunk
             finished = loop.time()
+            outcome = "ok"
         finally:
             self._running -= 1
             self._slots.release()
+            self.metrics.generations.labels(outcome).inc()
+            span.set_attribute("haif.output_tokens", produced)
+            if outcome != "ok":
+                span.set_status(StatusCode.ERROR, "generation did not complete")
+            span.end()
         service = finished - started
         cost = service * self.spec.price_per_hour / 3600.0 / self.spec.capacity
         yield InferEnd(
@@ -228,7 +254,12 @@ class Worker:
 
 def build_app(worker: Worker) -> web.Application:
     app = web.Application()
-    add_rpc_routes(app, {"infer": worker.rpc_infer}, {"infer_stream": worker.rpc_infer_stream})
+    add_rpc_routes(
+        app,
+        {"infer": worker.rpc_infer},
+        {"infer_stream": worker.rpc_infer_stream},
+        service="worker",
+    )
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response(
@@ -247,6 +278,7 @@ def build_app(worker: Worker) -> web.Application:
         await worker.stop()
 
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/metrics", telemetry.metrics_handler(worker.metrics.registry))
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
@@ -313,9 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     add_worker_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s worker %(levelname)s %(name)s: %(message)s"
-    )
+    telemetry.setup_logging("worker")
+    telemetry.setup_tracing("worker")
     return run_worker(args)
 
 

@@ -1,0 +1,511 @@
+"""Telemetry of the runtime: OpenTelemetry traces, Prometheus metrics, JSON logs.
+
+Traces
+------
+One trace per gateway request, across gateway -> orchestrator -> worker:
+
+- gateway: a ``SERVER`` span ``"<METHOD> <route>"`` per HTTP request
+  (:func:`http_middleware`), child of the caller's W3C ``traceparent`` header
+  when it sends one; the response carries ``traceparent`` of that span (same
+  trace id), streaming responses included;
+- RPC: :class:`~haif.runtime.rpc.RpcClient` writes the current context into
+  the envelope's ``trace`` field (a W3C traceparent) and the RPC server starts
+  a child span ``rpc.<method>`` per call (heartbeats are not traced);
+- orchestrator: a span ``orchestrator.dispatch`` per dispatch attempt
+  (attributes ``haif.request_id``, ``haif.attempt``, ``haif.worker_id``,
+  ``haif.region``; events ``first_token`` and, on failure, ``attempt_failed``),
+  parented on the request's ``rpc.submit_stream`` / ``rpc.submit`` span, and
+  an event per core decision on that span;
+- worker: a span ``worker.generate`` per generation (attributes
+  ``haif.request_id``, ``haif.attempt``, ``haif.worker_id``,
+  ``haif.resume_tokens``, ``haif.output_tokens``).
+
+Every span has ``haif.service`` (gateway, orchestrator or worker). The
+tracer provider is installed once per process by :func:`setup_tracing`
+(``haif gateway|orchestrator|worker`` call it in
+:func:`~haif.runtime.services.run_service`) with a ``BatchSpanProcessor``;
+without it the OpenTelemetry API is a no-op and nothing is recorded.
+
+Metrics
+-------
+Each app has its own ``prometheus_client.CollectorRegistry``, served as
+Prometheus text at ``GET /metrics``.
+
+Gateway (:class:`GatewayMetrics`):
+
+- ``haif_gateway_requests_total{route,method,status}`` (counter)
+- ``haif_gateway_request_duration_seconds{route}`` (histogram, until the
+  response is complete, streams included)
+- ``haif_gateway_ttft_seconds{stream}`` (histogram: request arrival to the
+  first token frame from the orchestrator)
+- ``haif_gateway_inter_token_seconds`` (histogram, streaming requests: gap
+  between token frames divided by the tokens in the frame)
+- ``haif_gateway_in_flight_requests`` (gauge)
+
+Orchestrator (:class:`OrchestratorMetrics`):
+
+- ``haif_orchestrator_decisions_total{type}`` (counter: ``Dispatch``,
+  ``Reject``, ``RetryAt``, ``Cancel``, ``DeadLetter``, ``Finalize``)
+- ``haif_orchestrator_retries_total`` (counter: dispatches of attempt > 1)
+- ``haif_orchestrator_dead_letters_total`` (counter)
+- ``haif_orchestrator_dlq_size`` (gauge, read from the store at scrape time)
+- ``haif_orchestrator_in_flight_requests`` (gauge: admitted, not finalized)
+- ``haif_orchestrator_worker_outstanding{worker}`` (gauge: the core's
+  attempts in flight per worker)
+- ``haif_orchestrator_worker_queue_depth{worker}`` and
+  ``haif_orchestrator_worker_running{worker}`` (gauges: last heartbeat)
+- ``haif_orchestrator_worker_breaker_state{worker}`` (gauge: 0 closed,
+  1 half-open, 2 open)
+- ``haif_orchestrator_fresh_workers``, ``haif_orchestrator_stale_workers``
+  (gauges), ``haif_orchestrator_evictions_total`` (counter)
+
+Worker (:class:`WorkerMetrics`):
+
+- ``haif_worker_running``, ``haif_worker_waiting``, ``haif_worker_capacity``
+  (gauges)
+- ``haif_worker_tokens_generated_total`` (counter)
+- ``haif_worker_generations_total{outcome}`` (counter: ``ok``, ``error``)
+
+Logs
+----
+:func:`setup_logging` configures the root logger of a service process. With
+``HAIF_LOG_FORMAT=json`` every record is one JSON object per line
+(:class:`JsonFormatter`): ``time`` (ISO 8601 UTC), ``level``, ``service``,
+``logger``, ``message``, ``trace_id`` / ``span_id`` (hex) when a span is
+current, and ``exc_info`` when there is an exception. The default stays the
+text format (``<time> <service> <LEVEL> <logger>: <message>``) so that
+``haif up`` logs read as before.
+
+Environment variables
+---------------------
+- ``HAIF_OTEL_EXPORTER``: ``none`` (default: spans are made, so
+  ``traceparent`` is propagated and logs carry trace ids, but not exported)
+  or ``console`` (one JSON span per line on stdout).
+- ``HAIF_OTEL_SERVICE_NAME``: the resource's ``service.name`` (default
+  ``haif-<service>``).
+- ``HAIF_LOG_FORMAT``: ``text`` (default) or ``json``.
+- ``HAIF_LOG_LEVEL``: the root log level (default ``INFO``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+from opentelemetry.trace import Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+__all__ = [
+    "BREAKER_STATES",
+    "GatewayMetrics",
+    "JsonFormatter",
+    "OrchestratorMetrics",
+    "WorkerMetrics",
+    "current_traceparent",
+    "extract",
+    "http_middleware",
+    "inject",
+    "metrics_handler",
+    "setup_logging",
+    "setup_tracing",
+    "tracer",
+]
+
+ENV_EXPORTER = "HAIF_OTEL_EXPORTER"
+ENV_SERVICE_NAME = "HAIF_OTEL_SERVICE_NAME"
+ENV_LOG_FORMAT = "HAIF_LOG_FORMAT"
+ENV_LOG_LEVEL = "HAIF_LOG_LEVEL"
+TRACEPARENT = "traceparent"
+#: Breaker state -> gauge value.
+BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACER_NAME = "haif.runtime"
+
+
+# ------------------------------------------------------------------ tracing
+
+
+def tracer() -> trace.Tracer:
+    """The runtime's tracer (from the global provider; a no-op one without it)."""
+    return trace.get_tracer(_TRACER_NAME)
+
+
+def setup_tracing(
+    service: str,
+    exporter: SpanExporter | None = None,
+    *,
+    batch: bool = True,
+) -> TracerProvider | None:
+    """Install the process's tracer provider (once) and an exporter.
+
+    ``exporter`` defaults to the one ``HAIF_OTEL_EXPORTER`` names (none:
+    spans are recorded but not exported). A second call (several services in
+    one process, as in tests) reuses the provider and only adds the exporter.
+    Returns the provider, or None when another SDK-less provider is installed.
+    """
+    if exporter is None:
+        choice = os.environ.get(ENV_EXPORTER, "none").strip().lower() or "none"
+        if choice == "console":
+            exporter = ConsoleSpanExporter(
+                out=sys.stdout,
+                formatter=lambda span: span.to_json(indent=None) + os.linesep,
+            )
+        elif choice != "none":
+            logging.getLogger("haif.telemetry").warning(
+                "%s=%r is not one of none, console; not exporting spans", ENV_EXPORTER, choice
+            )
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        name = os.environ.get(ENV_SERVICE_NAME) or f"haif-{service}"
+        provider = TracerProvider(resource=Resource.create({"service.name": name}))
+        trace.set_tracer_provider(provider)
+        if trace.get_tracer_provider() is not provider:  # another provider won
+            return None
+    if exporter is not None:
+        processor: SpanProcessor = (
+            BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
+        )
+        provider.add_span_processor(processor)
+    return provider
+
+
+def inject(ctx: Context | None = None) -> str | None:
+    """The W3C traceparent of ``ctx`` (default: the current context), if a span is valid."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=ctx)
+    return carrier.get(TRACEPARENT)
+
+
+def extract(traceparent: str | None) -> Context | None:
+    """The context a W3C traceparent names (None when absent or malformed)."""
+    if not traceparent or not isinstance(traceparent, str):
+        return None
+    ctx = _PROPAGATOR.extract({TRACEPARENT: traceparent})
+    if not trace.get_current_span(ctx).get_span_context().is_valid:
+        return None
+    return ctx
+
+
+def current_traceparent() -> str | None:
+    return inject()
+
+
+def span_ids(span: Span | None = None) -> tuple[str, str] | None:
+    """(trace id, span id) in hex of ``span`` (default: the current one), if valid."""
+    ctx = (span or trace.get_current_span()).get_span_context()
+    if not ctx.is_valid:
+        return None
+    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
+
+
+def current_context() -> Context:
+    return otel_context.get_current()
+
+
+# ------------------------------------------------------------------ metrics
+
+
+def _metrics_response(registry: CollectorRegistry) -> web.Response:
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+def metrics_handler(
+    registry: CollectorRegistry,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """A ``GET /metrics`` handler for ``registry`` (``before`` refreshes gauges first)."""
+
+    async def handler(_request: web.Request) -> web.Response:
+        if before is not None:
+            try:
+                await before()
+            except Exception:
+                logging.getLogger("haif.telemetry").exception("metrics refresh failed")
+        return _metrics_response(registry)
+
+    return handler
+
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "haif_gateway_requests",
+            "HTTP requests answered, by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.duration = Histogram(
+            "haif_gateway_request_duration_seconds",
+            "HTTP request duration until the response is complete",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "haif_gateway_ttft_seconds",
+            "Time from request arrival to the first token",
+            ["stream"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "haif_gateway_inter_token_seconds",
+            "Inter-token latency of streaming responses",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "haif_gateway_in_flight_requests", "HTTP requests being answered", registry=r
+        )
+
+
+class OrchestratorMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.decisions = Counter(
+            "haif_orchestrator_decisions", "Core decisions executed, by type", ["type"], registry=r
+        )
+        self.retries = Counter(
+            "haif_orchestrator_retries", "Dispatches of a retry attempt (attempt > 1)", registry=r
+        )
+        self.dead_letters = Counter(
+            "haif_orchestrator_dead_letters", "Requests dead-lettered", registry=r
+        )
+        self.dlq_size = Gauge(
+            "haif_orchestrator_dlq_size", "Entries in the dead-letter queue", registry=r
+        )
+        self.in_flight = Gauge(
+            "haif_orchestrator_in_flight_requests", "Admitted requests not finalized", registry=r
+        )
+        self.outstanding = Gauge(
+            "haif_orchestrator_worker_outstanding",
+            "Attempts in flight per worker (the core's view)",
+            ["worker"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "haif_orchestrator_worker_queue_depth",
+            "Queue depth per worker (last heartbeat)",
+            ["worker"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "haif_orchestrator_worker_running",
+            "Running requests per worker (last heartbeat)",
+            ["worker"],
+            registry=r,
+        )
+        self.breaker = Gauge(
+            "haif_orchestrator_worker_breaker_state",
+            "Circuit breaker state per worker: 0 closed, 1 half-open, 2 open",
+            ["worker"],
+            registry=r,
+        )
+        self.fresh_workers = Gauge(
+            "haif_orchestrator_fresh_workers", "Workers with a fresh heartbeat", registry=r
+        )
+        self.stale_workers = Gauge(
+            "haif_orchestrator_stale_workers",
+            "Present workers that missed a heartbeat (not evicted yet)",
+            registry=r,
+        )
+        self.evictions = Counter(
+            "haif_orchestrator_evictions", "Workers evicted for missed heartbeats", registry=r
+        )
+
+    def set_workers(self, rows: Iterable[tuple[str, int, int, int, str]]) -> None:
+        """Replace the per-worker gauges: (worker, outstanding, queue, running, breaker)."""
+        for gauge in (self.outstanding, self.queue_depth, self.running, self.breaker):
+            gauge.clear()
+        for wid, outstanding, queue, running, breaker in rows:
+            self.outstanding.labels(wid).set(outstanding)
+            self.queue_depth.labels(wid).set(queue)
+            self.running.labels(wid).set(running)
+            self.breaker.labels(wid).set(BREAKER_STATES.get(breaker, 2))
+
+
+class WorkerMetrics:
+    def __init__(
+        self,
+        running: Callable[[], float],
+        waiting: Callable[[], float],
+        capacity: int,
+        registry: CollectorRegistry | None = None,
+    ) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.running = Gauge("haif_worker_running", "Requests generating", registry=r)
+        self.running.set_function(running)
+        self.waiting = Gauge("haif_worker_waiting", "Requests waiting for a slot", registry=r)
+        self.waiting.set_function(waiting)
+        self.capacity = Gauge("haif_worker_capacity", "Generation slots", registry=r)
+        self.capacity.set(capacity)
+        self.tokens = Counter(
+            "haif_worker_tokens_generated", "Tokens streamed to callers", registry=r
+        )
+        self.generations = Counter(
+            "haif_worker_generations", "Generations ended, by outcome", ["outcome"], registry=r
+        )
+
+
+# ------------------------------------------------------------------ HTTP
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_UNTRACED_PATHS = frozenset({"/metrics", "/healthz"})
+
+
+def _route(request: web.Request) -> str:
+    info = request.match_info
+    if info.http_exception is not None:
+        return "unmatched"
+    resource = info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def http_middleware(service: str, metrics: GatewayMetrics | None = None) -> Any:
+    """An aiohttp middleware: a server span per request (W3C ``traceparent`` in and out)
+    and, with ``metrics``, the request counter, duration histogram and in-flight gauge."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        route = _route(request)
+        started = time.perf_counter()
+        status = 500
+        if metrics is not None:
+            metrics.in_flight.inc()
+        try:
+            if request.path in _UNTRACED_PATHS:
+                resp = await handler(request)
+            else:
+                parent = extract(request.headers.get(TRACEPARENT))
+                with tracer().start_as_current_span(
+                    f"{request.method} {route}",
+                    context=parent,
+                    kind=SpanKind.SERVER,
+                    attributes={
+                        "haif.service": service,
+                        "http.request.method": request.method,
+                        "http.route": route,
+                        "url.path": request.path,
+                    },
+                ) as span:
+                    try:
+                        resp = await handler(request)
+                    except web.HTTPException as exc:
+                        span.set_attribute("http.response.status_code", exc.status)
+                        status = exc.status
+                        raise
+                    span.set_attribute("http.response.status_code", resp.status)
+                    if resp.status >= 500:
+                        span.set_status(trace.StatusCode.ERROR)
+                    traceparent = inject()
+                    if traceparent is not None and not resp.prepared:
+                        resp.headers[TRACEPARENT] = traceparent
+            status = resp.status
+            return resp
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if metrics is not None:
+                metrics.in_flight.dec()
+                metrics.requests.labels(route, request.method, str(status)).inc()
+                metrics.duration.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
+
+
+# ------------------------------------------------------------------ logging
+
+_RESERVED = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__.keys() | {"message", "asctime"}
+)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time, level, service, logger, message, trace ids."""
+
+    def __init__(self, service: str) -> None:
+        super().__init__()
+        self.service = service
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        ids = span_ids()
+        if ids is not None:
+            out["trace_id"], out["span_id"] = ids
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        for key, value in record.__dict__.items():
+            if key not in _RESERVED and not key.startswith("_") and key not in out:
+                out[key] = value if isinstance(value, str | int | float | bool) else repr(value)
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
+def text_formatter(service: str) -> logging.Formatter:
+    return logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
+
+
+def setup_logging(service: str, env: Mapping[str, str] | None = None) -> str:
+    """Configure the root logger for ``service`` from ``HAIF_LOG_FORMAT`` / ``HAIF_LOG_LEVEL``.
+
+    Returns the format used (``text`` or ``json``).
+    """
+    env = os.environ if env is None else env
+    fmt = env.get(ENV_LOG_FORMAT, "text").strip().lower() or "text"
+    if fmt not in ("text", "json"):
+        fmt = "text"
+    level = env.get(ENV_LOG_LEVEL, "INFO").strip().upper() or "INFO"
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter(service) if fmt == "json" else text_formatter(service))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    try:
+        root.setLevel(level)
+    except ValueError:
+        root.setLevel(logging.INFO)
+    return fmt

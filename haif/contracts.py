@@ -203,6 +203,32 @@ class RequestRecord:
     cold_start: bool
     cost: float
 
+    @classmethod
+    def never_served(
+        cls, request: Request, finish_s: float, status: str, reason: str
+    ) -> RequestRecord:
+        """The record of a request no worker ever ran (refused, or never delivered)."""
+        return cls(
+            request_id=request.request_id,
+            tenant=request.tenant,
+            model=request.model,
+            origin_region=request.origin_region,
+            served_region=None,
+            worker_id=None,
+            gpu_class=None,
+            arrival_s=request.arrival_s,
+            admitted_s=None,
+            first_token_s=None,
+            finish_s=finish_s,
+            prompt_tokens=request.prompt_tokens,
+            output_tokens=0,
+            attempts=0,
+            status=status,
+            reason=reason,
+            cold_start=False,
+            cost=0.0,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Finalize:

@@ -467,26 +467,7 @@ class ControlCore:
     def _refuse(
         self, request: Request, now: float, status: int, reason: str, retry_after: float
     ) -> list[Decision]:
-        rec = RequestRecord(
-            request_id=request.request_id,
-            tenant=request.tenant,
-            model=request.model,
-            origin_region=request.origin_region,
-            served_region=None,
-            worker_id=None,
-            gpu_class=None,
-            arrival_s=request.arrival_s,
-            admitted_s=None,
-            first_token_s=None,
-            finish_s=now,
-            prompt_tokens=request.prompt_tokens,
-            output_tokens=0,
-            attempts=0,
-            status="rejected",
-            reason=reason,
-            cold_start=False,
-            cost=0.0,
-        )
+        rec = RequestRecord.never_served(request, now, "rejected", reason)
         return [Reject(request.request_id, status, reason, retry_after), Finalize(rec)]
 
     def _finish(

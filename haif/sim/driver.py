@@ -289,28 +289,7 @@ class SimCluster:
 
     def _record_client_failure(self, req: Request, reason: str) -> None:
         """The request never reached any gateway; only the client knows."""
-        self.records.append(
-            RequestRecord(
-                request_id=req.request_id,
-                tenant=req.tenant,
-                model=req.model,
-                origin_region=req.origin_region,
-                served_region=None,
-                worker_id=None,
-                gpu_class=None,
-                arrival_s=req.arrival_s,
-                admitted_s=None,
-                first_token_s=None,
-                finish_s=self.env.now,
-                prompt_tokens=req.prompt_tokens,
-                output_tokens=0,
-                attempts=0,
-                status="failed",
-                reason=reason,
-                cold_start=False,
-                cost=0.0,
-            )
-        )
+        self.records.append(RequestRecord.never_served(req, self.env.now, "failed", reason))
 
     # ------------------------------------------------------------ decisions
 

@@ -10,7 +10,7 @@ STAMP = $(VENV)/.haif-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,otlp]'
 	touch $(STAMP)
 
 sim: $(STAMP)

@@ -39,15 +39,17 @@ from haif.contracts import Request
 from haif.runtime.cluster import free_port
 from haif.runtime.messages import InferCall
 from haif.runtime.rpc import RpcClient
+from haif.runtime.security import Signer
 
 MODEL = "llama-3-8b"
+WORKER_ID = "w1"
 
 
 def _cluster_yaml(worker_port: int, gateway_port: int, store: str | None) -> str:
     return (
         (f"store: {store}\n" if store else "") + f"gateway_port: {gateway_port}\n"
         "workers:\n"
-        f"  - {{id: w1, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
+        f"  - {{id: {WORKER_ID}, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
         f" port: {worker_port}}}\n"
     )
 
@@ -82,10 +84,19 @@ def _pcts(values: list[float]) -> dict[str, float]:
     return {"p50_ms": float(np.percentile(arr, 50)), "p99_ms": float(np.percentile(arr, 99))}
 
 
-async def _measure(args: argparse.Namespace, gateway: str, worker: str) -> dict[str, Any]:
+def _orchestrator_signer(data_dir: Path) -> Signer | None:
+    """The orchestrator's cluster key, when ``haif up`` made one: workers refuse unsealed calls."""
+    key = data_dir / "keys" / "orchestrator.key"
+    return Signer.from_file(key) if key.exists() else None
+
+
+async def _measure(
+    args: argparse.Namespace, gateway: str, worker: str, signer: Signer | None
+) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        rpc = RpcClient(session, worker, timeout_s=30.0)
+        # Sealed like the orchestrator's own calls, so the direct path pays that too.
+        rpc = RpcClient(session, worker, timeout_s=30.0, signer=signer, audience=WORKER_ID)
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
 
         async def direct() -> None:
@@ -134,6 +145,10 @@ async def _measure(args: argparse.Namespace, gateway: str, worker: str) -> dict[
         return result
 
 
+def _load(averages: Any) -> str:
+    return " ".join(f"{x:.2f}" for x in averages)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=200.0, help="offered load (req/s)")
@@ -144,11 +159,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--ramp-seconds", type=float, default=5.0)
     parser.add_argument("--max-p99-ms", type=float, default=100.0)
     parser.add_argument(
-        "--store", help="metadata store URL (default: the embedded DuckDB file of haif up)"
+        "--store",
+        help="metadata store URL (default: the embedded DuckDB file of haif up); a "
+        "postgresql://... database must exist already and is used as it is",
     )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.yaml"
         cfg.write_text(_cluster_yaml(w_port, gw_port, args.store))
@@ -168,17 +186,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"command: {' '.join([sys.executable, *sys.argv])}")
             print(
                 f"machine: {platform.machine()}, {os.cpu_count()} CPUs, "
-                f"Python {platform.python_version()}"
+                f"Python {platform.python_version()}, load average {_load(load_before)}"
             )
-            result = asyncio.run(
-                _measure(args, f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}")
+            print(
+                f"store: {args.store or 'embedded DuckDB (haif up default)'}; "
+                f"HAIF_OTEL_EXPORTER={os.environ.get('HAIF_OTEL_EXPORTER', '(unset)')}"
             )
+            gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
+            signer = _orchestrator_signer(Path(tmp) / "d")
+            result = asyncio.run(_measure(args, gateway, worker, signer))
         finally:
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    result["store"] = args.store or "duckdb"
+    result["load_average_before"] = list(load_before)
+    result["load_average_after"] = list(os.getloadavg())
     d, g = result["direct"], result["gateway"]
     print(f"offered load {args.rate:.0f} req/s for {args.seconds:.0f} s (open loop):")
     print(
@@ -197,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"highest sustained rate (p99 <= {args.max_p99_ms:.0f} ms, no errors): "
         f"{result['max_sustained_rate']:.0f} req/s"
     )
+    print(f"load average after: {_load(result['load_average_after'])} (other work on the machine)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

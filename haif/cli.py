@@ -10,9 +10,12 @@ from pathlib import Path
 from rich.console import Console
 
 from haif.analysis.cli import add_analysis_commands
+from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
 from haif.runtime.artifacts_cli import add_artifact_commands
+from haif.runtime.cluster_keys import add_cluster_auth_args
 from haif.runtime.dlq_cli import add_dlq_commands
+from haif.runtime.replay import add_replay_command
 from haif.runtime.worker import add_worker_args
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -137,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="fail an attempt when its worker sends nothing for this long (default 10)",
     )
+    add_cluster_auth_args(orch)
     orch.set_defaults(func=_cmd_service)
 
     worker = sub.add_parser("worker", help="run one worker")
@@ -161,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, how long in-flight streams may run on (default 10)",
     )
+    add_cluster_auth_args(gw)
     gw.set_defaults(func=_cmd_service)
 
     keys = sub.add_parser("keys", help="manage API keys in the store")
@@ -180,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.set_defaults(func=_cmd_keys)
 
     add_analysis_commands(sub)
+    add_replay_command(sub)
+    add_parity_command(sub)
     add_dlq_commands(sub)
     add_artifact_commands(sub)
     return parser

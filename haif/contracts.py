@@ -143,12 +143,24 @@ class Dispatch:
 
 @dataclass(frozen=True, slots=True)
 class Reject:
-    """Refuse a request before it ran; maps to an HTTP status."""
+    """Refuse a request before it ran; maps to an HTTP status.
+
+    A quota refusal (429) carries the most constraining bucket's figures
+    (``QuotaDecision``), which the gateway sends as ``x-ratelimit-*``:
+    the per-minute limit, what remains, and seconds until it is full again;
+    ``None`` where that budget is unlimited.
+    """
 
     request_id: str
     status: int
     reason: str
     retry_after: float = 0.0
+    limit_requests: float | None = None
+    remaining_requests: float | None = None
+    reset_requests: float | None = None
+    limit_tokens: float | None = None
+    remaining_tokens: float | None = None
+    reset_tokens: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

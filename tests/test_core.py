@@ -335,6 +335,10 @@ def test_tenant_quota_rejects_429_and_debits_nothing() -> None:
     rej = out[0]
     assert isinstance(rej, Reject) and rej.status == 429
     assert rej.reason == "tenant_requests_per_min" and rej.retry_after == pytest.approx(59.0)
+    # the quota figures the gateway sends as x-ratelimit-*: 1/min, empty, full in 59 s
+    assert rej.limit_requests == 1.0 and rej.remaining_requests == pytest.approx(1 / 60)
+    assert rej.reset_requests == pytest.approx(59.0)
+    assert rej.limit_tokens is None and rej.remaining_tokens is None
     assert isinstance(out[1], Finalize) and out[1].record.status == "rejected"
     assert only(c.submit(req("r3", tenant="other"), 1.0), Dispatch)
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from haif.contracts import AttemptResult, Event, Request
 from haif.sim.engine import BatchingWorker, RequestLevelWorker, _steps_within
 from haif.sim.fleet import Network
-from haif.sim.profiles import GpuSpec, ModelSpec, PerfProfile, StepCoefficients
+from haif.sim.profiles import GpuSpec, ModelSpec, PerfProfile, StepCoefficients, load_catalog
 
 
 def profile(
@@ -310,3 +310,175 @@ def test_resumed_attempt_recomputes_and_finishes_the_response() -> None:
     assert r.ok and r.output_tokens == 10
     assert r.first_token_s == pytest.approx(0.106)
     assert r.finish_s == pytest.approx(0.106 + 3 * 0.01)
+
+
+# ------------------------------------------------------------------ cancellation
+
+
+def kv_held(worker: BatchingWorker) -> int:
+    """What the running sequences hold: their context plus their reserved prompt."""
+    return sum(j.context + j.prompt_left for j in worker.batch)
+
+
+def assert_kv_consistent(worker: BatchingWorker) -> None:
+    # Not checked: kv_used <= kv_capacity (see the xfail test below).
+    assert worker.kv_used == kv_held(worker) >= 0
+
+
+def assert_drained(worker: BatchingWorker) -> None:
+    assert worker.kv_used == 0
+    assert not worker.batch and not worker.waiting and not worker.jobs
+
+
+def cancel_at(h: Harness, at: float, rid: str, hits: list[str] | None = None) -> None:
+    """Cancel ``rid`` at ``at``; ``hits`` collects where it was then (running/queued/gone)."""
+
+    def cancel(_ev: object) -> None:
+        job = h.worker.jobs.get((rid, 1))
+        if hits is not None and job is not None:
+            running = any(j is job for j in h.worker.batch)
+            hits.append("running" if running else "queued")
+        h.worker.cancel(rid, 1)
+        assert_kv_consistent(h.worker)
+
+    h.env.timeout(at).callbacks.append(cancel)
+
+
+def test_cancel_mid_decode_releases_the_kv_once() -> None:
+    h = Harness()
+    for rid in ("a", "b", "c"):
+        h.submit(0.0, rid, prompt=100, output=1000)
+    cancel_at(h, 1.0, "b")  # well inside the decode segment
+    cancel_at(h, 1.5, "b")  # again: nothing more to release
+    out = h.run()
+    assert set(out) == {"a", "c"}
+    assert all(r.ok and r.output_tokens == 1000 for r in out.values())
+    assert_drained(h.worker)
+
+
+@pytest.mark.parametrize("chunk", [None, 256])
+def test_cancel_during_a_prefill_step_emits_nothing_for_the_dropped_job(
+    chunk: int | None,
+) -> None:
+    h = Harness(chunked_prefill_tokens=chunk)
+    h.submit(0.0, "decoder", prompt=10, output=300)  # decoding when the long prompts come
+    h.submit(0.5, "long", prompt=3000, output=20)
+    h.submit(0.5, "kept", prompt=3000, output=20)
+    # Prefill-only: one 6 s step from ~0.5 s. Chunked: ~0.26 s steps that
+    # also decode, so the decoder is cancelled in mid-step too.
+    cancel_at(h, 1.003, "long")
+    cancel_at(h, 2.007, "decoder")
+    out = h.run()
+    assert set(out) == {"kept"}
+    assert out["kept"].ok and out["kept"].output_tokens == 20
+    assert_drained(h.worker)
+
+
+def test_cancel_while_queued_or_in_the_api_overhead() -> None:
+    h = Harness(profiles={"m": profile(api_s=0.05)}, max_batch=1)
+    h.submit(0.0, "running", prompt=10, output=200)
+    h.submit(0.1, "queued", prompt=10, output=50)
+    h.submit(0.5, "overhead", prompt=10, output=50)
+    cancel_at(h, 0.3, "queued")  # waiting for the batch slot
+    cancel_at(h, 0.52, "overhead")  # not yet past the API server
+    out = h.run()
+    assert set(out) == {"running"} and out["running"].output_tokens == 200
+    assert_drained(h.worker)
+
+
+class CheckedHarness(Harness):
+    """Checks the KV accounting at every result the worker sends."""
+
+    def _send(self, src: str, dst: str, event: Event) -> None:
+        assert_kv_consistent(self.worker)
+        super()._send(src, dst, event)
+
+
+def test_random_cancels_keep_the_kv_accounting_exact() -> None:
+    preemptions = 0
+    hits: list[str] = []
+    for seed in range(8):
+        rng = random.Random(seed)
+        prof = profile(floor=0.005, a=0.002, b=2e-5, c=1e-6, kv=4000, max_batch=rng.choice([4, 16]))
+        h = CheckedHarness(
+            profiles={"m": prof},
+            chunked_prefill_tokens=rng.choice([None, 128]),
+            prefix_cache=rng.random() < 0.5,
+        )
+        cancelled: set[str] = set()
+        outputs: dict[str, int] = {}
+        for i in range(40):
+            at = rng.uniform(0.0, 3.0)
+            hashes = tuple(rng.sample(range(6), rng.randint(0, 3)))
+            outputs[f"j{i}"] = rng.randint(1, 250)
+            h.submit(at, f"j{i}", rng.randint(1, 1500), outputs[f"j{i}"], hashes=hashes)
+            if rng.random() < 0.4:
+                cancel_at(h, at + rng.uniform(0.0, 2.0), f"j{i}", hits)
+                cancelled.add(f"j{i}")
+
+        def watch(h: Harness = h) -> simpy.events.ProcessGenerator:
+            while True:
+                assert_kv_consistent(h.worker)
+                yield h.env.timeout(0.0137)
+
+        h.env.process(watch())
+        out = h.run(until=600.0)
+        assert_drained(h.worker)
+        preemptions += h.worker.preemptions
+        for rid, output in outputs.items():
+            if rid not in cancelled:
+                assert out[rid].ok and out[rid].output_tokens == output, (seed, rid)
+    # The seeds exercise what matters: preemption, and cancels of running and queued jobs.
+    assert preemptions > 0
+    assert hits.count("running") >= 10 and hits.count("queued") >= 3
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known, not cancel-related: a chunked-prefill step emits a token for every "
+    "decoding sequence (and each finished prompt) without checking the KV cache, so "
+    "kv_used can pass kv_capacity by a few tokens until the next decode preempts; "
+    "haif/runtime/batching.py IterationTimer mirrors it",
+)
+def test_chunked_prefill_steps_stay_within_the_kv_cache() -> None:
+    h = Harness(profiles={"m": profile(kv=1000)}, chunked_prefill_tokens=128)
+    h.submit(0.0, "a", prompt=10, output=900)
+    h.submit(4.98, "b", prompt=490, output=5)  # admitted with the cache 1 token from full
+    peak = 0
+
+    def watch() -> simpy.events.ProcessGenerator:
+        nonlocal peak
+        while True:
+            peak = max(peak, h.worker.kv_used)
+            yield h.env.timeout(0.001)
+
+    h.env.process(watch())
+    h.run(until=20.0)  # a finishes near 9.5 s
+    assert not h.worker.jobs
+    assert peak <= h.worker.kv_capacity
+
+
+def test_a_request_level_worker_is_warm_again_once_reloaded() -> None:
+    env = simpy.Environment()
+    profile = load_catalog().get("A100-80G", "llama-3-8b")
+    worker = RequestLevelWorker(
+        env,
+        "w",
+        "r",
+        "A100-80G",
+        models=("llama-3-8b",),
+        capacity=4,
+        vram_gb=80.0,
+        price_per_hour=0.0,
+        net=Network(lambda _a, _b: 0.0, connect_timeout_s=1.0),
+        send=lambda *_: None,
+        rng=random.Random(0),
+        profiles={"llama-3-8b": profile},
+        warm="llama-3-8b",
+    )
+    assert worker.warm_models() == ("llama-3-8b",)
+    worker.go_down()
+    worker.come_up()
+    assert worker.warm_models() == ()  # reloading its weights
+    env.run(until=profile.load_time_s + 0.001)
+    assert worker.warm_models() == ("llama-3-8b",)

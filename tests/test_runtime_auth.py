@@ -278,8 +278,11 @@ async def test_rate_limited_tenant_gets_retry_after(
     assert body["error"]["type"] == "rate_limit_exceeded"
     assert body["error"]["code"] == "tenant_requests_per_min"
     assert 1 <= int(got["Retry-After"]) <= 30
+    # the limit is what may be sent before exhausting it: 2/min x 30 s burst = 1
+    assert got["x-ratelimit-limit-requests"] == "1"
     assert got["x-ratelimit-remaining-requests"] == "0"
     assert got["x-ratelimit-reset-requests"].endswith("s")
+    assert "x-ratelimit-limit-tokens" not in got  # no token budget for this tenant
     # Another tenant is not affected.
     status, _, body = await complete(session, cluster, bearer(cluster.keys["acme"]))
     assert status == 200, body

@@ -194,3 +194,29 @@ def test_fleet_errors_name_the_field(
     assert main(["sim", str(path), "--out", str(tmp_path / "out"), "-q"]) == 2
     err = capsys.readouterr().err
     assert f"{field}: " in err and message in err, err
+
+
+def test_service_hops_add_their_latency_on_the_way_there_and_back(tmp_path: Path) -> None:
+    """network.hop_ms: client -> gateway, orchestrator -> worker, worker -> orchestrator and
+    gateway -> client each take it; a lone request's TTFT and latency grow by 4 hops."""
+    path = tmp_path / "one.yaml"
+    path.write_text(
+        "name: one\nseed: 1\nduration_s: 1\nregions: [a]\n"
+        "workers: [{region: a, gpu: A100-80G}]\n"
+        "workload: {kind: poisson, rate: 2, prompt_tokens: {kind: fixed, value: 100},"
+        " output_tokens: {kind: fixed, value: 10}}\n"
+    )
+
+    def run(hop_ms: float) -> dict[str, tuple[float, float]]:
+        records = run_scenario(load_scenario(path, [f"network.hop_ms={hop_ms}"])).records
+        return {
+            r.request_id: (r.first_token_s - r.arrival_s, r.finish_s - r.arrival_s)
+            for r in records
+            if r.first_token_s is not None
+        }
+
+    base, hopped = run(0.0), run(5.0)
+    assert base and set(base) == set(hopped)
+    for rid, (ttft, e2e) in base.items():
+        assert hopped[rid][0] == pytest.approx(ttft + 0.020)
+        assert hopped[rid][1] == pytest.approx(e2e + 0.020)

@@ -35,9 +35,12 @@ from haif.runtime.store import (
     MetadataStore,
     PostgresStore,
     Quota,
+    Reservation,
     open_store,
     store_backend,
 )
+from haif.runtime.store.group_commit import BatchStats
+from haif.runtime.store.sql_store import SqlStore
 
 T = TypeVar("T")
 
@@ -360,6 +363,155 @@ async def test_concurrent_finalize_settles_once(store: MetadataStore) -> None:
     job = await store.get_job("r1")
     assert job is not None and job.result == f"res-{won}".encode()
     assert await store.usage_totals("t1") == (won + 1, won + 1, float(won + 1))
+
+
+# ------------------------------------------------------------ group commit
+
+_DB_ERRORS = (asyncpg.PostgresError, duckdb.Error)
+
+
+def _stats(store: MetadataStore) -> BatchStats:
+    assert isinstance(store, SqlStore)
+    return dataclasses.replace(store.batch_stats)  # a snapshot
+
+
+async def test_concurrent_writes_commit_in_batches(store: MetadataStore) -> None:
+    """Many concurrent reserves, status changes and finalizes share transactions and
+    still give every caller its own, correct result."""
+    before = _stats(store)
+    keyed = [_job(f"r{i}", key=f"k{i}") for i in range(40)]
+    resends = [_job(f"dup{i}", key="k7") for i in range(5)]  # same key and body as r7
+    clashes = [_job(f"x{i}", key="k8", body="other") for i in range(3)]
+    keyless = [_job(f"n{i}", key=None) for i in range(10)]
+    taken_id = [_job("r3", key="elsewhere")]  # request id r3 is taken by another key
+    jobs = keyed + resends + clashes + keyless + taken_id
+    results = await asyncio.gather(*(store.reserve(job, now=1.0) for job in jobs))
+    after_reserve = _stats(store)
+    assert after_reserve.operations - before.operations == len(jobs)
+    assert after_reserve.largest > 1 and after_reserve.batches - before.batches < len(jobs)
+
+    # Concurrent callers: either r7 or one resend won the key; the same for r8 and the clashes.
+    assert all(r.created for r in results[:3] + results[4:7] + results[9:40] + results[48:58])
+    r3 = [results[3], results[58]]  # two jobs with request id r3 (different keys)
+    assert sorted(r.outcome for r in r3) == ["conflict", "created"]
+    assert all(r.job.request_id == "r3" for r in r3)
+    k7 = [results[7], *results[40:45]]
+    assert sum(r.created for r in k7) == 1
+    assert all(r.outcome == "existing" for r in k7 if not r.created)
+    assert len({r.job.request_id for r in k7}) == 1
+    k8 = [results[8], *results[45:48]]
+    assert sum(r.created for r in k8) == 1
+    body = next(r.job.body_hash for r in k8 if r.created)
+    for job, r in zip([keyed[8], *clashes], k8, strict=True):
+        if not r.created:
+            assert r.outcome == ("existing" if job.body_hash == body else "conflict")
+
+    owners = sorted({r.job.request_id for r in results})
+    moved = await asyncio.gather(
+        *(store.set_job_status(rid, "running", now=2.0, worker_id="w1") for rid in owners),
+        store.set_job_status("missing", "running", now=2.0),
+    )
+    assert moved == [True] * len(owners) + [False]
+
+    records = {
+        rid: _record(rid, 1.0, prompt=i + 1, output=2 * i, cost=0.5) for i, rid in enumerate(owners)
+    }
+    twice = owners[:5]  # a second, concurrent finalize of these settles nothing
+    settled = await asyncio.gather(
+        *(store.finalize(rid, records[rid], rid.encode(), now=3.0) for rid in owners),
+        *(store.finalize(rid, _record(rid, 1.0, prompt=999), None, now=3.0) for rid in twice),
+    )
+    assert settled == [True] * len(owners) + [False] * len(twice)
+    assert _stats(store).largest > 1
+    assert await store.records() == sorted(records.values(), key=lambda r: r.request_id)
+    for rid in owners:
+        settled_job = await store.get_job(rid)
+        assert settled_job is not None
+        assert (settled_job.status, settled_job.result, settled_job.worker_id) == (
+            "done",
+            rid.encode(),
+            "w1",
+        )
+    totals = await store.usage_totals("t1")
+    assert (totals.prompt_tokens, totals.output_tokens) == (
+        sum(r.prompt_tokens for r in records.values()),
+        sum(r.output_tokens for r in records.values()),
+    )
+    assert totals.cost == pytest.approx(0.5 * len(owners))
+
+
+async def test_one_bad_write_does_not_poison_its_batch(store: MetadataStore) -> None:
+    """A write the database refuses (here: a NULL in a NOT NULL column) fails alone;
+    the rest of its batch commits."""
+    bad_job = dataclasses.replace(_job("bad", key="kb"), body_hash=None)  # type: ignore[arg-type]
+    # Many writes at once: the first few commit alone while the free slots last,
+    # and the rest, the bad one among them, queue and share a batch.
+    good = [_job(f"g{i}", key=f"kg{i}") for i in range(12)]
+    before = _stats(store)
+    outcomes = await asyncio.gather(
+        *(store.reserve(job, now=1.0) for job in [*good[:8], bad_job, *good[8:]]),
+        return_exceptions=True,
+    )
+    assert isinstance(outcomes[8], _DB_ERRORS)
+    assert all(isinstance(o, Reservation) and o.created for i, o in enumerate(outcomes) if i != 8)
+    assert _stats(store).split == before.split + 1  # its batch failed and was split
+    assert await store.get_job("bad") is None
+    assert (await store.reserve(_job("bad2", key="kb"), now=2.0)).created  # nothing left over
+
+    # requests.model is NOT NULL: the record fails in the database, after its usage row.
+    bad_record = dataclasses.replace(_record("g8", 1.0), model=None)  # type: ignore[arg-type]
+    fine = [f"g{i}" for i in range(8)]
+    settled = await asyncio.gather(
+        *(store.finalize(rid, _record(rid, 1.0), b"ok", now=2.0) for rid in fine),
+        store.finalize("g8", bad_record, b"bad", now=2.0),
+        store.write_record(_record("lone", 5.0)),
+        store.set_job_status("g9", "running", now=2.0),
+        return_exceptions=True,
+    )
+    assert settled[:8] == [True] * 8
+    assert isinstance(settled[8], _DB_ERRORS)
+    assert settled[9:] == [None, True]
+    assert _stats(store).split == before.split + 2
+    # The failed finalize left nothing behind (usage, job and record commit together).
+    assert [u.request_id for u in await store.list_usage()] == fine
+    job = await store.get_job("g8")
+    assert job is not None and job.status == "reserved" and job.result is None
+    assert [r.request_id for r in await store.records()] == [*fine, "lone"]
+    assert await store.finalize("g8", _record("g8", 1.0), b"ok", now=3.0)  # can still settle
+
+    # Bad input the store can see is refused before it is queued.
+    with pytest.raises(ValueError, match="unknown job status"):
+        await store.set_job_status("g10", "bogus", now=1.0)  # type: ignore[arg-type]
+
+
+async def test_batched_reserve_releases_an_expired_key(store: MetadataStore) -> None:
+    await store.reserve(dataclasses.replace(_job("old", key="ka"), expires_s=1.0), now=0.0)
+    assert await store.expire_reservations(now=5.0) == ["old"]
+    results = await asyncio.gather(
+        *(store.reserve(_job(f"new{i}", key="ka"), now=6.0) for i in range(4)),
+        *(store.reserve(_job(f"other{i}", key=f"ko{i}"), now=6.0) for i in range(4)),
+    )
+    assert sum(r.created for r in results[:4]) == 1
+    assert len({r.job.request_id for r in results[:4]}) == 1
+    assert all(r.created for r in results[4:])
+    old = await store.get_job("old")
+    assert old is not None and old.status == "expired" and old.idempotency_key is None
+
+
+async def test_queued_writes_commit_before_close(tmp_path: Path) -> None:
+    path = tmp_path / "closing.duckdb"
+    store = DuckDBStore(path)
+    writes = [
+        asyncio.create_task(store.finalize(f"c{i}", _record(f"c{i}", 1.0), None, now=1.0))
+        for i in range(20)
+    ]
+    await asyncio.sleep(0)  # queued, not committed yet
+    await store.close()
+    assert [w.result() for w in writes] == [True] * 20
+    with pytest.raises(RuntimeError, match="closed"):
+        await store.finalize("late", _record("late", 1.0), None, now=2.0)
+    async with DuckDBStore(path) as reopened:
+        assert len(await reopened.list_usage()) == 20
 
 
 # -------------------------------------------------------------------- usage

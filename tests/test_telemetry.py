@@ -11,6 +11,7 @@ import asyncio
 import io
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import suppress
@@ -21,9 +22,11 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
+from haif.configfile import ConfigError
 from haif.runtime import gateway as gateway_mod
 from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime import telemetry
@@ -307,3 +310,82 @@ async def test_setup_logging_formats() -> None:
         for h in handlers:
             root.addHandler(h)
         root.setLevel(level)
+
+
+# ------------------------------------------------------------------ OTLP
+
+
+class Collector:
+    """A tiny OTLP/HTTP receiver on loopback: keeps the bodies POSTed to /v1/traces."""
+
+    def __init__(self) -> None:
+        self.bodies: list[tuple[str, bytes]] = []
+        self.received = asyncio.Event()
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        self.bodies.append((request.content_type, await request.read()))
+        self.received.set()
+        return web.Response(body=b"", content_type="application/x-protobuf")
+
+    async def start(self) -> Collector:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+
+async def test_otlp_exporter_sends_spans_to_a_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip(telemetry.OTLP_MODULE, reason="the optional extra haif[otlp] is missing")
+    trace_service = pytest.importorskip("opentelemetry.proto.collector.trace.v1.trace_service_pb2")
+    collector = await Collector().start()
+    provider = telemetry.new_provider("otlp-test")
+    try:
+        monkeypatch.setenv(telemetry.ENV_EXPORTER, "otlp")
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.url)  # + /v1/traces
+        monkeypatch.delenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", raising=False)
+        assert telemetry.setup_tracing("otlp-test", provider=provider) is provider
+        tracer = provider.get_tracer("haif.test")
+        with tracer.start_as_current_span("haif-otlp-probe", attributes={"haif.request_id": "r1"}):
+            pass
+        # The exporter posts from its own thread with a blocking client: flush off the loop.
+        assert await asyncio.to_thread(provider.force_flush, 10_000)
+        await asyncio.wait_for(collector.received.wait(), timeout=10.0)
+    finally:
+        await asyncio.to_thread(provider.shutdown)
+        await collector.stop()
+    content_type, body = collector.bodies[0]
+    assert content_type == "application/x-protobuf"
+    request = trace_service.ExportTraceServiceRequest.FromString(body)
+    [resource_spans] = request.resource_spans
+    resource = {a.key: a.value.string_value for a in resource_spans.resource.attributes}
+    assert resource["service.name"] == "haif-otlp-test"
+    spans = [span for scope in resource_spans.scope_spans for span in scope.spans]
+    assert [span.name for span in spans] == ["haif-otlp-probe"]
+    attributes = {a.key: a.value.string_value for a in spans[0].attributes}
+    assert attributes == {"haif.request_id": "r1"}
+
+
+async def test_otlp_without_the_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(telemetry.ENV_EXPORTER, "otlp")
+    monkeypatch.setitem(sys.modules, telemetry.OTLP_MODULE, None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install opentelemetry-exporter-otlp-proto-http"):
+        telemetry.exporter_from_env()
+
+
+async def test_exporter_from_env_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(telemetry.ENV_EXPORTER, raising=False)
+    assert telemetry.exporter_from_env() is None
+    monkeypatch.setenv(telemetry.ENV_EXPORTER, " Console ")
+    assert isinstance(telemetry.exporter_from_env(), ConsoleSpanExporter)
+    monkeypatch.setenv(telemetry.ENV_EXPORTER, "zipkin")
+    assert telemetry.exporter_from_env() is None  # logged, not exported

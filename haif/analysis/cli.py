@@ -1,4 +1,4 @@
-"""The ``compare``, ``query``, ``regress`` and ``sweep`` subcommands of ``haif``.
+"""The ``compare``, ``query``, ``regress``, ``sweep`` and ``calibrate`` subcommands of ``haif``.
 
 :func:`add_analysis_commands` registers them on the main parser's
 subparsers object; each sets ``func`` to a function taking the parsed
@@ -16,6 +16,8 @@ are imported when a command runs, so ``haif --help`` stays fast.
     haif regress --refresh-baseline [--baseline DIR] [--canonical YAML]
     haif sweep SWEEP.yaml [--out DIR] [--executor local|ray] [--address ADDR]
                [--workers N] [--resume/--no-resume]
+    haif calibrate RECORDS [--out YAML] [--gpu G] [--model M] [--as-gpu NAME]
+                   [--as-model NAME] [--base GPU] [--catalog YAML] [--overhead S]
 """
 
 from __future__ import annotations
@@ -283,3 +285,7 @@ def add_analysis_commands(subparsers: Any) -> None:
         help="skip cells whose summary.json exists with the same settings (default: on)",
     )
     swp.set_defaults(func=_cmd_sweep)
+
+    from haif.analysis.calibrate import add_calibrate_command
+
+    add_calibrate_command(subparsers)

@@ -65,7 +65,7 @@ from haif.policy.retry import RetryPolicy
 _WORKER_FAULTS = frozenset(
     {"worker_crashed", "connection_error", "timeout", "unavailable", "overloaded", "internal"}
 )
-_RETRY_AFTER_OVERLOAD_S = 1.0
+_OVERLOAD_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -171,14 +171,26 @@ class ControlCore:
             request.model in w.models_warm or request.model in w.models_loadable
             for w in self._workers.values()
         ):
-            return self._refuse(request, now, 404, "model_not_found", 0.0)
+            return self._refuse(request, now, Reject(rid, 404, "model_not_found", 0.0))
         if self._shedder.should_shed(request.priority, self.utilization(now)):
-            return self._refuse(request, now, 529, "overloaded", _RETRY_AFTER_OVERLOAD_S)
+            return self._refuse(request, now, Reject(rid, 529, "overloaded", _OVERLOAD_RETRY_S))
         if self._throttle.should_reject(now, self._rng):
-            return self._refuse(request, now, 529, "throttled", _RETRY_AFTER_OVERLOAD_S)
+            return self._refuse(request, now, Reject(rid, 529, "throttled", _OVERLOAD_RETRY_S))
         quota = self._quotas.admit(request.tenant, request.prompt_tokens + request.max_tokens, now)
         if not quota.allowed:
-            return self._refuse(request, now, 429, quota.reason or "quota", quota.retry_after)
+            reject = Reject(
+                rid,
+                429,
+                quota.reason or "quota",
+                quota.retry_after,
+                quota.limit_requests,
+                quota.remaining_requests,
+                quota.reset_requests,
+                quota.limit_tokens,
+                quota.remaining_tokens,
+                quota.reset_tokens,
+            )
+            return self._refuse(request, now, reject)
         self._retry.record_request(now)
         deadline = request.deadline_s
         if deadline is None and self.config.default_timeout_s is not None:
@@ -424,7 +436,7 @@ class ControlCore:
         if job.attempts == 0:
             # Never ran anywhere: nothing can serve it (HTTP 503).
             return [
-                Reject(rid, 503, error, _RETRY_AFTER_OVERLOAD_S),
+                Reject(rid, 503, error, _OVERLOAD_RETRY_S),
                 self._finish(job, now, "rejected", error, None),
             ]
         if not retryable or verdict.reason == "not_retryable":
@@ -464,11 +476,9 @@ class ControlCore:
         out.append(self._finish(job, now, "timeout", "deadline_exceeded", None))
         return out
 
-    def _refuse(
-        self, request: Request, now: float, status: int, reason: str, retry_after: float
-    ) -> list[Decision]:
-        rec = RequestRecord.never_served(request, now, "rejected", reason)
-        return [Reject(request.request_id, status, reason, retry_after), Finalize(rec)]
+    def _refuse(self, request: Request, now: float, reject: Reject) -> list[Decision]:
+        rec = RequestRecord.never_served(request, now, "rejected", reject.reason)
+        return [reject, Finalize(rec)]
 
     def _finish(
         self,

@@ -26,6 +26,8 @@ Cluster YAML (every key optional)::
       evict_after_missed: 3         # heartbeat intervals before a worker is evicted
     workers:
       - {id: w1, region: local, capacity: 8, mean_s: 0.05, ttft_s: 0.01}
+      - {id: w2, region: local, gpu_class: A100-80G, models: [llama-3-8b],
+         timing: profile}            # timed by the simulator's A100 x Llama-3-8B profile
     policy:                         # haif.control.config.CoreConfig
       resume_partial: true          # default true here: resume interrupted streams
       placement: p2c
@@ -53,11 +55,8 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -89,6 +88,15 @@ class WorkerConfig(_Strict):
     # The engine (see haif.runtime.engines): synthetic (default), transformers,
     # vllm or openai. Paths are relative to the cluster YAML.
     engine: Literal["synthetic", "transformers", "vllm", "openai"] = "synthetic"
+    # Synthetic engine: fixed (mean_s / ttft_s), or timed by the simulator's
+    # profile of (gpu_class, model): profile (iteration level) / profile-request.
+    timing: Literal["fixed", "profile", "profile-request"] = "fixed"
+    # Profile timings only (as the simulator's worker groups): batch bound
+    # (default: the profile's), chunked prefill token budget, prefix cache.
+    max_batch: Annotated[int, Field(ge=1)] | None = None
+    chunked_prefill_tokens: Annotated[int, Field(ge=1)] | None = None
+    prefix_cache: bool = False
+    profiles: str | None = None  # profile catalog YAML (default: the packaged one)
     artifact_store: str | None = None
     model_ref: str | None = None  # NAME:VERSION in the artifact store
     keyring: str | None = None  # directory of trusted *.pub signing keys
@@ -104,11 +112,26 @@ class WorkerConfig(_Strict):
                     raise ValueError(f"{name}: required by engine {self.engine!r}")
         if self.engine == "openai" and not (self.upstream_url and self.upstream_model):
             raise ValueError("upstream_url: engine 'openai' needs upstream_url and upstream_model")
+        profiled = self.engine == "synthetic" and self.timing != "fixed"
+        for name in ("max_batch", "chunked_prefill_tokens", "prefix_cache", "profiles"):
+            if getattr(self, name) and not profiled:
+                raise ValueError(f"{name}: only for the synthetic engine's profile timings")
         return self
 
     def engine_args(self, base: Path | None) -> list[str]:
         """Command-line options of ``haif worker`` for this engine."""
         args = ["--engine", self.engine]
+        if self.engine == "synthetic" and self.timing != "fixed":
+            args += ["--timing", self.timing]
+            if self.max_batch is not None:
+                args += ["--max-batch", str(self.max_batch)]
+            if self.chunked_prefill_tokens is not None:
+                args += ["--chunked-prefill-tokens", str(self.chunked_prefill_tokens)]
+            if self.prefix_cache:
+                args.append("--prefix-cache")
+            if self.profiles is not None:
+                path = Path(self.profiles) if base is None else base / self.profiles
+                args += ["--profiles", str(path)]
         for name in ("artifact_store", "keyring"):
             value = getattr(self, name)
             if value is not None:
@@ -225,6 +248,9 @@ def gateway_auth(auth: AuthConfig, base_dir: Path | None = None) -> GatewayAuth:
 
 
 GATEWAY_SHUTDOWN_S = 10.0
+#: Cluster keys besides the workers' (see haif.runtime.cluster_keys): the
+#: services, and ``admin`` for operator tools such as ``haif dlq``.
+SERVICE_KEYS = ("gateway", "orchestrator", "admin")
 
 
 def load_cluster(path: str | Path) -> ClusterConfig:
@@ -276,41 +302,54 @@ def free_port() -> int:
         return port
 
 
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ConfigError(f"{url}: service exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1.0) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise ConfigError(f"{url}: not healthy after {timeout_s:.0f} s")
+def worker_args(w: WorkerConfig, orch_url: str, port: int, base: Path | None) -> list[str]:
+    """The ``haif worker`` command line of one worker entry."""
+    return [
+        "worker",
+        "--port",
+        str(port),
+        "--id",
+        w.id,
+        "--region",
+        w.region,
+        "--orchestrator",
+        orch_url,
+        "--gpu-class",
+        w.gpu_class,
+        "--capacity",
+        str(w.capacity),
+        "--models",
+        ",".join(w.models),
+        "--mean-s",
+        str(w.mean_s),
+        "--ttft-s",
+        str(w.ttft_s),
+        "--heartbeat-s",
+        str(w.heartbeat_s),
+        *w.engine_args(base),
+    ]
 
 
 def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) -> int:
+    from haif.runtime.cluster_keys import cluster_key_args, ensure_cluster_keys
+    from haif.runtime.supervisor import ControlServer, Service, Supervisor, write_state
+
     config = load_cluster(config_path) if config_path else ClusterConfig()
     data_dir.mkdir(parents=True, exist_ok=True)
+    keys = data_dir / "keys"
+    try:
+        ensure_cluster_keys(keys, [*SERVICE_KEYS, *(w.id for w in config.workers)])
+    except ValueError as exc:
+        print(f"error: workers: {exc}", file=sys.stderr, flush=True)
+        return 1
     store = store_url(config, config_path, data_dir)
     gw_port = port if port is not None else config.gateway_port
     orch_port = config.orchestrator_port or free_port()
     orch_url = f"http://127.0.0.1:{orch_port}"
-    py = [sys.executable, "-m", "haif"]
-    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+    base = Path(config_path).resolve().parent if config_path else None
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
-
-    def spawn(name: str, args: list[str], url: str) -> None:
-        out = (logs / f"{name}.log").open("wb")
-        # Own process group: a Ctrl-C in the terminal reaches only this
-        # process, which then stops the services in order.
-        proc = subprocess.Popen([*py, *args], stdout=out, stderr=subprocess.STDOUT, process_group=0)
-        procs.append((name, proc))
-        _wait_healthy(url, proc)
-
+    supervisor = Supervisor(logs)
     stop = False
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -320,93 +359,54 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    state_file = data_dir / "cluster.json"
     try:
-        orch_args = [
-            "orchestrator",
-            "--port",
-            str(orch_port),
-            "--store",
-            store,
-            "--seed",
-            str(config.seed),
-        ]
+        orch_args = ["orchestrator", "--port", str(orch_port), "--store", store]
+        orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
         if config_path:
             orch_args += ["--config", config_path]
-        spawn("orchestrator", orch_args, orch_url)
+        supervisor.add(Service("orchestrator", "orchestrator", config.region, orch_url, orch_args))
         for w in config.workers:
             wport = w.port or free_port()
-            spawn(
-                f"worker-{w.id}",
-                [
-                    "worker",
-                    "--port",
-                    str(wport),
-                    "--id",
-                    w.id,
-                    "--region",
-                    w.region,
-                    "--orchestrator",
-                    orch_url,
-                    "--gpu-class",
-                    w.gpu_class,
-                    "--capacity",
-                    str(w.capacity),
-                    "--models",
-                    ",".join(w.models),
-                    "--mean-s",
-                    str(w.mean_s),
-                    "--ttft-s",
-                    str(w.ttft_s),
-                    "--heartbeat-s",
-                    str(w.heartbeat_s),
-                    *w.engine_args(Path(config_path).resolve().parent if config_path else None),
-                ],
-                f"http://127.0.0.1:{wport}",
-            )
+            url = f"http://127.0.0.1:{wport}"
+            args = [*worker_args(w, orch_url, wport, base), *cluster_key_args(keys, w.id)]
+            # A restarted profile-timed worker reloads its weights, as in the simulator.
+            restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
+            supervisor.add(Service(w.id, "worker", w.region, url, args, restart))
         gw_url = f"http://127.0.0.1:{gw_port}"
-        spawn(
-            "gateway",
-            [
-                "gateway",
-                "--port",
-                str(gw_port),
-                "--orchestrator",
-                orch_url,
-                "--region",
-                config.region,
-                *(["--config", config_path] if config_path else []),
-                "--shutdown-timeout-s",
-                str(GATEWAY_SHUTDOWN_S),
-            ],
-            gw_url,
-        )
-        print(
-            f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
-            f"{len(config.workers)} workers); logs in {logs}; Ctrl-C to stop",
-            flush=True,
-        )
-        while not stop:
-            for name, proc in procs:
-                if proc.poll() is not None:
-                    print(f"{name} exited with code {proc.returncode}; stopping", flush=True)
-                    stop = True
-            time.sleep(0.2)
+        gw_args = ["gateway", "--port", str(gw_port), "--orchestrator", orch_url]
+        gw_args += ["--region", config.region]
+        gw_args += ["--config", config_path] if config_path else []
+        gw_args += ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
+        gw_args += cluster_key_args(keys, "gateway")
+        supervisor.add(Service("gateway", "gateway", config.region, gw_url, gw_args))
+        with ControlServer(supervisor) as control:
+            write_state(state_file, gateway_url=gw_url, control=control)
+            print(
+                f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
+                f"{len(config.workers)} workers); logs in {logs}; "
+                f"control {control.url} (token in {state_file}); Ctrl-C to stop",
+                flush=True,
+            )
+            while not stop:
+                for service in supervisor.unexpected_exits():
+                    code = service.proc.returncode if service.proc else None
+                    if service.kind == "worker":
+                        print(f"worker {service.name} exited with code {code}", flush=True)
+                    else:
+                        print(f"{service.name} exited with code {code}; stopping", flush=True)
+                        stop = True
+                time.sleep(0.2)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return_code = 1
     else:
         return_code = 0
     finally:
+        state_file.unlink(missing_ok=True)
         # Gateway first (it drains in-flight streams), then workers, then the
         # orchestrator, so nothing still running loses the service behind it.
-        for _name, proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=GATEWAY_SHUTDOWN_S + 5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        supervisor.shutdown(("gateway", "worker", "orchestrator"), GATEWAY_SHUTDOWN_S + 5)
     from haif.runtime.store import open_store, store_backend
 
     backend, target = store_backend(store)

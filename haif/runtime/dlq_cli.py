@@ -12,7 +12,10 @@ sent it and the reason. Commands::
 a ``postgresql://`` URL; default ``.haif/store.duckdb``) or ask a running
 orchestrator (``--orchestrator``, the URL ``haif up`` prints). DuckDB allows
 one process per file, so while a cluster runs on a DuckDB store, ask its
-orchestrator; a PostgreSQL store can be read at any time.
+orchestrator; a PostgreSQL store can be read at any time. Calls to a keyed
+orchestrator are sealed with ``--cluster-key`` / ``--cluster-keyring``, or by
+default with the ``admin`` key ``haif up --data-dir .haif`` makes
+(``.haif/keys/admin.key``).
 
 ``replay`` asks the orchestrator (RPC ``dlq_replay``) to resubmit the stored
 request through the normal path — same tenant and body, every decision the
@@ -39,9 +42,13 @@ from typing import Any
 
 from haif.configfile import ConfigError
 from haif.contracts import Request
+from haif.runtime.cluster_keys import add_cluster_auth_args, cluster_auth_from_args
 from haif.runtime.messages import SubmitReply
+from haif.runtime.security import Signer
 
 DEFAULT_STORE = ".haif/store.duckdb"
+#: The operator key `haif up --data-dir .haif` makes (see haif.runtime.cluster_keys).
+DEFAULT_ADMIN_KEY = ".haif/keys/admin.key"
 _LOCK_HINT = (
     "DuckDB allows one process per file: while a cluster runs on it, ask its "
     "orchestrator instead with --orchestrator URL (the URL `haif up` prints)"
@@ -69,6 +76,7 @@ def add_dlq_commands(subparsers: Any) -> None:
             metavar="URL",
             help="ask a running orchestrator instead of opening the store",
         )
+        add_cluster_auth_args(p)
 
     lst = sub.add_parser("list", help="list the dead letters, oldest first")
     source(lst)
@@ -137,14 +145,26 @@ async def _from_store(args: argparse.Namespace, request_id: str | None) -> Any:
         await store.close()
 
 
-async def _call(url: str, method: str, body: Any, timeout_s: float = 30.0) -> Any:
+def _signer(args: argparse.Namespace) -> Signer | None:
+    """The key that seals calls to a keyed orchestrator: the flags, else ``haif up``'s admin key."""
+    auth = cluster_auth_from_args(args)
+    if auth is not None:
+        return auth.signer
+    default = Path(DEFAULT_ADMIN_KEY)
+    return Signer.from_file(default) if default.exists() else None
+
+
+async def _call(args: argparse.Namespace, method: str, body: Any, timeout_s: float = 30.0) -> Any:
     import aiohttp
 
-    from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable
+    from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient, RpcError, RpcUnavailable
 
+    url = args.orchestrator
+    signer = _signer(args)
     async with aiohttp.ClientSession() as session:
+        client = RpcClient(session, url, timeout_s, signer=signer, audience=ORCHESTRATOR_AUDIENCE)
         try:
-            return await RpcClient(session, url, timeout_s).call(method, body)
+            return await client.call(method, body)
         except RpcUnavailable as exc:
             raise ConfigError(f"orchestrator {url} unavailable: {exc}") from None
         except RpcError as exc:
@@ -159,7 +179,7 @@ async def _call(url: str, method: str, body: Any, timeout_s: float = 30.0) -> An
 
 async def _list(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.orchestrator:
-        rows = await _call(args.orchestrator, "dlq_list", None)
+        rows = await _call(args, "dlq_list", None)
         if not isinstance(rows, list):
             raise ConfigError(f"orchestrator {args.orchestrator}: bad dlq_list reply")
         return [r for r in rows if isinstance(r, dict)]
@@ -170,7 +190,7 @@ async def _list(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 async def _show(args: argparse.Namespace) -> dict[str, Any]:
     if args.orchestrator:
-        row = await _call(args.orchestrator, "dlq_show", args.request_id)
+        row = await _call(args, "dlq_show", args.request_id)
     else:
         row = await _from_store(args, args.request_id)
     if not isinstance(row, dict):
@@ -179,7 +199,7 @@ async def _show(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _replay(args: argparse.Namespace) -> dict[str, Any]:
-    answer = await _call(args.orchestrator, "dlq_replay", args.request_id, args.timeout_s)
+    answer = await _call(args, "dlq_replay", args.request_id, args.timeout_s)
     if not isinstance(answer, dict) or not isinstance(answer.get("reply"), SubmitReply):
         raise ConfigError(f"orchestrator {args.orchestrator}: bad dlq_replay reply")
     return answer

@@ -11,8 +11,26 @@ itself, so a model whose artifact does not verify is never announced.
 
 Engines (``make_engine(name, **options)``):
 
-- ``synthetic`` — :class:`SyntheticEngine`: deterministic text timed like the
-  simulator's service model; nothing to load.
+- ``synthetic`` — :class:`SyntheticEngine`: deterministic text; nothing to
+  load. Its timing (``--timing``):
+
+  * ``fixed`` (default): the first token ``ttft_s`` after the call, the rest
+    evenly so that a response takes ``mean_s`` (the simulator's abstract
+    ``service`` model, one request per slot);
+  * ``profile``: the simulator's iteration-level engine
+    (:class:`~haif.sim.engine.BatchingWorker`) on the asyncio clock, timed by
+    the GPU x model profile of ``--gpu-class`` and the request's model
+    (:mod:`haif.runtime.batching`): continuous batching over all of the
+    worker's streams, API overhead, prefill-only or chunked prefill
+    (``--chunked-prefill-tokens``), KV-cache admission and preemption,
+    prefix cache (``--prefix-cache``), ``--max-batch``, model swaps (the first
+    of ``--models`` is loaded at start);
+  * ``profile-request``: the simulator's request-level engine
+    (:class:`~haif.sim.engine.RequestLevelWorker`) with the same profiles.
+
+  Under both profile timings a request's first token and last token come out
+  when the simulator would emit them for the same arrivals; the engine
+  queues requests itself, as the simulated worker does.
 - ``transformers`` — :class:`TransformersEngine`: a causal LM from a signed
   artifact (:mod:`haif.runtime.artifacts`), run with PyTorch on CUDA when
   available, else CPU; greedy decoding, exactly ``max_tokens`` tokens.
@@ -52,6 +70,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,13 +82,17 @@ import aiohttp
 from haif.configfile import ConfigError
 from haif.contracts import Request
 from haif.runtime.artifacts import ArtifactError, ArtifactRef, ModelCache, fetch, load_manifest
+from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
 from haif.runtime.messages import TokenChunk
 from haif.runtime.rpc import RpcError
 from haif.runtime.security import Keyring
+from haif.runtime.supervisor import SPAWNED_AT_ENV
+from haif.sim.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 
 __all__ = [
     "ENGINES",
     "MAX_CHUNK_TOKENS",
+    "TIMINGS",
     "Engine",
     "EngineError",
     "EngineUnavailable",
@@ -82,6 +105,7 @@ __all__ = [
     "add_worker_engine_args",
     "engine_from_args",
     "make_engine",
+    "profiles_for",
     "synthetic_piece",
     "synthetic_token",
 ]
@@ -90,6 +114,9 @@ log = logging.getLogger("haif.engines")
 
 #: Most tokens one frame carries (tokens due at the same instant are batched).
 MAX_CHUNK_TOKENS = 256
+
+#: The synthetic engine's timing models (``--timing``).
+TIMINGS = ("fixed", "profile", "profile-request")
 
 
 class EngineError(ConfigError):
@@ -133,18 +160,88 @@ def synthetic_piece(seed: bytes, index: int) -> str:
 
 
 class SyntheticEngine:
-    """Deterministic text, timed by a fixed service model.
+    """Deterministic text, timed by a fixed service model or by GPU x model profiles.
 
-    The first token comes ``ttft_s`` after the call (the prefill of the prompt,
-    plus the already-produced tokens when resuming), the rest spread evenly so
-    that a full response takes ``mean_s``. Token ``i`` of a request depends only
-    on the request id and ``i`` — the same on every worker — so a response
-    resumed on another worker continues exactly where the first one stopped.
+    ``timing="fixed"``: the first token comes ``ttft_s`` after the call (the
+    prefill of the prompt, plus the already-produced tokens when resuming), the
+    rest spread evenly so that a full response takes ``mean_s``.
+    ``timing="profile"`` / ``"profile-request"``: tokens come out when the
+    simulator's iteration-level / request-level engine would emit them
+    (:mod:`haif.runtime.batching`), timed by ``profiles`` (model -> profile),
+    by default the catalog's profiles of ``gpu`` x each of ``models``; the
+    first model is the one loaded at start. Token ``i`` of a request depends
+    only on the request id and ``i`` — the same on every worker — so a
+    response resumed on another worker continues exactly where the first one
+    stopped.
     """
 
-    def __init__(self, mean_s: float, ttft_s: float) -> None:
+    def __init__(
+        self,
+        mean_s: float = 0.05,
+        ttft_s: float = 0.01,
+        *,
+        timing: str = "fixed",
+        gpu: str | None = None,
+        models: Sequence[str] = (),
+        profiles: Mapping[str, PerfProfile] | None = None,
+        max_batch: int | None = None,
+        chunked_prefill_tokens: int | None = None,
+        prefix_cache: bool = False,
+        cold_start: bool = False,
+    ) -> None:
         self.mean_s = mean_s
+        self.cold_start = cold_start
         self.ttft_s = min(ttft_s, mean_s)
+        if timing not in TIMINGS:
+            raise EngineError(f"unknown timing {timing!r}; known timings: {', '.join(TIMINGS)}")
+        self.timing = timing
+        self.timer: Timer | None = None
+        profiled_options = max_batch is not None or chunked_prefill_tokens or prefix_cache
+        if timing == "fixed":
+            if profiles is not None or profiled_options:
+                raise EngineError(
+                    "profiles, max_batch, chunked_prefill_tokens and prefix_cache apply to "
+                    "the profile timings only, not to timing 'fixed'"
+                )
+            return
+        if profiles is None:
+            profiles = profiles_for(timing, gpu, models)
+        if not profiles:
+            raise EngineError(f"timing {timing!r} needs at least one model")
+        try:
+            options = BatchingOptions(max_batch, chunked_prefill_tokens, prefix_cache)
+        except ValueError as exc:
+            raise EngineError(f"timing {timing!r}: {exc}") from None
+        warm = next(iter(profiles))
+        kind = IterationTimer if timing == "profile" else RequestTimer
+        self.timer = kind(profiles, warm, options)
+
+    async def load(self) -> None:
+        """With ``cold_start`` (a restarted worker), the profile timings load the warm
+        model's weights first (``load_time_s``), as the simulator does on restart;
+        the worker is announced meanwhile, not warm. Nothing to load otherwise."""
+        if self.cold_start and self.timer is not None:
+            # The restart began when `haif up` spawned this process (its start-up
+            # is part of the reload, as the simulator's restart is one instant).
+            now = asyncio.get_running_loop().time()
+            spawned = os.environ.get(SPAWNED_AT_ENV)
+            try:
+                since = max(0.0, time.time() - float(spawned)) if spawned else 0.0
+            except ValueError:
+                since = 0.0
+            self.timer.cold_start(now - min(since, 60.0))
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def queues_internally(self) -> bool:
+        """True when the engine queues and batches requests itself (profile timings)."""
+        return self.timer is not None
+
+    def occupancy(self) -> Occupancy | None:
+        """Queue, batch, free KV and warm models of the profile timings (None: fixed)."""
+        return self.timer.occupancy() if self.timer is not None else None
 
     @staticmethod
     def tokens(request: Request) -> list[str]:
@@ -157,11 +254,18 @@ class SyntheticEngine:
         return " ".join(SyntheticEngine.tokens(request))
 
     async def stream(self, request: Request, start: int = 0) -> AsyncGenerator[TokenChunk, None]:
-        """Tokens ``start..max_tokens-1``: the first after ``ttft_s``, then evenly paced."""
+        """Tokens ``start..max_tokens-1`` when the timing emits them (fixed: the first
+        after ``ttft_s``, then evenly paced); tokens already due make one chunk."""
         n = request.max_tokens
         if start >= n:
             return
         seed = _seed(request.request_id)
+        if self.timer is not None:
+            emissions = self.timer.emissions(request, start, MAX_CHUNK_TOKENS)
+            async with contextlib.aclosing(emissions):
+                async for span in emissions:
+                    yield TokenChunk(span.start, tuple(synthetic_piece(seed, k) for k in span))
+            return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         step = (self.mean_s - self.ttft_s) / max(1, n - 1)
@@ -188,6 +292,38 @@ class SyntheticEngine:
                 ttft = loop.time() - start
             pieces.extend(chunk.texts)
         return "".join(pieces), ttft or 0.0, loop.time() - start
+
+
+def profiles_for(
+    timing: str, gpu: str | None, models: Sequence[str], catalog_path: str | None = None
+) -> dict[str, PerfProfile]:
+    """The catalog's profile of ``gpu`` x each model; a clear error for a pair it lacks.
+
+    ``catalog_path``: a profile catalog YAML (``--profiles``, e.g. one ``haif
+    calibrate`` wrote); default the packaged one.
+    """
+    if not gpu:
+        raise EngineError(f"--timing {timing} needs the worker's --gpu-class")
+    try:
+        catalog = load_catalog(catalog_path)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"--profiles {catalog_path}: {exc}") from None
+    profiles: dict[str, PerfProfile] = {}
+    for model in models:
+        try:
+            profiles[model] = catalog.get(gpu, model)
+        except UnknownProfileError as exc:
+            raise EngineError(
+                f"--timing {timing}: no performance profile for GPU {gpu!r} x model {model!r} "
+                f"(--gpu-class, --models): {exc}"
+            ) from None
+        except ModelDoesNotFitError as exc:
+            fits = sorted(m for g, m in catalog.names() if g == gpu)
+            raise EngineError(
+                f"--timing {timing}: no performance profile for GPU {gpu!r} x model {model!r} "
+                f"(--gpu-class, --models): {exc}; models profiled on {gpu}: {', '.join(fits)}"
+            ) from None
+    return profiles
 
 
 # ------------------------------------------------------------ detokenization
@@ -953,13 +1089,93 @@ def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
         help="openai: environment variable holding the upstream API key",
     )
     group.add_argument("--upstream-chat", action="store_true", help="openai: use chat completions")
+    group.add_argument(
+        "--timing",
+        default="fixed",
+        choices=TIMINGS,
+        help="synthetic: fixed (--mean-s, --ttft-s; default), or the simulator's engine timed by "
+        "the profile of --gpu-class x model: profile (iteration level, continuous batching) "
+        "or profile-request (request level)",
+    )
+    group.add_argument(
+        "--max-batch",
+        type=_positive_int,
+        metavar="N",
+        help="synthetic, profile timings: most sequences per step (default: the profile's)",
+    )
+    group.add_argument(
+        "--chunked-prefill-tokens",
+        type=_positive_int,
+        metavar="N",
+        help="synthetic, --timing profile: chunked prefill with this token budget per step "
+        "(default: prefill-only steps)",
+    )
+    group.add_argument(
+        "--cold-start",
+        action="store_true",
+        help="synthetic, profile timings: the worker restarted; load the warm model first "
+        "(the profile's load_time_s), as the simulator does (haif up adds it on restarts)",
+    )
+    group.add_argument(
+        "--profiles",
+        metavar="PATH",
+        help="synthetic, profile timings: profile catalog YAML (default: the packaged one)",
+    )
+    group.add_argument(
+        "--prefix-cache",
+        action="store_true",
+        help="synthetic, --timing profile: reuse cached prompt prefix blocks (prefix_hashes)",
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
+
+
+def _synthetic_from_args(args: argparse.Namespace) -> Engine:
+    timing = getattr(args, "timing", None) or "fixed"
+    options: dict[str, Any] = {"mean_s": args.mean_s, "ttft_s": args.ttft_s}
+    profiled = {
+        "--max-batch": getattr(args, "max_batch", None),
+        "--chunked-prefill-tokens": getattr(args, "chunked_prefill_tokens", None),
+        "--prefix-cache": getattr(args, "prefix_cache", False) or None,
+        "--profiles": getattr(args, "profiles", None),
+        "--cold-start": getattr(args, "cold_start", False) or None,
+    }
+    if timing == "fixed":
+        given = [flag for flag, value in profiled.items() if value is not None]
+        if given:
+            raise EngineError(
+                f"{', '.join(given)} apply to --timing profile and profile-request only"
+            )
+        return make_engine("synthetic", **options)
+    models = tuple(m for m in str(getattr(args, "models", "") or "").split(",") if m)
+    gpu = getattr(args, "gpu_class", None)
+    return make_engine(
+        "synthetic",
+        **options,
+        timing=timing,
+        gpu=gpu,
+        models=models,
+        profiles=profiles_for(timing, gpu, models, getattr(args, "profiles", None)),
+        max_batch=profiled["--max-batch"],
+        chunked_prefill_tokens=profiled["--chunked-prefill-tokens"],
+        prefix_cache=bool(profiled["--prefix-cache"]),
+        cold_start=bool(getattr(args, "cold_start", False)),
+    )
 
 
 def engine_from_args(args: argparse.Namespace) -> Engine:
     """The engine the worker's command line asks for (synthetic when no ``--engine``)."""
     name = getattr(args, "engine", None) or "synthetic"
     if name == "synthetic":
-        return make_engine("synthetic", mean_s=args.mean_s, ttft_s=args.ttft_s)
+        return _synthetic_from_args(args)
     if name in ("transformers", "vllm"):
         needed = {"--artifact-store": "artifact_store", "--model-ref": "model_ref"}
         needed["--keyring"] = "keyring"

@@ -45,11 +45,16 @@ OpenAI error shapes: 401 (with ``WWW-Authenticate: Bearer``) or 403.
 
 Rate limits
 -----------
-A 429 from the core gets ``Retry-After`` (whole seconds, rounded up) and,
-when the core's reason names the exhausted budget (``..._requests_per_min``
-or ``..._tokens_per_min``), ``x-ratelimit-remaining-{requests,tokens}: 0``
-and ``x-ratelimit-reset-{requests,tokens}``. Limits and remaining budget
-are not sent: the core's ``Reject`` does not carry them.
+A 429 from the core gets ``Retry-After`` (whole seconds, rounded up) and
+``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` from the quota
+figures the core's ``Reject`` carries (the most constraining bucket, tenant
+or fleet; a budget without a limit sends none). The limit is OpenAI's
+"permitted before exhausting the rate limit": the bucket's capacity,
+``per_minute x burst_s / 60``. The exhausted budget
+(named by the reason, ``..._requests_per_min`` / ``..._tokens_per_min``)
+shows ``remaining: 0`` and resets after ``Retry-After``. Admitted requests
+get no ``x-ratelimit-*`` headers (their quota is decided in the
+orchestrator after the response headers are due).
 
 Idempotency
 -----------
@@ -84,8 +89,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from haif.contracts import Reject, Request, RequestRecord
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
-from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable
-from haif.runtime.security import AuthError, JwtConfig, authenticate
+from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient, RpcError, RpcUnavailable
+from haif.runtime.security import AuthError, JwtConfig, Signer, authenticate
 
 MAX_BODY_BYTES = 1 << 20
 ANONYMOUS_TENANT = "anonymous"
@@ -177,16 +182,24 @@ def _duration(seconds: float) -> str:
 
 
 def reject_headers(reject: Reject) -> dict[str, str]:
-    """``Retry-After`` and the ``x-ratelimit-*`` headers a refusal supports."""
+    """``Retry-After`` and the ``x-ratelimit-*`` headers of a refusal (from the core's quota)."""
     headers: dict[str, str] = {}
     if reject.retry_after > 0:
         headers["Retry-After"] = str(max(1, math.ceil(reject.retry_after)))
-    if reject.status == 429:
-        for kind in ("requests", "tokens"):
-            if reject.reason.endswith(f"{kind}_per_min"):
-                headers[f"x-ratelimit-remaining-{kind}"] = "0"
-                if reject.retry_after > 0:
-                    headers[f"x-ratelimit-reset-{kind}"] = _duration(reject.retry_after)
+    if reject.status != 429:
+        return headers
+    for kind in ("requests", "tokens"):
+        limit = getattr(reject, f"limit_{kind}")
+        remaining = getattr(reject, f"remaining_{kind}")
+        reset = getattr(reject, f"reset_{kind}")
+        if limit is not None:
+            headers[f"x-ratelimit-limit-{kind}"] = str(math.floor(limit))
+        if reject.reason.endswith(f"{kind}_per_min"):
+            remaining, reset = 0.0, reject.retry_after if reject.retry_after > 0 else reset
+        if remaining is not None:
+            headers[f"x-ratelimit-remaining-{kind}"] = str(max(0, math.floor(remaining)))
+        if reset is not None and reset > 0:
+            headers[f"x-ratelimit-reset-{kind}"] = _duration(reset)
     return headers
 
 
@@ -277,8 +290,10 @@ class Gateway:
         *,
         auth: GatewayAuth | None = None,
         idle_timeout_s: float = 15.0,
+        signer: Signer | None = None,
     ) -> None:
         self.orchestrator_url = orchestrator_url
+        self.signer = signer  # cluster key: seals every RPC to the orchestrator
         self.region = region
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -298,7 +313,13 @@ class Gateway:
 
     def _client(self) -> RpcClient:
         assert self._session is not None
-        return RpcClient(self._session, self.orchestrator_url, self.timeout_s)
+        return RpcClient(
+            self._session,
+            self.orchestrator_url,
+            self.timeout_s,
+            signer=self.signer,
+            audience=ORCHESTRATOR_AUDIENCE,
+        )
 
     # ------------------------------------------------------------------ auth
 

@@ -14,7 +14,8 @@ RPC methods (framing in :mod:`haif.runtime.rpc`)
   record, with the core's ``Reject`` if it refused). The gateway uses it for
   streaming and non-streaming requests alike.
 - ``submit(Request) -> SubmitReply`` (unary): the same, text collected.
-- ``heartbeat(Announce) -> True``: a worker's presence and load.
+- ``heartbeat(Announce) -> True``: a worker's presence and load (see
+  "Presence and cluster keys" below).
 - ``auth_key(key_hash) -> tenant | None``: API-key lookup by SHA-256 hex
   digest in the store (unknown and revoked keys answer ``None``).
 - ``status(None) -> OrchestratorStatus``: fresh workers, models, load; the
@@ -78,6 +79,19 @@ heartbeats stop is evicted (``WorkerGone`` to the core) after
 ``evict_after_missed`` of its heartbeat intervals (estimated from the gaps
 between its heartbeats); one that missed a heartbeat is counted as stale.
 
+Presence and cluster keys
+-------------------------
+With a :class:`~haif.runtime.cluster_keys.ClusterAuth` every RPC in and out
+is sealed (:mod:`haif.runtime.rpc`): the orchestrator serves only calls
+sealed by a key of its keyring for :data:`~haif.runtime.rpc.ORCHESTRATOR_AUDIENCE`
+(an unsigned, forged, tampered, expired or replayed announcement gets 401
+and is logged; the worker is not registered), and seals its calls to a
+worker for that worker's id. An announcement for worker id ``W`` is
+accepted only under the key named ``W`` in the keyring (the file
+``W.pub``); any other trusted key gets 403 ``wrong_worker`` and a warning,
+so a stolen worker key cannot draw another worker's traffic. Without
+cluster keys, announcements are taken as they come (loopback use).
+
 Streaming and mid-stream failure
 --------------------------------
 Each ``Dispatch`` runs as one task that calls the worker's ``infer_stream``
@@ -136,6 +150,7 @@ from haif.control.config import CoreConfig
 from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
 from haif.runtime import telemetry
+from haif.runtime.cluster_keys import ClusterAuth
 from haif.runtime.messages import (
     Announce,
     InferCall,
@@ -144,7 +159,16 @@ from haif.runtime.messages import (
     SubmitReply,
     TokenChunk,
 )
-from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable, add_rpc_routes
+from haif.runtime.rpc import (
+    ORCHESTRATOR_AUDIENCE,
+    EnvelopeAuth,
+    LogThrottle,
+    RpcClient,
+    RpcError,
+    RpcUnavailable,
+    add_rpc_routes,
+    caller_key_id,
+)
 from haif.runtime.store import DeadLetterRow, JobRow, JobStatus, MetadataStore, Reservation
 from haif.wire import WireError, decode, encode
 
@@ -262,6 +286,8 @@ class Orchestrator:
         lease_ttl_s: float = 30.0,
         reconcile_interval_s: float = 5.0,
         evict_after_missed: int = 3,
+        cluster_auth: ClusterAuth | None = None,
+        region: str = "",
     ) -> None:
         from haif.seeding import derive_rng
 
@@ -276,7 +302,17 @@ class Orchestrator:
         self.lease_ttl_s = lease_ttl_s
         self.reconcile_interval_s = reconcile_interval_s
         self.evict_after_missed = evict_after_missed
-        self._rng: random.Random = derive_rng(seed, "core")
+        self.cluster_auth = cluster_auth
+        #: What every RPC to this orchestrator must carry (None: nothing).
+        self.envelope_auth = (
+            EnvelopeAuth(cluster_auth.keyring, ORCHESTRATOR_AUDIENCE)
+            if cluster_auth is not None
+            else None
+        )
+        self._refusals = LogThrottle()
+        # The simulator's core of a region draws from "core:<region>": the same
+        # seed and region give the same placement draws in both shells.
+        self._rng: random.Random = derive_rng(seed, f"core:{region}" if region else "core")
         self._rpc_timeout_s = rpc_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._workers: dict[str, str] = {}  # worker_id -> base URL
@@ -474,12 +510,34 @@ class Orchestrator:
 
     # ------------------------------------------------------------ presence
 
+    def _check_announcer(self, wid: str) -> None:
+        """With cluster keys: refuse ``wid`` unless the call was sealed by the key named ``wid``."""
+        if self.cluster_auth is None:
+            return
+        kid = caller_key_id()
+        name = self.cluster_auth.keyring.name_of(kid) if kid is not None else None
+        if name == wid:
+            return
+        if self._refusals.due((wid, kid)):
+            log.warning(
+                "refused the announcement of worker %r: sealed with key %s (%s), "
+                "not with the key named %r",
+                wid,
+                kid,
+                f"named {name!r}" if name is not None else "unnamed",
+                wid,
+            )
+        raise RpcError(
+            "wrong_worker", f"worker {wid!r} may only be announced with its own key", 403
+        )
+
     async def rpc_heartbeat(self, body: object) -> bool:
         if not isinstance(body, Announce):
             raise RpcError("bad_request", "heartbeat expects an Announce")
         assert self.driver is not None
-        now = self.driver.now()
         wid = body.snapshot.worker_id
+        self._check_announcer(wid)
+        now = self.driver.now()
         self._workers[wid] = body.url
         presence = self._seen.get(wid)
         if presence is None:
@@ -786,7 +844,13 @@ class Orchestrator:
             pending.attempt = attempt
             if url is None:
                 raise RpcUnavailable(f"unknown worker {dispatch.worker_id}", "connect")
-            client = RpcClient(self._session, url, self._rpc_timeout_s)
+            client = RpcClient(
+                self._session,
+                url,
+                self._rpc_timeout_s,
+                signer=self.cluster_auth.signer if self.cluster_auth is not None else None,
+                audience=dispatch.worker_id,
+            )
             # Workers see the caller's request id (see "Request ids" above).
             request = pending.request
             if pending.client_id != request.request_id:
@@ -948,6 +1012,7 @@ def build_app(orch: Orchestrator) -> web.Application:
         },
         {"submit_stream": orch.rpc_submit_stream},
         service="orchestrator",
+        auth=orch.envelope_auth,
     )
 
     async def healthz(_request: web.Request) -> web.Response:

@@ -5,11 +5,29 @@ Unary calls
 A call is ``POST /rpc/<method>`` whose body is a msgpack envelope::
 
     {"v": 1, "type": method, "id": message id, "trace": traceparent | None,
-     "body": <contract encoded by haif.wire>}
+     "body": <contract encoded by haif.wire>, "auth": <seal> (when signed)}
 
 and whose reply is ``{"ok": true, "body": ...}`` or
 ``{"ok": false, "error": {"code": ..., "message": ...}}``. Every call has a
 timeout, so a dead peer turns into :class:`RpcUnavailable` instead of a hang.
+
+Authentication
+--------------
+A client built with a :class:`~haif.runtime.security.Signer` adds ``auth``,
+an Ed25519 seal (:func:`~haif.runtime.security.seal`) of the msgpack array
+``["haif-rpc-v1", method, id, trace, body]`` (``method`` as in the URL, the
+one the server runs), sealed for the recipient's name (``audience``:
+:data:`ORCHESTRATOR_AUDIENCE`, or a worker's id). So a sealed heartbeat
+cannot be replayed as another call, to another recipient, with another body
+or trace, or twice. A server given an :class:`EnvelopeAuth` rebuilds those bytes from
+what it decoded and opens the seal with its keyring, its own name, its clock
+and a replay cache before anything else; a call that fails gets HTTP 401
+(503 when the replay cache is full) with the
+:class:`~haif.runtime.security.AuthError` code (``unsigned``,
+``invalid_seal``, ``unknown_key``, ``bad_signature``, ``wrong_audience``,
+``expired``, ``replayed``) and its handler never runs. A handler learns the
+verified caller's key id from :func:`caller_key_id`. Without a signer /
+``EnvelopeAuth`` (the default) nothing is signed or checked.
 
 Streaming calls
 ---------------
@@ -39,9 +57,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
+import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Hashable,
+    Mapping,
+)
 from typing import Any
 
 import aiohttp
@@ -51,6 +78,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from haif import wire
 from haif.runtime import telemetry
+from haif.runtime.security import (
+    DEFAULT_MAX_TTL_S,
+    DEFAULT_SKEW_S,
+    AuthError,
+    Keyring,
+    ReplayCache,
+    Signer,
+    open_sealed,
+    seal,
+)
 
 CONTENT_TYPE = "application/msgpack"
 STREAM_CONTENT_TYPE = "application/x-msgpack-stream"
@@ -61,17 +98,33 @@ MAX_FRAME_BYTES = 16 << 20
 DEFAULT_KEEPALIVE_S = 1.0
 #: Methods served without a span (periodic noise).
 UNTRACED_METHODS = frozenset({"heartbeat"})
+#: The name calls to the orchestrator are sealed for; a worker's is its worker id.
+ORCHESTRATOR_AUDIENCE = "orchestrator"
+#: How long a seal is valid: short, so the replay cache stays small.
+DEFAULT_SEAL_TTL_S = 10.0
+#: A refused caller is logged at most once per this many seconds (per peer, method, code).
+REFUSAL_LOG_EVERY_S = 30.0
+_RPC_DOMAIN = "haif-rpc-v1"
 
 log = logging.getLogger("haif.rpc")
+_caller: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "haif_rpc_caller", default=None
+)
+
+
+def caller_key_id() -> str | None:
+    """The key id whose seal the call being handled carried; ``None`` if unchecked."""
+    return _caller.get()
 
 
 class RpcError(Exception):
-    """The peer answered with an error."""
+    """The peer answered with an error; ``status`` is the HTTP status it is served with."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.status = status
 
 
 class RpcUnavailable(Exception):
@@ -100,31 +153,66 @@ def _kind_of(exc: BaseException) -> str:
     return "disconnected"
 
 
-def _raise_error(reply: Mapping[str, Any]) -> None:
+def _raise_error(reply: Mapping[str, Any], status: int) -> None:
     error = reply.get("error") or {}
     if not isinstance(error, Mapping):
         error = {}
-    raise RpcError(str(error.get("code", "error")), str(error.get("message", "")))
+    raise RpcError(str(error.get("code", "error")), str(error.get("message", "")), status)
+
+
+def sealed_bytes(method: str, message_id: Any, trace: Any, plain_body: Any) -> bytes:
+    """What an envelope's seal signs: the method, the envelope's id and trace, and its body."""
+    return _pack([_RPC_DOMAIN, method, message_id, trace, plain_body])
 
 
 class RpcClient:
-    def __init__(self, session: aiohttp.ClientSession, base_url: str, timeout_s: float) -> None:
+    """Calls one peer; with ``signer``, every envelope is sealed for ``audience``.
+
+    ``audience`` is the recipient's name (:data:`ORCHESTRATOR_AUDIENCE` or a
+    worker's id); ``clock`` (UNIX seconds) dates the seals.
+    """
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        base_url: str,
+        timeout_s: float,
+        *,
+        signer: Signer | None = None,
+        audience: str = "",
+        clock: Callable[[], float] = time.time,
+        seal_ttl_s: float = DEFAULT_SEAL_TTL_S,
+    ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.signer = signer
+        self.audience = audience
+        self.clock = clock
+        self.seal_ttl_s = seal_ttl_s
 
-    def _envelope(self, method: str, body: Any, trace: str | None) -> bytes:
+    def envelope(self, method: str, body: Any, trace: str | None = None) -> bytes:
+        """The packed envelope of a call (sealed when the client has a signer)."""
         if trace is None:  # the caller's current span, if any (W3C traceparent)
             trace = telemetry.inject()
-        return _pack(
-            {
-                "v": 1,
-                "type": method,
-                "id": uuid.uuid4().hex,
-                "trace": trace,
-                "body": wire.to_plain(body),
-            }
-        )
+        message_id = uuid.uuid4().hex
+        plain = wire.to_plain(body)
+        envelope: dict[str, Any] = {
+            "v": 1,
+            "type": method,
+            "id": message_id,
+            "trace": trace,
+            "body": plain,
+        }
+        if self.signer is not None:
+            envelope["auth"] = seal(
+                sealed_bytes(method, message_id, trace, plain),
+                self.signer,
+                self.clock(),
+                self.seal_ttl_s,
+                audience=self.audience,
+            )
+        return _pack(envelope)
 
     async def call(
         self,
@@ -138,7 +226,7 @@ class RpcClient:
         try:
             async with self.session.post(
                 f"{self.base_url}/rpc/{method}",
-                data=self._envelope(method, body, trace),
+                data=self.envelope(method, body, trace),
                 headers={"Content-Type": CONTENT_TYPE},
                 timeout=timeout,
             ) as resp:
@@ -154,7 +242,7 @@ class RpcClient:
         if not isinstance(reply, dict):
             raise RpcError("bad_reply", "reply is not a map")
         if not reply.get("ok"):
-            _raise_error(reply)
+            _raise_error(reply, resp.status)
         return wire.from_plain(reply.get("body"))
 
     async def stream(
@@ -185,7 +273,7 @@ class RpcClient:
         try:
             async with self.session.post(
                 url,
-                data=self._envelope(method, body, trace),
+                data=self.envelope(method, body, trace),
                 headers={"Content-Type": CONTENT_TYPE},
                 timeout=timeout,
             ) as resp:
@@ -196,7 +284,7 @@ class RpcClient:
                     except (msgpack.UnpackException, ValueError):
                         raise RpcError("bad_reply", f"HTTP {resp.status}, not msgpack") from None
                     if isinstance(reply, dict) and not reply.get("ok"):
-                        _raise_error(reply)
+                        _raise_error(reply, resp.status)
                     raise RpcError("bad_reply", f"{method} did not answer with a stream")
                 unpacker = msgpack.Unpacker(raw=False, max_buffer_size=MAX_FRAME_BYTES)
                 async for data in resp.content.iter_any():
@@ -209,7 +297,7 @@ class RpcClient:
                         if not isinstance(frame, dict):
                             raise RpcError("bad_reply", "stream frame is not a map")
                         if not frame.get("ok"):
-                            _raise_error(frame)
+                            _raise_error(frame, resp.status)
                         if frame.get("end"):
                             return
                         if frame.get("keepalive"):
@@ -262,6 +350,72 @@ async def with_keepalive(items: AsyncIterator[Any], every_s: float) -> AsyncGene
                 await aclose()
 
 
+class EnvelopeAuth:
+    """What a server demands of every call: a seal from ``keyring`` for ``audience``.
+
+    ``audience`` is this server's name (:data:`ORCHESTRATOR_AUDIENCE`, or the
+    worker's id); ``clock`` gives UNIX seconds (a test passes a hand-driven
+    one); ``replay`` remembers the seals already accepted (one per server).
+    """
+
+    def __init__(
+        self,
+        keyring: Keyring,
+        audience: str = "",
+        *,
+        clock: Callable[[], float] = time.time,
+        replay: ReplayCache | None = None,
+        skew_s: float = DEFAULT_SKEW_S,
+        max_ttl_s: float = DEFAULT_MAX_TTL_S,
+    ) -> None:
+        self.keyring = keyring
+        self.audience = audience
+        self.clock = clock
+        self.replay = replay if replay is not None else ReplayCache()
+        self.skew_s = skew_s
+        self.max_ttl_s = max_ttl_s
+
+    def verify(self, method: str, envelope: Mapping[str, Any]) -> str:
+        """The key id that sealed this call of ``method``; raises :class:`AuthError`."""
+        auth = envelope.get("auth")
+        signed = sealed_bytes(
+            method, envelope.get("id"), envelope.get("trace"), envelope.get("body")
+        )
+        return open_sealed(
+            signed,
+            auth if isinstance(auth, Mapping) else None,
+            self.keyring,
+            self.clock(),
+            self.replay,
+            audience=self.audience,
+            skew_s=self.skew_s,
+            max_ttl_s=self.max_ttl_s,
+        )
+
+
+class LogThrottle:
+    """Says when a repeated warning is due: once per key every ``every_s`` seconds.
+
+    A misconfigured peer retries every heartbeat; its refusal is logged once
+    per window, not every time. Memory is bounded (forgets all at ``max_keys``).
+    """
+
+    def __init__(self, every_s: float = REFUSAL_LOG_EVERY_S, max_keys: int = 1024) -> None:
+        self.every_s = every_s
+        self.max_keys = max_keys
+        self._last: dict[Hashable, float] = {}
+
+    def due(self, key: Hashable) -> bool:
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every_s:
+            return False
+        if len(self._last) >= self.max_keys:
+            self._last.clear()
+        self._last[key] = now
+        return True
+
+
 def add_rpc_routes(
     app: web.Application,
     handlers: Mapping[str, Handler],
@@ -269,41 +423,67 @@ def add_rpc_routes(
     *,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     service: str = "rpc",
+    auth: EnvelopeAuth | None = None,
 ) -> None:
     """Serve ``handlers`` (unary) and ``streams`` (streaming) by method name.
 
     A unary handler is a coroutine taking the decoded body; a streaming
     handler is an async generator taking it, whose items become frames.
     Each call (but ``heartbeat``) runs in a span ``rpc.<method>``, child of
-    the envelope's ``trace`` (:mod:`haif.runtime.telemetry`).
+    the envelope's ``trace`` (:mod:`haif.runtime.telemetry`). With ``auth``
+    every call must carry a valid seal, checked before anything else runs
+    (refusals are logged as warnings); handlers read the caller's key id
+    with :func:`caller_key_id`.
     """
     stream_handlers = dict(streams or {})
+    refusals = LogThrottle()
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         method = request.match_info["method"]
-        handler = handlers.get(method)
-        stream_handler = stream_handlers.get(method)
-        if handler is None and stream_handler is None:
-            return error_reply(404, "unknown_method", f"no RPC method {method!r}")
         try:
             envelope = msgpack.unpackb(await request.read(), raw=False)
             if not isinstance(envelope, dict) or envelope.get("v") != 1:
                 raise wire.WireError("not a v1 envelope")
-            body = wire.from_plain(envelope.get("body"))
         except (msgpack.UnpackException, ValueError) as exc:
             return error_reply(400, "bad_request", str(exc))
-        if method in UNTRACED_METHODS:
-            return await serve(request, method, body)
-        with telemetry.tracer().start_as_current_span(
-            f"rpc.{method}",
-            context=telemetry.extract(envelope.get("trace")),
-            kind=SpanKind.SERVER,
-            attributes={"haif.service": service, "rpc.method": method},
-        ) as span:
-            resp = await serve(request, method, body)
-            if resp.status >= 400:
-                span.set_status(StatusCode.ERROR, f"HTTP {resp.status}")
-            return resp
+        caller: str | None = None
+        if auth is not None:
+            try:
+                caller = auth.verify(method, envelope)
+            except AuthError as exc:
+                peer = request.remote or "?"
+                if refusals.due((peer, method, exc.code)):
+                    log.warning(
+                        "%s refused %s from %s: %s (%s)",
+                        service,
+                        method,
+                        peer,
+                        exc.code,
+                        exc.message,
+                    )
+                return error_reply(exc.status, exc.code, exc.message)
+        if method not in handlers and method not in stream_handlers:
+            return error_reply(404, "unknown_method", f"no RPC method {method!r}")
+        try:
+            body = wire.from_plain(envelope.get("body"))
+        except ValueError as exc:
+            return error_reply(400, "bad_request", str(exc))
+        token = _caller.set(caller)
+        try:
+            if method in UNTRACED_METHODS:
+                return await serve(request, method, body)
+            with telemetry.tracer().start_as_current_span(
+                f"rpc.{method}",
+                context=telemetry.extract(envelope.get("trace")),
+                kind=SpanKind.SERVER,
+                attributes={"haif.service": service, "rpc.method": method},
+            ) as span:
+                resp = await serve(request, method, body)
+                if resp.status >= 400:
+                    span.set_status(StatusCode.ERROR, f"HTTP {resp.status}")
+                return resp
+        finally:
+            _caller.reset(token)
 
     async def serve(request: web.Request, method: str, body: Any) -> web.StreamResponse:
         handler = handlers.get(method)
@@ -314,7 +494,7 @@ def add_rpc_routes(
         try:
             result = await handler(body)
         except RpcError as exc:
-            return error_reply(400, exc.code, exc.message)
+            return error_reply(exc.status, exc.code, exc.message)
         return _reply(200, {"ok": True, "body": wire.to_plain(result)})
 
     app.router.add_post("/rpc/{method}", dispatch)

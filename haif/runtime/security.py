@@ -51,9 +51,15 @@ announcement travels with a **seal** (:func:`seal` / :func:`open_sealed`):
 
 - The signature covers a domain-separated canonical byte string: the msgpack
   array ``["haif-seal-v1", kid, float(iat), float(exp), nonce, aud,
-  sha256(body)]``. Seal the exact bytes sent on the wire (for RPC, the packed
-  envelope, which carries the method name and message id), so nothing in the
-  body or the seal can be changed, swapped or re-targeted.
+  sha256(body)]``. Seal everything the recipient acts on: for RPC
+  (:mod:`haif.runtime.rpc`) that is the msgpack array of the method name,
+  message id, trace context and body, which the server re-packs from what it
+  decoded (msgpack re-packs its own output byte for byte), so nothing in the
+  body or the seal can be changed, swapped or re-targeted to another method.
+- A key's name in the keyring (its file's stem) says whose it is: the
+  orchestrator accepts an announcement for worker id ``W`` only when it is
+  sealed with the key named ``W``, so one worker's key cannot announce
+  (and draw traffic to) another worker id.
 - ``exp - iat`` is bounded (``max_ttl_s``), and a seal is valid from ``iat -
   skew_s`` until ``exp + skew_s``: a captured message is useless after that.
 - Within the window, a :class:`ReplayCache` remembers ``(kid, nonce)`` until
@@ -91,6 +97,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import jwt as pyjwt
 import msgpack
@@ -574,40 +581,59 @@ def generate_keypair() -> tuple[bytes, bytes]:
 
 
 class Keyring:
-    """Trusted Ed25519 public keys by key id."""
+    """Trusted Ed25519 public keys by key id, each optionally named.
+
+    A key's *name* says whose it is: :meth:`from_dir` names each key after
+    its file (``w1.pub`` -> ``"w1"``). The orchestrator accepts a worker's
+    announcement only under the key named after that worker's id.
+    """
 
     def __init__(self, public_pems: Iterable[bytes | str] = ()) -> None:
         self._keys: dict[str, ed25519.Ed25519PublicKey] = {}
+        self._names: dict[str, str] = {}
         for pem in public_pems:
             self.add(pem)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Keyring:
-        """Trust every ``*.pub`` PEM file in ``path`` (a bad file is a ``ValueError``)."""
+        """Trust every ``*.pub`` PEM file in ``path``, named by its (percent-decoded) stem.
+
+        A file that is not an Ed25519 public key is a ``ValueError`` naming it.
+        """
         directory = Path(path)
         if not directory.is_dir():
             raise FileNotFoundError(f"keyring directory {directory} does not exist")
         ring = cls()
         for file in sorted(directory.glob("*.pub")):
             try:
-                ring.add(file.read_bytes())
+                ring.add(file.read_bytes(), name=unquote(file.stem))
             except ValueError as exc:
                 raise ValueError(f"{file}: {exc}") from None
         return ring
 
-    def add(self, public_pem: bytes | str) -> str:
-        """Trust ``public_pem``; return its key id (adding a key twice is harmless)."""
+    def add(self, public_pem: bytes | str, name: str | None = None) -> str:
+        """Trust ``public_pem`` (as ``name``, if given); return its key id.
+
+        Adding a key twice is harmless; a later ``name`` replaces an earlier one.
+        """
         public = _load_ed25519_public(public_pem)
         kid = _key_id(public)
         self._keys[kid] = public
+        if name is not None:
+            self._names[kid] = name
         return kid
 
     def remove(self, key_id: str) -> bool:
         """Stop trusting ``key_id`` (rotation / compromise); True if it was trusted."""
+        self._names.pop(key_id, None)
         return self._keys.pop(key_id, None) is not None
 
     def get(self, key_id: str) -> ed25519.Ed25519PublicKey | None:
         return self._keys.get(key_id)
+
+    def name_of(self, key_id: str) -> str | None:
+        """The name ``key_id`` was trusted under (its file's stem), or ``None``."""
+        return self._names.get(key_id) if key_id in self._keys else None
 
     def verify(self, key_id: str, signature: bytes, payload: bytes) -> bool:
         """True iff ``key_id`` is trusted and ``signature`` is its signature of ``payload``."""

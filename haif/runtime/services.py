@@ -5,6 +5,11 @@ URL (:func:`haif.runtime.store.open_store`); its ``--config`` cluster YAML
 gives the core's ``policy`` and the ``orchestrator`` settings (leases,
 reconciler, eviction).
 
+``--cluster-key PATH`` and ``--cluster-keyring DIR`` (all three services)
+seal every RPC a service sends and refuse every RPC it receives that is not
+sealed by a trusted key (:mod:`haif.runtime.cluster_keys`); without them RPC
+is unauthenticated.
+
 ``haif keys add --tenant T [--name N] --store PATH`` creates an API key,
 stores only its SHA-256 digest with the tenant and prints the key once;
 ``haif keys revoke KEY --store PATH`` revokes it. ``--store`` is the
@@ -29,6 +34,7 @@ from haif.configfile import ConfigError
 
 if TYPE_CHECKING:
     from haif.runtime.cluster import ClusterConfig
+    from haif.runtime.cluster_keys import ClusterAuth
 
 T = TypeVar("T")
 _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -37,6 +43,7 @@ _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
+    from haif.runtime.cluster_keys import cluster_auth_from_args
 
     # Logs (HAIF_LOG_FORMAT, HAIF_LOG_LEVEL) and the tracer provider
     # (HAIF_OTEL_EXPORTER), once per process: see haif.runtime.telemetry.
@@ -46,7 +53,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     app: web.Application | Awaitable[web.Application]
     if kind == "orchestrator":
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
-        app = _orchestrator_app(cluster, args)
+        app = _orchestrator_app(cluster, args, cluster_auth_from_args(args))
     elif kind == "worker":
         from haif.runtime import worker
 
@@ -60,8 +67,13 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             auth = gateway_auth(cluster.auth, base)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        keys = cluster_auth_from_args(args)
         gw = gateway.Gateway(
-            args.orchestrator, args.region, auth=auth, idle_timeout_s=args.idle_timeout_s
+            args.orchestrator,
+            args.region,
+            auth=auth,
+            idle_timeout_s=args.idle_timeout_s,
+            signer=keys.signer if keys is not None else None,
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
@@ -71,7 +83,9 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _orchestrator_app(cluster: ClusterConfig, args: argparse.Namespace) -> web.Application:
+async def _orchestrator_app(
+    cluster: ClusterConfig, args: argparse.Namespace, cluster_auth: ClusterAuth | None = None
+) -> web.Application:
     """The orchestrator's app on the store ``args.store`` names (opened on the app's loop)."""
     from haif.runtime import orchestrator
     from haif.runtime.store import open_store
@@ -93,6 +107,8 @@ async def _orchestrator_app(cluster: ClusterConfig, args: argparse.Namespace) ->
         lease_ttl_s=settings.lease_ttl_s,
         reconcile_interval_s=settings.reconcile_interval_s,
         evict_after_missed=settings.evict_after_missed,
+        cluster_auth=cluster_auth,
+        region=cluster.region,
     )
     return orchestrator.build_app(orch)
 

@@ -79,8 +79,14 @@ text format (``<time> <service> <LEVEL> <logger>: <message>``) so that
 Environment variables
 ---------------------
 - ``HAIF_OTEL_EXPORTER``: ``none`` (default: spans are made, so
-  ``traceparent`` is propagated and logs carry trace ids, but not exported)
-  or ``console`` (one JSON span per line on stdout).
+  ``traceparent`` is propagated and logs carry trace ids, but not exported),
+  ``console`` (one JSON span per line on stdout) or ``otlp`` (OTLP over
+  HTTP/protobuf to a collector; needs the optional extra ``haif[otlp]``,
+  i.e. ``opentelemetry-exporter-otlp-proto-http``). The ``otlp`` exporter
+  reads the standard variables: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (the
+  full URL), else ``OTEL_EXPORTER_OTLP_ENDPOINT`` + ``/v1/traces`` (default
+  ``http://localhost:4318/v1/traces``), and ``OTEL_EXPORTER_OTLP_HEADERS``,
+  ``..._TIMEOUT``, ``..._COMPRESSION``.
 - ``HAIF_OTEL_SERVICE_NAME``: the resource's ``service.name`` (default
   ``haif-<service>``).
 - ``HAIF_LOG_FORMAT``: ``text`` (default) or ``json``.
@@ -89,6 +95,7 @@ Environment variables
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -121,6 +128,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from haif.configfile import ConfigError
+
 __all__ = [
     "BREAKER_STATES",
     "GatewayMetrics",
@@ -128,10 +137,12 @@ __all__ = [
     "OrchestratorMetrics",
     "WorkerMetrics",
     "current_traceparent",
+    "exporter_from_env",
     "extract",
     "http_middleware",
     "inject",
     "metrics_handler",
+    "new_provider",
     "setup_logging",
     "setup_tracing",
     "tracer",
@@ -142,6 +153,10 @@ ENV_SERVICE_NAME = "HAIF_OTEL_SERVICE_NAME"
 ENV_LOG_FORMAT = "HAIF_LOG_FORMAT"
 ENV_LOG_LEVEL = "HAIF_LOG_LEVEL"
 TRACEPARENT = "traceparent"
+#: The values of ``HAIF_OTEL_EXPORTER``.
+EXPORTERS = ("none", "console", "otlp")
+#: Where the ``otlp`` exporter lives (the optional extra ``haif[otlp]``).
+OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 #: Breaker state -> gauge value.
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
 
@@ -152,9 +167,69 @@ _TRACER_NAME = "haif.runtime"
 # ------------------------------------------------------------------ tracing
 
 
+_TRACERS: dict[int, tuple[trace.TracerProvider, trace.Tracer]] = {}
+
+
 def tracer() -> trace.Tracer:
-    """The runtime's tracer (from the global provider; a no-op one without it)."""
-    return trace.get_tracer(_TRACER_NAME)
+    """The runtime's tracer (from the global provider; a no-op one without it).
+
+    Cached per provider: the SDK builds a new tracer on every ``get_tracer``
+    call, which showed in the profile of every request (a span or two each).
+    """
+    provider = trace.get_tracer_provider()
+    cached = _TRACERS.get(id(provider))
+    if cached is None or cached[0] is not provider:
+        cached = (provider, provider.get_tracer(_TRACER_NAME))
+        _TRACERS.clear()  # one global provider at a time
+        _TRACERS[id(provider)] = cached
+    return cached[1]
+
+
+def exporter_from_env() -> SpanExporter | None:
+    """The span exporter ``HAIF_OTEL_EXPORTER`` names (None: spans are not exported).
+
+    Raises :class:`~haif.configfile.ConfigError` when ``otlp`` is chosen and
+    the optional package is not installed; an unknown value is logged and
+    exports nothing.
+    """
+    choice = os.environ.get(ENV_EXPORTER, "none").strip().lower() or "none"
+    if choice == "console":
+        return ConsoleSpanExporter(
+            out=sys.stdout,
+            formatter=lambda span: span.to_json(indent=None) + os.linesep,
+        )
+    if choice == "otlp":
+        return _otlp_exporter()
+    if choice != "none":
+        logging.getLogger("haif.telemetry").warning(
+            "%s=%r is not one of %s; not exporting spans",
+            ENV_EXPORTER,
+            choice,
+            ", ".join(EXPORTERS),
+        )
+    return None
+
+
+def _otlp_exporter() -> SpanExporter:
+    """OTLP over HTTP/protobuf; the endpoint and options come from the OTEL_EXPORTER_OTLP_* env."""
+    try:  # optional (haif[otlp]): imported by name so type checks pass without it
+        module = importlib.import_module(OTLP_MODULE)
+    except ImportError as exc:
+        # No square brackets: the CLI prints this through rich, which reads them as markup.
+        raise ConfigError(
+            f"{ENV_EXPORTER}=otlp needs the optional package "
+            f"opentelemetry-exporter-otlp-proto-http, which is not installed ({exc}): "
+            "install haif's extra 'otlp' or `pip install opentelemetry-exporter-otlp-proto-http`, "
+            f"or set {ENV_EXPORTER}=none or console"
+        ) from None
+    exporter: SpanExporter = module.OTLPSpanExporter()
+    return exporter
+
+
+def new_provider(service: str) -> TracerProvider:
+    """A tracer provider whose resource names ``service`` (``HAIF_OTEL_SERVICE_NAME`` wins)."""
+    name = os.environ.get(ENV_SERVICE_NAME) or f"haif-{service}"
+    return TracerProvider(resource=Resource.create({"service.name": name}))
 
 
 def setup_tracing(
@@ -162,32 +237,28 @@ def setup_tracing(
     exporter: SpanExporter | None = None,
     *,
     batch: bool = True,
+    provider: TracerProvider | None = None,
 ) -> TracerProvider | None:
     """Install the process's tracer provider (once) and an exporter.
 
-    ``exporter`` defaults to the one ``HAIF_OTEL_EXPORTER`` names (none:
-    spans are recorded but not exported). A second call (several services in
-    one process, as in tests) reuses the provider and only adds the exporter.
-    Returns the provider, or None when another SDK-less provider is installed.
+    ``exporter`` defaults to the one ``HAIF_OTEL_EXPORTER`` names
+    (:func:`exporter_from_env`; none: spans are recorded but not exported).
+    A second call (several services in one process, as in tests) reuses the
+    provider and only adds the exporter. ``provider`` (tests) gets the
+    exporter instead of the global one. Returns the provider, or None when
+    another SDK-less provider is installed.
     """
     if exporter is None:
-        choice = os.environ.get(ENV_EXPORTER, "none").strip().lower() or "none"
-        if choice == "console":
-            exporter = ConsoleSpanExporter(
-                out=sys.stdout,
-                formatter=lambda span: span.to_json(indent=None) + os.linesep,
-            )
-        elif choice != "none":
-            logging.getLogger("haif.telemetry").warning(
-                "%s=%r is not one of none, console; not exporting spans", ENV_EXPORTER, choice
-            )
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        name = os.environ.get(ENV_SERVICE_NAME) or f"haif-{service}"
-        provider = TracerProvider(resource=Resource.create({"service.name": name}))
-        trace.set_tracer_provider(provider)
-        if trace.get_tracer_provider() is not provider:  # another provider won
-            return None
+        exporter = exporter_from_env()
+    if provider is None:
+        current = trace.get_tracer_provider()
+        if isinstance(current, TracerProvider):
+            provider = current
+        else:
+            provider = new_provider(service)
+            trace.set_tracer_provider(provider)
+            if trace.get_tracer_provider() is not provider:  # another provider won
+                return None
     if exporter is not None:
         processor: SpanProcessor = (
             BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)

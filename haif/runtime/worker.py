@@ -24,6 +24,14 @@ is loaded in :meth:`Worker.start`, before the first heartbeat: a model whose
 artifact does not verify (signature or digest) is never announced, and the
 worker process exits non-zero (:func:`run_worker`).
 
+Cluster keys
+------------
+With a :class:`~haif.runtime.cluster_keys.ClusterAuth` (``--cluster-key`` /
+``--cluster-keyring``) the worker seals its heartbeats with its own key — the
+orchestrator accepts them only under the key named after the worker's id —
+and serves only calls sealed by a key of its keyring for its worker id
+(:mod:`haif.runtime.rpc`). Without it, nothing is signed or checked.
+
 RPC
 ---
 ``infer_stream(InferCall)`` streams ``TokenChunk`` frames then one
@@ -40,6 +48,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import sys
 from collections.abc import AsyncGenerator, Sequence
@@ -49,9 +58,11 @@ import aiohttp
 from aiohttp import web
 from opentelemetry.trace import StatusCode
 
+from haif.configfile import ConfigError
 from haif.contracts import Request, WorkerSnapshot
 from haif.runtime import telemetry
 from haif.runtime.artifacts import ArtifactError, ModelCacheFull
+from haif.runtime.cluster_keys import ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
 from haif.runtime.engines import (
     MAX_CHUNK_TOKENS,
     Engine,
@@ -64,7 +75,14 @@ from haif.runtime.engines import (
     synthetic_token,
 )
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
-from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable, add_rpc_routes
+from haif.runtime.rpc import (
+    ORCHESTRATOR_AUDIENCE,
+    EnvelopeAuth,
+    RpcClient,
+    RpcError,
+    RpcUnavailable,
+    add_rpc_routes,
+)
 
 __all__ = [
     "MAX_CHUNK_TOKENS",
@@ -99,9 +117,16 @@ class WorkerSpec:
 
 
 class Worker:
-    def __init__(self, spec: WorkerSpec, engine: Engine | None = None) -> None:
+    def __init__(
+        self,
+        spec: WorkerSpec,
+        engine: Engine | None = None,
+        *,
+        cluster_auth: ClusterAuth | None = None,
+    ) -> None:
         self.spec = spec
         self.engine: Engine = engine or SyntheticEngine(spec.mean_s, spec.ttft_s)
+        self.cluster_auth = cluster_auth
         self._slots = asyncio.Semaphore(spec.capacity)
         self._waiting = 0
         self._running = 0
@@ -112,9 +137,14 @@ class Worker:
             lambda: self._running, lambda: self._waiting, spec.capacity
         )
 
+    @property
+    def _engine_queues(self) -> bool:
+        """The engine queues and batches itself (profile timings): no slot limit here."""
+        return bool(getattr(self.engine, "queues_internally", False))
+
     def snapshot(self) -> WorkerSnapshot:
         s = self.spec
-        return WorkerSnapshot(
+        snap = WorkerSnapshot(
             worker_id=s.worker_id,
             region=s.region,
             gpu_class=s.gpu_class,
@@ -125,6 +155,17 @@ class Worker:
             capacity=s.capacity,
             healthy=True,
             price_per_hour=s.price_per_hour,
+        )
+        occupancy = getattr(self.engine, "occupancy", lambda: None)()
+        if occupancy is None:
+            return snap
+        # The engine's own view (profile timings), as the simulated worker reports it.
+        return dataclasses.replace(
+            snap,
+            models_warm=occupancy.warm_models,
+            queue_depth=occupancy.queue_depth,
+            running=occupancy.running,
+            free_kv_tokens=occupancy.free_kv_tokens,
         )
 
     def _call(self, body: object) -> InferCall:
@@ -143,11 +184,13 @@ class Worker:
         request = call.request
         loop = asyncio.get_running_loop()
         received = loop.time()
-        self._waiting += 1
-        try:
-            await self._slots.acquire()
-        finally:
-            self._waiting -= 1
+        slots = None if self._engine_queues else self._slots
+        if slots is not None:
+            self._waiting += 1
+            try:
+                await slots.acquire()
+            finally:
+                self._waiting -= 1
         self._running += 1
         first: float | None = None
         produced = call.resume_tokens
@@ -177,7 +220,8 @@ class Worker:
             outcome = "ok"
         finally:
             self._running -= 1
-            self._slots.release()
+            if slots is not None:
+                slots.release()
             self.metrics.generations.labels(outcome).inc()
             span.set_attribute("haif.output_tokens", produced)
             if outcome != "ok":
@@ -212,7 +256,14 @@ class Worker:
 
     async def _heartbeats(self) -> None:
         assert self._session is not None
-        client = RpcClient(self._session, self.spec.orchestrator_url, timeout_s=2.0)
+        signer = self.cluster_auth.signer if self.cluster_auth is not None else None
+        client = RpcClient(
+            self._session,
+            self.spec.orchestrator_url,
+            timeout_s=2.0,
+            signer=signer,
+            audience=ORCHESTRATOR_AUDIENCE,
+        )
         while True:
             try:
                 await client.call("heartbeat", Announce(self.snapshot(), self.spec.url))
@@ -254,11 +305,13 @@ class Worker:
 
 def build_app(worker: Worker) -> web.Application:
     app = web.Application()
+    keys = worker.cluster_auth
     add_rpc_routes(
         app,
         {"infer": worker.rpc_infer},
         {"infer_stream": worker.rpc_infer_stream},
         service="worker",
+        auth=EnvelopeAuth(keys.keyring, worker.spec.worker_id) if keys is not None else None,
     )
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -301,11 +354,16 @@ def worker_from_args(args: argparse.Namespace) -> Worker:
         ttft_s=args.ttft_s,
         heartbeat_s=args.heartbeat_s,
     )
-    return Worker(spec, engine_from_args(args))
+    cluster_auth = cluster_auth_from_args(args)
+    return Worker(spec, engine_from_args(args), cluster_auth=cluster_auth)
 
 
 def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
-    """Serve a worker until stopped; 1 (logged) if its engine cannot be built or loaded."""
+    """Serve a worker until stopped.
+
+    Returns 1 (logged) if its engine cannot be built or loaded, 2 (logged)
+    if its cluster keys cannot be read.
+    """
     try:
         worker = worker_from_args(args)
         web.run_app(
@@ -318,6 +376,9 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
     except (ArtifactError, EngineError, ModelCacheFull) as exc:
         log.error("worker %s not started: %s", getattr(args, "worker_id", "?"), exc)
         return 1
+    except ConfigError as exc:
+        log.error("worker %s not started: %s", getattr(args, "worker_id", "?"), exc)
+        return 2
     return 0
 
 
@@ -335,6 +396,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-s", type=float, default=0.01)
     parser.add_argument("--heartbeat-s", type=float, default=0.5)
     add_worker_engine_args(parser)
+    add_cluster_auth_args(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -346,7 +408,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_worker_args(parser)
     args = parser.parse_args(argv)
     telemetry.setup_logging("worker")
-    telemetry.setup_tracing("worker")
+    try:
+        telemetry.setup_tracing("worker")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return run_worker(args)
 
 

@@ -13,6 +13,7 @@ retries or gives up as its policy says.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ from haif.control.driver import CoreDriver, Sink
 from haif.seeding import derive_rng
 from haif.sim.engine import BatchingWorker, RequestLevelWorker
 from haif.sim.fleet import AbstractWorker, BaseWorker, Network
-from haif.sim.profiles import PerfProfile, ProfileCatalog, load_catalog
+from haif.sim.profiles import PerfProfile, ProfileCatalog
 from haif.sim.scenario import (
     GatewayDown,
     GrayFailure,
@@ -49,6 +50,7 @@ from haif.sim.scenario import (
     WorkerCrash,
     WorkerGroup,
 )
+from haif.sim.targets import pick_workers, scenario_workers
 from haif.sim.workload import build_requests
 
 Progress = Callable[[float, float], None]  # (sim time, end time)
@@ -126,7 +128,7 @@ class SimCluster:
     def __init__(self, scenario: Scenario, *, keep_log: bool = False) -> None:
         self.scenario = sc = scenario
         self.env = simpy.Environment()
-        self.net = Network(sc.policy.rtt, sc.network.connect_timeout_s)
+        self.net = Network(sc.policy.rtt, sc.network.connect_timeout_s, sc.network.hop_ms / 1000)
         self.drivers: dict[str, SimDriver] = {
             region: SimDriver(
                 self.env,
@@ -147,11 +149,9 @@ class SimCluster:
         self.utilization: list[tuple[float, str, str, str, float]] = []
         self.workers: dict[str, BaseWorker] = {}
         self._gpus: dict[str, int] = {}
-        catalog = load_catalog() if any(g.gpu for g in sc.workers) else None
-        for gi, group in enumerate(sc.workers):
-            for i in range(group.count):
-                wid = f"{group.region}/{group.label}/{gi}.{i}"
-                self.workers[wid] = self._make_worker(wid, group, catalog)
+        catalog = sc.catalog() if any(g.gpu for g in sc.workers) else None
+        for wid, _region, group in scenario_workers(sc):
+            self.workers[wid] = self._make_worker(wid, group, catalog)
         self._arrivals = build_requests(sc)
         hb = sc.heartbeat
         for w in self.workers.values():
@@ -302,10 +302,22 @@ class SimCluster:
         elif isinstance(decision, Cancel):
             self.workers[decision.worker_id].cancel(decision.request_id, decision.attempt)
         elif isinstance(decision, Finalize):
-            self.records.append(decision.record)
+            self.records.append(self._at_client(region, decision.record))
         elif isinstance(decision, DeadLetter):
             self.dead_letters.append(decision)
         # Reject and RetryAt need no action here: a Finalize or a timer follows.
+
+    def _at_client(self, region: str, record: RequestRecord) -> RequestRecord:
+        """The record as its client sees it: tokens and the end travel back from the gateway."""
+        back = self.net.one_way_s(region, record.origin_region)
+        if back == 0:
+            return record
+        first = record.first_token_s
+        return dataclasses.replace(
+            record,
+            first_token_s=None if first is None else first + back,
+            finish_s=record.finish_s + back,
+        )
 
     def _dispatch(self, region: str, d: Dispatch) -> None:
         if self.store_down & {None, region}:
@@ -337,24 +349,9 @@ class SimCluster:
         count: int | None,
         fraction: float | None = None,
     ) -> list[BaseWorker]:
-        if ids:
-            unknown = [i for i in ids if i not in self.workers]
-            if unknown:
-                from haif.configfile import ConfigError
-
-                raise ConfigError(
-                    f"faults.{index}.ids: unknown worker(s) {unknown}; "
-                    f"workers are {sorted(self.workers)}"
-                )
-            return [self.workers[i] for i in ids]
-        pool = [w for w in self.workers.values() if region is None or w.region == region]
-        n = len(pool)
-        if count is not None:
-            n = min(n, count)
-        elif fraction is not None:
-            n = max(1, round(fraction * len(pool)))
-        rng = derive_rng(self.scenario.seed, f"fault:{index}")
-        return rng.sample(pool, n)
+        fleet = [(wid, w.region) for wid, w in self.workers.items()]
+        victims = pick_workers(self.scenario.seed, index, fleet, ids, region, count, fraction)
+        return [self.workers[wid] for wid in victims]
 
     def _fault(self, index: int, fault: object) -> simpy.events.ProcessGenerator:
         env = self.env

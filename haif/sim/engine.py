@@ -16,6 +16,9 @@ completion, a preemption) the batch only decodes, and the step time grows
 linearly with the context (``c·C``): the time of ``k`` steps is a closed
 form, so the model advances a whole segment with one event instead of one
 per token. An arrival in mid-segment ends it at the next step boundary.
+A cancelled job leaves the batch and frees its KV at once; the step or
+segment in progress then credits tokens (and KV) only to the jobs still in
+the batch. The segment keeps its planned step times until it ends.
 
 Request level (:class:`RequestLevelWorker`) — the fast approximation: a
 request holds one of ``max_batch`` slots for ``prefill_time(prompt) +
@@ -99,7 +102,8 @@ class RequestLevelWorker(SlotWorker):
         self.host = _ModelHost(profiles, warm)
 
     def warm_models(self) -> tuple[str, ...]:
-        return (self.host.active,) if self.host.active and self._restarting_until <= 0 else ()
+        loading = self._restarting_until > self.env.now  # reloading after a restart
+        return (self.host.active,) if self.host.active and not loading else ()
 
     def on_restart(self) -> None:
         self._restarting_until = self.env.now + self.host.profile.load_time_s
@@ -330,7 +334,12 @@ class BatchingWorker(BaseWorker):
         yield from self._step(duration, members)
         self.steps += 1
         now = self.env.now
+        # A job cancelled during the step left the batch (its KV went with
+        # it): the step's work for it is discarded.
+        live = {id(j) for j in self.batch}
         for job, n in chunks:
+            if id(job) not in live:
+                continue
             job.prompt_left -= n
             job.context += n
             if job.prompt_left == 0:
@@ -338,7 +347,8 @@ class BatchingWorker(BaseWorker):
                 if self.prefix is not None:
                     self.prefix.insert(job.request.prefix_hashes)
         for job in decoding:
-            self._emit_token(job, now)
+            if id(job) in live:
+                self._emit_token(job, now)
         self._finish_done()
 
     def _emit_token(self, job: Job, now: float) -> None:
@@ -358,7 +368,7 @@ class BatchingWorker(BaseWorker):
         env = self.env
         profile = self.host.profile
         batch = self.batch
-        b = len(batch)
+        b = len(batch)  # at the start: a cancel may shrink the batch mid-segment
         c0 = sum(j.context for j in batch)
         steps_left = min(j.request.max_tokens - j.generated for j in batch)
         kv_steps = (self.kv_capacity - self.kv_used) // b
@@ -391,12 +401,14 @@ class BatchingWorker(BaseWorker):
         self._account()
         self._stepping = False
         self.steps += done
+        # Credit the jobs in the batch now: one cancelled during the segment
+        # was dropped with its KV and gets nothing (its share goes unbilled).
         share = elapsed(done) * self.price_per_hour / 3600.0 / b
-        for job in batch:
+        for job in self.batch:
             job.generated += done
             job.context += done
             job.cost += share
-        self.kv_used += b * done
+            self.kv_used += done
         self._finish_done()
         if self.batch and self.kv_capacity - self.kv_used < len(self.batch):
             self._preempt()

@@ -54,17 +54,20 @@ class Job:
 class Network:
     """RTTs between regions and the partitions in force."""
 
-    def __init__(self, rtt: Callable[[str, str], float], connect_timeout_s: float) -> None:
+    def __init__(
+        self, rtt: Callable[[str, str], float], connect_timeout_s: float, hop_s: float = 0.0
+    ) -> None:
         self._rtt = rtt
         self._one_way: dict[tuple[str, str], float] = {}
         self.connect_timeout_s = connect_timeout_s
+        self.hop_s = hop_s  # per service hop, within a region too
         self.cuts: set[frozenset[str]] = set()
 
     def one_way_s(self, a: str, b: str) -> float:
         key = (a, b)
         delay = self._one_way.get(key)
         if delay is None:
-            delay = self._one_way[key] = self._rtt(a, b) / 2000.0
+            delay = self._one_way[key] = self._rtt(a, b) / 2000.0 + self.hop_s
         return delay
 
     def reachable(self, a: str, b: str) -> bool:

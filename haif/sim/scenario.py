@@ -9,13 +9,18 @@ silently falls back to a default); errors name the file, line and field
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from haif.configfile import load_model
 from haif.control.config import CoreConfig
+
+if TYPE_CHECKING:
+    from haif.sim.profiles import ProfileCatalog
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -148,6 +153,10 @@ class Network(_Strict):
     connect_timeout_s: PositiveFloat = 1.0
     # Clients notice their gateway is down after this long and fail over.
     failover_delay_s: NonNegFloat = 5.0
+    # One-way latency of each hop between services (client -> gateway ->
+    # orchestrator -> worker and back), on top of the RTT between regions: the
+    # runtime's HTTP + msgpack + Python cost per hop (`haif parity` measures it).
+    hop_ms: NonNegFloat = 0.0
 
 
 class Store(_Strict):
@@ -266,9 +275,33 @@ class Scenario(_Strict):
     faults: tuple[Fault, ...] = ()
     random_failures: RandomFailures | None = None
     policy: CoreConfig = CoreConfig()
+    # GPU x model profile catalog (YAML, e.g. from `haif calibrate --out`),
+    # relative to the scenario file; default: the packaged catalog.
+    profiles: str | None = None
     # Data paths (traces, length files) are relative to this directory;
     # load_scenario sets it to the scenario file's directory.
     base_dir: str = "."
+
+    def profiles_path(self) -> Path | None:
+        """The ``profiles`` catalog file: relative to the scenario file, then to the CWD
+        (as the other data paths)."""
+        if self.profiles is None:
+            return None
+        path = Path(self.profiles).expanduser()
+        if path.is_absolute():
+            return path
+        loading = _LOADING_DIR.get()
+        if "base_dir" not in self.model_fields_set and loading is not None:
+            base = loading  # validating inside load_scenario: base_dir is not set yet
+        else:
+            base = Path(self.base_dir)
+        return base / path if (base / path).is_file() or not path.is_file() else path
+
+    def catalog(self) -> ProfileCatalog:
+        """The profile catalog this scenario's GPU workers are timed by."""
+        from haif.sim.profiles import load_catalog
+
+        return load_catalog(self.profiles_path())
 
     @property
     def control(self) -> tuple[str, ...]:
@@ -301,9 +334,9 @@ class Scenario(_Strict):
 
     def _check_fleet(self) -> None:
         """Every profiled worker exists in the catalog, and every model has a server."""
-        from haif.sim.profiles import ModelDoesNotFitError, UnknownProfileError, load_catalog
+        from haif.sim.profiles import ModelDoesNotFitError, UnknownProfileError
 
-        catalog = load_catalog() if any(g.gpu for g in self.workers) else None
+        catalog = self._load_catalog() if any(g.gpu for g in self.workers) else None
         for i, group in enumerate(self.workers):
             if group.gpu is None:
                 continue
@@ -324,10 +357,28 @@ class Scenario(_Strict):
                     f"(the workers serve: {', '.join(sorted(served))})"
                 )
 
+    def _load_catalog(self) -> ProfileCatalog:
+        try:
+            return self.catalog()
+        except FileNotFoundError:
+            raise ValueError(f"profiles: no such file {self.profiles_path()}") from None
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ValueError(
+                f"profiles: {self.profiles_path()}: not a profile catalog: {exc}"
+            ) from None
+
+
+# The scenario file's directory while load_scenario validates it (profiles are relative to it).
+_LOADING_DIR: ContextVar[Path | None] = ContextVar("haif_scenario_dir", default=None)
+
 
 def load_scenario(path: str | Path, overrides: Iterable[str] = ()) -> Scenario:
     """Load and validate a scenario file (raises ConfigError with file:line: field)."""
-    scenario = load_model(Scenario, path, overrides)
+    token = _LOADING_DIR.set(Path(path).resolve().parent)
+    try:
+        scenario = load_model(Scenario, path, overrides)
+    finally:
+        _LOADING_DIR.reset(token)
     if "base_dir" not in scenario.model_fields_set:
         scenario = scenario.model_copy(update={"base_dir": str(Path(path).resolve().parent)})
     return scenario

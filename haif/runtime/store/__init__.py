@@ -4,6 +4,11 @@
   ``DuckDBStore(path)`` connects and migrates on construction.
 - :class:`PostgresStore` — PostgreSQL through an asyncpg pool.
 
+Both are a :class:`~haif.runtime.store.sql_store.SqlStore`: the method bodies
+and statements are shared, and the request-path writes (``reserve``,
+``set_job_status``, ``finalize``, ``write_record``) are group-committed, one
+transaction per batch of concurrent calls (``store.batch_stats`` counts them).
+
 :func:`open_store` picks the backend from a URL and returns a migrated store::
 
     store = await open_store("duckdb:///var/lib/haif/store.duckdb")
@@ -31,12 +36,15 @@ from haif.runtime.store.base import (
     UsageTotals,
 )
 from haif.runtime.store.duckdb_store import DuckDBStore
+from haif.runtime.store.group_commit import BatchStats
 from haif.runtime.store.postgres_store import PostgresStore
+from haif.runtime.store.sql_store import SqlStore
 
 __all__ = [
     "JOB_STATUSES",
     "LATEST_VERSION",
     "MIGRATIONS",
+    "BatchStats",
     "DeadLetterRow",
     "DuckDBStore",
     "JobRow",
@@ -47,6 +55,7 @@ __all__ = [
     "Quota",
     "Reservation",
     "ReserveOutcome",
+    "SqlStore",
     "UsageRow",
     "UsageTotals",
     "open_store",

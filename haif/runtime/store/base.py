@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -143,6 +144,10 @@ CREATE TABLE IF NOT EXISTS schema_version (
 """
 SELECT_SCHEMA_VERSION = "SELECT COALESCE(MAX(version), 0) FROM schema_version"
 INSERT_SCHEMA_VERSION = "INSERT INTO schema_version (version, name) VALUES ($1, $2)"
+SCHEMA_TABLE_EXISTS = (
+    "SELECT COUNT(*) FROM information_schema.tables "
+    "WHERE table_name = 'schema_version' AND table_schema = current_schema()"
+)
 
 _STATUS_CHECK = ", ".join(f"'{s}'" for s in JOB_STATUSES)
 
@@ -254,12 +259,37 @@ _RECORD_INTS = frozenset(
     name for name, hint in typing.get_type_hints(RequestRecord).items() if hint is int
 )
 
-UPSERT_RECORD = (
-    f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(RECORD_FIELDS) + 1))}) "
-    "ON CONFLICT (request_id) DO UPDATE SET "
-    + ", ".join(f"{name} = EXCLUDED.{name}" for name in RECORD_FIELDS[1:])
-)
+
+def values_list(rows: int, width: int, casts: Sequence[str] = ()) -> str:
+    """``($1, $2), ($3, $4)``: ``rows`` tuples of ``width`` numbered parameters.
+
+    With ``casts`` (one SQL type per column) each parameter is ``CAST`` to its
+    type, which a ``VALUES`` list outside an ``INSERT`` needs in PostgreSQL.
+    """
+    if rows < 1:
+        raise ValueError(f"a VALUES list needs at least one row, got {rows}")
+
+    def param(n: int, column: int) -> str:
+        return f"CAST(${n} AS {casts[column]})" if casts else f"${n}"
+
+    return ", ".join(
+        "(" + ", ".join(param(r * width + c + 1, c) for c in range(width)) + ")"
+        for r in range(rows)
+    )
+
+
+@functools.cache
+def upsert_records_sql(rows: int) -> str:
+    """Upsert ``rows`` records (their request ids must differ)."""
+    return (
+        f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) "
+        f"VALUES {values_list(rows, len(RECORD_FIELDS))} "
+        "ON CONFLICT (request_id) DO UPDATE SET "
+        + ", ".join(f"{name} = EXCLUDED.{name}" for name in RECORD_FIELDS[1:])
+    )
+
+
+UPSERT_RECORD = upsert_records_sql(1)
 SELECT_RECORDS = f"SELECT {', '.join(RECORD_FIELDS)} FROM requests ORDER BY arrival_s, request_id"
 
 JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRow))
@@ -270,21 +300,66 @@ RELEASE_EXPIRED_KEY = (
     "UPDATE jobs SET idempotency_key = NULL "
     "WHERE tenant = $1 AND idempotency_key = $2 AND status = 'expired'"
 )
-INSERT_JOB_IF_ABSENT = (
-    f"INSERT INTO jobs ({_JOB_COLUMNS}) "
-    f"VALUES ({', '.join(f'${i}' for i in range(1, len(JOB_FIELDS) + 1))}) "
-    f"ON CONFLICT DO NOTHING RETURNING {_JOB_COLUMNS}"
-)
+
+
+@functools.cache
+def insert_jobs_sql(rows: int, *, keyed: bool = True) -> str:
+    """Insert ``rows`` jobs, skipping any that a key or id conflict blocks; return the inserted.
+
+    ``keyed=False`` is for jobs without an idempotency key: only their id can
+    conflict. (DuckDB's untargeted ``ON CONFLICT`` takes two rows of one
+    statement with a NULL key for duplicates and inserts only the first.)
+    """
+    target = "" if keyed else "(request_id) "
+    return (
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES {values_list(rows, len(JOB_FIELDS))} "
+        f"ON CONFLICT {target}DO NOTHING RETURNING {_JOB_COLUMNS}"
+    )
+
+
+INSERT_JOB_IF_ABSENT = insert_jobs_sql(1)
 SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE request_id = $1"
 SELECT_JOB_BY_KEY = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2"
 _FINAL_LIST = ", ".join(f"'{s}'" for s in FINAL_STATUSES)
 _OPEN_LIST = ", ".join(f"'{s}'" for s in OPEN_STATUSES)
-SET_JOB_STATUS = (
-    "UPDATE jobs SET status = $2, updated_s = $3, worker_id = COALESCE($4, worker_id), "
-    "expires_s = COALESCE($5, expires_s) "
-    f"WHERE request_id = $1 AND status NOT IN ({_FINAL_LIST}) RETURNING request_id"
-)
-FINISH_JOB = "UPDATE jobs SET status = $2, result = $3, updated_s = $4 WHERE request_id = $1"
+
+
+@functools.cache
+def set_job_statuses_sql(rows: int) -> str:
+    """Move ``rows`` open jobs (``request_id, status, now, worker_id, expires_s`` each;
+    distinct ids) to a status; return the ids that moved."""
+    if rows == 1:  # the plain form plans faster (DuckDB: about 1 ms less)
+        return (
+            "UPDATE jobs SET status = $2, updated_s = $3, worker_id = COALESCE($4, worker_id), "
+            "expires_s = COALESCE($5, expires_s) "
+            f"WHERE request_id = $1 AND status NOT IN ({_FINAL_LIST}) RETURNING request_id"
+        )
+    values = values_list(rows, 5, ("TEXT", "TEXT", "DOUBLE PRECISION", "TEXT", "DOUBLE PRECISION"))
+    return (
+        "UPDATE jobs SET status = v.status, updated_s = v.now, "
+        "worker_id = COALESCE(v.worker_id, jobs.worker_id), "
+        "expires_s = COALESCE(v.expires_s, jobs.expires_s) "
+        f"FROM (VALUES {values}) AS v (request_id, status, now, worker_id, expires_s) "
+        f"WHERE jobs.request_id = v.request_id AND jobs.status NOT IN ({_FINAL_LIST}) "
+        "RETURNING jobs.request_id"
+    )
+
+
+@functools.cache
+def finish_jobs_sql(rows: int) -> str:
+    """Settle ``rows`` jobs (``request_id, status, result, now`` each; distinct ids)."""
+    if rows == 1:
+        return "UPDATE jobs SET status = $2, result = $3, updated_s = $4 WHERE request_id = $1"
+    values = values_list(rows, 4, ("TEXT", "TEXT", "BYTEA", "DOUBLE PRECISION"))
+    return (
+        "UPDATE jobs SET status = v.status, result = v.result, updated_s = v.now "
+        f"FROM (VALUES {values}) AS v (request_id, status, result, now) "
+        "WHERE jobs.request_id = v.request_id"
+    )
+
+
+SET_JOB_STATUS = set_job_statuses_sql(1)
+FINISH_JOB = finish_jobs_sql(1)
 EXPIRE_JOBS = (
     "UPDATE jobs SET status = 'expired', updated_s = $1 "
     f"WHERE status IN ({_OPEN_LIST}) AND expires_s IS NOT NULL AND expires_s <= $1 "
@@ -292,10 +367,18 @@ EXPIRE_JOBS = (
 )
 
 _USAGE_COLUMNS = "request_id, tenant, prompt_tokens, output_tokens, cost, finalized_s"
-INSERT_USAGE_ONCE = (
-    f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6) "
-    "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
-)
+
+
+@functools.cache
+def insert_usage_sql(rows: int) -> str:
+    """Insert ``rows`` usage rows unless already there; return the ids inserted."""
+    return (
+        f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {values_list(rows, 6)} "
+        "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
+    )
+
+
+INSERT_USAGE_ONCE = insert_usage_sql(1)
 SELECT_USAGE = f"SELECT {_USAGE_COLUMNS} FROM usage ORDER BY finalized_s, request_id"
 SELECT_USAGE_OF = (
     f"SELECT {_USAGE_COLUMNS} FROM usage WHERE tenant = $1 ORDER BY finalized_s, request_id"
@@ -405,6 +488,14 @@ def check_status(status: str) -> JobStatus:
         return _STATUS_BY_NAME[status]
     except KeyError:
         raise ValueError(f"unknown job status {status!r}; expected one of {JOB_STATUSES}") from None
+
+
+def status_params(
+    request_id: str, status: str, now: float, worker_id: str | None, expires_s: float | None
+) -> list[Any]:
+    """``SET_JOB_STATUS`` parameters (the status is checked)."""
+    expires = None if expires_s is None else float(expires_s)
+    return [request_id, check_status(status), float(now), worker_id, expires]
 
 
 def final_job_status(record: RequestRecord) -> JobStatus:

@@ -345,6 +345,24 @@ def test_compare_reports_relative_errors_and_fails_past_the_bounds() -> None:
     assert shares == {"a": pytest.approx(-0.25), "b": pytest.approx(0.25)}
 
 
+def test_compare_pairs_requests_by_id_for_same_worker_share_and_outliers() -> None:
+    sim = [_rec(i, 0.1, 1.0) for i in range(10)]
+    live = [_rec(i, 0.1, 1.0, worker_id="w" if i < 6 else "x") for i in range(10)]
+    live[3] = _rec(3, 0.5, 1.0)  # 400 ms late on its first token
+    live[7] = _rec(7, 0.05, 1.0, worker_id="x")
+    live[9] = _rec(9, 0.1, 1.0, status="error", first_token_s=None)  # not paired
+    result = compare(sim, live)
+    assert result.same_worker == pytest.approx(6 / 9)
+    worst = result.outliers[0]
+    assert (worst["request_id"], worst["sim_ttft"], worst["live_ttft"]) == (
+        "r3",
+        pytest.approx(0.1),
+        pytest.approx(0.5),
+    )
+    assert result.outliers[1]["request_id"] == "r7" and result.outliers[1]["live_worker"] == "x"
+    assert result.to_json()["same_worker"] == result.same_worker
+
+
 def test_haif_up_seals_rpc_and_the_admin_key_opens_the_dlq(up: Up, tmp_path: Path) -> None:
     orch = _services(up)["orchestrator"]["url"]
     keys = up.data / "keys"

@@ -36,7 +36,7 @@ import time
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -116,9 +116,19 @@ class Comparison:
     metrics: list[dict[str, Any]]
     placement: list[dict[str, Any]]
     passed: bool
+    #: Share of the requests both runs served that ran on the same worker in both.
+    same_worker: float = float("nan")
+    #: The requests whose TTFT differs most between the runs (a failed check's first lead).
+    outliers: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        return {"metrics": self.metrics, "placement": self.placement, "passed": self.passed}
+        return {
+            "metrics": self.metrics,
+            "placement": self.placement,
+            "same_worker": self.same_worker,
+            "ttft_outliers": self.outliers,
+            "passed": self.passed,
+        }
 
 
 def _latencies(records: Sequence[RequestRecord]) -> dict[str, np.ndarray]:
@@ -183,7 +193,41 @@ def compare(
         placement.append(
             {"region": key[0], "gpu_class": key[1], "sim": a, "live": b, "difference": b - a}
         )
-    return Comparison(metrics, placement, passed)
+    same, outliers = _paired(sim, live)
+    return Comparison(metrics, placement, passed, same, outliers)
+
+
+def _ttft(r: RequestRecord) -> float | None:
+    return None if r.first_token_s is None else r.first_token_s - r.arrival_s
+
+
+def _paired(
+    sim: Sequence[RequestRecord], live: Sequence[RequestRecord], top: int = 5
+) -> tuple[float, list[dict[str, Any]]]:
+    """Request by request: how often both ran on one worker; the largest TTFT differences."""
+    by_id = {r.request_id: r for r in live if r.status == "ok"}
+    pairs = [(s, by_id[s.request_id]) for s in sim if s.status == "ok" and s.request_id in by_id]
+    if not pairs:
+        return float("nan"), []
+    same = sum(s.worker_id == lv.worker_id for s, lv in pairs) / len(pairs)
+    diffs = []
+    for s, lv in pairs:
+        a, b = _ttft(s), _ttft(lv)
+        if a is not None and b is not None:
+            diffs.append((b - a, s, lv, a, b))
+    diffs.sort(key=lambda d: -abs(d[0]))
+    outliers = [
+        {
+            "request_id": s.request_id,
+            "arrival_s": s.arrival_s,
+            "sim_worker": s.worker_id,
+            "live_worker": lv.worker_id,
+            "sim_ttft": a,
+            "live_ttft": b,
+        }
+        for _, s, lv, a, b in diffs[:top]
+    ]
+    return same, outliers
 
 
 _HAIF = (sys.executable, "-m", "haif")
@@ -315,6 +359,18 @@ def write_report(comparison: Comparison, scenario: Scenario, out: Path) -> None:
             f"| {p['region']} | {p['gpu_class']} | {p['sim']:.1%} | {p['live']:.1%} "
             f"| {p['difference'] * 100:+.1f} pp |"
         )
+    lines += [
+        "",
+        f"Requests served by the same worker in both runs: {comparison.same_worker:.1%}.",
+        "",
+        "| request | arrival | sim worker | live worker | sim TTFT | live TTFT |",
+        "|---|---:|---|---|---:|---:|",
+    ]
+    for o in comparison.outliers:
+        lines.append(
+            f"| {o['request_id']} | {o['arrival_s']:.3f} s | {o['sim_worker']} "
+            f"| {o['live_worker']} | {_fmt(o['sim_ttft'], 's')} | {_fmt(o['live_ttft'], 's')} |"
+        )
     lines += ["", f"**{'PASS' if comparison.passed else 'FAIL'}**", ""]
     (out / "parity.md").write_text("\n".join(lines))
 
@@ -416,5 +472,12 @@ def _cmd_parity(args: argparse.Namespace) -> int:
                 style=None if m.get("ok", True) else "red",
             )
         console.print(table)
+        console.print(f"same worker in both runs: {comparison.same_worker:.1%}")
+        if not comparison.passed:
+            worst = ", ".join(
+                f"{o['request_id']} {_fmt(o['sim_ttft'], 's')} -> {_fmt(o['live_ttft'], 's')}"
+                for o in comparison.outliers[:3]
+            )
+            console.print(f"largest TTFT differences: {worst}")
         console.print(f"report: {out / 'parity.md'}  {'PASS' if comparison.passed else 'FAIL'}")
     return 0 if comparison.passed else 1

@@ -122,6 +122,7 @@ import random
 import re
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -323,9 +324,8 @@ class Orchestrator:
         self._attempts: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
-        self._writes: asyncio.Queue[tuple[str, Callable[[], Awaitable[object]]] | None] = (
-            asyncio.Queue()
-        )
+        #: Store writes not yet done, per request, in decision order (see :meth:`_write`).
+        self._writes: dict[str, deque[tuple[str, Callable[[], Awaitable[object]]]]] = {}
         self.driver: LoopDriver | None = None
         self._session: aiohttp.ClientSession | None = None
         self.metrics = telemetry.OrchestratorMetrics()
@@ -337,7 +337,6 @@ class Orchestrator:
         self.driver = LoopDriver(loop, ControlCore(self.config, self._rng), self.execute)
         # No connection cap: every running attempt holds one worker connection.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        self._spawn(self._writer())
         for coro in (self._reconciler(), self._lease_renewer(), self._presence_watch()):
             self._loops.append(asyncio.create_task(coro))
 
@@ -347,8 +346,8 @@ class Orchestrator:
         await asyncio.gather(*self._loops, return_exceptions=True)
         for task in list(self._attempts.values()):
             task.cancel()
-        await self._writes.put(None)
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        while self._tasks:  # attempts and the store writes their ends queued
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         await self.store.close()
@@ -734,12 +733,37 @@ class Orchestrator:
             self._settle(decision.record, self._pending.get(decision.record.request_id))
             self._resolve(decision.record)
 
-    def _write(self, what: str, op: Callable[[], Awaitable[object]]) -> None:
-        self._writes.put_nowait((what, op))
+    def _write(self, rid: str, what: str, op: Callable[[], Awaitable[object]]) -> None:
+        """Persist off the hot path: in order per request, concurrently across requests.
+
+        Concurrent writes are what the store's group commit batches (one
+        transaction for many requests' finalizations); one request's writes
+        stay in decision order (running before done, done before dead letter).
+        """
+        queue = self._writes.get(rid)
+        if queue is not None:
+            queue.append((what, op))
+            return
+        self._writes[rid] = deque([(what, op)])
+        self._spawn(self._drain_writes(rid))
+
+    async def _drain_writes(self, rid: str) -> None:
+        queue = self._writes[rid]
+        try:
+            while queue:
+                what, op = queue[0]
+                try:
+                    await op()
+                except Exception:  # the store must not take the orchestrator down
+                    log.exception("store write failed: %s", what)
+                queue.popleft()
+        finally:
+            del self._writes[rid]
 
     def _write_running(self, rid: str, worker_id: str) -> None:
         now = time.time()
         self._write(
+            rid,
             f"job {rid} running",
             lambda: self.store.set_job_status(
                 rid, "running", now, worker_id, expires_s=now + self.lease_ttl_s
@@ -756,6 +780,7 @@ class Orchestrator:
             request = pending.replay_of.request
         now = time.time()
         self._write(
+            pending.request.request_id,
             f"dead letter {dead.request_id}",
             lambda: self.store.add_dead_letter(dead, request, now),
         )
@@ -769,7 +794,7 @@ class Orchestrator:
                 await self.store.write_record(record)
                 await self.store.set_job_status(rid, "expired", now)
 
-            self._write(f"refused {rid}", release)
+            self._write(rid, f"refused {rid}", release)
             return
         text = "".join(pending.texts) if pending is not None else ""
         reject = pending.reject if pending is not None else None
@@ -779,7 +804,7 @@ class Orchestrator:
             if not await self.store.finalize(rid, record, blob, now):
                 log.warning("request %s was already finalized; usage left as it was", rid)
 
-        self._write(f"finalize {rid}", finalize)
+        self._write(rid, f"finalize {rid}", finalize)
 
     def _resolve(self, record: RequestRecord) -> None:
         pending = self._pending.pop(record.request_id, None)
@@ -932,15 +957,6 @@ class Orchestrator:
         )
 
     # ------------------------------------------------------------ store upkeep
-
-    async def _writer(self) -> None:
-        """Persist jobs, usage, records and dead letters in decision order, off the hot path."""
-        while (item := await self._writes.get()) is not None:
-            what, op = item
-            try:
-                await op()
-            except Exception:  # the store must not take the orchestrator down
-                log.exception("store write failed: %s", what)
 
     async def reconcile(self) -> list[str]:
         """Expire reservations whose lease ended (leaked by a dead orchestrator)."""

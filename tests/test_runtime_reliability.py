@@ -323,6 +323,46 @@ async def test_keys_and_request_ids_are_per_tenant(
     assert tenants == {"acme", "globex"}
 
 
+async def test_a_minted_id_runs_at_once_and_its_job_follows(
+    cluster: ReliableCluster, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No x-request-id and no Idempotency-Key: nothing in the store can match the
+    request, so it runs without waiting for its reservation; a client-chosen id
+    still waits (it may be taken)."""
+    store = cluster.store
+    real = store.reserve
+    gate = asyncio.Event()
+    held: list[str] = []
+
+    async def reserve(job: Any, now: float) -> Any:
+        held.append(job.request_id)
+        await gate.wait()
+        return await real(job, now)
+
+    monkeypatch.setattr(store, "reserve", reserve)
+    body = {"model": MODEL, "prompt": "no id", "max_tokens": 3}
+    status, headers, answer = await post(session, cluster.url, body)
+    assert status == 200, answer
+    rid = answer["id"]
+    assert rid == headers["x-request-id"] and rid.startswith("req-")
+    assert held == [rid] and await store.get_job(rid) is None  # ran; its row not written yet
+
+    chosen = asyncio.create_task(post(session, cluster.url, body, {"x-request-id": "chosen-1"}))
+    await asyncio.sleep(0.5)
+    assert held == [rid, "chosen-1"] and not chosen.done()  # waits for its reservation
+    gate.set()
+    assert (await chosen)[0] == 200
+
+    async def settled() -> Any:
+        job = await store.get_job(rid)
+        return job if job is not None and job.status == "done" else None
+
+    job = await wait_for(settled, 10, f"the job row of {rid}")
+    assert job.idempotency_key is None and job.tenant == (await cluster.record(rid)).tenant
+    usage = [u for u in await store.list_usage() if u.request_id == rid]
+    assert len(usage) == 1 and usage[0].output_tokens == 3
+
+
 async def test_a_refused_request_keeps_no_key(
     cluster: ReliableCluster, session: aiohttp.ClientSession
 ) -> None:

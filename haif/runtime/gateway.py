@@ -429,7 +429,8 @@ class Gateway:
         else:
             assert isinstance(parsed, CompletionBody)
             prompt = parsed.prompt
-        request_id = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        given_id = request.headers.get("x-request-id")
+        request_id = given_id or f"req-{uuid.uuid4().hex}"
         if not _REQUEST_ID.fullmatch(request_id):
             return openai_error(
                 400,
@@ -459,6 +460,7 @@ class Gateway:
             stream=parsed.stream,
             prompt=prompt,
             idempotency_key=key,
+            id_minted=given_id is None,
         )
         return await self._run(request, req, parsed, chat, arrived=arrived)
 

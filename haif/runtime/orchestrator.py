@@ -372,6 +372,13 @@ class Orchestrator:
                 "bad_request", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters"
             )
         digest = request_body_hash(body)
+        if (
+            body.id_minted
+            and key is None
+            and replay_of is None
+            and body.request_id not in self._pending
+        ):
+            return self._admit_then_reserve(body, digest)
         for _ in range(_RESERVE_ROUNDS):
             # Shielded: a caller that leaves now must not leave a job row
             # without its request (the request runs, as if it had left later).
@@ -456,6 +463,27 @@ class Orchestrator:
         if not isinstance(reply, SubmitReply):
             raise RpcError("conflict", f"request {job.request_id} finished without a stored reply")
         return reply
+
+    def _admit_then_reserve(self, body: Request, digest: str) -> _Pending:
+        """Run a request with a fresh id and no key at once; its job row follows.
+
+        Nothing can match it in the store (no key; an id the gateway minted),
+        so there is nothing to wait for before it runs: the reserve is its
+        first write, ahead of its others (:meth:`_write`), off the hot path.
+        Should the orchestrator die before that write, the request leaves no
+        job behind, and none to expire.
+        """
+        rid = body.request_id
+        now = time.time()
+        job = JobRow(rid, body.tenant, None, digest, expires_s=now + self.lease_ttl_s)
+
+        async def reserve() -> None:
+            reservation = await self.store.reserve(job, now)
+            if not reservation.created:
+                log.error("request %s: its minted id was already in the store", rid)
+
+        self._write(rid, f"reserve {rid}", reserve)
+        return self._admit(body, rid, None)
 
     def _admit(self, body: Request, rid: str, replay_of: DeadLetterRow | None) -> _Pending:
         assert self.driver is not None

@@ -12,7 +12,7 @@ import simpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haif.contracts import AttemptResult, Event, Request
+from haif.contracts import AttemptResult, Event, Heartbeat, Request
 from haif.sim.engine import BatchingWorker, RequestLevelWorker, _steps_within
 from haif.sim.fleet import Network
 from haif.sim.profiles import GpuSpec, ModelSpec, PerfProfile, StepCoefficients, load_catalog
@@ -47,6 +47,7 @@ class Harness:
     ) -> None:
         self.env = simpy.Environment()
         self.results: list[AttemptResult] = []
+        self.beats: list[float] = []  # when it announced itself
         net = Network(lambda _a, _b: 0.0, connect_timeout_s=1.0)
         profiles = profiles or {"m": profile()}
         self.worker = kind(
@@ -67,6 +68,9 @@ class Harness:
         )
 
     def _send(self, _src: str, _dst: str, event: Event) -> None:
+        if isinstance(event, Heartbeat):
+            self.beats.append(self.env.now)
+            return
         assert isinstance(event, AttemptResult)
         self.results.append(event)
 
@@ -277,6 +281,24 @@ def test_crash_fails_in_flight_and_restart_reloads_weights() -> None:
     h.submit(2.5, "b", prompt=10, output=1)
     out = h.run()
     # Weights load for 5 s after the restart at t=2; b waits for them.
+    assert out["b"].ok and out["b"].cold_start
+    assert out["b"].first_token_s == pytest.approx(7.0 + 0.01)
+
+
+@pytest.mark.parametrize("kind", [BatchingWorker, RequestLevelWorker])
+def test_a_restarted_worker_boots_then_announces_while_its_weights_load(kind: type) -> None:
+    h = Harness(kind=kind)
+    h.env.process(h.worker.heartbeats(("r",), 100.0, 0.0))  # announces at 0, then rarely
+    h.env.run(until=1.0)
+    h.worker.go_down()
+    h.env.run(until=2.0)
+    h.worker.come_up(boot_s=1.5)  # restarted at 2.0: answers and announces at 3.5
+    h.submit(0.5, "early", prompt=10, output=1)  # at 2.5 (delays count from now): unreachable
+    h.submit(1.6, "b", prompt=10, output=1)  # at 3.6
+    out = h.run(until=50.0)
+    assert h.beats == [0.0, pytest.approx(3.5)]
+    assert not out["early"].ok and out["early"].finish_s == pytest.approx(3.5)
+    # The weights load from the restart (5 s: done at 7.0), not from the boot.
     assert out["b"].ok and out["b"].cold_start
     assert out["b"].first_token_s == pytest.approx(7.0 + 0.01)
 

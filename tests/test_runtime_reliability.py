@@ -340,6 +340,14 @@ async def test_a_minted_id_runs_at_once_and_its_job_follows(
         return await real(job, now)
 
     monkeypatch.setattr(store, "reserve", reserve)
+    statuses: list[tuple[str, str]] = []
+    real_status = store.set_job_status
+
+    async def set_job_status(rid: str, status: Any, *args: Any, **kw: Any) -> bool:
+        statuses.append((rid, status))
+        return await real_status(rid, status, *args, **kw)
+
+    monkeypatch.setattr(store, "set_job_status", set_job_status)
     body = {"model": MODEL, "prompt": "no id", "max_tokens": 3}
     status, headers, answer = await post(session, cluster.url, body)
     assert status == 200, answer
@@ -361,6 +369,9 @@ async def test_a_minted_id_runs_at_once_and_its_job_follows(
     assert job.idempotency_key is None and job.tenant == (await cluster.record(rid)).tenant
     usage = [u for u in await store.list_usage() if u.request_id == rid]
     assert len(usage) == 1 and usage[0].output_tokens == 3
+    # Its "running" status was still queued behind the reserve when it finished:
+    # the finalization superseded it, so it was never written.
+    assert (rid, "running") not in statuses
 
 
 async def test_a_refused_request_keeps_no_key(

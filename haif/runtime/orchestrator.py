@@ -325,7 +325,7 @@ class Orchestrator:
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
         #: Store writes not yet done, per request, in decision order (see :meth:`_write`).
-        self._writes: dict[str, deque[tuple[str, Callable[[], Awaitable[object]]]]] = {}
+        self._writes: dict[str, deque[tuple[str, Callable[[], Awaitable[object]], bool]]] = {}
         self.driver: LoopDriver | None = None
         self._session: aiohttp.ClientSession | None = None
         self.metrics = telemetry.OrchestratorMetrics()
@@ -761,29 +761,34 @@ class Orchestrator:
             self._settle(decision.record, self._pending.get(decision.record.request_id))
             self._resolve(decision.record)
 
-    def _write(self, rid: str, what: str, op: Callable[[], Awaitable[object]]) -> None:
+    def _write(
+        self, rid: str, what: str, op: Callable[[], Awaitable[object]], *, interim: bool = False
+    ) -> None:
         """Persist off the hot path: in order per request, concurrently across requests.
 
         Concurrent writes are what the store's group commit batches (one
         transaction for many requests' finalizations); one request's writes
         stay in decision order (running before done, done before dead letter).
+        An ``interim`` write (a status on the way) is skipped when a later
+        write of the request is already queued: that one supersedes it.
         """
         queue = self._writes.get(rid)
         if queue is not None:
-            queue.append((what, op))
+            queue.append((what, op, interim))
             return
-        self._writes[rid] = deque([(what, op)])
+        self._writes[rid] = deque([(what, op, interim)])
         self._spawn(self._drain_writes(rid))
 
     async def _drain_writes(self, rid: str) -> None:
         queue = self._writes[rid]
         try:
             while queue:
-                what, op = queue[0]
-                try:
-                    await op()
-                except Exception:  # the store must not take the orchestrator down
-                    log.exception("store write failed: %s", what)
+                what, op, interim = queue[0]
+                if not (interim and len(queue) > 1):
+                    try:
+                        await op()
+                    except Exception:  # the store must not take the orchestrator down
+                        log.exception("store write failed: %s", what)
                 queue.popleft()
         finally:
             del self._writes[rid]
@@ -796,6 +801,7 @@ class Orchestrator:
             lambda: self.store.set_job_status(
                 rid, "running", now, worker_id, expires_s=now + self.lease_ttl_s
             ),
+            interim=True,
         )
 
     def _write_dead_letter(self, dead: DeadLetter, pending: _Pending | None) -> None:

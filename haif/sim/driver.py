@@ -364,7 +364,7 @@ class SimCluster:
                 w.go_down()
             yield env.timeout(fault.restart_s)
             for w in victims:
-                w.come_up()
+                w.come_up(self.scenario.heartbeat.boot_s)
             return
         assert isinstance(fault, RegionOutage | Partition | GrayFailure | StoreOutage | GatewayDown)
         start, end = fault.start_s, fault.end_s
@@ -397,7 +397,7 @@ class SimCluster:
         yield env.timeout(end - start)
         if isinstance(fault, RegionOutage):
             for w in victims:
-                w.come_up()
+                w.come_up(self.scenario.heartbeat.boot_s)
         elif isinstance(fault, GrayFailure):
             for w in victims:
                 w.slow = 1.0
@@ -422,7 +422,7 @@ class SimCluster:
                     (self.env.now, self.env.now + rf.restart_s, f"{wid} failed")
                 )
                 yield self.env.timeout(rf.restart_s)
-                worker.come_up()
+                worker.come_up(self.scenario.heartbeat.boot_s)
 
     # ------------------------------------------------------------ telemetry
 

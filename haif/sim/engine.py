@@ -105,8 +105,8 @@ class RequestLevelWorker(SlotWorker):
         loading = self._restarting_until > self.env.now  # reloading after a restart
         return (self.host.active,) if self.host.active and not loading else ()
 
-    def on_restart(self) -> None:
-        self._restarting_until = self.env.now + self.host.profile.load_time_s
+    def on_restart(self, elapsed_s: float) -> None:
+        self._restarting_until = self.env.now - elapsed_s + self.host.profile.load_time_s
 
     def busy_fraction_now(self) -> float:
         # The GPU is busy while any request is in the batch (as in the iteration model).
@@ -218,8 +218,8 @@ class BatchingWorker(BaseWorker):
         if self.prefix is not None:
             self.prefix.clear()
 
-    def on_restart(self) -> None:
-        self._loop = self.env.process(self._run(load_first=True))
+    def on_restart(self, elapsed_s: float) -> None:
+        self._loop = self.env.process(self._run(load_first=True, loaded_s=elapsed_s))
 
     # -------------------------------------------------------- the engine loop
 
@@ -268,11 +268,11 @@ class BatchingWorker(BaseWorker):
             self.kv_used += head.prompt_left + head.context
             self.batch.append(head)
 
-    def _run(self, load_first: bool) -> simpy.events.ProcessGenerator:
+    def _run(self, load_first: bool, loaded_s: float = 0.0) -> simpy.events.ProcessGenerator:
         env = self.env
         try:
             if load_first:
-                yield from self._load(self.host.active)
+                yield from self._load(self.host.active, loaded_s)
             while True:
                 if (
                     self.waiting
@@ -293,13 +293,14 @@ class BatchingWorker(BaseWorker):
         except simpy.Interrupt:
             return
 
-    def _load(self, model: str | None) -> simpy.events.ProcessGenerator:
+    def _load(self, model: str | None, loaded_s: float = 0.0) -> simpy.events.ProcessGenerator:
+        """Load ``model``'s weights (``loaded_s`` of the load already done, while booting)."""
         assert model is not None
         self.host.active = model
         self.host.loading = True
         for job in self.waiting:
             job.cold_start = True
-        yield self.env.timeout(self.host.profile.load_time_s)
+        yield self.env.timeout(max(0.0, self.host.profile.load_time_s - loaded_s))
         self.host.loading = False
 
     def _step(self, duration: float, jobs: list[Job]) -> simpy.events.ProcessGenerator:

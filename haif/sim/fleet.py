@@ -104,6 +104,7 @@ class BaseWorker(ABC):
         # Service-time draws get their own stream, so heartbeat settings never shift them.
         self.service_rng = random.Random(rng.getrandbits(64))
         self.up = True
+        self._orchestrators: tuple[str, ...] = ()  # whom heartbeats go to
         self.slow = 1.0  # gray failure factor
         self.served = 0
         self.jobs: dict[tuple[str, int], Job] = {}
@@ -138,8 +139,8 @@ class BaseWorker(ABC):
     def free_kv_tokens(self) -> int:
         return 0
 
-    def on_restart(self) -> None:  # noqa: B027 - optional hook
-        """Called when a crashed worker comes back (before it serves again)."""
+    def on_restart(self, elapsed_s: float) -> None:  # noqa: B027 - optional hook
+        """Called when a crashed worker is back up, ``elapsed_s`` after its restart."""
 
     # -------------------------------------------------------- control
 
@@ -197,10 +198,25 @@ class BaseWorker(ABC):
             self.drop(job)
             self._result(job, ok=False, error="worker_crashed")
 
-    def come_up(self) -> None:
+    def come_up(self, boot_s: float = 0.0) -> None:
+        """Restart now: up, and announced to every orchestrator, ``boot_s`` later.
+
+        Until then it is down (unreachable, silent); its weights load from now
+        (:meth:`on_restart` is told how long the boot took).
+        """
+        if boot_s <= 0:
+            self._booted(0.0)
+            return
+        timeout = self.env.timeout(boot_s)
+        timeout.callbacks.append(lambda _ev: self._booted(boot_s))
+
+    def _booted(self, elapsed_s: float) -> None:
         self._account()
         self.up = True
-        self.on_restart()
+        self.on_restart(elapsed_s)
+        beat = Heartbeat(self.snapshot())
+        for region in self._orchestrators:
+            self._send(self.region, region, beat)
 
     def complete(self, job: Job) -> None:
         """The model finished the job successfully (called by subclasses)."""
@@ -258,6 +274,7 @@ class BaseWorker(ABC):
         self, orchestrators: tuple[str, ...], interval_s: float, loss: float
     ) -> simpy.events.ProcessGenerator:
         """Announce at start-up, then beat with a random phase."""
+        self._orchestrators = orchestrators
         first = True
         while True:
             if self.up:

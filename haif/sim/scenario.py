@@ -146,6 +146,10 @@ class Workload(_Strict):
 class Heartbeats(_Strict):
     interval_s: PositiveFloat = 1.0
     loss: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # A restarted worker answers and announces itself this long after its
+    # restart (process start-up); its weights load from the restart on, so the
+    # load overlaps it. `python bench/worker_boot.py` measures the runtime's.
+    boot_s: NonNegFloat = 0.0
 
 
 class Network(_Strict):

@@ -41,6 +41,11 @@ Before the core sees a ``Submit``, the request gets a job row
 (:meth:`MetadataStore.reserve`) holding its tenant, its ``Idempotency-Key``
 (if any) and :func:`request_body_hash`, with a lease (``lease_ttl_s``)
 renewed every ``lease_ttl_s / 2`` while it runs. Keys are scoped per tenant.
+A request with neither a key nor a caller-chosen id (``Request.id_minted``:
+the gateway minted a fresh UUID) can match nothing, so it runs at once and
+its job row is its first store write, off the hot path; the store's writes
+are ordered per request and concurrent across requests, so its group commit
+batches them.
 
 - ``created``: the request runs.
 - ``existing``, still running here: the caller is attached to the running

@@ -44,7 +44,7 @@ from haif.runtime.replay import prompt_text
 async def _measure(gateway: str, n: int, prompt: int, tokens: int) -> np.ndarray:
     out = []
     async with aiohttp.ClientSession() as session:
-        for _ in range(n):
+        for i in range(n):
             body = {
                 "model": "llama-3-8b",
                 "prompt": prompt_text(prompt),
@@ -53,7 +53,12 @@ async def _measure(gateway: str, n: int, prompt: int, tokens: int) -> np.ndarray
             }
             start = time.perf_counter()
             first = None
-            async with session.post(f"{gateway}/v1/completions", json=body) as resp:
+            # With an x-request-id, as `haif replay` sends them: the orchestrator then
+            # reserves the job before it dispatches (a gateway-minted id skips that).
+            headers = {"x-request-id": f"hop-{os.getpid()}-{i}"}
+            async with session.post(
+                f"{gateway}/v1/completions", json=body, headers=headers
+            ) as resp:
                 async for line in resp.content:
                     if first is None and line.startswith(b"data:") and b'"text"' in line:
                         first = time.perf_counter()

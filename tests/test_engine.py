@@ -303,6 +303,18 @@ def test_a_restarted_worker_boots_then_announces_while_its_weights_load(kind: ty
     assert out["b"].first_token_s == pytest.approx(7.0 + 0.01)
 
 
+@pytest.mark.parametrize(("refused", "fails_at"), [(False, 1.5 + 1.0), (True, 1.5 + 0.002)])
+def test_a_call_to_a_crashed_worker_times_out_or_is_refused(refused: bool, fails_at: float) -> None:
+    """Host gone: the connect times out. Process gone, host up: refused at once (one hop)."""
+    h = Harness()
+    h.worker.net = Network(lambda _a, _b: 0.0, 1.0, 0.002, refused_when_down=refused)
+    h.worker.go_down()
+    h.submit(1.5, "a", prompt=10, output=1)
+    out = h.run(until=10.0)
+    assert not out["a"].ok and out["a"].error == "connection_error"
+    assert out["a"].finish_s == pytest.approx(fails_at)
+
+
 def test_other_model_swaps_in_after_the_batch_drains() -> None:
     profiles = {"m": profile(), "n": profile(load_s=3.0, model="n")}
     h = Harness(profiles=profiles)

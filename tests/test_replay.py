@@ -5,19 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from test_runtime_up import Up
 
 from haif.analysis.parity import DEFAULT_BOUNDS, cluster_config, compare, parse_bounds
 from haif.configfile import ConfigError
@@ -26,7 +23,6 @@ from haif.records import read_parquet
 from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.faults import plan_faults
 from haif.runtime.replay import load_workload, prompt_text, replay_with_faults
-from haif.runtime.supervisor import read_state
 from haif.sim.driver import SimCluster
 from haif.sim.scenario import Scenario, load_scenario
 from haif.sim.targets import scenario_workers
@@ -53,46 +49,6 @@ workload:
   prompt_tokens: {kind: uniform, low: 5, high: 50}
   output_tokens: {kind: uniform, low: 5, high: 40}
 """
-
-
-class Up:
-    """A `haif up` subprocess with its data dir; ``stop()`` is Ctrl-C."""
-
-    def __init__(self, data: Path, config: Path | None = None) -> None:
-        self.data = data
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)]
-        self.proc = subprocess.Popen(
-            [*cmd, *([str(config)] if config else [])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "haif cluster up" in line, line + self.proc.stdout.read()
-        self.state = read_state(data)
-
-    def control(self, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
-        token = self.state["control_token"] if token is None else token
-        req = urllib.request.Request(
-            self.state["control_url"] + path,
-            method=method,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-        out, _ = self.proc.communicate(timeout=60)
-        return out
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ import pytest_asyncio
 from aiohttp import web
 from multidict import CIMultiDict
 from test_runtime_stream import MODEL, LiveCluster, completion_text, expected_text, sse_data
+from test_runtime_up import Up
 
 from haif.contracts import Dispatch, Finalize, Request, Submit, WorkerGone, WorkerSnapshot
 from haif.control.config import CoreConfig
@@ -736,47 +737,20 @@ def _post_sync(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple
         return exc.code, json.loads(exc.read())
 
 
-class UpProcess:
-    """``haif up CONFIG`` in a subprocess; ``stop()`` interrupts it like Ctrl-C."""
-
-    def __init__(self, config: Path, data: Path) -> None:
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.data = data
-        command = [sys.executable, "-m", "haif", "up", str(config), "--port", str(port)]
-        self.proc = subprocess.Popen(
-            [*command, "--data-dir", str(data)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert self.proc.stdout is not None
-        self.output = self.proc.stdout.readline()
-        assert "haif cluster up" in self.output, self.output + self.proc.stdout.read()
-
-    def stop(self) -> str:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            out, _ = self.proc.communicate(timeout=60)
-            self.output += out
-        return self.output
-
-
 @pytest.fixture
-def up_processes() -> Iterator[list[UpProcess]]:
-    started: list[UpProcess] = []
+def up_processes() -> Iterator[list[Up]]:
+    started: list[Up] = []
     yield started
     for up in started:
         up.stop()
 
 
 async def test_postgresql_store_end_to_end(
-    tmp_path: Path, pg_dsn: str, up_processes: list[UpProcess]
+    tmp_path: Path, pg_dsn: str, up_processes: list[Up]
 ) -> None:
     config = tmp_path / "cluster.yaml"
     config.write_text(f"store: {pg_dsn}\n")
-    up = await asyncio.to_thread(UpProcess, config, tmp_path / "data")
+    up = await asyncio.to_thread(Up, tmp_path / "data", config)
     up_processes.append(up)
     body = {"model": MODEL, "prompt": "from postgres", "max_tokens": 5}
     headers = {"x-request-id": "pg-1", "Idempotency-Key": "pg-key"}

@@ -19,6 +19,7 @@ import pytest
 
 from haif.records import SCHEMA, read_parquet
 from haif.runtime.cluster import free_port
+from haif.runtime.supervisor import read_state
 
 
 def _post(
@@ -37,36 +38,56 @@ def _post(
         return exc.code, dict(exc.headers), json.loads(exc.read())
 
 
-class Cluster:
-    """A `haif up` subprocess; ``stop()`` interrupts it like Ctrl-C would."""
+class Up:
+    """A `haif up [CONFIG]` subprocess with its data dir; ``stop()`` interrupts it like Ctrl-C.
 
-    def __init__(self, data: Path) -> None:
+    Shared by the tests that start a whole cluster (this module, test_replay,
+    test_runtime_reliability).
+    """
+
+    def __init__(self, data: Path, config: Path | None = None) -> None:
         self.data = data
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
+        cmd = [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)],
+            [*cmd, *([str(config)] if config else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        assert "haif cluster up" in line, line + self.proc.stdout.read()
-        self.output = line
+        self.output = self.proc.stdout.readline()
+        assert "haif cluster up" in self.output, self.output + self.proc.stdout.read()
+        self.state = read_state(data)
+
+    def control(self, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
+        """Call the cluster's control endpoint (its own token unless ``token``)."""
+        token = self.state["control_token"] if token is None else token
+        req = urllib.request.Request(
+            self.state["control_url"] + path,
+            method=method,
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
 
     def stop(self) -> str:
+        """Ctrl-C; everything the cluster printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
-            out, _ = self.proc.communicate(timeout=30)
+            out, _ = self.proc.communicate(timeout=60)
             self.output += out
         return self.output
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    c = Cluster(tmp_path_factory.mktemp("cluster"))
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+    c = Up(tmp_path_factory.mktemp("cluster"))
     # Wait for the workers' first heartbeats to reach the orchestrator.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -83,7 +104,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.stop()
 
 
-def test_completion_round_trip(cluster: Cluster) -> None:
+def test_completion_round_trip(cluster: Up) -> None:
     url = cluster.url
     status, headers, body = _post(
         f"{url}/v1/completions",
@@ -97,7 +118,7 @@ def test_completion_round_trip(cluster: Cluster) -> None:
     assert body["usage"] == {"prompt_tokens": 2, "completion_tokens": 4, "total_tokens": 6}
 
 
-def test_chat_completion(cluster: Cluster) -> None:
+def test_chat_completion(cluster: Up) -> None:
     url = cluster.url
     status, _, body = _post(
         f"{url}/v1/chat/completions",
@@ -126,7 +147,7 @@ def test_chat_completion(cluster: Cluster) -> None:
     ids=["bad-json", "missing-prompt", "zero-max-tokens", "unknown-model", "too-large"],
 )
 def test_bad_requests_get_openai_errors(
-    cluster: Cluster, payload: bytes, status: int, param: str | None
+    cluster: Up, payload: bytes, status: int, param: str | None
 ) -> None:
     url = cluster.url
     got, _, body = _post(f"{url}/v1/completions", payload)
@@ -136,7 +157,7 @@ def test_bad_requests_get_openai_errors(
         assert body["error"]["param"] == param
 
 
-def test_openai_sdk_without_auth_streams(cluster: Cluster) -> None:
+def test_openai_sdk_without_auth_streams(cluster: Up) -> None:
     """The README's example: auth is off in `haif up`, the SDK still sends a key."""
     import openai
 
@@ -148,7 +169,7 @@ def test_openai_sdk_without_auth_streams(cluster: Cluster) -> None:
     assert len(text.split()) == 6
 
 
-def test_records_after_shutdown_share_the_simulator_schema(cluster: Cluster) -> None:
+def test_records_after_shutdown_share_the_simulator_schema(cluster: Up) -> None:
     """Defined last: stops the cluster, which exports the store to Parquet."""
     _post(
         f"{cluster.url}/v1/completions",

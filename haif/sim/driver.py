@@ -128,7 +128,12 @@ class SimCluster:
     def __init__(self, scenario: Scenario, *, keep_log: bool = False) -> None:
         self.scenario = sc = scenario
         self.env = simpy.Environment()
-        self.net = Network(sc.policy.rtt, sc.network.connect_timeout_s, sc.network.hop_ms / 1000)
+        self.net = Network(
+            sc.policy.rtt,
+            sc.network.connect_timeout_s,
+            sc.network.hop_ms / 1000,
+            refused_when_down=sc.network.crashed_worker == "refused",
+        )
         self.drivers: dict[str, SimDriver] = {
             region: SimDriver(
                 self.env,

@@ -55,12 +55,19 @@ class Network:
     """RTTs between regions and the partitions in force."""
 
     def __init__(
-        self, rtt: Callable[[str, str], float], connect_timeout_s: float, hop_s: float = 0.0
+        self,
+        rtt: Callable[[str, str], float],
+        connect_timeout_s: float,
+        hop_s: float = 0.0,
+        *,
+        refused_when_down: bool = False,
     ) -> None:
         self._rtt = rtt
         self._one_way: dict[tuple[str, str], float] = {}
         self.connect_timeout_s = connect_timeout_s
         self.hop_s = hop_s  # per service hop, within a region too
+        # A down worker's host refuses connections at once (else they time out).
+        self.refused_when_down = refused_when_down
         self.cuts: set[frozenset[str]] = set()
 
     def one_way_s(self, a: str, b: str) -> float:
@@ -153,8 +160,13 @@ class BaseWorker(ABC):
         earlier attempt produced: they are recomputed with the prompt.
         """
         job = Job(request, attempt, orchestrator, self.env.now, generated=resume_tokens)
-        if not self.up or not self.net.reachable(orchestrator, self.region):
-            timeout = self.env.timeout(self.net.connect_timeout_s)
+        reachable = self.net.reachable(orchestrator, self.region)
+        if not self.up or not reachable:
+            if reachable and self.net.refused_when_down:  # refused; the answer hops back
+                wait = self.net.one_way_s(orchestrator, self.region)
+            else:
+                wait = self.net.connect_timeout_s
+            timeout = self.env.timeout(wait)
             timeout.callbacks.append(lambda _ev: self._fail_unreached(job))
             return
         timeout = self.env.timeout(self.net.one_way_s(orchestrator, self.region))

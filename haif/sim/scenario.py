@@ -161,6 +161,11 @@ class Network(_Strict):
     # orchestrator -> worker and back), on top of the RTT between regions: the
     # runtime's HTTP + msgpack + Python cost per hop (`haif parity` measures it).
     hop_ms: NonNegFloat = 0.0
+    # How a call to a crashed (or still booting) worker fails: "timeout", its
+    # host is gone, after connect_timeout_s; "refused", only its process is
+    # (what `haif replay --faults` does to a local cluster): the host refuses
+    # the connection at once, so the call fails after one hop there and back.
+    crashed_worker: Literal["timeout", "refused"] = "timeout"
 
 
 class Store(_Strict):

@@ -129,6 +129,28 @@ def test_submit_dispatches_and_result_finalizes() -> None:
     assert c.outstanding("w1") == 0 and c.in_flight() == 0
 
 
+def test_a_random_choice_depends_on_the_request_not_on_earlier_draws() -> None:
+    """Two cores with one seed choose alike for a request in the same state, whatever
+    else each drew before (the simulated and the live core must not drift apart on
+    one extra draw)."""
+    workers = [snap(f"w{i}") for i in range(8)]
+
+    def placed(before: list[str]) -> dict[str, str]:
+        c = core(placement="random")
+        for w in workers:
+            c.on_heartbeat(w, 0.0)
+        out = {}
+        for rid in [*before, "r"]:
+            d = one_dispatch(c.submit(req(rid), 1.0))
+            out[rid] = d.worker_id
+            c.on_result(ok(d, 1.0, 1.5), 1.5)  # the same state again: nothing outstanding
+        return out
+
+    assert placed([])["r"] == placed(["x1", "x2", "x3"])["r"]
+    # Different requests still spread: the choice is random, not fixed.
+    assert len(set(placed([f"y{i}" for i in range(20)]).values())) > 3
+
+
 # ------------------------------------------------------------------ eligibility
 
 ELIGIBILITY = [

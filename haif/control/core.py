@@ -112,7 +112,12 @@ class ControlCore:
 
     def __init__(self, config: CoreConfig, rng: random.Random) -> None:
         self.config = config
-        self._rng = rng
+        # Each random choice draws from its own stream, keyed by what it is about
+        # (see _rng_for), not from one shared sequence: two cores given the same
+        # state make the same choice even if their earlier draws differed (a
+        # throttle draw, a retry's jitter), so the simulated and the live core
+        # part ways only where their states do.
+        self._seed = rng.getrandbits(64)
         self._placement = make_placement(config.placement, config.placement_params)
         self._retry = RetryPolicy(config.retry)
         self._quotas = QuotaManager(
@@ -174,7 +179,7 @@ class ControlCore:
             return self._refuse(request, now, Reject(rid, 404, "model_not_found", 0.0))
         if self._shedder.should_shed(request.priority, self.utilization(now)):
             return self._refuse(request, now, Reject(rid, 529, "overloaded", _OVERLOAD_RETRY_S))
-        if self._throttle.should_reject(now, self._rng):
+        if self._throttle.should_reject(now, self._rng_for("throttle", rid, 0)):
             return self._refuse(request, now, Reject(rid, 529, "throttled", _OVERLOAD_RETRY_S))
         quota = self._quotas.admit(request.tenant, request.prompt_tokens + request.max_tokens, now)
         if not quota.allowed:
@@ -368,9 +373,14 @@ class ControlCore:
             rtt = self._rtt[key] = self.config.rtt(a, b)
         return rtt
 
+    def _rng_for(self, purpose: str, request_id: str, n: int) -> random.Random:
+        """The random stream of one choice (``n``: the try it is for); stable across processes."""
+        return random.Random(f"{self._seed}:{purpose}:{request_id}:{n}")
+
     def _place(self, job: _Job, now: float) -> list[Decision]:
         req = job.request
-        chosen = self._placement.choose(req, self._candidates(job, now), now, self._rng)
+        rng = self._rng_for("place", req.request_id, job.attempts + job.placement_failures)
+        chosen = self._placement.choose(req, self._candidates(job, now), now, rng)
         if chosen is None:
             job.placement_failures += 1
             return self._after_failure(job, "no_eligible_worker", True, now, None)
@@ -424,7 +434,8 @@ class ControlCore:
         self, job: _Job, error: str, retryable: bool, now: float, result: AttemptResult | None
     ) -> list[Decision]:
         tries = job.attempts + job.placement_failures
-        verdict = self._retry.decide(tries, error, retryable, now, self._rng, job.last_delay)
+        rng = self._rng_for("retry", job.request.request_id, tries)
+        verdict = self._retry.decide(tries, error, retryable, now, rng, job.last_delay)
         rid = job.request.request_id
         if verdict.retry:
             at = now + verdict.delay

@@ -63,7 +63,7 @@ from dataclasses import dataclass
 
 from haif.contracts import Request
 from haif.runtime.rpc import RpcError
-from haif.sim.engine import BLOCK_TOKENS, _PrefixCache
+from haif.sim.engine import BLOCK_TOKENS, _PrefixCache, plan_prefill_step
 from haif.sim.profiles import PerfProfile
 
 __all__ = [
@@ -504,21 +504,8 @@ class IterationTimer(Timer):
     async def _prefill_step(self) -> None:
         assert self.active is not None
         profile = self.profiles[self.active]
-        prefilling = [s for s in self.batch if s.prompt_left > 0]
-        decoding = [s for s in self.batch if s.prompt_left == 0] if self.chunk else []
-        budget = (self.chunk - len(decoding)) if self.chunk else math.inf
-        chunks: list[tuple[TimedSequence, int]] = []
-        for seq in prefilling:
-            if budget <= 0:
-                break
-            n = int(min(seq.prompt_left, budget))
-            chunks.append((seq, n))
-            budget -= n
-        n_tokens = sum(n for _, n in chunks)
-        square = float(sum(n * n for _, n in chunks))
-        context = sum(s.context for s in decoding)
-        batch = len(chunks) + len(decoding)
-        await self._run_for(profile.step_time(n_tokens, context, batch, square) * self.slow)
+        chunks, decoding, duration = plan_prefill_step(profile, self.batch, self.chunk)
+        await self._run_for(duration * self.slow)
         self.steps += 1
         for seq, n in chunks:
             if seq.cancelled:

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Protocol, TypeVar
 
 import simpy
 
@@ -45,6 +46,42 @@ from haif.sim.fleet import BaseWorker, Job, SlotWorker
 from haif.sim.profiles import PerfProfile
 
 BLOCK_TOKENS = 512  # Mooncake's prefix-hash block size
+
+
+class _Sequence(Protocol):
+    prompt_left: int  # prompt tokens not yet prefilled
+    context: int  # tokens in its KV cache
+
+
+S = TypeVar("S", bound=_Sequence)
+
+
+def plan_prefill_step(
+    profile: PerfProfile, batch: Sequence[S], chunk: int | None
+) -> tuple[list[tuple[S, int]], list[S], float]:
+    """One prefill step: what it computes and how long it takes (before any slowdown).
+
+    Returns the prefilling members with the prompt tokens each gets (within
+    the ``chunk`` budget, in batch order), the decoding members that ride
+    along (with chunked prefill only), and the step's duration. Shared by the
+    simulated engine and the runtime's profile-timed mirror
+    (:mod:`haif.runtime.batching`), so the two cannot drift.
+    """
+    prefilling = [s for s in batch if s.prompt_left > 0]
+    decoding = [s for s in batch if s.prompt_left == 0] if chunk else []
+    budget = (chunk - len(decoding)) if chunk else math.inf
+    chunks: list[tuple[S, int]] = []
+    for seq in prefilling:
+        if budget <= 0:
+            break
+        n = int(min(seq.prompt_left, budget))
+        chunks.append((seq, n))
+        budget -= n
+    n_tokens = sum(n for _, n in chunks)
+    square = float(sum(n * n for _, n in chunks))
+    context = sum(s.context for s in decoding)
+    duration = profile.step_time(n_tokens, context, len(chunks) + len(decoding), square)
+    return chunks, decoding, duration
 
 
 class _PrefixCache:
@@ -315,22 +352,8 @@ class BatchingWorker(BaseWorker):
             job.cost += share
 
     def _prefill_step(self) -> simpy.events.ProcessGenerator:
-        profile = self.host.profile
-        prefilling = [j for j in self.batch if j.prompt_left > 0]
-        decoding = [j for j in self.batch if j.prompt_left == 0] if self.chunk else []
-        budget = (self.chunk - len(decoding)) if self.chunk else math.inf
-        chunks: list[tuple[Job, int]] = []
-        for job in prefilling:
-            if budget <= 0:
-                break
-            n = int(min(job.prompt_left, budget))
-            chunks.append((job, n))
-            budget -= n
-        n_tokens = sum(n for _, n in chunks)
-        square = float(sum(n * n for _, n in chunks))
-        context = sum(j.context for j in decoding)
-        batch = len(chunks) + len(decoding)
-        duration = profile.step_time(n_tokens, context, batch, square) * self.slow
+        chunks, decoding, duration = plan_prefill_step(self.host.profile, self.batch, self.chunk)
+        duration *= self.slow
         members = [j for j, _ in chunks] + decoding
         yield from self._step(duration, members)
         self.steps += 1

@@ -44,10 +44,6 @@ class Request:
     adapter: str | None = None
     prompt: str | None = None
     prefix_hashes: tuple[int, ...] = ()
-    #: The gateway minted ``request_id`` (a fresh UUID): no earlier request has
-    #: it, so the runtime may record the job after starting it (see
-    #: :meth:`haif.runtime.orchestrator.Orchestrator._enter`).
-    id_minted: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import urlsplit, urlunsplit
@@ -324,12 +325,12 @@ async def test_keys_and_request_ids_are_per_tenant(
     assert tenants == {"acme", "globex"}
 
 
-async def test_a_minted_id_runs_at_once_and_its_job_follows(
+async def test_a_request_without_a_key_runs_at_once_and_its_job_follows(
     cluster: ReliableCluster, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No x-request-id and no Idempotency-Key: nothing in the store can match the
-    request, so it runs without waiting for its reservation; a client-chosen id
-    still waits (it may be taken)."""
+    """Without an Idempotency-Key nothing in the store can change what happens to a
+    request, so it runs without waiting for its reservation (minted id or chosen);
+    a request with a key still waits (the key must be looked up)."""
     store = cluster.store
     real = store.reserve
     gate = asyncio.Event()
@@ -349,30 +350,68 @@ async def test_a_minted_id_runs_at_once_and_its_job_follows(
         return await real_status(rid, status, *args, **kw)
 
     monkeypatch.setattr(store, "set_job_status", set_job_status)
-    body = {"model": MODEL, "prompt": "no id", "max_tokens": 3}
+    body = {"model": MODEL, "prompt": "no key", "max_tokens": 3}
     status, headers, answer = await post(session, cluster.url, body)
     assert status == 200, answer
     rid = answer["id"]
     assert rid == headers["x-request-id"] and rid.startswith("req-")
-    assert held == [rid] and await store.get_job(rid) is None  # ran; its row not written yet
+    status, _, chosen = await post(session, cluster.url, body, {"x-request-id": "chosen-1"})
+    assert status == 200 and chosen["id"] == "chosen-1", chosen
+    assert held == [rid, "chosen-1"]  # both ran; their rows are not written yet
+    assert await store.get_job(rid) is None and await store.get_job("chosen-1") is None
 
-    chosen = asyncio.create_task(post(session, cluster.url, body, {"x-request-id": "chosen-1"}))
+    keyed = asyncio.create_task(
+        post(session, cluster.url, body, {"x-request-id": "keyed-1", "Idempotency-Key": "k-1"})
+    )
     await asyncio.sleep(0.5)
-    assert held == [rid, "chosen-1"] and not chosen.done()  # waits for its reservation
+    assert held[-1] == "keyed-1" and not keyed.done()  # waits for its reservation
     gate.set()
-    assert (await chosen)[0] == 200
+    assert (await keyed)[0] == 200
 
-    async def settled() -> Any:
-        job = await store.get_job(rid)
+    async def settled(job_id: str) -> Any:
+        job = await store.get_job(job_id)
         return job if job is not None and job.status == "done" else None
 
-    job = await wait_for(settled, 10, f"the job row of {rid}")
-    assert job.idempotency_key is None and job.tenant == (await cluster.record(rid)).tenant
-    usage = [u for u in await store.list_usage() if u.request_id == rid]
-    assert len(usage) == 1 and usage[0].output_tokens == 3
+    for job_id in (rid, "chosen-1"):
+        job = await wait_for(partial(settled, job_id), 10, f"the job row of {job_id}")
+        assert job.idempotency_key is None and job.tenant == (await cluster.record(job_id)).tenant
+        usage = [u for u in await store.list_usage() if u.request_id == job_id]
+        assert len(usage) == 1 and usage[0].output_tokens == 3
     # Its "running" status was still queued behind the reserve when it finished:
     # the finalization superseded it, so it was never written.
     assert (rid, "running") not in statuses
+
+
+async def test_a_reused_request_id_without_a_key_runs_again_under_a_fresh_job_id(
+    cluster: ReliableCluster, session: aiohttp.ClientSession
+) -> None:
+    """The id was an earlier request's: the new one runs at once, and its job row,
+    usage and record go under ``id~suffix``; the earlier request's are untouched."""
+    body = {"model": MODEL, "prompt": "reused", "max_tokens": 2}
+    first = await post(session, cluster.url, body, {"x-request-id": "reused-1"})
+    assert first[0] == 200, first
+
+    async def done(job_id: str) -> Any:
+        job = await cluster.store.get_job(job_id)
+        return job if job is not None and job.status == "done" else None
+
+    await wait_for(lambda: done("reused-1"), 10, "the first request's job row")
+    second = await post(
+        session, cluster.url, {**body, "max_tokens": 3}, {"x-request-id": "reused-1"}
+    )
+    assert second[0] == 200 and second[1]["x-request-id"] == "reused-1", second
+    assert second[2]["choices"][0]["text"] == expected_text("reused-1", 3)
+
+    async def renamed() -> list[Any]:
+        usage = [u for u in await cluster.store.list_usage() if u.request_id.startswith("reused-1")]
+        return usage if len(usage) == 2 else []
+
+    usage = {u.request_id: u.output_tokens for u in await wait_for(renamed, 10, "two usage rows")}
+    fresh = next(job_id for job_id in usage if job_id != "reused-1")
+    assert fresh.startswith("reused-1~") and usage == {"reused-1": 2, fresh: 3}
+    assert (await cluster.record("reused-1")).output_tokens == 2
+    assert (await cluster.record(fresh)).output_tokens == 3
+    assert (await wait_for(lambda: done(fresh), 10, "the second job row")).idempotency_key is None
 
 
 async def test_a_refused_request_keeps_no_key(

@@ -460,7 +460,6 @@ class Gateway:
             stream=parsed.stream,
             prompt=prompt,
             idempotency_key=key,
-            id_minted=given_id is None,
         )
         return await self._run(request, req, parsed, chat, arrived=arrived)
 

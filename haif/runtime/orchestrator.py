@@ -41,11 +41,13 @@ Before the core sees a ``Submit``, the request gets a job row
 (:meth:`MetadataStore.reserve`) holding its tenant, its ``Idempotency-Key``
 (if any) and :func:`request_body_hash`, with a lease (``lease_ttl_s``)
 renewed every ``lease_ttl_s / 2`` while it runs. Keys are scoped per tenant.
-A request with neither a key nor a caller-chosen id (``Request.id_minted``:
-the gateway minted a fresh UUID) can match nothing, so it runs at once and
+A request without a key has nothing to look up: whatever the store holds,
+it runs. So it runs at once (unless its id is running here already), and
 its job row is its first store write, off the hot path; the store's writes
 are ordered per request and concurrent across requests, so its group commit
-batches them.
+batches them. Should its id turn out to be taken in the store (an earlier
+request's), the job row, usage and record go under a fresh ``~suffix`` id
+(:meth:`Orchestrator._job_id`) while the request runs on as it started.
 
 - ``created``: the request runs.
 - ``existing``, still running here: the caller is attached to the running
@@ -192,6 +194,11 @@ _FOLLOW_POLL_MAX_S = 0.5
 _RESERVE_ROUNDS = 5
 
 
+def _suffixed(request_id: str) -> str:
+    """A fresh internal id for a request whose own id another request holds."""
+    return f"{request_id}~{secrets.token_hex(4)}"
+
+
 def request_body_hash(request: Request) -> str:
     """SHA-256 of the canonical request body: what the request asks to run.
 
@@ -326,6 +333,8 @@ class Orchestrator:
         self._evicted: set[str] = set()  # evicted and not back since
         self.evictions = 0  # workers evicted since start
         self._pending: dict[str, _Pending] = {}  # by internal request id
+        # Internal id -> the id of its job row, where they differ (see _admit_then_reserve).
+        self._job_ids: dict[str, str] = {}
         self._attempts: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._loops: list[asyncio.Task[None]] = []
@@ -377,12 +386,7 @@ class Orchestrator:
                 "bad_request", f"Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters"
             )
         digest = request_body_hash(body)
-        if (
-            body.id_minted
-            and key is None
-            and replay_of is None
-            and body.request_id not in self._pending
-        ):
+        if key is None and replay_of is None and body.request_id not in self._pending:
             return self._admit_then_reserve(body, digest)
         for _ in range(_RESERVE_ROUNDS):
             # Shielded: a caller that leaves now must not leave a job row
@@ -410,10 +414,18 @@ class Orchestrator:
             return reservation, None
         return reservation, self._admit(body, rid, replay_of)
 
-    async def _reserve(self, request: Request, digest: str) -> tuple[str, Reservation]:
-        """Reserve a job under a request id unique in the store; return both."""
+    async def _reserve(
+        self, request: Request, digest: str, *, admitted: bool = False
+    ) -> tuple[str, Reservation]:
+        """Reserve a job under a request id unique in the store; return both.
+
+        ``admitted``: the request already runs here under its own id.
+        """
         rid = request.request_id
         key = request.idempotency_key
+        if rid in self._pending and not admitted:
+            # Another request runs here under this id; its row may not be written yet.
+            rid = _suffixed(request.request_id)
         for _ in range(_RESERVE_ROUNDS):
             now = time.time()
             job = JobRow(rid, request.tenant, key, digest, expires_s=now + self.lease_ttl_s)
@@ -430,7 +442,7 @@ class Orchestrator:
             if key is not None and found.tenant == request.tenant and found.idempotency_key == key:
                 return rid, reservation  # the key matched: existing or conflict
             # The id belongs to another request (another tenant's, or an earlier one).
-            rid = f"{request.request_id}~{secrets.token_hex(4)}"
+            rid = _suffixed(request.request_id)
         raise RpcError("internal", f"no free request id for {request.request_id!r}")
 
     async def _follow(self, job: JobRow) -> _Pending | SubmitReply | None:
@@ -470,25 +482,31 @@ class Orchestrator:
         return reply
 
     def _admit_then_reserve(self, body: Request, digest: str) -> _Pending:
-        """Run a request with a fresh id and no key at once; its job row follows.
+        """Run a request without a key at once; its job row follows.
 
-        Nothing can match it in the store (no key; an id the gateway minted),
-        so there is nothing to wait for before it runs: the reserve is its
-        first write, ahead of its others (:meth:`_write`), off the hot path.
-        Should the orchestrator die before that write, the request leaves no
-        job behind, and none to expire.
+        Without a key nothing in the store can change what happens to it, so
+        there is nothing to wait for: the reserve is its first write, ahead
+        of its others (:meth:`_write`), off the hot path. If its id is taken
+        in the store (an earlier request's, or another tenant's), the row goes
+        under a fresh id that its later writes use (:meth:`_job_id`). Should
+        the orchestrator die before that write, the request leaves no job
+        behind, and none to expire.
         """
         rid = body.request_id
-        now = time.time()
-        job = JobRow(rid, body.tenant, None, digest, expires_s=now + self.lease_ttl_s)
 
         async def reserve() -> None:
-            reservation = await self.store.reserve(job, now)
-            if not reservation.created:
-                log.error("request %s: its minted id was already in the store", rid)
+            job_id, _ = await self._reserve(body, digest, admitted=True)
+            if job_id == rid:
+                self._job_ids.pop(rid, None)
+            else:
+                self._job_ids[rid] = job_id
 
         self._write(rid, f"reserve {rid}", reserve)
         return self._admit(body, rid, None)
+
+    def _job_id(self, rid: str) -> str:
+        """The id of the job row (usage, record) of the request the core knows as ``rid``."""
+        return self._job_ids.get(rid, rid)
 
     def _admit(self, body: Request, rid: str, replay_of: DeadLetterRow | None) -> _Pending:
         assert self.driver is not None
@@ -797,6 +815,8 @@ class Orchestrator:
                 queue.popleft()
         finally:
             del self._writes[rid]
+            if rid not in self._pending:  # its last write is done
+                self._job_ids.pop(rid, None)
 
     def _write_running(self, rid: str, worker_id: str) -> None:
         now = time.time()
@@ -804,7 +824,7 @@ class Orchestrator:
             rid,
             f"job {rid} running",
             lambda: self.store.set_job_status(
-                rid, "running", now, worker_id, expires_s=now + self.lease_ttl_s
+                self._job_id(rid), "running", now, worker_id, expires_s=now + self.lease_ttl_s
             ),
             interim=True,
         )
@@ -818,10 +838,13 @@ class Orchestrator:
             dead = replace(dead, request_id=pending.replay_of.request_id)
             request = pending.replay_of.request
         now = time.time()
+        rid = pending.request.request_id
         self._write(
-            pending.request.request_id,
+            rid,
             f"dead letter {dead.request_id}",
-            lambda: self.store.add_dead_letter(dead, request, now),
+            lambda: self.store.add_dead_letter(
+                replace(dead, request_id=self._job_id(dead.request_id)), request, now
+            ),
         )
 
     def _settle(self, record: RequestRecord, pending: _Pending | None) -> None:
@@ -830,8 +853,9 @@ class Orchestrator:
         if record.status == "rejected":
             # Refused before it ran: nothing to bill; release the job (and its key).
             async def release() -> None:
-                await self.store.write_record(record)
-                await self.store.set_job_status(rid, "expired", now)
+                job_id = self._job_id(rid)
+                await self.store.write_record(replace(record, request_id=job_id))
+                await self.store.set_job_status(job_id, "expired", now)
 
             self._write(rid, f"refused {rid}", release)
             return
@@ -840,7 +864,8 @@ class Orchestrator:
         blob = encode(SubmitReply(record, text, reject))
 
         async def finalize() -> None:
-            if not await self.store.finalize(rid, record, blob, now):
+            job_id = self._job_id(rid)
+            if not await self.store.finalize(job_id, replace(record, request_id=job_id), blob, now):
                 log.warning("request %s was already finalized; usage left as it was", rid)
 
         self._write(rid, f"finalize {rid}", finalize)
@@ -1019,7 +1044,9 @@ class Orchestrator:
         for rid, pending in list(self._pending.items()):
             now = time.time()
             status: JobStatus = "running" if pending.attempt else "reserved"
-            await self.store.set_job_status(rid, status, now, expires_s=now + self.lease_ttl_s)
+            await self.store.set_job_status(
+                self._job_id(rid), status, now, expires_s=now + self.lease_ttl_s
+            )
 
     async def _lease_renewer(self) -> None:
         while True:

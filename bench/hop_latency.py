@@ -7,7 +7,9 @@ measures at the client how much later than the engine's own timing the
 first token and the end arrive. The simulator models that path as four
 one-way hops (client -> gateway -> orchestrator -> worker, worker ->
 orchestrator -> client; the gateway and orchestrator of a region are one
-node there) plus the store write (``store.write_latency_ms``), so::
+node there) plus the store write a request waits for (``store.write_latency_ms``;
+none since a request without an Idempotency-Key runs before its job row is
+written, hence the default 0), so::
 
     hop_ms = (added TTFT - store write) / 4
 
@@ -15,7 +17,7 @@ is the figure a scenario that should predict this runtime on this machine
 gives as ``network.hop_ms`` (``scenarios/parity.yaml`` does). A script, not a
 test: it prints figures (``--json PATH`` writes them).
 
-    .venv/bin/python bench/hop_latency.py [--requests 200] [--store-write-ms 1.0]
+    .venv/bin/python bench/hop_latency.py [--requests 200] [--store-write-ms 0]
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main() -> None:
     parser.add_argument("--mean-ms", type=float, default=100.0)
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--output-tokens", type=int, default=50)
-    parser.add_argument("--store-write-ms", type=float, default=1.0)
+    parser.add_argument("--store-write-ms", type=float, default=0.0)
     parser.add_argument("--json", help="write the figures to this file")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

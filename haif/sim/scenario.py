@@ -169,7 +169,14 @@ class Network(_Strict):
 
 
 class Store(_Strict):
-    """Metadata store: a reservation is written before every dispatch."""
+    """Metadata store: a reservation is written before every dispatch.
+
+    ``write_latency_ms`` is how long a dispatch waits for it. The runtime
+    makes a request wait for its job row only when it carries an
+    Idempotency-Key (the key must be looked up); one without runs at once,
+    so a scenario that models such requests on the runtime sets 0
+    (``scenarios/parity.yaml`` does).
+    """
 
     write_latency_ms: NonNegFloat = 2.0
 

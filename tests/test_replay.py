@@ -238,6 +238,8 @@ def test_parity_cluster_mirrors_the_scenario_fleet() -> None:
         ("us-east", "H100-80G", "profile"),
         ("us-east", "A100-80G", "profile"),
         ("us-west", "A100-80G", "profile"),
+        ("us-west", "RTX4090-24G", "profile"),
+        ("eu-west", "H100-80G", "profile"),
     }
     assert all(w.heartbeat_s == scenario.heartbeat.interval_s for w in config.workers)
     assert config.policy == scenario.policy

@@ -489,6 +489,20 @@ async def test_one_bad_write_does_not_poison_its_batch(store: MetadataStore) -> 
         await store.set_job_status("g10", "bogus", now=1.0)  # type: ignore[arg-type]
 
 
+async def test_a_batch_of_keyless_reserves_with_a_taken_id(store: MetadataStore) -> None:
+    """One taken id in a batch of keyless reserves (DuckDB inserts them with a plain
+    INSERT first, which the taken id makes fail as a whole): the others are created
+    all the same, and the taken one finds the job that holds its id."""
+    await store.reserve(_job("taken", key=None), now=1.0)
+    jobs = [_job(f"n{i}", key=None) for i in range(8)] + [_job("taken", key=None, body="h2")]
+    results = await asyncio.gather(*(store.reserve(job, now=2.0) for job in jobs))
+    expected = [dataclasses.replace(job, created_s=2.0, updated_s=2.0) for job in jobs[:8]]
+    assert [(r.outcome, r.job) for r in results[:8]] == [("created", job) for job in expected]
+    assert not results[8].created and results[8].job.created_s == 1.0
+    assert [await store.get_job(job.request_id) for job in jobs[:8]] == expected
+    assert _stats(store).largest > 1
+
+
 async def test_batched_reserve_releases_an_expired_key(store: MetadataStore) -> None:
     await store.reserve(dataclasses.replace(_job("old", key="ka"), expires_s=1.0), now=0.0)
     assert await store.expire_reservations(now=5.0) == ["old"]

@@ -317,6 +317,17 @@ def insert_jobs_sql(rows: int, *, keyed: bool = True) -> str:
     )
 
 
+@functools.cache
+def insert_jobs_plain_sql(rows: int) -> str:
+    """Insert ``rows`` jobs; the whole statement fails if any of them conflicts.
+
+    DuckDB runs this in about half the time of ``insert_jobs_sql`` (its
+    ``ON CONFLICT ... RETURNING`` is the costly part), so a backend may try
+    it first where conflicts are rare (jobs without a key) and fall back.
+    """
+    return f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES {values_list(rows, len(JOB_FIELDS))}"
+
+
 INSERT_JOB_IF_ABSENT = insert_jobs_sql(1)
 SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE request_id = $1"
 SELECT_JOB_BY_KEY = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2"

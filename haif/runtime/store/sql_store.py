@@ -252,6 +252,9 @@ async def _apply(
 class SqlStore(MetadataStore):
     """:class:`MetadataStore` over :class:`Tx`; a backend supplies the connections."""
 
+    #: Reserve keyless jobs with a plain ``INSERT`` first (see ``insert_jobs_plain_sql``).
+    plain_insert_first: bool = False
+
     def __init__(
         self, *, max_batch: int = 128, max_in_flight: int = 1, per_lane: bool = False
     ) -> None:
@@ -363,8 +366,12 @@ class SqlStore(MetadataStore):
         groups = _insert_groups(ops, leaders)
         if later or len(groups) != 1:
             return None
-        async with self._connection(reserves=True) as tx:
-            created = await _insert_jobs(tx, ops, groups[0])
+        created = None
+        if self.plain_insert_first and ops[groups[0][0]].job.idempotency_key is None:
+            created = await self._insert_jobs_plain(ops, groups[0])
+        if created is None:
+            async with self._connection(reserves=True) as tx:
+                created = await _insert_jobs(tx, ops, groups[0])
         results: list[object] = []
         for op in ops:
             job = created.get(op.job.request_id)
@@ -377,6 +384,24 @@ class SqlStore(MetadataStore):
             except Exception as exc:
                 results.append(Failed(exc))
         return results
+
+    async def _insert_jobs_plain(
+        self, ops: Sequence[_Reserve], group: list[int]
+    ) -> dict[str, JobRow] | None:
+        """Insert the keyless jobs of ``group`` with no conflict handling; None if that failed.
+
+        A taken id fails the whole statement (autocommitted: nothing is left
+        behind); the caller then runs the insert that skips conflicts. Any
+        other failure shows again there.
+        """
+        sql = base.insert_jobs_plain_sql(len(group))
+        try:
+            async with self._connection(reserves=True) as tx:
+                await tx.fetch(sql, _flat(ops[i].params for i in group))
+        except Exception:
+            return None
+        jobs = (base.job_from_row(ops[i].params) for i in group)
+        return {job.request_id: job for job in jobs}
 
     # ------------------------------------------------------------ records
 

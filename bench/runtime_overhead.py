@@ -13,13 +13,16 @@ request answered, p99 under ``--max-p99-ms``).
 
 A script, not a test: it prints figures (and ``--json PATH`` writes them).
 The load generator runs in this process, on the same 2-core machine as the
-cluster, so the figures include its own cost.
+cluster, so the figures include its own cost. Latency on a shared machine
+moves with whatever else runs; the CPU time each service spends per request
+through the gateway (also printed) moves much less, so compare changes by it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -34,6 +37,7 @@ from typing import Any
 
 import aiohttp
 import numpy as np
+import psutil
 
 from haif.contracts import Request
 from haif.runtime.cluster import free_port
@@ -90,8 +94,33 @@ def _orchestrator_signer(data_dir: Path) -> Signer | None:
     return Signer.from_file(key) if key.exists() else None
 
 
+def _services(up: subprocess.Popen[str]) -> dict[str, psutil.Process]:
+    """The cluster's service processes by role (gateway, orchestrator, worker)."""
+    found = {}
+    for child in psutil.Process(up.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            args = child.cmdline()
+            role = next((a for a in args if a in ("gateway", "orchestrator", "worker")), None)
+            if role is not None:
+                found[role] = child
+    return found
+
+
+def _cpu_s(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    out = {}
+    for role, process in processes.items():
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            out[role] = times.user + times.system
+    return out
+
+
 async def _measure(
-    args: argparse.Namespace, gateway: str, worker: str, signer: Signer | None
+    args: argparse.Namespace,
+    gateway: str,
+    worker: str,
+    signer: Signer | None,
+    services: dict[str, psutil.Process],
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
@@ -113,7 +142,9 @@ async def _measure(
         await _open_loop(50, 1.0, direct)
         await _open_loop(50, 1.0, via_gateway)
         d_lat, d_err = await _open_loop(args.rate, args.seconds, direct)
+        cpu_before = _cpu_s(services)
         g_lat, g_err = await _open_loop(args.rate, args.seconds, via_gateway)
+        cpu_after = _cpu_s(services)
         d, g = _pcts(d_lat), _pcts(g_lat)
         result: dict[str, Any] = {
             "rate": args.rate,
@@ -122,6 +153,10 @@ async def _measure(
             "gateway": {**g, "errors": g_err, "n": len(g_lat)},
             "added_p50_ms": g["p50_ms"] - d["p50_ms"],
             "added_p99_ms": g["p99_ms"] - d["p99_ms"],
+            "cpu_ms_per_request": {
+                role: (cpu_after[role] - cpu_before[role]) * 1000 / max(1, len(g_lat))
+                for role in sorted(cpu_before.keys() & cpu_after.keys())
+            },
         }
         sustained = 0.0
         steps = []
@@ -194,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
             signer = _orchestrator_signer(Path(tmp) / "d")
-            result = asyncio.run(_measure(args, gateway, worker, signer))
+            result = asyncio.run(_measure(args, gateway, worker, signer, _services(proc)))
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -217,6 +252,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(
         f"  added by gateway + orchestrator: p50 {result['added_p50_ms']:.2f} ms, "
         f"p99 {result['added_p99_ms']:.2f} ms"
+    )
+    cpu = result["cpu_ms_per_request"]
+    print(
+        "  CPU per request through the gateway: "
+        + ", ".join(f"{role} {ms:.2f} ms" for role, ms in cpu.items())
+        + f" (total {sum(cpu.values()):.2f} ms)"
     )
     print(
         f"highest sustained rate (p99 <= {args.max_p99_ms:.0f} ms, no errors): "

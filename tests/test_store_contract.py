@@ -340,6 +340,18 @@ async def test_finalize_exactly_once(store: MetadataStore) -> None:
         await store.finalize("r2", record, None, now=4.0)  # ids must match
 
 
+async def test_finalize_replaces_a_record_written_before(store: MetadataStore) -> None:
+    """A record already there (``write_record``) does not stop the settlement: the
+    finalized record replaces it (DuckDB's plain inserts fail, and the batch is
+    decided again with the upsert)."""
+    await store.reserve(_job("r1"), now=1.0)
+    await store.write_record(_record("r1", 1.0, status="failed"))
+    record = _record("r1", 1.0, prompt=4, output=6)
+    assert await store.finalize("r1", record, b"result", now=2.0)
+    assert await store.records() == [record]
+    assert [(u.request_id, u.output_tokens) for u in await store.list_usage()] == [("r1", 6)]
+
+
 async def test_finalize_without_job_row(store: MetadataStore) -> None:
     record = _record("lone", 1.0, status="timeout", prompt=3, output=0, cost=0.0)
     assert await store.finalize("lone", record, None, now=2.0)

@@ -250,6 +250,15 @@ async def test_metrics(cluster: Cluster, session: aiohttp.ClientSession) -> None
     assert _value(orch, "haif_orchestrator_dlq_size") == 0
     assert "haif_orchestrator_retries_total" in orch
     assert "haif_orchestrator_dead_letters_total" in orch
+    # The worker's heartbeat carries its resource sample (haif.runtime.resources).
+    memory = {
+        kind: _value(orch, "haif_orchestrator_worker_memory_bytes", worker="w1", kind=kind)
+        for kind in ("process_rss", "host_available", "host_total")
+    }
+    assert 0 < memory["process_rss"] < memory["host_total"]
+    assert 0 < memory["host_available"] <= memory["host_total"]
+    host_cpu = _value(orch, "haif_orchestrator_worker_cpu_percent", worker="w1", scope="host")
+    assert 0 <= host_cpu <= 100
 
     wk = await _metrics(session, cluster.worker_url)
     assert _value(wk, "haif_worker_running") == 0

@@ -16,14 +16,16 @@ from dataclasses import dataclass
 
 from haif import wire
 from haif.contracts import Reject, Request, RequestRecord, WorkerSnapshot
+from haif.runtime.resources import GpuUsage, Resources
 
 
 @dataclass(frozen=True, slots=True)
 class Announce:
-    """A worker's heartbeat: its snapshot and where to reach it."""
+    """A worker's heartbeat: its snapshot, where to reach it, what its host uses."""
 
     snapshot: WorkerSnapshot
     url: str
+    resources: Resources | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +110,8 @@ class OrchestratorStatus:
 
 
 for _cls in (
+    GpuUsage,
+    Resources,
     Announce,
     InferReply,
     SubmitReply,

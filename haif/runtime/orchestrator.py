@@ -167,6 +167,7 @@ from haif.runtime.messages import (
     SubmitReply,
     TokenChunk,
 )
+from haif.runtime.resources import Resources
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
@@ -285,6 +286,7 @@ class _Presence:
     snapshot: WorkerSnapshot
     seen: float  # our clock
     interval: float | None = None  # estimated heartbeat interval
+    resources: Resources | None = None  # what its host used, as it last said
 
 
 class Orchestrator:
@@ -591,7 +593,7 @@ class Orchestrator:
         self._workers[wid] = body.url
         presence = self._seen.get(wid)
         if presence is None:
-            self._seen[wid] = _Presence(body.snapshot, now)
+            self._seen[wid] = _Presence(body.snapshot, now, resources=body.resources)
             if wid in self._evicted:
                 self._evicted.discard(wid)
                 log.info("worker %s is back after its eviction", wid)
@@ -603,6 +605,7 @@ class Orchestrator:
                 # stretch the estimate for good.
                 presence.interval = gap if est is None else 0.7 * est + 0.3 * min(gap, 2 * est)
             presence.snapshot, presence.seen = body.snapshot, now
+            presence.resources = body.resources
         self.driver.feed(Heartbeat(body.snapshot))
         return True
 
@@ -713,6 +716,7 @@ class Orchestrator:
             )
             for wid, p in sorted(self._seen.items())
         )
+        m.set_resources((wid, p.resources) for wid, p in sorted(self._seen.items()))
         m.fresh_workers.set(len(self.status().fresh_workers))
         m.stale_workers.set(len(self.stale_workers()))
         m.dlq_size.set(len(await self.store.list_dead_letters()))

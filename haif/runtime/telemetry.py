@@ -129,6 +129,7 @@ from prometheus_client import (
 )
 
 from haif.configfile import ConfigError
+from haif.runtime.resources import Resources
 
 __all__ = [
     "BREAKER_STATES",
@@ -408,6 +409,31 @@ class OrchestratorMetrics:
             ["worker"],
             registry=r,
         )
+        self.worker_cpu = Gauge(
+            "haif_orchestrator_worker_cpu_percent",
+            "CPU use per worker as its last heartbeat said: its process (100 = one core) "
+            "and its host (all cores, 0-100)",
+            ["worker", "scope"],
+            registry=r,
+        )
+        self.worker_memory = Gauge(
+            "haif_orchestrator_worker_memory_bytes",
+            "Memory per worker as its last heartbeat said: process RSS, host available, host total",
+            ["worker", "kind"],
+            registry=r,
+        )
+        self.worker_gpu_utilization = Gauge(
+            "haif_orchestrator_worker_gpu_utilization_percent",
+            "GPU busy share per worker and GPU (NVML), as its last heartbeat said",
+            ["worker", "gpu"],
+            registry=r,
+        )
+        self.worker_gpu_memory = Gauge(
+            "haif_orchestrator_worker_gpu_memory_bytes",
+            "GPU memory per worker and GPU (NVML), as its last heartbeat said",
+            ["worker", "gpu", "kind"],
+            registry=r,
+        )
         self.fresh_workers = Gauge(
             "haif_orchestrator_fresh_workers", "Workers with a fresh heartbeat", registry=r
         )
@@ -429,6 +455,26 @@ class OrchestratorMetrics:
             self.queue_depth.labels(wid).set(queue)
             self.running.labels(wid).set(running)
             self.breaker.labels(wid).set(BREAKER_STATES.get(breaker, 2))
+
+    def set_resources(self, rows: Iterable[tuple[str, Resources | None]]) -> None:
+        """Replace the per-worker resource gauges: (worker, its last reported sample)."""
+        gauges = (self.worker_cpu, self.worker_memory)
+        for gauge in (*gauges, self.worker_gpu_utilization, self.worker_gpu_memory):
+            gauge.clear()
+        mb = 1024 * 1024
+        for wid, res in rows:
+            if res is None:
+                continue
+            self.worker_cpu.labels(wid, "process").set(res.process_cpu_pct)
+            self.worker_cpu.labels(wid, "host").set(res.host_cpu_pct)
+            self.worker_memory.labels(wid, "process_rss").set(res.process_rss_mb * mb)
+            self.worker_memory.labels(wid, "host_available").set(res.host_memory_available_mb * mb)
+            self.worker_memory.labels(wid, "host_total").set(res.host_memory_total_mb * mb)
+            for gpu in res.gpus:
+                index = str(gpu.index)
+                self.worker_gpu_utilization.labels(wid, index).set(gpu.utilization_pct)
+                self.worker_gpu_memory.labels(wid, index, "used").set(gpu.memory_used_mb * mb)
+                self.worker_gpu_memory.labels(wid, index, "total").set(gpu.memory_total_mb * mb)
 
 
 class WorkerMetrics:

@@ -75,6 +75,7 @@ from haif.runtime.engines import (
     synthetic_token,
 )
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
+from haif.runtime.resources import ResourceMonitor
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
@@ -132,6 +133,7 @@ class Worker:
         self._running = 0
         self._session: aiohttp.ClientSession | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
+        self.resources = ResourceMonitor()
         self.ready = False
         self.metrics = telemetry.WorkerMetrics(
             lambda: self._running, lambda: self._waiting, spec.capacity
@@ -266,7 +268,8 @@ class Worker:
         )
         while True:
             try:
-                await client.call("heartbeat", Announce(self.snapshot(), self.spec.url))
+                announce = Announce(self.snapshot(), self.spec.url, self.resources.sample())
+                await client.call("heartbeat", announce)
             except (RpcUnavailable, RpcError) as exc:
                 log.warning("heartbeat to %s failed: %s", self.spec.orchestrator_url, exc)
             await asyncio.sleep(self.spec.heartbeat_s)
@@ -299,6 +302,7 @@ class Worker:
                 await self._heartbeat_task
         if self._session is not None:
             await self._session.close()
+        self.resources.close()
         if isinstance(self.engine, ManagedEngine):
             await self.engine.close()
 

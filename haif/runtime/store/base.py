@@ -289,6 +289,15 @@ def upsert_records_sql(rows: int) -> str:
     )
 
 
+@functools.cache
+def insert_records_plain_sql(rows: int) -> str:
+    """Insert ``rows`` records; fails if one is there already (see ``insert_jobs_plain_sql``)."""
+    return (
+        f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) "
+        f"VALUES {values_list(rows, len(RECORD_FIELDS))}"
+    )
+
+
 UPSERT_RECORD = upsert_records_sql(1)
 SELECT_RECORDS = f"SELECT {', '.join(RECORD_FIELDS)} FROM requests ORDER BY arrival_s, request_id"
 
@@ -387,6 +396,12 @@ def insert_usage_sql(rows: int) -> str:
         f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {values_list(rows, 6)} "
         "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
     )
+
+
+@functools.cache
+def insert_usage_plain_sql(rows: int) -> str:
+    """Insert ``rows`` usage rows; fails if one is there already (see ``insert_jobs_plain_sql``)."""
+    return f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {values_list(rows, 6)}"
 
 
 INSERT_USAGE_ONCE = insert_usage_sql(1)

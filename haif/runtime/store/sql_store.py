@@ -31,6 +31,7 @@ import abc
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar, cast
 
 from haif.contracts import DeadLetter, Request, RequestRecord, WorkerSnapshot
@@ -197,17 +198,27 @@ async def _set_status_all(tx: Tx, ops: Sequence[_SetStatus]) -> list[bool]:
     return [out[i] for i in range(len(ops))]
 
 
-async def _finalize_all(tx: Tx, ops: Sequence[_Finalize]) -> list[bool]:
+async def _finalize_all(tx: Tx, ops: Sequence[_Finalize], *, plain: bool = False) -> list[bool]:
+    """Settle each request once: usage row, job done, record.
+
+    ``plain``: with inserts that fail when a usage row or record is there
+    already (cheaper in DuckDB); the caller retries the batch without.
+    """
     # A later finalize of the same request in the batch settles nothing: the
     # first one either inserted its usage row or found one already there.
     leaders, _ = _first_per_key(ops, lambda op: [op.request_id])
     leaders.sort(key=lambda i: ops[i].request_id)  # rows locked in one order
-    sql = base.insert_usage_sql(len(leaders))
-    won = {str(row[0]) for row in await tx.fetch(sql, _flat(ops[i].usage for i in leaders))}
+    usage = _flat(ops[i].usage for i in leaders)
+    if plain:
+        await tx.fetch(base.insert_usage_plain_sql(len(leaders)), usage)
+        won = {ops[i].request_id for i in leaders}
+    else:
+        won = {str(row[0]) for row in await tx.fetch(base.insert_usage_sql(len(leaders)), usage)}
     winners = [ops[i] for i in leaders if ops[i].request_id in won]
     if winners:
+        records = base.insert_records_plain_sql if plain else base.upsert_records_sql
         await tx.fetch(base.finish_jobs_sql(len(winners)), _flat(op.finish for op in winners))
-        await tx.fetch(base.upsert_records_sql(len(winners)), _flat(op.record for op in winners))
+        await tx.fetch(records(len(winners)), _flat(op.record for op in winners))
     settled = {i for i in leaders if ops[i].request_id in won}
     return [i in settled for i in range(len(ops))]
 
@@ -252,7 +263,9 @@ async def _apply(
 class SqlStore(MetadataStore):
     """:class:`MetadataStore` over :class:`Tx`; a backend supplies the connections."""
 
-    #: Reserve keyless jobs with a plain ``INSERT`` first (see ``insert_jobs_plain_sql``).
+    #: Reserve keyless jobs, and finalize, with plain ``INSERT``s first, which
+    #: fail if a row is there already; then again with the statements that
+    #: skip conflicts (see ``base.insert_jobs_plain_sql``).
     plain_insert_first: bool = False
 
     def __init__(
@@ -344,14 +357,21 @@ class SqlStore(MetadataStore):
             fast = await self._reserve_in_one_statement(reserves)
             if fast is not None:
                 return fast
+        if self.plain_insert_first and any(isinstance(op, _Finalize) for op in ops):
+            try:
+                return await self._apply_all(ops, plain=True)
+            except Exception:  # a row was there already (rolled back): decide as below
+                pass
+        return await self._apply_all(ops)
+
+    async def _apply_all(self, ops: Sequence[_Write], *, plain: bool = False) -> list[object]:
         results: list[object] = [None] * len(ops)
-        mine = len(reserves) == len(ops)
-        one_statement = _one_statement(ops)
-        connect = self._connection if one_statement else self._transaction
+        mine = all(isinstance(op, _Reserve) for op in ops)
+        connect = self._connection if _one_statement(ops) else self._transaction
         async with connect(reserves=mine) as tx:
             await _apply(tx, ops, _Reserve, _reserve_all, results)
             await _apply(tx, ops, _SetStatus, _set_status_all, results)
-            await _apply(tx, ops, _Finalize, _finalize_all, results)
+            await _apply(tx, ops, _Finalize, partial(_finalize_all, plain=plain), results)
             await _apply(tx, ops, _WriteRecord, _write_records_all, results)
         return results
 

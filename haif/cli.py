@@ -165,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="on SIGTERM, how long in-flight streams may run on (default 10)",
     )
+    gw.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (with --tls-key); default plain HTTP",
+    )
+    gw.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     add_cluster_auth_args(gw)
     gw.set_defaults(func=_cmd_service)
 

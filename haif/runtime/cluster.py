@@ -173,6 +173,20 @@ class AuthConfig(_Strict):
     jwt: JwtSettings | None = None
 
 
+class TlsFiles(_Strict):
+    """A PEM certificate chain and its private key (relative to the cluster YAML)."""
+
+    cert: Annotated[str, Field(min_length=1)]
+    key: Annotated[str, Field(min_length=1)]
+
+    def resolved(self, base_dir: Path | None) -> tuple[str, str]:
+        def one(path: str) -> str:
+            p = Path(path)
+            return str(base_dir / p if base_dir is not None and not p.is_absolute() else p)
+
+        return one(self.cert), one(self.key)
+
+
 class OrchestratorSettings(_Strict):
     """The orchestrator's upkeep (see :mod:`haif.runtime.orchestrator`)."""
 
@@ -195,6 +209,8 @@ class ClusterConfig(_Strict):
     # A live cluster resumes interrupted responses on the next worker.
     policy: CoreConfig = CoreConfig(resume_partial=True)
     auth: AuthConfig = AuthConfig()
+    #: Serve the gateway over HTTPS (clients must trust the certificate).
+    gateway_tls: TlsFiles | None = None
 
     @field_validator("store")
     @classmethod
@@ -347,6 +363,13 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     orch_port = config.orchestrator_port or free_port()
     orch_url = f"http://127.0.0.1:{orch_port}"
     base = Path(config_path).resolve().parent if config_path else None
+    if config.gateway_tls is not None:
+        from haif.runtime.services import server_tls
+
+        try:
+            server_tls(*config.gateway_tls.resolved(base))  # before anything starts
+        except ConfigError as exc:
+            raise ConfigError(f"{config_path}: gateway_tls: {exc}") from None
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     supervisor = Supervisor(logs)
@@ -373,8 +396,12 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
             supervisor.add(Service(w.id, "worker", w.region, url, args, restart))
-        gw_url = f"http://127.0.0.1:{gw_port}"
+        scheme = "https" if config.gateway_tls is not None else "http"
+        gw_url = f"{scheme}://127.0.0.1:{gw_port}"
         gw_args = ["gateway", "--port", str(gw_port), "--orchestrator", orch_url]
+        if config.gateway_tls is not None:
+            cert, key = config.gateway_tls.resolved(base)
+            gw_args += ["--tls-cert", cert, "--tls-key", key]
         gw_args += ["--region", config.region]
         gw_args += ["--config", config_path] if config_path else []
         gw_args += ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]

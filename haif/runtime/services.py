@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
@@ -40,6 +41,30 @@ T = TypeVar("T")
 _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
 
 
+def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
+    """The TLS context of ``--tls-cert`` / ``--tls-key`` (both or neither), or None.
+
+    TLS 1.2 at least, the standard library's default ciphers. A missing,
+    unreadable or mismatched file is a :class:`ConfigError` naming it.
+    """
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ConfigError("--tls-cert and --tls-key go together: give both or neither")
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(cert, key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate chain and its key ({exc})"
+        ) from None
+    return context
+
+
 def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
@@ -50,6 +75,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     telemetry.setup_logging(kind)
     telemetry.setup_tracing(kind)
     shutdown_timeout = 5.0
+    tls: ssl.SSLContext | None = None
     app: web.Application | Awaitable[web.Application]
     if kind == "orchestrator":
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
@@ -77,9 +103,17 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
+        tls = server_tls(args.tls_cert, args.tls_key)
     else:
         raise ValueError(f"unknown service {kind!r}")
-    web.run_app(app, host=args.host, port=args.port, print=None, shutdown_timeout=shutdown_timeout)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        shutdown_timeout=shutdown_timeout,
+        ssl_context=tls,
+    )
     return 0
 
 

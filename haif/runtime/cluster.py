@@ -71,6 +71,11 @@ if TYPE_CHECKING:
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 
+def beside(base: Path | None, path: str | Path) -> Path:
+    """``path`` as the cluster YAML in ``base`` means it (relative to it; absolute as is)."""
+    return Path(path) if base is None else base / path  # base / absolute = absolute
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -130,13 +135,11 @@ class WorkerConfig(_Strict):
             if self.prefix_cache:
                 args.append("--prefix-cache")
             if self.profiles is not None:
-                path = Path(self.profiles) if base is None else base / self.profiles
-                args += ["--profiles", str(path)]
+                args += ["--profiles", str(beside(base, self.profiles))]
         for name in ("artifact_store", "keyring"):
             value = getattr(self, name)
             if value is not None:
-                path = Path(value) if base is None else base / value
-                args += [f"--{name.replace('_', '-')}", str(path)]
+                args += [f"--{name.replace('_', '-')}", str(beside(base, value))]
         if self.model_ref:
             args += ["--model-ref", self.model_ref]
         if self.engine == "transformers":
@@ -180,11 +183,7 @@ class TlsFiles(_Strict):
     key: Annotated[str, Field(min_length=1)]
 
     def resolved(self, base_dir: Path | None) -> tuple[str, str]:
-        def one(path: str) -> str:
-            p = Path(path)
-            return str(base_dir / p if base_dir is not None and not p.is_absolute() else p)
-
-        return one(self.cert), one(self.key)
+        return str(beside(base_dir, self.cert)), str(beside(base_dir, self.key))
 
 
 class OrchestratorSettings(_Strict):
@@ -239,9 +238,7 @@ def gateway_auth(auth: AuthConfig, base_dir: Path | None = None) -> GatewayAuth:
         s = auth.jwt
         key: str | bytes
         if s.key_file is not None:
-            path = Path(s.key_file)
-            if not path.is_absolute() and base_dir is not None:
-                path = base_dir / path
+            path = beside(base_dir, s.key_file)
             try:
                 key = path.read_bytes()
             except OSError as exc:
@@ -289,10 +286,7 @@ def store_url(config: ClusterConfig, config_path: str | Path | None, data_dir: P
 
     backend, target = store_backend(config.store)
     if backend == "duckdb" and target != ":memory:" and config_path is not None:
-        path = Path(target)
-        if not path.is_absolute():
-            return str(Path(config_path).parent / path)
-        return target
+        return str(beside(Path(config_path).parent, target))
     return config.store
 
 

@@ -77,14 +77,19 @@ def log_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+# Our own child on loopback, asked for liveness only: its certificate is the clients' to trust.
+_LIVENESS_TLS = ssl.create_default_context()
+_LIVENESS_TLS.check_hostname = False
+_LIVENESS_TLS.verify_mode = ssl.CERT_NONE
+
+
 def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ConfigError(f"{url}: service exited with code {proc.returncode}")
         try:
-            # Our own child on loopback: liveness only, its certificate is the client's to trust.
-            tls = ssl._create_unverified_context() if url.startswith("https:") else None
+            tls = _LIVENESS_TLS if url.startswith("https:") else None
             with urllib.request.urlopen(f"{url}/healthz", timeout=1.0, context=tls) as resp:
                 if resp.status == 200:
                     return

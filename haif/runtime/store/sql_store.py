@@ -162,11 +162,21 @@ def _insert_groups(ops: Sequence[_Reserve], leaders: list[int]) -> list[list[int
     return [group for group in groups if group]
 
 
-async def _insert_jobs(tx: Tx, ops: Sequence[_Reserve], group: list[int]) -> dict[str, JobRow]:
-    """Insert the jobs of ``group`` in one statement; the created ones by request id."""
-    keyed = ops[group[0]].job.idempotency_key is not None
-    sql = base.insert_jobs_sql(len(group), keyed=keyed)
-    rows = await tx.fetch(sql, _flat(ops[i].params for i in group))
+async def _insert_jobs(
+    tx: Tx, ops: Sequence[_Reserve], group: list[int], *, plain: bool = False
+) -> dict[str, JobRow]:
+    """Insert the jobs of ``group`` in one statement; the created ones by request id.
+
+    ``plain``: with an insert that fails as a whole if one id is taken (cheaper
+    in DuckDB; keyless jobs only); the caller then inserts again without.
+    """
+    params = _flat(ops[i].params for i in group)
+    if plain:
+        await tx.fetch(base.insert_jobs_plain_sql(len(group)), params)
+        rows: Iterable[Sequence[Any]] = (ops[i].params for i in group)
+    else:
+        keyed = ops[group[0]].job.idempotency_key is not None
+        rows = await tx.fetch(base.insert_jobs_sql(len(group), keyed=keyed), params)
     return {job.request_id: job for job in map(base.job_from_row, rows)}
 
 
@@ -386,12 +396,17 @@ class SqlStore(MetadataStore):
         groups = _insert_groups(ops, leaders)
         if later or len(groups) != 1:
             return None
-        created = None
-        if self.plain_insert_first and ops[groups[0][0]].job.idempotency_key is None:
-            created = await self._insert_jobs_plain(ops, groups[0])
-        if created is None:
+        group = groups[0]
+        plain = self.plain_insert_first and ops[group[0]].job.idempotency_key is None
+        try:
             async with self._connection(reserves=True) as tx:
-                created = await _insert_jobs(tx, ops, groups[0])
+                created = await _insert_jobs(tx, ops, group, plain=plain)
+        except Exception:
+            if not plain:
+                raise
+            # An id was taken (autocommitted: nothing was left behind): skip conflicts.
+            async with self._connection(reserves=True) as tx:
+                created = await _insert_jobs(tx, ops, group)
         results: list[object] = []
         for op in ops:
             job = created.get(op.job.request_id)
@@ -404,24 +419,6 @@ class SqlStore(MetadataStore):
             except Exception as exc:
                 results.append(Failed(exc))
         return results
-
-    async def _insert_jobs_plain(
-        self, ops: Sequence[_Reserve], group: list[int]
-    ) -> dict[str, JobRow] | None:
-        """Insert the keyless jobs of ``group`` with no conflict handling; None if that failed.
-
-        A taken id fails the whole statement (autocommitted: nothing is left
-        behind); the caller then runs the insert that skips conflicts. Any
-        other failure shows again there.
-        """
-        sql = base.insert_jobs_plain_sql(len(group))
-        try:
-            async with self._connection(reserves=True) as tx:
-                await tx.fetch(sql, _flat(ops[i].params for i in group))
-        except Exception:
-            return None
-        jobs = (base.job_from_row(ops[i].params) for i in group)
-        return {job.request_id: job for job in jobs}
 
     # ------------------------------------------------------------ records
 

@@ -141,3 +141,45 @@ def test_limits_must_be_positive() -> None:
         GroupCommit(commit, max_batch=0)
     with pytest.raises(ValueError, match="max_in_flight"):
         GroupCommit(commit, max_in_flight=0)
+
+
+async def test_a_lingering_lane_gathers_writes_submitted_apart() -> None:
+    ledger = Ledger()
+    gc: GroupCommit[int] = GroupCommit(ledger.commit, lane=lambda op: op % 2, linger_s={0: 30.0})
+    later = [asyncio.create_task(gc.submit(i)) for i in (2, 4)]
+    await asyncio.sleep(0.01)
+    later.append(asyncio.create_task(gc.submit(6)))  # another turn, same batch
+    assert await gc.submit(1) == 10  # the other lane does not linger
+    await asyncio.sleep(0.01)
+    assert ledger.batches == [[1]] and not any(t.done() for t in later)
+    await gc.drain()  # does not wait for the timer
+    assert [t.result() for t in later] == [20, 40, 60]
+    assert ledger.batches == [[1], [2, 4, 6]]
+
+
+async def test_a_lingering_batch_goes_when_its_timer_fires_or_it_is_full() -> None:
+    ledger = Ledger()
+    gc: GroupCommit[int] = GroupCommit(ledger.commit, max_batch=3, linger_s={None: 0.02})
+    assert await asyncio.gather(*(gc.submit(i) for i in range(4))) == [0, 10, 20, 30]
+    assert ledger.batches == [[0, 1, 2], [3]]  # full at once; the fourth on its timer
+    assert await gc.submit(5) == 50  # a new timer for the next write
+    assert ledger.batches[-1] == [5]
+    slow: GroupCommit[int] = GroupCommit(ledger.commit, max_batch=2, linger_s={None: 30.0})
+    assert list(await asyncio.gather(slow.submit(7), slow.submit(8))) == [70, 80]  # full: no wait
+
+
+async def test_close_does_not_wait_for_a_lingering_timer() -> None:
+    ledger = Ledger()
+    gc: GroupCommit[int] = GroupCommit(ledger.commit, linger_s={None: 30.0})
+    call = asyncio.create_task(gc.submit(3))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(gc.close(), 5.0)
+    assert call.result() == 30 and not gc._timers
+
+
+def test_linger_must_be_sane() -> None:
+    async def commit(ops: Sequence[int]) -> list[object]:
+        return list(ops)
+
+    with pytest.raises(ValueError, match="linger_s"):
+        GroupCommit(commit, linger_s={None: 120.0})

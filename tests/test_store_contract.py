@@ -39,6 +39,7 @@ from haif.runtime.store import (
     open_store,
     store_backend,
 )
+from haif.runtime.store.duckdb_store import ARROW_MIN_ROWS
 from haif.runtime.store.group_commit import BatchStats
 from haif.runtime.store.sql_store import SqlStore
 
@@ -513,6 +514,50 @@ async def test_a_batch_of_keyless_reserves_with_a_taken_id(store: MetadataStore)
     assert not results[8].created and results[8].job.created_s == 1.0
     assert [await store.get_job(job.request_id) for job in jobs[:8]] == expected
     assert _stats(store).largest > 1
+
+
+async def test_a_large_batch_keeps_nulls_and_types_row_by_row(store: MetadataStore) -> None:
+    """A batch big enough for DuckDB to pass its rows as an Arrow table (ARROW_MIN_ROWS)
+    where a column is NULL in some rows only: each row reads back as it was written."""
+    jobs = [
+        dataclasses.replace(_job(f"m{i}", key=None), expires_s=None if i % 2 else 50.0 + i)
+        for i in range(12)
+    ]
+    await asyncio.gather(*(store.reserve(job, now=1.0) for job in jobs))
+    moved = await asyncio.gather(
+        *(
+            store.set_job_status(
+                job.request_id, "running", now=2.0, worker_id=f"w{i}" if i % 3 else None
+            )
+            for i, job in enumerate(jobs)
+        )
+    )
+    assert moved == [True] * len(jobs)
+    records = [
+        _record(job.request_id, float(i), status="ok" if i % 2 else "failed", cost=i / 3)
+        for i, job in enumerate(jobs)
+    ]
+    settled = await asyncio.gather(
+        *(
+            store.finalize(r.request_id, r, None if i % 4 else b"x" * i, now=3.0)
+            for i, r in enumerate(records)
+        )
+    )
+    assert settled == [True] * len(jobs)
+    if isinstance(store, DuckDBStore):  # the writes nobody waits for linger: one batch each
+        assert _stats(store).largest >= ARROW_MIN_ROWS
+    assert await store.records() == records
+    for i, job in enumerate(jobs):
+        stored = await store.get_job(job.request_id)
+        assert stored is not None
+        assert (stored.expires_s, stored.worker_id, stored.result, stored.status) == (
+            job.expires_s,
+            f"w{i}" if i % 3 else None,
+            None if i % 4 else b"x" * i,
+            "done" if i % 2 else "failed",
+        )
+    costs = {u.request_id: u.cost for u in await store.list_usage()}
+    assert costs == pytest.approx({job.request_id: i / 3 for i, job in enumerate(jobs)})
 
 
 async def test_batched_reserve_releases_an_expired_key(store: MetadataStore) -> None:

@@ -279,26 +279,33 @@ def values_list(rows: int, width: int, casts: Sequence[str] = ()) -> str:
 
 
 @functools.cache
-def upsert_records_sql(rows: int) -> str:
-    """Upsert ``rows`` records (their request ids must differ)."""
+def values_source(rows: int, width: int, casts: tuple[str, ...] = ()) -> str:
+    """The rows of a multi-row statement as parameters: ``VALUES ($1, ...), ...``.
+
+    The statements below take their rows as ``source``, a query yielding
+    them, so a backend may pass a large batch another way (DuckDB: an Arrow
+    table, ``SELECT * FROM ...``) while the statement stays the same.
+    """
+    return f"VALUES {values_list(rows, width, casts)}"
+
+
+@functools.cache
+def upsert_records_sql(source: str) -> str:
+    """Upsert the records of ``source`` (their request ids must differ)."""
     return (
-        f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) "
-        f"VALUES {values_list(rows, len(RECORD_FIELDS))} "
+        f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) {source} "
         "ON CONFLICT (request_id) DO UPDATE SET "
         + ", ".join(f"{name} = EXCLUDED.{name}" for name in RECORD_FIELDS[1:])
     )
 
 
 @functools.cache
-def insert_records_plain_sql(rows: int) -> str:
-    """Insert ``rows`` records; fails if one is there already (see ``insert_jobs_plain_sql``)."""
-    return (
-        f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) "
-        f"VALUES {values_list(rows, len(RECORD_FIELDS))}"
-    )
+def insert_records_plain_sql(source: str) -> str:
+    """Insert the records of ``source``; fails if one is there (see ``insert_jobs_plain_sql``)."""
+    return f"INSERT INTO requests ({', '.join(RECORD_FIELDS)}) {source}"
 
 
-UPSERT_RECORD = upsert_records_sql(1)
+UPSERT_RECORD = upsert_records_sql(values_source(1, len(RECORD_FIELDS)))
 SELECT_RECORDS = f"SELECT {', '.join(RECORD_FIELDS)} FROM requests ORDER BY arrival_s, request_id"
 
 JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRow))
@@ -312,8 +319,9 @@ RELEASE_EXPIRED_KEY = (
 
 
 @functools.cache
-def insert_jobs_sql(rows: int, *, keyed: bool = True) -> str:
-    """Insert ``rows`` jobs, skipping any that a key or id conflict blocks; return the inserted.
+def insert_jobs_sql(source: str, *, keyed: bool = True) -> str:
+    """Insert the jobs of ``source``, skipping any that a key or id conflict blocks; return
+    the inserted.
 
     ``keyed=False`` is for jobs without an idempotency key: only their id can
     conflict. (DuckDB's untargeted ``ON CONFLICT`` takes two rows of one
@@ -321,65 +329,65 @@ def insert_jobs_sql(rows: int, *, keyed: bool = True) -> str:
     """
     target = "" if keyed else "(request_id) "
     return (
-        f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES {values_list(rows, len(JOB_FIELDS))} "
+        f"INSERT INTO jobs ({_JOB_COLUMNS}) {source} "
         f"ON CONFLICT {target}DO NOTHING RETURNING {_JOB_COLUMNS}"
     )
 
 
 @functools.cache
-def insert_jobs_plain_sql(rows: int) -> str:
-    """Insert ``rows`` jobs; the whole statement fails if any of them conflicts.
+def insert_jobs_plain_sql(source: str) -> str:
+    """Insert the jobs of ``source``; the whole statement fails if any of them conflicts.
 
     DuckDB runs this in about half the time of ``insert_jobs_sql`` (its
     ``ON CONFLICT ... RETURNING`` is the costly part), so a backend may try
     it first where conflicts are rare (jobs without a key) and fall back.
     """
-    return f"INSERT INTO jobs ({_JOB_COLUMNS}) VALUES {values_list(rows, len(JOB_FIELDS))}"
+    return f"INSERT INTO jobs ({_JOB_COLUMNS}) {source}"
 
 
-INSERT_JOB_IF_ABSENT = insert_jobs_sql(1)
+INSERT_JOB_IF_ABSENT = insert_jobs_sql(values_source(1, len(JOB_FIELDS)))
 SELECT_JOB = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE request_id = $1"
 SELECT_JOB_BY_KEY = f"SELECT {_JOB_COLUMNS} FROM jobs WHERE tenant = $1 AND idempotency_key = $2"
 _FINAL_LIST = ", ".join(f"'{s}'" for s in FINAL_STATUSES)
 _OPEN_LIST = ", ".join(f"'{s}'" for s in OPEN_STATUSES)
+#: Column types of the rows of ``set_job_statuses_sql`` and ``finish_jobs_sql``.
+STATUS_CASTS = ("TEXT", "TEXT", "DOUBLE PRECISION", "TEXT", "DOUBLE PRECISION")
+FINISH_CASTS = ("TEXT", "TEXT", "BYTEA", "DOUBLE PRECISION")
+
+# One job at a time: the plain forms plan faster (DuckDB: about 1 ms less).
+SET_JOB_STATUS = (
+    "UPDATE jobs SET status = $2, updated_s = $3, worker_id = COALESCE($4, worker_id), "
+    "expires_s = COALESCE($5, expires_s) "
+    f"WHERE request_id = $1 AND status NOT IN ({_FINAL_LIST}) RETURNING request_id"
+)
+FINISH_JOB = "UPDATE jobs SET status = $2, result = $3, updated_s = $4 WHERE request_id = $1"
 
 
 @functools.cache
-def set_job_statuses_sql(rows: int) -> str:
-    """Move ``rows`` open jobs (``request_id, status, now, worker_id, expires_s`` each;
-    distinct ids) to a status; return the ids that moved."""
-    if rows == 1:  # the plain form plans faster (DuckDB: about 1 ms less)
-        return (
-            "UPDATE jobs SET status = $2, updated_s = $3, worker_id = COALESCE($4, worker_id), "
-            "expires_s = COALESCE($5, expires_s) "
-            f"WHERE request_id = $1 AND status NOT IN ({_FINAL_LIST}) RETURNING request_id"
-        )
-    values = values_list(rows, 5, ("TEXT", "TEXT", "DOUBLE PRECISION", "TEXT", "DOUBLE PRECISION"))
+def set_job_statuses_sql(source: str) -> str:
+    """Move open jobs (``source``: ``request_id, status, now, worker_id, expires_s`` rows,
+    distinct ids, typed as ``STATUS_CASTS``) to a status; return the ids that moved."""
     return (
         "UPDATE jobs SET status = v.status, updated_s = v.now, "
         "worker_id = COALESCE(v.worker_id, jobs.worker_id), "
         "expires_s = COALESCE(v.expires_s, jobs.expires_s) "
-        f"FROM (VALUES {values}) AS v (request_id, status, now, worker_id, expires_s) "
+        f"FROM ({source}) AS v (request_id, status, now, worker_id, expires_s) "
         f"WHERE jobs.request_id = v.request_id AND jobs.status NOT IN ({_FINAL_LIST}) "
         "RETURNING jobs.request_id"
     )
 
 
 @functools.cache
-def finish_jobs_sql(rows: int) -> str:
-    """Settle ``rows`` jobs (``request_id, status, result, now`` each; distinct ids)."""
-    if rows == 1:
-        return "UPDATE jobs SET status = $2, result = $3, updated_s = $4 WHERE request_id = $1"
-    values = values_list(rows, 4, ("TEXT", "TEXT", "BYTEA", "DOUBLE PRECISION"))
+def finish_jobs_sql(source: str) -> str:
+    """Settle jobs (``source``: ``request_id, status, result, now`` rows, distinct ids,
+    typed as ``FINISH_CASTS``)."""
     return (
         "UPDATE jobs SET status = v.status, result = v.result, updated_s = v.now "
-        f"FROM (VALUES {values}) AS v (request_id, status, result, now) "
+        f"FROM ({source}) AS v (request_id, status, result, now) "
         "WHERE jobs.request_id = v.request_id"
     )
 
 
-SET_JOB_STATUS = set_job_statuses_sql(1)
-FINISH_JOB = finish_jobs_sql(1)
 EXPIRE_JOBS = (
     "UPDATE jobs SET status = 'expired', updated_s = $1 "
     f"WHERE status IN ({_OPEN_LIST}) AND expires_s IS NOT NULL AND expires_s <= $1 "
@@ -390,21 +398,22 @@ _USAGE_COLUMNS = "request_id, tenant, prompt_tokens, output_tokens, cost, finali
 
 
 @functools.cache
-def insert_usage_sql(rows: int) -> str:
-    """Insert ``rows`` usage rows unless already there; return the ids inserted."""
+def insert_usage_sql(source: str) -> str:
+    """Insert the usage rows of ``source`` unless already there; return the ids inserted."""
     return (
-        f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {values_list(rows, 6)} "
+        f"INSERT INTO usage ({_USAGE_COLUMNS}) {source} "
         "ON CONFLICT (request_id) DO NOTHING RETURNING request_id"
     )
 
 
 @functools.cache
-def insert_usage_plain_sql(rows: int) -> str:
-    """Insert ``rows`` usage rows; fails if one is there already (see ``insert_jobs_plain_sql``)."""
-    return f"INSERT INTO usage ({_USAGE_COLUMNS}) VALUES {values_list(rows, 6)}"
+def insert_usage_plain_sql(source: str) -> str:
+    """Insert the usage rows of ``source``; fails if one is there already (see
+    ``insert_jobs_plain_sql``)."""
+    return f"INSERT INTO usage ({_USAGE_COLUMNS}) {source}"
 
 
-INSERT_USAGE_ONCE = insert_usage_sql(1)
+INSERT_USAGE_ONCE = insert_usage_sql(values_source(1, 6))
 SELECT_USAGE = f"SELECT {_USAGE_COLUMNS} FROM usage ORDER BY finalized_s, request_id"
 SELECT_USAGE_OF = (
     f"SELECT {_USAGE_COLUMNS} FROM usage WHERE tenant = $1 ORDER BY finalized_s, request_id"

@@ -20,6 +20,14 @@ share a transaction with long ones; with ``per_lane`` each lane also has its
 own ``max_in_flight`` batches, so it does not wait for a slot behind them
 either (for a backend with several connections).
 
+With ``linger_s`` a lane that nobody waits on (writes after a request) is
+committed at most that often: its first queued operation starts a timer and
+the batch is taken when it fires (or when ``max_batch`` operations are
+queued). A backend whose cost is per statement rather than per row (DuckDB:
+milliseconds per statement, microseconds per row) then pays it once for
+many requests; the price is that those writes land up to ``linger_s`` later.
+``drain`` and ``close`` do not wait for the timers.
+
 Every caller still gets its own result or exception: when a batch's
 transaction fails, its operations are retried one by one, each in its own
 transaction, so one bad operation fails alone and the others still commit.
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -74,11 +82,15 @@ class GroupCommit(Generic[Op]):
         max_in_flight: int = 1,
         lane: Callable[[Op], Hashable] = lambda _op: None,
         per_lane: bool = False,
+        linger_s: Mapping[Hashable, float] | None = None,
     ) -> None:
         if max_batch < 1 or max_in_flight < 1:
             raise ValueError(
                 f"max_batch and max_in_flight must be >= 1, got {max_batch}, {max_in_flight}"
             )
+        self._linger = {lane: s for lane, s in (linger_s or {}).items() if s > 0}
+        if any(s != s or s > 60 for s in self._linger.values()):
+            raise ValueError(f"linger_s must be between 0 and 60 s, got {linger_s}")
         self._commit = commit
         self._lane = lane
         self._per_lane = per_lane
@@ -90,6 +102,10 @@ class GroupCommit(Generic[Op]):
         self._flushes: dict[asyncio.Future[None], Hashable] = {}
         self._kick_pending = False
         self._closed = False
+        # Lingering lanes whose timer runs, and those whose batch is due.
+        self._timers: dict[Hashable, asyncio.TimerHandle] = {}
+        self._due: set[Hashable] = set()
+        self._draining = False
 
     async def submit(self, op: Op) -> object:
         """Commit ``op`` with whatever else is queued; return its own result."""
@@ -98,6 +114,10 @@ class GroupCommit(Generic[Op]):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[object] = loop.create_future()
         lane = self._lane(op)
+        if lane in self._linger:
+            self._queue.append((op, future))
+            self._linger_on(lane, loop)
+            return await future
         if self._has_slot(lane) and all(self._lane(queued) != lane for queued, _ in self._queue):
             # Nothing to batch with and a slot free: commit it now, in the caller's task
             # (a batch of its own, so cancelling the caller touches no one else's write).
@@ -116,6 +136,29 @@ class GroupCommit(Generic[Op]):
             loop.call_soon(self._kick)
         return await future
 
+    def _linger_on(self, lane: Hashable, loop: asyncio.AbstractEventLoop) -> None:
+        """Start ``lane``'s timer, or make its batch due now if it is full."""
+        if lane in self._due:
+            return
+        if sum(1 for op, _ in self._queue if self._lane(op) == lane) >= self.max_batch:
+            self._expire(lane)
+        elif lane not in self._timers:
+            self._timers[lane] = loop.call_later(self._linger[lane], self._expire, lane)
+
+    def _expire(self, lane: Hashable) -> None:
+        self._stop_timer(lane)
+        if any(self._lane(op) == lane for op, _ in self._queue):
+            self._due.add(lane)
+            self._kick()
+
+    def _stop_timer(self, lane: Hashable) -> None:
+        timer = self._timers.pop(lane, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _ready(self, lane: Hashable) -> bool:
+        return lane not in self._linger or lane in self._due or self._draining
+
     def _has_slot(self, lane: Hashable) -> bool:
         busy = list(self._flushes.values())
         return (busy.count(lane) if self._per_lane else len(busy)) < self.max_in_flight
@@ -127,7 +170,7 @@ class GroupCommit(Generic[Op]):
         while started and self._queue:
             started = False
             for lane in dict.fromkeys(self._lane(op) for op, _ in self._queue):  # oldest first
-                if self._has_slot(lane):
+                if self._ready(lane) and self._has_slot(lane):
                     self._start(lane)
                     started = True
 
@@ -141,6 +184,9 @@ class GroupCommit(Generic[Op]):
             else:
                 rest.append(item)
         self._queue = rest
+        if all(self._lane(op) != lane for op, _ in rest):
+            self._due.discard(lane)  # what comes next lingers again
+            self._stop_timer(lane)  # (a drain took the batch before its timer fired)
         if batch:
             task = asyncio.get_running_loop().create_task(self._flush(batch))
             self._flushes[task] = lane
@@ -195,12 +241,16 @@ class GroupCommit(Generic[Op]):
 
     async def drain(self) -> None:
         """Wait until every submitted operation is committed (or failed)."""
-        while self._queue or self._flushes:
-            if self._flushes:
-                await asyncio.gather(*list(self._flushes), return_exceptions=True)
-            else:
-                self._kick()
-                await asyncio.sleep(0)
+        self._draining = True
+        try:
+            while self._queue or self._flushes:
+                if self._flushes:
+                    await asyncio.gather(*list(self._flushes), return_exceptions=True)
+                else:
+                    self._kick()
+                    await asyncio.sleep(0)
+        finally:
+            self._draining = False
 
     async def close(self) -> None:
         """Refuse new operations and finish the queued ones."""

@@ -10,9 +10,10 @@ The writes on the request path (``reserve``, ``set_job_status``,
 ``finalize``, ``write_record``) go through a
 :class:`~haif.runtime.store.group_commit.GroupCommit`: concurrent calls are
 committed together, one transaction per batch, with one multi-row statement
-per kind of write. Reserves, which a request waits for before it runs, are
-batched apart from the other writes, so they never wait for a finalize in
-the same transaction. Calls in one batch are concurrent, so any serial order
+per kind of write. Reserves with an idempotency key, which a request waits
+for before it runs, are batched apart from the other writes, so they never
+wait for a finalize in the same transaction; the others (nobody waits for
+them) may linger to share a transaction (``linger_s``). Calls in one batch are concurrent, so any serial order
 is a valid outcome; the batch applies reserves, then status changes, then
 finalizes, then record upserts. Within a kind, the first call per conflict
 key (request id, or tenant and idempotency key) goes into the multi-row
@@ -65,6 +66,21 @@ class Tx(abc.ABC):
     async def fetchrow(self, sql: str, params: Sequence[Any] = ()) -> Row | None:
         rows = await self.fetch(sql, params)
         return rows[0] if rows else None
+
+    async def fetch_rows(
+        self,
+        statement: Callable[[str], str],
+        rows: Sequence[Sequence[Any]],
+        casts: tuple[str, ...] = (),
+    ) -> list[Row]:
+        """Run ``statement(source)`` over ``rows`` (a multi-row write, see ``base.values_source``).
+
+        Here ``source`` is a ``VALUES`` list of parameters (``casts``: the
+        column types, for a list outside an ``INSERT``); a backend may pass the
+        rows another way.
+        """
+        source = base.values_source(len(rows), len(rows[0]), casts)
+        return await self.fetch(statement(source), _flat(rows))
 
 
 # ------------------------------------------------------------ batched writes
@@ -123,7 +139,7 @@ def _reserve_keys(op: _Reserve) -> list[Hashable]:
     return keys
 
 
-def _flat(rows: Iterable[list[Any]]) -> list[Any]:
+def _flat(rows: Iterable[Sequence[Any]]) -> list[Any]:
     return [value for row in rows for value in row]
 
 
@@ -170,21 +186,29 @@ async def _insert_jobs(
     ``plain``: with an insert that fails as a whole if one id is taken (cheaper
     in DuckDB; keyless jobs only); the caller then inserts again without.
     """
-    params = _flat(ops[i].params for i in group)
+    params = [ops[i].params for i in group]
     if plain:
-        await tx.fetch(base.insert_jobs_plain_sql(len(group)), params)
-        rows: Iterable[Sequence[Any]] = (ops[i].params for i in group)
+        await tx.fetch_rows(base.insert_jobs_plain_sql, params)
+        rows: Iterable[Sequence[Any]] = params
     else:
         keyed = ops[group[0]].job.idempotency_key is not None
-        rows = await tx.fetch(base.insert_jobs_sql(len(group), keyed=keyed), params)
+        rows = await tx.fetch_rows(partial(base.insert_jobs_sql, keyed=keyed), params)
     return {job.request_id: job for job in map(base.job_from_row, rows)}
 
 
-async def _reserve_all(tx: Tx, ops: Sequence[_Reserve]) -> list[Reservation]:
+def _keyless(op: _Reserve) -> bool:
+    return op.job.idempotency_key is None
+
+
+async def _reserve_all(
+    tx: Tx, ops: Sequence[_Reserve], *, plain: bool = False
+) -> list[Reservation]:
+    """Reserve ``ops``; ``plain``: keyless jobs with a plain insert (see ``_insert_jobs``)."""
     leaders, later = _first_per_key(ops, _reserve_keys)
     created: dict[str, JobRow] = {}
     for group in _insert_groups(ops, leaders):
-        created.update(await _insert_jobs(tx, ops, group))
+        keyless = _keyless(ops[group[0]])
+        created.update(await _insert_jobs(tx, ops, group, plain=plain and keyless))
     out: dict[int, Reservation] = {}
     for i in leaders:
         job = created.get(ops[i].job.request_id)
@@ -200,8 +224,12 @@ async def _reserve_all(tx: Tx, ops: Sequence[_Reserve]) -> list[Reservation]:
 async def _set_status_all(tx: Tx, ops: Sequence[_SetStatus]) -> list[bool]:
     leaders, later = _first_per_key(ops, lambda op: [op.params[0]])
     leaders.sort(key=lambda i: str(ops[i].params[0]))  # rows locked in one order
-    sql = base.set_job_statuses_sql(len(leaders))
-    moved = {str(row[0]) for row in await tx.fetch(sql, _flat(ops[i].params for i in leaders))}
+    if len(leaders) == 1:
+        rows = await tx.fetch(base.SET_JOB_STATUS, ops[leaders[0]].params)
+    else:
+        statuses = [ops[i].params for i in leaders]
+        rows = await tx.fetch_rows(base.set_job_statuses_sql, statuses, base.STATUS_CASTS)
+    moved = {str(row[0]) for row in rows}
     out = {i: ops[i].params[0] in moved for i in leaders}
     for i in later:
         out[i] = await tx.fetchrow(base.SET_JOB_STATUS, ops[i].params) is not None
@@ -218,24 +246,28 @@ async def _finalize_all(tx: Tx, ops: Sequence[_Finalize], *, plain: bool = False
     # first one either inserted its usage row or found one already there.
     leaders, _ = _first_per_key(ops, lambda op: [op.request_id])
     leaders.sort(key=lambda i: ops[i].request_id)  # rows locked in one order
-    usage = _flat(ops[i].usage for i in leaders)
+    usage = [ops[i].usage for i in leaders]
     if plain:
-        await tx.fetch(base.insert_usage_plain_sql(len(leaders)), usage)
+        await tx.fetch_rows(base.insert_usage_plain_sql, usage)
         won = {ops[i].request_id for i in leaders}
     else:
-        won = {str(row[0]) for row in await tx.fetch(base.insert_usage_sql(len(leaders)), usage)}
+        won = {str(row[0]) for row in await tx.fetch_rows(base.insert_usage_sql, usage)}
     winners = [ops[i] for i in leaders if ops[i].request_id in won]
+    if len(winners) == 1:
+        await tx.fetch(base.FINISH_JOB, winners[0].finish)
+    elif winners:
+        finish = [op.finish for op in winners]
+        await tx.fetch_rows(base.finish_jobs_sql, finish, base.FINISH_CASTS)
     if winners:
         records = base.insert_records_plain_sql if plain else base.upsert_records_sql
-        await tx.fetch(base.finish_jobs_sql(len(winners)), _flat(op.finish for op in winners))
-        await tx.fetch(records(len(winners)), _flat(op.record for op in winners))
+        await tx.fetch_rows(records, [op.record for op in winners])
     settled = {i for i in leaders if ops[i].request_id in won}
     return [i in settled for i in range(len(ops))]
 
 
 async def _write_records_all(tx: Tx, ops: Sequence[_WriteRecord]) -> list[None]:
     last = {op.request_id: op.record for op in ops}  # the last write of a request wins
-    await tx.fetch(base.upsert_records_sql(len(last)), _flat(last[rid] for rid in sorted(last)))
+    await tx.fetch_rows(base.upsert_records_sql, [last[rid] for rid in sorted(last)])
     return [None] * len(ops)
 
 
@@ -248,8 +280,13 @@ def _one_statement(ops: Sequence[_Write]) -> bool:
 
 
 def _lane(op: _Write) -> bool:
-    """Reserves (the request waits for them) commit apart from the writes after a request."""
-    return isinstance(op, _Reserve)
+    """Is ``op`` on the request path: a reserve with an idempotency key, which the request
+    waits for? It commits apart from the writes that nobody waits for (the others)."""
+    return isinstance(op, _Reserve) and not _keyless(op)
+
+
+#: The lane of the writes nobody waits for (see ``linger_s``).
+OFF_PATH = False
 
 
 async def _apply(
@@ -279,15 +316,22 @@ class SqlStore(MetadataStore):
     plain_insert_first: bool = False
 
     def __init__(
-        self, *, max_batch: int = 128, max_in_flight: int = 1, per_lane: bool = False
+        self,
+        *,
+        max_batch: int = 128,
+        max_in_flight: int = 1,
+        per_lane: bool = False,
+        linger_s: float = 0.0,
     ) -> None:
         self._closed = False
+        self.linger_s = linger_s
         self._writes: GroupCommit[_Write] = GroupCommit(
             self._commit,
             max_batch=max_batch,
             max_in_flight=max_in_flight,
             lane=_lane,
             per_lane=per_lane,
+            linger_s={OFF_PATH: linger_s},
         )
 
     @property
@@ -367,7 +411,9 @@ class SqlStore(MetadataStore):
             fast = await self._reserve_in_one_statement(reserves)
             if fast is not None:
                 return fast
-        if self.plain_insert_first and any(isinstance(op, _Finalize) for op in ops):
+        if self.plain_insert_first and any(
+            isinstance(op, _Finalize) or (isinstance(op, _Reserve) and _keyless(op)) for op in ops
+        ):
             try:
                 return await self._apply_all(ops, plain=True)
             except Exception:  # a row was there already (rolled back): decide as below
@@ -379,7 +425,7 @@ class SqlStore(MetadataStore):
         mine = all(isinstance(op, _Reserve) for op in ops)
         connect = self._connection if _one_statement(ops) else self._transaction
         async with connect(reserves=mine) as tx:
-            await _apply(tx, ops, _Reserve, _reserve_all, results)
+            await _apply(tx, ops, _Reserve, partial(_reserve_all, plain=plain), results)
             await _apply(tx, ops, _SetStatus, _set_status_all, results)
             await _apply(tx, ops, _Finalize, partial(_finalize_all, plain=plain), results)
             await _apply(tx, ops, _WriteRecord, _write_records_all, results)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import os
 import platform
@@ -229,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
             signer = _orchestrator_signer(Path(tmp) / "d")
+            gc.collect()
+            gc.freeze()  # the load generator too (see haif.runtime.gc_pauses)
             result = asyncio.run(_measure(args, gateway, worker, signer, _services(proc)))
         finally:
             proc.send_signal(signal.SIGINT)

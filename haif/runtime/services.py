@@ -69,6 +69,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
     from haif.runtime.cluster_keys import cluster_auth_from_args
+    from haif.runtime.gc_pauses import freeze_after_startup
 
     # Logs (HAIF_LOG_FORMAT, HAIF_LOG_LEVEL) and the tracer provider
     # (HAIF_OTEL_EXPORTER), once per process: see haif.runtime.telemetry.
@@ -107,7 +108,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     else:
         raise ValueError(f"unknown service {kind!r}")
     web.run_app(
-        app,
+        freeze_after_startup(app),
         host=args.host,
         port=args.port,
         print=None,

@@ -74,6 +74,7 @@ from haif.runtime.engines import (
     synthetic_piece,
     synthetic_token,
 )
+from haif.runtime.gc_pauses import freeze_after_startup
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
 from haif.runtime.resources import ResourceMonitor
 from haif.runtime.rpc import (
@@ -371,7 +372,7 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
     try:
         worker = worker_from_args(args)
         web.run_app(
-            build_app(worker),
+            freeze_after_startup(build_app(worker)),
             host=args.host,
             port=args.port,
             print=None,

@@ -13,17 +13,17 @@ committed together, one transaction per batch, with one multi-row statement
 per kind of write. Reserves with an idempotency key, which a request waits
 for before it runs, are batched apart from the other writes, so they never
 wait for a finalize in the same transaction; the others (nobody waits for
-them) may linger to share a transaction (``linger_s``). Calls in one batch are concurrent, so any serial order
-is a valid outcome; the batch applies reserves, then status changes, then
-finalizes, then record upserts. Within a kind, the first call per conflict
-key (request id, or tenant and idempotency key) goes into the multi-row
-statement; a later call with the same key, and a reserve that the
-multi-row insert could not place, runs one by one after it, exactly as it
-would alone, so the guarantees of :mod:`~haif.runtime.store.base` hold batch
-or no batch. A batch that needs a single statement (the common case: one
-multi-row insert of reserves, or status changes only) runs it without
-``BEGIN``/``COMMIT``; a reserve that insert could not place then runs alone
-in its own transaction.
+them) may linger to share a transaction (``linger_s``). Calls in one batch
+are concurrent, so any serial order is a valid outcome; the batch applies
+reserves, then status changes, then finalizes, then record upserts. Within
+a kind, the first call per conflict key (request id, or tenant and
+idempotency key) goes into the multi-row statement; a later call with the
+same key, and a reserve that the multi-row insert could not place, runs one
+by one after it, exactly as it would alone, so the guarantees of
+:mod:`~haif.runtime.store.base` hold batch or no batch. A batch that needs a
+single statement (the common case: one multi-row insert of reserves, or
+status changes only) runs it without ``BEGIN``/``COMMIT``; a reserve that
+insert could not place then runs alone in its own transaction.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ cases are skipped, except under ``CI=true`` where they fail.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import dataclasses
 import os
@@ -26,8 +27,10 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from haif.configfile import ConfigError
 from haif.contracts import DeadLetter, Request, RequestRecord, WorkerSnapshot
 from haif.records import SCHEMA, read_parquet
+from haif.runtime.cluster import load_cluster
 from haif.runtime.store import (
     LATEST_VERSION,
     DuckDBStore,
@@ -39,7 +42,7 @@ from haif.runtime.store import (
     open_store,
     store_backend,
 )
-from haif.runtime.store.duckdb_store import ARROW_MIN_ROWS
+from haif.runtime.store.duckdb_store import ARROW_MIN_ROWS, DEFAULT_LINGER_S
 from haif.runtime.store.group_commit import BatchStats
 from haif.runtime.store.sql_store import SqlStore
 
@@ -790,3 +793,38 @@ async def test_duckdb_upgrades_a_legacy_file_and_persists(tmp_path: Path) -> Non
     async with await open_store(str(path)) as reopened:
         assert await reopened.records() == [legacy]
         assert (await reopened.reserve(_job("again"), now=2.0)).outcome == "existing"
+
+
+async def test_linger_is_set_per_store_and_by_the_cluster_yaml(
+    tmp_path: Path, pg_server: PgServer
+) -> None:
+    """``open_store(linger_s=)`` and the cluster YAML's ``orchestrator.store_linger_ms``."""
+    duck = await open_store(f"duckdb://{tmp_path / 'a.duckdb'}")
+    tuned = await open_store(f"duckdb://{tmp_path / 'b.duckdb'}", linger_s=0.2)
+    assert isinstance(duck, SqlStore) and isinstance(tuned, SqlStore)
+    assert (duck.linger_s, tuned.linger_s) == (DEFAULT_LINGER_S, 0.2)
+    await duck.close()
+    await tuned.close()
+    if pg_server.dsn is None:
+        _unavailable(pg_server.error or "unknown error")
+    pg = await open_store(pg_server.dsn)
+    pg_tuned = await open_store(pg_server.dsn, linger_s=0.05)
+    assert isinstance(pg, SqlStore) and isinstance(pg_tuned, SqlStore)
+    assert (pg.linger_s, pg_tuned.linger_s) == (0.0, 0.05)
+    await pg.close()
+    await pg_tuned.close()
+
+    from haif.runtime.orchestrator import ORCHESTRATOR
+    from haif.runtime.services import _orchestrator_app
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("orchestrator: {store_linger_ms: 120}\n")
+    cluster = load_cluster(config)
+    args = argparse.Namespace(store=str(tmp_path / "c.duckdb"), seed=0, idle_timeout_s=5.0)
+    app = await _orchestrator_app(cluster, args)
+    store = app[ORCHESTRATOR].store
+    assert isinstance(store, SqlStore) and store.linger_s == pytest.approx(0.12)
+    await store.close()
+    config.write_text("orchestrator: {store_linger_ms: -1}\n")
+    with pytest.raises(ConfigError, match="store_linger_ms"):
+        load_cluster(config)

@@ -321,6 +321,35 @@ async def test_setup_logging_formats() -> None:
         root.setLevel(level)
 
 
+@pytest.mark.parametrize(
+    ("service", "level", "logged"),
+    [
+        ("gateway", "INFO", True),
+        ("orchestrator", "INFO", False),
+        ("worker", "INFO", False),
+        ("worker", "DEBUG", True),
+        ("gateway", "ERROR", False),
+    ],
+)
+async def test_access_log_lines_only_at_the_gateway_unless_debugging(
+    service: str, level: str, logged: bool
+) -> None:
+    """aiohttp logs each request it serves at INFO (``aiohttp.access``): every client
+    request at the gateway, but the RPC calls behind it only when debugging."""
+    root, access = logging.getLogger(), logging.getLogger(telemetry.ACCESS_LOGGER)
+    handlers, root_level, access_level = list(root.handlers), root.level, access.level
+    try:
+        telemetry.setup_logging(service, {"HAIF_LOG_LEVEL": level})
+        assert access.isEnabledFor(logging.INFO) is logged
+    finally:
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in handlers:
+            root.addHandler(h)
+        root.setLevel(root_level)
+        access.setLevel(access_level)
+
+
 # ------------------------------------------------------------------ OTLP
 
 

@@ -1083,8 +1083,13 @@ def decision_request_id(decision: Finalize | DeadLetter) -> str:
     return decision.record.request_id if isinstance(decision, Finalize) else decision.request_id
 
 
+#: The app's orchestrator (for code that embeds or inspects it).
+ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
+
+
 def build_app(orch: Orchestrator) -> web.Application:
     app = web.Application()
+    app[ORCHESTRATOR] = orch
     add_rpc_routes(
         app,
         {

@@ -125,15 +125,18 @@ async def _orchestrator_app(
     from haif.runtime import orchestrator
     from haif.runtime.store import open_store
 
+    settings = cluster.orchestrator
+    linger_ms = settings.store_linger_ms
     try:
-        store = await open_store(args.store)
+        store = await open_store(
+            args.store, linger_s=None if linger_ms is None else linger_ms / 1000
+        )
     except Exception as exc:
         hint = (
             "another process holds the file, another orchestrator or a `haif keys` "
             "command: DuckDB allows one process per file; use PostgreSQL to share a store"
         )
         raise ConfigError(store_error(args.store, exc, hint)) from None
-    settings = cluster.orchestrator
     orch = orchestrator.Orchestrator(
         cluster.policy,
         store,

@@ -605,6 +605,10 @@ def text_formatter(service: str) -> logging.Formatter:
     return logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s")
 
 
+#: aiohttp's access logger (one line per HTTP request served).
+ACCESS_LOGGER = "aiohttp.access"
+
+
 def setup_logging(service: str, env: Mapping[str, str] | None = None) -> str:
     """Configure the root logger for ``service`` from ``HAIF_LOG_FORMAT`` / ``HAIF_LOG_LEVEL``.
 
@@ -625,4 +629,9 @@ def setup_logging(service: str, env: Mapping[str, str] | None = None) -> str:
         root.setLevel(level)
     except ValueError:
         root.setLevel(logging.INFO)
+    # One access-log line per RPC call (every request, every heartbeat) is noise
+    # behind the gateway and costs ~0.1 ms each: the services behind it log
+    # their calls at DEBUG only. The gateway logs every client request.
+    every_call = service == "gateway" or root.level <= logging.DEBUG
+    logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if every_call else logging.WARNING)
     return fmt

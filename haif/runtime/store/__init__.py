@@ -35,7 +35,7 @@ from haif.runtime.store.base import (
     UsageRow,
     UsageTotals,
 )
-from haif.runtime.store.duckdb_store import DuckDBStore
+from haif.runtime.store.duckdb_store import DEFAULT_LINGER_S, DuckDBStore
 from haif.runtime.store.group_commit import BatchStats
 from haif.runtime.store.postgres_store import PostgresStore
 from haif.runtime.store.sql_store import SqlStore
@@ -89,19 +89,23 @@ def store_backend(url: str) -> tuple[str, str]:
     raise ValueError(f"unsupported store URL scheme {scheme!r}; use {_ALLOWED}")
 
 
-async def open_store(url: str, **options: Any) -> MetadataStore:
+async def open_store(url: str, *, linger_s: float | None = None, **options: Any) -> MetadataStore:
     """Open and migrate the store ``url`` names (see :func:`store_backend`).
 
-    ``options`` go to :meth:`PostgresStore.connect` (pool sizes, timeouts).
+    ``linger_s``: how long the writes nobody waits for gather before they
+    commit (see :class:`~haif.runtime.store.group_commit.GroupCommit`);
+    ``None`` is the backend's default (DuckDB ``DEFAULT_LINGER_S``,
+    PostgreSQL 0). ``options`` go to :meth:`PostgresStore.connect` (pool
+    sizes, timeouts).
     """
     backend, target = store_backend(url)
     store: MetadataStore
     if backend == "duckdb":
         if options:
             raise ValueError(f"DuckDB store takes no options, got {sorted(options)}")
-        store = DuckDBStore(target)
+        store = DuckDBStore(target, linger_s=DEFAULT_LINGER_S if linger_s is None else linger_s)
     else:
-        store = await PostgresStore.connect(target, **options)
+        store = await PostgresStore.connect(target, linger_s=linger_s or 0.0, **options)
     try:
         await store.migrate()
     except BaseException:

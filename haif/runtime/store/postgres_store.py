@@ -63,19 +63,31 @@ class PostgresStore(SqlStore):
         owns_pool: bool = True,
         max_batch: int = 128,
         batches_in_flight: int = BATCHES_IN_FLIGHT,
+        linger_s: float = 0.0,
     ) -> None:
-        super().__init__(max_batch=max_batch, max_in_flight=batches_in_flight, per_lane=True)
+        super().__init__(
+            max_batch=max_batch,
+            max_in_flight=batches_in_flight,
+            per_lane=True,
+            linger_s=linger_s,
+        )
         self._pool = pool
         self._owns_pool = owns_pool
 
     @classmethod
     async def connect(
-        cls, dsn: str, *, min_size: int = 1, max_size: int = 10, **pool_kwargs: Any
+        cls,
+        dsn: str,
+        *,
+        min_size: int = 1,
+        max_size: int = 10,
+        linger_s: float = 0.0,
+        **pool_kwargs: Any,
     ) -> PostgresStore:
         """Open an asyncpg pool on ``dsn`` (``postgresql://user@host:port/db``)."""
         pool = await asyncpg.create_pool(dsn, min_size=min_size, max_size=max_size, **pool_kwargs)
         in_flight = max(1, min(BATCHES_IN_FLIGHT, (max_size - 1) // 2))  # a connection for reads
-        return cls(pool, batches_in_flight=in_flight)
+        return cls(pool, batches_in_flight=in_flight, linger_s=linger_s)
 
     @asynccontextmanager
     async def _transaction(self, *, reserves: bool = False) -> AsyncIterator[Tx]:

@@ -321,6 +321,28 @@ async def test_setup_logging_formats() -> None:
         root.setLevel(level)
 
 
+async def test_spans_are_recorded_only_once_something_exports_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without an exporter spans are not recorded (they would be thrown away) but still
+    have ids: the traceparent travels and logs name the trace. An exporter turns them on."""
+    monkeypatch.delenv(telemetry.ENV_EXPORTER, raising=False)
+    provider = telemetry.new_provider("sampling-test")
+    assert telemetry.setup_tracing("sampling-test", provider=provider) is provider
+    tracer = provider.get_tracer("haif.test")
+    with tracer.start_as_current_span("quiet") as span:
+        assert not span.is_recording()
+        traceparent = telemetry.current_traceparent()
+        assert traceparent is not None
+        assert int(traceparent.rsplit("-", 1)[1], 16) & 1 == 0  # the sampled flag is off
+        assert telemetry.span_ids() is not None
+    exporter = InMemorySpanExporter()
+    telemetry.setup_tracing("sampling-test", exporter, batch=False, provider=provider)
+    with tracer.start_as_current_span("heard") as span:
+        assert span.is_recording()
+    assert [s.name for s in exporter.get_finished_spans()] == ["heard"]
+
+
 @pytest.mark.parametrize(
     ("service", "level", "logged"),
     [

@@ -78,8 +78,9 @@ text format (``<time> <service> <LEVEL> <logger>: <message>``) so that
 
 Environment variables
 ---------------------
-- ``HAIF_OTEL_EXPORTER``: ``none`` (default: spans are made, so
-  ``traceparent`` is propagated and logs carry trace ids, but not exported),
+- ``HAIF_OTEL_EXPORTER``: ``none`` (default: spans get ids, so
+  ``traceparent`` is propagated and logs carry trace ids, but nothing is
+  recorded: :class:`RecordWhenExported`),
   ``console`` (one JSON span per line on stdout) or ``otlp`` (OTLP over
   HTTP/protobuf to a collector; needs the optional extra ``haif[otlp]``,
   i.e. ``opentelemetry-exporter-otlp-proto-http``). The ``otlp`` exporter
@@ -117,6 +118,7 @@ from opentelemetry.sdk.trace.export import (
     SimpleSpanProcessor,
     SpanExporter,
 )
+from opentelemetry.sdk.trace.sampling import Decision, Sampler, SamplingResult
 from opentelemetry.trace import Span, SpanKind
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import (
@@ -227,10 +229,35 @@ def _otlp_exporter() -> SpanExporter:
     return exporter
 
 
+class RecordWhenExported(Sampler):
+    """Record spans only once an exporter is attached (:func:`setup_tracing`).
+
+    A recorded span nobody exports costs tens of microseconds (attributes,
+    events, locks) per span, several spans per request in every service.
+    Unrecorded spans still get ids, so ``traceparent`` still travels and
+    logs still carry trace ids. Once exporting, ``sampler`` decides (by
+    default the SDK's, which reads ``OTEL_TRACES_SAMPLER``).
+    """
+
+    def __init__(self, sampler: Sampler) -> None:
+        self.sampler = sampler
+        self.exporting = False
+
+    def should_sample(self, *args: Any, **kwargs: Any) -> SamplingResult:
+        if not self.exporting:
+            return SamplingResult(Decision.DROP)
+        return self.sampler.should_sample(*args, **kwargs)
+
+    def get_description(self) -> str:
+        return f"RecordWhenExported({self.sampler.get_description()})"
+
+
 def new_provider(service: str) -> TracerProvider:
     """A tracer provider whose resource names ``service`` (``HAIF_OTEL_SERVICE_NAME`` wins)."""
     name = os.environ.get(ENV_SERVICE_NAME) or f"haif-{service}"
-    return TracerProvider(resource=Resource.create({"service.name": name}))
+    resource = Resource.create({"service.name": name})
+    default = TracerProvider(resource=resource).sampler
+    return TracerProvider(resource=resource, sampler=RecordWhenExported(default))
 
 
 def setup_tracing(
@@ -243,7 +270,7 @@ def setup_tracing(
     """Install the process's tracer provider (once) and an exporter.
 
     ``exporter`` defaults to the one ``HAIF_OTEL_EXPORTER`` names
-    (:func:`exporter_from_env`; none: spans are recorded but not exported).
+    (:func:`exporter_from_env`; none: spans get ids but are not recorded).
     A second call (several services in one process, as in tests) reuses the
     provider and only adds the exporter. ``provider`` (tests) gets the
     exporter instead of the global one. Returns the provider, or None when
@@ -265,6 +292,8 @@ def setup_tracing(
             BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter)
         )
         provider.add_span_processor(processor)
+        if isinstance(provider.sampler, RecordWhenExported):
+            provider.sampler.exporting = True
     return provider
 
 

@@ -50,9 +50,13 @@ MODEL = "llama-3-8b"
 WORKER_ID = "w1"
 
 
-def _cluster_yaml(worker_port: int, gateway_port: int, store: str | None) -> str:
+def _cluster_yaml(
+    worker_port: int, gateway_port: int, store: str | None, colocate: bool = False
+) -> str:
     return (
-        (f"store: {store}\n" if store else "") + f"gateway_port: {gateway_port}\n"
+        (f"store: {store}\n" if store else "")
+        + ("colocate_gateway: true\n" if colocate else "")
+        + f"gateway_port: {gateway_port}\n"
         "workers:\n"
         f"  - {{id: {WORKER_ID}, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
         f" port: {worker_port}}}\n"
@@ -199,13 +203,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="metadata store URL (default: the embedded DuckDB file of haif up); a "
         "postgresql://... database must exist already and is used as it is",
     )
+    parser.add_argument(
+        "--colocate",
+        action="store_true",
+        help="run the gateway in the orchestrator's process (colocate_gateway: true)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.yaml"
-        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store))
+        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store, args.colocate))
         proc = subprocess.Popen(
             [sys.executable, "-m", "haif", "up", str(cfg), "--data-dir", str(Path(tmp) / "d")],
             stdout=subprocess.PIPE,
@@ -226,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             print(
                 f"store: {args.store or 'embedded DuckDB (haif up default)'}; "
+                f"gateway {'in the orchestrator process' if args.colocate else 'separate'}; "
                 f"HAIF_OTEL_EXPORTER={os.environ.get('HAIF_OTEL_EXPORTER', '(unset)')}"
             )
             gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
@@ -240,6 +250,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 proc.kill()
     result["store"] = args.store or "duckdb"
+    result["colocate_gateway"] = args.colocate
     result["load_average_before"] = list(load_before)
     result["load_average_after"] = list(os.getloadavg())
     d, g = result["direct"], result["gateway"]

@@ -103,6 +103,22 @@ def _cmd_keys(args: argparse.Namespace) -> int:
     return 1
 
 
+def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
+    """How a gateway serves clients (``haif gateway``, ``haif orchestrator --gateway-port``)."""
+    parser.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, how long in-flight streams may run on (default 10)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        metavar="PEM",
+        help="serve HTTPS with this certificate chain (with --tls-key); default plain HTTP",
+    )
+    parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="haif", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +156,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="fail an attempt when its worker sends nothing for this long (default 10)",
     )
+    orch.add_argument(
+        "--gateway-port",
+        type=int,
+        help="also serve the client API (the gateway) on this port, in this process: "
+        "it calls the orchestrator directly, without an RPC hop",
+    )
+    _add_gateway_serving_args(orch)
     add_cluster_auth_args(orch)
     orch.set_defaults(func=_cmd_service)
 
@@ -159,18 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=15.0,
         help="give up on the orchestrator when it sends nothing for this long (default 15)",
     )
-    gw.add_argument(
-        "--shutdown-timeout-s",
-        type=float,
-        default=10.0,
-        help="on SIGTERM, how long in-flight streams may run on (default 10)",
-    )
-    gw.add_argument(
-        "--tls-cert",
-        metavar="PEM",
-        help="serve HTTPS with this certificate chain (with --tls-key); default plain HTTP",
-    )
-    gw.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    _add_gateway_serving_args(gw)
     add_cluster_auth_args(gw)
     gw.set_defaults(func=_cmd_service)
 

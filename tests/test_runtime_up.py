@@ -47,6 +47,7 @@ class Up:
 
     def __init__(self, data: Path, config: Path | None = None) -> None:
         self.data = data
+        self.config = config
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         cmd = [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)]
@@ -85,9 +86,17 @@ class Up:
         return self.output
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
-    c = Up(tmp_path_factory.mktemp("cluster"))
+@pytest.fixture(scope="module", params=["separate", "colocated"])
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Up]:
+    """The default cluster, and one whose gateway runs in the orchestrator's process."""
+    data = tmp_path_factory.mktemp("cluster")
+    config = None
+    if request.param == "colocated":
+        config = data / "cluster.yaml"
+        config.write_text("colocate_gateway: true\n")
+    c = Up(data, config)
     # Wait for the workers' first heartbeats to reach the orchestrator.
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -167,6 +176,22 @@ def test_openai_sdk_without_auth_streams(cluster: Up) -> None:
     )
     text = "".join(c.choices[0].text for c in chunks)
     assert len(text.split()) == 6
+
+
+def test_services_and_the_gateway_hop(cluster: Up) -> None:
+    """Separate: a gateway process calling the orchestrator over RPC. Colocated: none;
+    the orchestrator's process serves the client API and still its RPC port."""
+    status, services = cluster.control("GET", "/services")
+    assert status == 200, services
+    kinds = sorted(row["kind"] for row in services["services"])
+    colocated = "colocate_gateway" in (cluster.config.read_text() if cluster.config else "")
+    assert kinds == (["orchestrator", "worker", "worker"] if colocated else
+                     ["gateway", "orchestrator", "worker", "worker"])  # fmt: skip
+    orchestrator = next(row for row in services["services"] if row["kind"] == "orchestrator")
+    with urllib.request.urlopen(f"{orchestrator['url']}/readyz", timeout=10) as resp:
+        assert json.loads(resp.read())["ready"] is True
+    with urllib.request.urlopen(f"{cluster.url}/v1/models", timeout=10) as resp:
+        assert [m["id"] for m in json.loads(resp.read())["data"]] == ["llama-3-8b"]
 
 
 def test_records_after_shutdown_share_the_simulator_schema(cluster: Up) -> None:

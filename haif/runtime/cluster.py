@@ -16,6 +16,8 @@ Cluster YAML (every key optional)::
     region: local
     gateway_port: 8080
     orchestrator_port: 0            # 0: a free port
+    colocate_gateway: false         # true: the gateway runs in the orchestrator's
+                                    # process, calling it directly (no RPC hop)
     store: postgresql://postgres@127.0.0.1:5432/haif
                                     # default: <data-dir>/store.duckdb (embedded
                                     # DuckDB); a plain path is a DuckDB file,
@@ -217,6 +219,10 @@ class ClusterConfig(_Strict):
     auth: AuthConfig = AuthConfig()
     #: Serve the gateway over HTTPS (clients must trust the certificate).
     gateway_tls: TlsFiles | None = None
+    #: Run the gateway inside the orchestrator's process (``haif orchestrator
+    #: --gateway-port``): no RPC hop between them, one process fewer; they
+    #: then fail and restart together.
+    colocate_gateway: bool = False
 
     @field_validator("store")
     @classmethod
@@ -385,10 +391,18 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     signal.signal(signal.SIGHUP, on_signal)
     state_file = data_dir / "cluster.json"
     try:
+        scheme = "https" if config.gateway_tls is not None else "http"
+        gw_url = f"{scheme}://127.0.0.1:{gw_port}"
+        serving = ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
+        if config.gateway_tls is not None:
+            cert, key = config.gateway_tls.resolved(base)
+            serving += ["--tls-cert", cert, "--tls-key", key]
         orch_args = ["orchestrator", "--port", str(orch_port), "--store", store]
         orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
         if config_path:
             orch_args += ["--config", config_path]
+        if config.colocate_gateway:
+            orch_args += ["--gateway-port", str(gw_port), *serving]
         supervisor.add(Service("orchestrator", "orchestrator", config.region, orch_url, orch_args))
         for w in config.workers:
             wport = w.port or free_port()
@@ -397,17 +411,12 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
             supervisor.add(Service(w.id, "worker", w.region, url, args, restart))
-        scheme = "https" if config.gateway_tls is not None else "http"
-        gw_url = f"{scheme}://127.0.0.1:{gw_port}"
-        gw_args = ["gateway", "--port", str(gw_port), "--orchestrator", orch_url]
-        if config.gateway_tls is not None:
-            cert, key = config.gateway_tls.resolved(base)
-            gw_args += ["--tls-cert", cert, "--tls-key", key]
-        gw_args += ["--region", config.region]
-        gw_args += ["--config", config_path] if config_path else []
-        gw_args += ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
-        gw_args += cluster_key_args(keys, "gateway")
-        supervisor.add(Service("gateway", "gateway", config.region, gw_url, gw_args))
+        if not config.colocate_gateway:
+            gw_args = ["gateway", "--port", str(gw_port), "--orchestrator", orch_url]
+            gw_args += ["--region", config.region, *serving]
+            gw_args += ["--config", config_path] if config_path else []
+            gw_args += cluster_key_args(keys, "gateway")
+            supervisor.add(Service("gateway", "gateway", config.region, gw_url, gw_args))
         with ControlServer(supervisor) as control:
             write_state(state_file, gateway_url=gw_url, control=control)
             print(

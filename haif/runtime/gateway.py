@@ -89,7 +89,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from haif.contracts import Reject, Request, RequestRecord
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
-from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient, RpcError, RpcUnavailable
+from haif.runtime.rpc import (
+    ORCHESTRATOR_AUDIENCE,
+    LocalClient,
+    RpcClient,
+    RpcError,
+    RpcUnavailable,
+)
 from haif.runtime.security import AuthError, JwtConfig, Signer, authenticate
 
 MAX_BODY_BYTES = 1 << 20
@@ -291,8 +297,12 @@ class Gateway:
         auth: GatewayAuth | None = None,
         idle_timeout_s: float = 15.0,
         signer: Signer | None = None,
+        local: LocalClient | None = None,
     ) -> None:
+        """``local``: the orchestrator runs in this process; call it directly, not at
+        ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`)."""
         self.orchestrator_url = orchestrator_url
+        self.local = local
         self.signer = signer  # cluster key: seals every RPC to the orchestrator
         self.region = region
         self.timeout_s = timeout_s
@@ -311,7 +321,9 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
-    def _client(self) -> RpcClient:
+    def _client(self) -> RpcClient | LocalClient:
+        if self.local is not None:
+            return self.local
         assert self._session is not None
         return RpcClient(
             self._session,

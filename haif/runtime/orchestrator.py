@@ -171,10 +171,12 @@ from haif.runtime.resources import Resources
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
+    Handler,
     LogThrottle,
     RpcClient,
     RpcError,
     RpcUnavailable,
+    StreamHandler,
     add_rpc_routes,
     caller_key_id,
 )
@@ -1087,24 +1089,25 @@ def decision_request_id(decision: Finalize | DeadLetter) -> str:
 ORCHESTRATOR = web.AppKey("orchestrator", Orchestrator)
 
 
+def rpc_methods(orch: Orchestrator) -> tuple[dict[str, Handler], dict[str, StreamHandler]]:
+    """The orchestrator's RPC methods: unary and streaming, by name."""
+    unary: dict[str, Handler] = {
+        "submit": orch.rpc_submit,
+        "heartbeat": orch.rpc_heartbeat,
+        "auth_key": orch.rpc_auth_key,
+        "status": orch.rpc_status,
+        "dlq_list": orch.rpc_dlq_list,
+        "dlq_show": orch.rpc_dlq_show,
+        "dlq_replay": orch.rpc_dlq_replay,
+    }
+    return unary, {"submit_stream": orch.rpc_submit_stream}
+
+
 def build_app(orch: Orchestrator) -> web.Application:
     app = web.Application()
     app[ORCHESTRATOR] = orch
-    add_rpc_routes(
-        app,
-        {
-            "submit": orch.rpc_submit,
-            "heartbeat": orch.rpc_heartbeat,
-            "auth_key": orch.rpc_auth_key,
-            "status": orch.rpc_status,
-            "dlq_list": orch.rpc_dlq_list,
-            "dlq_show": orch.rpc_dlq_show,
-            "dlq_replay": orch.rpc_dlq_replay,
-        },
-        {"submit_stream": orch.rpc_submit_stream},
-        service="orchestrator",
-        auth=orch.envelope_auth,
-    )
+    unary, streams = rpc_methods(orch)
+    add_rpc_routes(app, unary, streams, service="orchestrator", auth=orch.envelope_auth)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

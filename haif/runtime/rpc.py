@@ -310,6 +310,84 @@ class RpcClient:
         raise RpcUnavailable(f"{url}: stream ended without an end frame", "disconnected")
 
 
+class LocalClient:
+    """Calls a service running in this process through its RPC methods, not over HTTP.
+
+    A stand-in for :class:`RpcClient` (same ``call`` / ``stream``) where the
+    caller and the service share a process, as a gateway colocated with its
+    orchestrator does: no envelope, seal, socket or codec on the way (the
+    contracts are immutable, so nothing needs copying). A method's
+    :class:`RpcError` reaches the caller as it is, any other failure as
+    ``RpcError("internal")``; an unknown method is ``RpcError("unknown_method")``;
+    a unary call that takes longer than its timeout raises
+    :class:`RpcUnavailable` (``"timeout"``). The caller's span stays the
+    current one, so the service's spans are its children.
+    """
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        streams: Mapping[str, StreamHandler],
+        timeout_s: float,
+        *,
+        service: str = "rpc",
+    ) -> None:
+        self.handlers = dict(handlers)
+        self.streams = dict(streams)
+        self.timeout_s = timeout_s
+        self.service = service
+
+    def _unknown(self, method: str) -> RpcError:
+        return RpcError("unknown_method", f"no RPC method {method!r}", 404)
+
+    def _internal(self, method: str, exc: Exception) -> RpcError:
+        log.error("%s %s failed", self.service, method, exc_info=exc)
+        return RpcError("internal", type(exc).__name__, 500)
+
+    async def call(
+        self,
+        method: str,
+        body: Any,
+        *,
+        timeout_s: float | None = None,
+        trace: str | None = None,
+    ) -> Any:
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise self._unknown(method)
+        try:
+            return await asyncio.wait_for(handler(body), timeout_s or self.timeout_s)
+        except TimeoutError:
+            raise RpcUnavailable(f"{self.service} {method}: no answer in time", "timeout") from None
+        except RpcError:
+            raise
+        except Exception as exc:
+            raise self._internal(method, exc) from None
+
+    async def stream(
+        self,
+        method: str,
+        body: Any,
+        *,
+        idle_timeout_s: float,
+        connect_timeout_s: float = 5.0,
+        timeout_s: float | None = None,
+        trace: str | None = None,
+    ) -> AsyncGenerator[Any, None]:
+        """Yield the items of streaming ``method``; leaving early closes it (use ``aclosing``)."""
+        handler = self.streams.get(method)
+        if handler is None:
+            raise self._unknown(method)
+        try:
+            async with contextlib.aclosing(handler(body)) as items:  # type: ignore[type-var]
+                async for item in items:
+                    yield item
+        except (RpcError, GeneratorExit, asyncio.CancelledError):
+            raise
+        except Exception as exc:
+            raise self._internal(method, exc) from None
+
+
 def _reply(status: int, obj: dict[str, Any]) -> web.Response:
     return web.Response(status=status, body=_pack(obj), content_type=CONTENT_TYPE)
 

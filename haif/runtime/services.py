@@ -36,6 +36,7 @@ from haif.configfile import ConfigError
 if TYPE_CHECKING:
     from haif.runtime.cluster import ClusterConfig
     from haif.runtime.cluster_keys import ClusterAuth
+    from haif.runtime.gateway import GatewayAuth
 
 T = TypeVar("T")
 _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -67,7 +68,7 @@ def server_tls(cert: str | None, key: str | None) -> ssl.SSLContext | None:
 
 def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
-    from haif.runtime.cluster import ClusterConfig, gateway_auth, load_cluster
+    from haif.runtime.cluster import ClusterConfig, load_cluster
     from haif.runtime.cluster_keys import cluster_auth_from_args
     from haif.runtime.gc_pauses import freeze_after_startup
 
@@ -81,6 +82,11 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     if kind == "orchestrator":
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
         app = _orchestrator_app(cluster, args, cluster_auth_from_args(args))
+        if args.gateway_port is not None:  # and the gateway, in this process
+            auth = _gateway_auth(cluster, args.config)
+            app = _with_gateway(app, cluster.region, auth, args)
+            shutdown_timeout = args.shutdown_timeout_s
+            tls = server_tls(args.tls_cert, args.tls_key)
     elif kind == "worker":
         from haif.runtime import worker
 
@@ -89,16 +95,11 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         from haif.runtime import gateway
 
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
-        base = Path(args.config).parent if args.config else None
-        try:
-            auth = gateway_auth(cluster.auth, base)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
         keys = cluster_auth_from_args(args)
         gw = gateway.Gateway(
             args.orchestrator,
             args.region,
-            auth=auth,
+            auth=_gateway_auth(cluster, args.config),
             idle_timeout_s=args.idle_timeout_s,
             signer=keys.signer if keys is not None else None,
         )
@@ -107,15 +108,60 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         tls = server_tls(args.tls_cert, args.tls_key)
     else:
         raise ValueError(f"unknown service {kind!r}")
+    gateway_port = getattr(args, "gateway_port", None)
     web.run_app(
         freeze_after_startup(app),
         host=args.host,
-        port=args.port,
+        port=args.port if gateway_port is None else gateway_port,
         print=None,
         shutdown_timeout=shutdown_timeout,
         ssl_context=tls,
     )
     return 0
+
+
+def _gateway_auth(cluster: ClusterConfig, config: str | None) -> GatewayAuth:
+    from haif.runtime.cluster import gateway_auth
+
+    try:
+        return gateway_auth(cluster.auth, Path(config).parent if config else None)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+async def _with_gateway(
+    orchestrator_app: Awaitable[web.Application],
+    region: str,
+    auth: GatewayAuth,
+    args: argparse.Namespace,
+) -> web.Application:
+    """The gateway's app, calling the orchestrator in this process, which it serves too.
+
+    The orchestrator keeps its own port (``args.port``: workers announce
+    themselves there, ``haif dlq`` calls it); it starts before the gateway
+    takes requests and stops after the gateway has drained its streams.
+    """
+    from haif.runtime import gateway, orchestrator
+    from haif.runtime.rpc import LocalClient
+
+    orch_app = await orchestrator_app
+    orch = orch_app[orchestrator.ORCHESTRATOR]
+    unary, streams = orchestrator.rpc_methods(orch)
+    local = LocalClient(unary, streams, timeout_s=600.0, service="orchestrator")
+    gw = gateway.Gateway(f"http://{args.host}:{args.port}", region, auth=auth, local=local)
+    app = gateway.build_app(gw)
+    runner = web.AppRunner(orch_app, handle_signals=False)
+
+    async def start_orchestrator(_app: web.Application) -> None:
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+
+    async def stop_orchestrator(_app: web.Application) -> None:
+        await runner.cleanup()
+
+    app.on_startup.insert(0, start_orchestrator)
+    app.on_cleanup.append(stop_orchestrator)
+    return app
 
 
 async def _orchestrator_app(

@@ -1,4 +1,5 @@
-"""Streaming RPC on a real aiohttp server on loopback: frames, batching, keepalives, errors.
+"""RPC transport: streams on a real aiohttp server on loopback (frames, batching,
+keepalives, errors), and the in-process client a colocated gateway uses.
 
 The server writes the frames that are ready together in one HTTP chunk (one
 send), and the last ones with the end frame and the chunked terminator; an
@@ -9,7 +10,9 @@ delivers those items first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import aiohttp
 import msgpack
@@ -18,8 +21,10 @@ from aiohttp import web
 
 from haif.runtime.rpc import (
     CONTENT_TYPE,
+    LocalClient,
     RpcClient,
     RpcError,
+    RpcUnavailable,
     add_rpc_routes,
     ready_batches,
 )
@@ -146,4 +151,87 @@ async def test_ready_batches_closes_its_source_when_left_early() -> None:
     batch, last = await batches.__anext__()
     assert (batch, last) == ([0], False)
     await batches.aclose()
+    assert closed.is_set()
+
+
+# ------------------------------------------------------------- in-process client
+
+
+def _local(
+    handlers: dict[str, Callable[[object], Any]] | None = None,
+    streams: dict[str, Stream] | None = None,
+) -> LocalClient:
+    return LocalClient(handlers or {}, streams or {}, timeout_s=5.0, service="test")
+
+
+async def test_local_client_calls_and_streams_like_the_http_one() -> None:
+    async def double(body: object) -> object:
+        assert isinstance(body, int)
+        return body * 2
+
+    async def count(body: object) -> AsyncIterator[object]:
+        assert isinstance(body, int)
+        for i in range(body):
+            yield i
+
+    local = _local({"double": double}, {"count": count})
+    assert await local.call("double", 21) == 42
+    assert [i async for i in local.stream("count", 3, idle_timeout_s=1.0)] == [0, 1, 2]
+    async with Server(count) as server, aiohttp.ClientSession() as session:  # as "s" over HTTP
+        remote = RpcClient(session, server.url, 5.0)
+        assert [i async for i in remote.stream("s", 3, idle_timeout_s=1.0)] == [0, 1, 2]
+
+
+async def test_local_client_errors() -> None:
+    async def refuses(_body: object) -> object:
+        raise RpcError("nope", "refused", 409)
+
+    async def crashes(_body: object) -> object:
+        raise KeyError("bug")
+
+    async def hangs(_body: object) -> object:
+        await asyncio.sleep(30)
+        return None
+
+    async def breaks(_body: object) -> AsyncIterator[object]:
+        yield 1
+        raise ValueError("bug")
+
+    local = _local({"refuses": refuses, "crashes": crashes, "hangs": hangs}, {"breaks": breaks})
+    with pytest.raises(RpcError) as refused:
+        await local.call("refuses", None)
+    assert (refused.value.code, refused.value.status) == ("nope", 409)
+    with pytest.raises(RpcError) as crashed:
+        await local.call("crashes", None)
+    assert (crashed.value.code, crashed.value.message) == ("internal", "KeyError")
+    with pytest.raises(RpcUnavailable) as late:
+        await local.call("hangs", None, timeout_s=0.05)
+    assert late.value.kind == "timeout"
+    with pytest.raises(RpcError, match="unknown_method"):
+        await local.call("missing", None)
+    got: list[object] = []
+    with pytest.raises(RpcError, match="internal: ValueError"):
+        async for item in local.stream("breaks", None, idle_timeout_s=1.0):
+            got.append(item)
+    assert got == [1]
+    with pytest.raises(RpcError, match="unknown_method"):
+        async for _ in local.stream("missing", None, idle_timeout_s=1.0):
+            pass
+
+
+async def test_leaving_a_local_stream_early_closes_the_service_side() -> None:
+    closed = asyncio.Event()
+
+    async def endless(_body: object) -> AsyncIterator[object]:
+        try:
+            while True:
+                yield "x"
+                await asyncio.sleep(0)
+        finally:
+            closed.set()
+
+    items = _local(streams={"endless": endless}).stream("endless", None, idle_timeout_s=1.0)
+    async with contextlib.aclosing(items):
+        async for _ in items:
+            break
     assert closed.is_set()

@@ -137,13 +137,20 @@ def test_a_bad_tls_flag_stops_the_gateway_with_a_message(tmp_path: Path) -> None
     assert "Traceback" not in out
 
 
-def test_haif_up_serves_its_gateway_over_https_to_the_openai_sdk(tmp_path: Path) -> None:
-    """`gateway_tls` in the cluster YAML: the SDK streams a completion over TLS."""
+@pytest.mark.parametrize("colocate", [False, True], ids=["separate", "colocated"])
+def test_haif_up_serves_its_gateway_over_https_to_the_openai_sdk(
+    tmp_path: Path, colocate: bool
+) -> None:
+    """`gateway_tls` in the cluster YAML: the SDK streams a completion over TLS (from a
+    gateway of its own, or one in the orchestrator's process)."""
     import openai
 
     cert, _ = _self_signed(tmp_path)
     config = tmp_path / "cluster.yaml"
-    config.write_text("gateway_tls: {cert: cert.pem, key: key.pem}\n")  # relative to the YAML
+    config.write_text(  # paths relative to the YAML
+        "gateway_tls: {cert: cert.pem, key: key.pem}\n"
+        + f"colocate_gateway: {str(colocate).lower()}\n"
+    )
     up = Up(tmp_path / "data", config)
     try:
         url = up.url.replace("http://", "https://")

@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also serve the client API (the gateway) on this port, in this process: "
         "it calls the orchestrator directly, without an RPC hop",
     )
-    _add_gateway_serving_args(orch)
+    _add_gateway_serving_args(orch)  # with --gateway-port
     add_cluster_auth_args(orch)
     orch.set_defaults(func=_cmd_service)
 

@@ -179,6 +179,17 @@ def test_haif_up_serves_its_gateway_over_https_to_the_openai_sdk(
     assert up.proc.returncode == 0, output
 
 
+def test_tls_flags_on_an_orchestrator_need_its_gateway_port(tmp_path: Path) -> None:
+    """An orchestrator serves TLS only to clients (``--gateway-port``); without it the
+    flags would be ignored, so they are refused."""
+    cert, key = _self_signed(tmp_path)
+    cmd = [sys.executable, "-m", "haif", "orchestrator", "--port", str(free_port())]
+    cmd += ["--store", str(tmp_path / "s.duckdb"), "--tls-cert", str(cert), "--tls-key", str(key)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "add --gateway-port" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_haif_up_refuses_a_missing_tls_file_before_starting(tmp_path: Path) -> None:
     config = tmp_path / "cluster.yaml"
     config.write_text("gateway_tls: {cert: gone.pem, key: gone.key}\n")

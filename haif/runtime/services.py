@@ -82,6 +82,8 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     if kind == "orchestrator":
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
         app = _orchestrator_app(cluster, args, cluster_auth_from_args(args))
+        if args.gateway_port is None and (args.tls_cert or args.tls_key):
+            raise ConfigError("--tls-cert / --tls-key serve the client API: add --gateway-port")
         if args.gateway_port is not None:  # and the gateway, in this process
             auth = _gateway_auth(cluster, args.config)
             app = _with_gateway(app, cluster.region, auth, args)

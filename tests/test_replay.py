@@ -135,8 +135,8 @@ def test_replay_cli_with_faults_kills_and_restarts_a_worker(up: Up, tmp_path: Pa
     assert sum(r.status == "ok" for r in records) >= len(records) * 0.8
     services = _services(up)
     assert services["w1"]["state"] == "running"  # restarted after restart_s
-    log = (up.data / "logs" / "w1.log").read_bytes()
-    assert log  # the restarted worker appended to the same log
+    log = (up.data / "logs" / "w1.log").read_text()
+    assert log.count("worker w1 (") == 2, log  # the restarted worker appended to the same log
 
 
 def test_replay_cli_errors_are_clear(tmp_path: Path) -> None:

@@ -357,6 +357,12 @@ class Orchestrator:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
         for coro in (self._reconciler(), self._lease_renewer(), self._presence_watch()):
             self._loops.append(asyncio.create_task(coro))
+        log.info(
+            "orchestrator started: placement %s, store %s%s",
+            self.config.placement,
+            type(self.store).__name__,
+            ", RPC sealed with cluster keys" if self.cluster_auth is not None else "",
+        )
 
     async def stop(self) -> None:
         for task in self._loops:

@@ -294,9 +294,21 @@ class Worker:
         self.ready = True
         self._session = aiohttp.ClientSession()
         self._heartbeat_task = asyncio.create_task(self._heartbeats())
+        spec = self.spec
+        log.info(
+            "worker %s (%s, %s) serves %s on %s (engine %s); announcing to %s",
+            spec.worker_id,
+            spec.region,
+            spec.gpu_class,
+            ",".join(spec.models),
+            spec.url,
+            type(self.engine).__name__,
+            spec.orchestrator_url,
+        )
 
     async def stop(self) -> None:
         self.ready = False
+        log.info("worker %s stopping", self.spec.worker_id)
         if self._heartbeat_task is not None:
             self._heartbeat_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

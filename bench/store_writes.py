@@ -72,13 +72,13 @@ async def _run(args: argparse.Namespace, tmp: str) -> None:
         await store.close()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rate", type=float, default=150.0, help="requests per second")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--linger-ms", type=float, help="DuckDB only (default: the store's)")
     parser.add_argument("--store", help="a postgresql:// URL (default: a fresh DuckDB file)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_run(args, tmp))
 

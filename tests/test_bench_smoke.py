@@ -1,4 +1,5 @@
-"""Smoke test of the simulator speed benchmark (bench/sim_speed.py) on a tiny run.
+"""Smoke tests of benchmarks on tiny runs: the simulator's speed (bench/sim_speed.py)
+and the store's CPU per request (bench/store_writes.py).
 
 Checks the figures are there and sane; no timing assertions.
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,8 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "sim_speed.py"
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("haif_bench_sim_speed", SCRIPT)
+def _load(script: Path = SCRIPT) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"haif_bench_{script.stem}", script)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up by name
@@ -113,3 +115,16 @@ def test_single_level_skips_the_comparison(bench: ModuleType) -> None:
     report = bench.main(["--fidelity", "request", "--duration", "30", "--repeat", "1"])
     assert set(report["levels"]) == {"request"}
     assert report["disagreement"] == {} and report["loaded_runs"] == {}
+
+
+def test_store_writes_reports_cpu_and_batches(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load(ROOT / "bench" / "store_writes.py")
+    bench.main(["--rate", "100", "--seconds", "0.5", "--linger-ms", "20"])
+    printed = capsys.readouterr().out
+    assert "DuckDB, linger 20 ms; 100 requests/s" in printed
+    assert "CPU per request (this process):" in printed
+    # 50 requests (and 20 to warm up), three writes each, fewer transactions than writes.
+    writes, transactions = (
+        int(w) for w in re.findall(r"(\d+) writes in (\d+) transactions", printed)[0]
+    )
+    assert writes == 3 * 70 and transactions < writes

@@ -211,7 +211,10 @@ def test_live_faults_pick_the_simulators_victims() -> None:
         ({"kind": "partition", "a": "a", "b": "b", "start_s": 1, "end_s": 2}, "'partition' fault"),
         ({"kind": "store_outage", "start_s": 1, "end_s": 2}, "'store_outage' fault"),
         ({"kind": "worker_crash", "at_s": 1, "ids": ["zz"]}, "unknown worker"),
-        ({"kind": "gateway_down", "region": "b", "start_s": 1, "end_s": 2}, "no gateway in 'b'"),
+        (
+            {"kind": "gateway_down", "region": "b", "start_s": 1, "end_s": 2},
+            "no gateway process in 'b' \\(with colocate_gateway",
+        ),
     ],
 )
 def test_faults_a_local_cluster_cannot_run_are_refused(fault: dict[str, Any], message: str) -> None:

@@ -93,7 +93,11 @@ def plan_faults(scenario: Scenario, services: Sequence[dict[str, Any]]) -> list[
         elif isinstance(fault, GatewayDown):
             names = [name for name, region in gateways if region == fault.region]
             if not names:
-                raise ConfigError(f"faults.{i}: the cluster has no gateway in {fault.region!r}")
+                raise ConfigError(
+                    f"faults.{i}: the cluster has no gateway process in {fault.region!r} "
+                    "(with colocate_gateway the gateway lives in the orchestrator's "
+                    "process and cannot go down alone)"
+                )
             plan.append(
                 FaultWindow(
                     i,

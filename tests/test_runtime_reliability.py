@@ -68,9 +68,11 @@ class ReliableCluster(LiveCluster):
         store_url: str | None = None,
         lease_ttl_s: float = 30.0,
         reconcile_interval_s: float = 5.0,
+        colocated: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(tmp, **kwargs)
+        self.colocated = colocated  # the gateway calls the orchestrator in-process
         self.capacity = capacity
         self.store_url = store_url or str(self.store_path)
         self.lease_ttl_s = lease_ttl_s
@@ -89,7 +91,7 @@ class ReliableCluster(LiveCluster):
         self.orch.driver.events, self.orch.driver.decisions = [], []
         for wid in self.worker_ids:
             self.spawn_worker(wid)
-        self.url = await self.add_gateway()
+        self.url = await self.add_gateway(colocated=self.colocated)
         await self.wait_workers(set(self.worker_ids))
         return self
 
@@ -447,8 +449,9 @@ async def test_bad_idempotency_key(
 # ------------------------------------------------------------- worker crash
 
 
+@pytest.mark.parametrize("colocated", [False, True], ids=["gateway-rpc", "gateway-colocated"])
 async def test_kill_9_of_a_worker_under_load_loses_nothing(
-    tmp_path: Path, session: aiohttp.ClientSession
+    tmp_path: Path, session: aiohttp.ClientSession, colocated: bool
 ) -> None:
     n, tokens = 40, 30
     base = ClusterConfig().policy
@@ -460,7 +463,9 @@ async def test_kill_9_of_a_worker_under_load_loses_nothing(
         # the failover into dead letters. Here the worker breaker is enough.
         route_breaker=replace(base.route_breaker, min_calls=10 * n),
     )
-    c = await ReliableCluster(tmp_path, mean_s=2.0, capacity=32, policy=policy).start()
+    c = await ReliableCluster(
+        tmp_path, mean_s=2.0, capacity=32, policy=policy, colocated=colocated
+    ).start()
     try:
         assert c.orch is not None
         rids = [f"load-{i:02d}" for i in range(n)]

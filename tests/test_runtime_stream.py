@@ -31,6 +31,7 @@ from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.gateway import Gateway, GatewayAuth
 from haif.runtime.orchestrator import Orchestrator
+from haif.runtime.rpc import LocalClient
 from haif.runtime.security import generate_api_key, hash_api_key
 from haif.runtime.store import DuckDBStore
 from haif.runtime.worker import SyntheticEngine
@@ -118,8 +119,13 @@ class LiveCluster:
             stderr=subprocess.STDOUT,
         )
 
-    async def add_gateway(self, shutdown_timeout: float = 1.0) -> str:
-        gw = Gateway(self.orch_url, "local", auth=self.auth, idle_timeout_s=5.0)
+    async def add_gateway(self, shutdown_timeout: float = 1.0, *, colocated: bool = False) -> str:
+        """A gateway calling the orchestrator over RPC, or (``colocated``) in-process."""
+        local = None
+        if colocated:
+            assert self.orch is not None
+            local = LocalClient(*orchestrator_mod.rpc_methods(self.orch), timeout_s=30.0)
+        gw = Gateway(self.orch_url, "local", auth=self.auth, idle_timeout_s=5.0, local=local)
         url = await self._serve(gateway_mod.build_app(gw), shutdown_timeout)
         self.gateway_runner = self.runners[-1]
         return url

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import platform
@@ -42,6 +41,7 @@ import psutil
 
 from haif.contracts import Request
 from haif.runtime.cluster import free_port
+from haif.runtime.gc_pauses import freeze_heap
 from haif.runtime.messages import InferCall
 from haif.runtime.rpc import RpcClient
 from haif.runtime.security import Signer
@@ -240,8 +240,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             )
             gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
             signer = _orchestrator_signer(Path(tmp) / "d")
-            gc.collect()
-            gc.freeze()  # the load generator too (see haif.runtime.gc_pauses)
+            freeze_heap()  # the load generator too
             result = asyncio.run(_measure(args, gateway, worker, signer, _services(proc)))
         finally:
             proc.send_signal(signal.SIGINT)

@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -305,20 +305,29 @@ async def test_json_formatter_without_span() -> None:
     assert "trace_id" not in out
 
 
-async def test_setup_logging_formats() -> None:
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+@pytest.fixture
+def restored_logging() -> Iterator[None]:
+    """Put the root logger (handlers, level) and aiohttp's access logger back afterwards."""
+    root, access = logging.getLogger(), logging.getLogger(telemetry.ACCESS_LOGGER)
+    handlers, root_level, access_level = list(root.handlers), root.level, access.level
     try:
-        assert telemetry.setup_logging("gateway", {"HAIF_LOG_FORMAT": "json"}) == "json"
-        assert isinstance(root.handlers[-1].formatter, telemetry.JsonFormatter)
-        assert telemetry.setup_logging("gateway", {}) == "text"
-        assert not isinstance(root.handlers[-1].formatter, telemetry.JsonFormatter)
+        yield
     finally:
         for h in list(root.handlers):
             root.removeHandler(h)
         for h in handlers:
             root.addHandler(h)
-        root.setLevel(level)
+        root.setLevel(root_level)
+        access.setLevel(access_level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+async def test_setup_logging_formats() -> None:
+    root = logging.getLogger()
+    assert telemetry.setup_logging("gateway", {"HAIF_LOG_FORMAT": "json"}) == "json"
+    assert isinstance(root.handlers[-1].formatter, telemetry.JsonFormatter)
+    assert telemetry.setup_logging("gateway", {}) == "text"
+    assert not isinstance(root.handlers[-1].formatter, telemetry.JsonFormatter)
 
 
 async def test_spans_are_recorded_only_once_something_exports_them(
@@ -353,23 +362,14 @@ async def test_spans_are_recorded_only_once_something_exports_them(
         ("gateway", "ERROR", False),
     ],
 )
+@pytest.mark.usefixtures("restored_logging")
 async def test_access_log_lines_only_at_the_gateway_unless_debugging(
     service: str, level: str, logged: bool
 ) -> None:
     """aiohttp logs each request it serves at INFO (``aiohttp.access``): every client
     request at the gateway, but the RPC calls behind it only when debugging."""
-    root, access = logging.getLogger(), logging.getLogger(telemetry.ACCESS_LOGGER)
-    handlers, root_level, access_level = list(root.handlers), root.level, access.level
-    try:
-        telemetry.setup_logging(service, {"HAIF_LOG_LEVEL": level})
-        assert access.isEnabledFor(logging.INFO) is logged
-    finally:
-        for h in list(root.handlers):
-            root.removeHandler(h)
-        for h in handlers:
-            root.addHandler(h)
-        root.setLevel(root_level)
-        access.setLevel(access_level)
+    telemetry.setup_logging(service, {"HAIF_LOG_LEVEL": level})
+    assert logging.getLogger(telemetry.ACCESS_LOGGER).isEnabledFor(logging.INFO) is logged
 
 
 # ------------------------------------------------------------------ OTLP

@@ -21,9 +21,14 @@ from collections.abc import Awaitable
 from aiohttp import web
 
 
-async def _freeze(_app: web.Application) -> None:
+def freeze_heap() -> None:
+    """Collect what is garbage now, then hide everything left from later collections."""
     gc.collect()
     gc.freeze()
+
+
+async def _freeze(_app: web.Application) -> None:
+    freeze_heap()
 
 
 async def freeze_after_startup(

@@ -29,10 +29,10 @@ import numpy as np
 import simpy
 
 from haif.contracts import AttemptResult, Event, Request
+from haif.fleet.profiles import PerfProfile, load_catalog
 from haif.runtime.engines import SyntheticEngine
 from haif.sim.engine import BatchingWorker, RequestLevelWorker
 from haif.sim.fleet import Network
-from haif.sim.profiles import PerfProfile, load_catalog
 
 Row = tuple[str, float, float, float]  # request id, arrival, first token, finish
 

@@ -53,9 +53,9 @@ from rich.table import Table
 
 from haif.configfile import apply_overrides
 from haif.contracts import RequestRecord
+from haif.fleet.scenario import Scenario
 from haif.records import summarize
 from haif.sim.driver import SimResult, run_scenario
-from haif.sim.scenario import Scenario
 
 Fidelity = Literal["iteration", "request"]
 

@@ -33,10 +33,10 @@ import numpy as np
 import yaml
 
 from haif.analysis.parity import _start_cluster, _stop_cluster, cluster_config, wait_all_fresh
+from haif.fleet.scenario import load_scenario
+from haif.fleet.targets import scenario_workers
 from haif.runtime.faults import ClusterControl
 from haif.runtime.supervisor import read_state
-from haif.sim.scenario import load_scenario
-from haif.sim.targets import scenario_workers
 
 
 async def _fresh(session: aiohttp.ClientSession, gateway: str) -> int:

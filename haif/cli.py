@@ -25,9 +25,9 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
+    from haif.fleet.scenario import load_scenario
     from haif.sim.driver import run_scenario
     from haif.sim.report import write_report
-    from haif.sim.scenario import load_scenario
 
     overrides = list(args.set or [])
     if args.seed is not None:

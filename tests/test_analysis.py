@@ -25,10 +25,10 @@ from haif.analysis import regress
 from haif.analysis.cli import add_analysis_commands
 from haif.analysis.query import discover_runs, resolve_runs, run_query, view_name
 from haif.configfile import ConfigError
+from haif.fleet.scenario import load_scenario
 from haif.records import SCHEMA, read_parquet, summarize
 from haif.sim.driver import run_scenario
 from haif.sim.report import write_report
-from haif.sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 FAILOVER = ROOT / "scenarios" / "failover.yaml"

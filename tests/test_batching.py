@@ -27,6 +27,7 @@ from aiohttp import web
 from virtual_loop import VirtualTimeLoop
 
 from haif.contracts import AttemptResult, Event, Request
+from haif.fleet.profiles import PerfProfile, load_catalog
 from haif.runtime import batching
 from haif.runtime import worker as worker_mod
 from haif.runtime.batching import IterationTimer, RequestTimer, sleep_until
@@ -36,7 +37,6 @@ from haif.runtime.messages import InferCall, InferEnd, TokenChunk
 from haif.runtime.rpc import RpcClient, RpcError
 from haif.sim.engine import BatchingWorker, RequestLevelWorker
 from haif.sim.fleet import Network
-from haif.sim.profiles import PerfProfile, load_catalog
 
 GPU = "A100-80G"
 LLAMA3 = "llama-3-8b"

@@ -32,10 +32,10 @@ from haif.analysis.calibrate import (
 from haif.cli import main
 from haif.configfile import ConfigError
 from haif.contracts import RequestRecord
+from haif.fleet.profiles import StepCoefficients, load_catalog
+from haif.fleet.scenario import load_scenario
 from haif.records import write_parquet
 from haif.sim.driver import run_scenario
-from haif.sim.profiles import StepCoefficients, load_catalog
-from haif.sim.scenario import load_scenario
 
 KNOWN = StepCoefficients(
     floor_s=0.005,
@@ -53,7 +53,7 @@ TODAY = dt.date(2025, 1, 2)
 
 def _known_catalog(path: Path) -> Path:
     doc = yaml.safe_load(
-        resources.files("haif.sim.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
+        resources.files("haif.fleet.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
     )
     names = ("floor_s", "a_s", "b_s", "c_s", "d_s", "e_s")
     entry: dict[str, Any] = {"gpu": "CPU", "model": "tiny-gpt2"}

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from haif.contracts import AttemptResult, Event, Heartbeat, Request
+from haif.fleet.profiles import GpuSpec, ModelSpec, PerfProfile, StepCoefficients, load_catalog
 from haif.sim.engine import BatchingWorker, RequestLevelWorker, _steps_within
 from haif.sim.fleet import Network
-from haif.sim.profiles import GpuSpec, ModelSpec, PerfProfile, StepCoefficients, load_catalog
 
 
 def profile(

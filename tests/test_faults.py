@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from haif.contracts import Dispatch, Submit
+from haif.fleet.scenario import Scenario, load_scenario
 from haif.sim.driver import SimResult, run_scenario
 from haif.sim.report import served_by_region
-from haif.sim.scenario import Scenario, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 

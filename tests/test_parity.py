@@ -20,10 +20,10 @@ from virtual_loop import VirtualTimeLoop
 
 from haif.contracts import Decision, Event
 from haif.control.core import ControlCore
+from haif.fleet.scenario import Scenario, load_scenario
 from haif.runtime.orchestrator import LoopDriver
 from haif.seeding import derive_rng
 from haif.sim.driver import run_scenario
-from haif.sim.scenario import Scenario, load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 

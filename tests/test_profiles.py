@@ -1,4 +1,4 @@
-"""Validation of haif.sim.profiles against published measurements.
+"""Validation of haif.fleet.profiles against published measurements.
 
 The targets below were measured by others, not chosen here:
 
@@ -25,7 +25,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from haif.sim.profiles import (
+from haif.fleet.profiles import (
     GpuSpec,
     ModelDoesNotFitError,
     ModelSpec,
@@ -41,7 +41,7 @@ from haif.sim.profiles import (
 
 TRACES = Path(__file__).parent.parent / "traces"
 SPLITWISE_CSV = TRACES / "splitwise_sim_perf_model.csv"
-PACKAGED_YAML = Path(__file__).parent.parent / "haif" / "sim" / "data" / "profiles.yaml"
+PACKAGED_YAML = Path(__file__).parent.parent / "haif" / "fleet" / "data" / "profiles.yaml"
 
 # LambdaLabs' 10 prompts (input_lens in the result JSON), mean 136.9 tokens.
 LAMBDA_PROMPTS = (13, 25, 27, 10, 329, 29, 399, 328, 4, 205)

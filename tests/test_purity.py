@@ -111,3 +111,49 @@ def test_checker_allows_injected_rng() -> None:
         violations("import random\ndef f(rng: random.Random) -> float:\n    return rng.random()\n")
         == []
     )
+
+
+# ------------------------------------------------------- the shells stay apart
+
+SHELL_RULES = {
+    # package -> packages it must not import (DESIGN.md §7)
+    "haif/sim": ("haif.runtime", "haif.analysis"),
+    "haif/runtime": ("haif.sim", "haif.analysis"),
+    "haif/fleet": ("haif.sim", "haif.runtime", "haif.analysis"),
+    "haif/control": ("haif.sim", "haif.runtime", "haif.analysis", "haif.fleet"),
+    "haif/policy": ("haif.sim", "haif.runtime", "haif.analysis", "haif.fleet", "haif.control"),
+}
+
+
+def imported_modules(source: str) -> list[str]:
+    """Every module an ``import`` or ``from ... import`` names, at any depth."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+    return found
+
+
+SHELL_FILES = [
+    (package, path) for package in SHELL_RULES for path in sorted((ROOT / package).rglob("*.py"))
+]
+
+
+@pytest.mark.parametrize(
+    ("package", "path"), SHELL_FILES, ids=[str(p.relative_to(ROOT)) for _, p in SHELL_FILES]
+)
+def test_shells_do_not_import_each_other(package: str, path: Path) -> None:
+    banned = SHELL_RULES[package]
+    bad = [
+        m
+        for m in imported_modules(path.read_text())
+        if any(m == b or m.startswith(b + ".") for b in banned)
+    ]
+    assert bad == [], f"{path.relative_to(ROOT)} imports {bad}"
+
+
+def test_import_checker_sees_lazy_imports() -> None:
+    source = "def f():\n    from haif.sim.driver import run_scenario\n"
+    assert imported_modules(source) == ["haif.sim.driver"]

@@ -19,13 +19,14 @@ from test_runtime_up import Up
 from haif.analysis.parity import DEFAULT_BOUNDS, cluster_config, compare, parse_bounds
 from haif.configfile import ConfigError
 from haif.contracts import RequestRecord
+from haif.fleet.faults import plan_faults
+from haif.fleet.scenario import Scenario, load_scenario
+from haif.fleet.targets import scenario_workers
 from haif.records import read_parquet
 from haif.runtime.cluster import ClusterConfig, free_port
-from haif.runtime.faults import plan_faults
+from haif.runtime.faults import live_plan
 from haif.runtime.replay import load_workload, prompt_text, replay_with_faults
 from haif.sim.driver import SimCluster
-from haif.sim.scenario import Scenario, load_scenario
-from haif.sim.targets import scenario_workers
 
 ROOT = Path(__file__).resolve().parents[1]
 HAIF = (sys.executable, "-m", "haif")
@@ -192,17 +193,21 @@ def test_live_faults_pick_the_simulators_victims() -> None:
         {"kind": "gateway_down", "region": "us-east", "start_s": 1, "end_s": 2},
     ]
     scenario = Scenario.model_validate(raw)
-    plan = plan_faults(scenario, _fleet(scenario))
+    plan = live_plan(scenario, _fleet(scenario))
     sim = SimCluster(scenario)
-    assert [w.kind for w in plan] == ["down", "down", "gray", "down"]
+    assert [w.kind for w in plan] == ["down", "down", "slow", "gateway_down"]
     outage, crash, gray, gateway = plan
-    assert set(outage.names) == {w for w in sim.workers if w.startswith("us-east/")}
+    assert set(outage.targets) == {w for w in sim.workers if w.startswith("us-east/")}
     assert (outage.start_s, outage.end_s) == (1200, 2100)
-    assert list(crash.names) == [w.worker_id for w in sim._pick(1, (), None, 3)]
+    assert len(crash.targets) == 3
     assert (crash.start_s, crash.end_s) == (10, 130)
-    assert list(gray.names) == [w.worker_id for w in sim._pick(2, (), "us-west", 1)]
+    assert len(gray.targets) == 1 and gray.targets[0].startswith("us-west/")
     assert gray.factor == 4
-    assert gateway.names == ("gateway",)
+    assert gateway.targets == ("gateway",)
+    # The simulator executes the same plan over the same fleet (its gateways
+    # are named by region): the same victims.
+    sim_plan = plan_faults(scenario, [(w, s.region) for w, s in sim.workers.items()])
+    assert [w.targets for w in sim_plan[:3]] == [w.targets for w in plan[:3]]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +232,7 @@ def test_faults_a_local_cluster_cannot_run_are_refused(fault: dict[str, Any], me
         }
     )
     with pytest.raises(ConfigError, match=message):
-        plan_faults(scenario, _fleet(scenario))
+        live_plan(scenario, _fleet(scenario))
 
 
 # ----------------------------------------------------------------- parity

@@ -9,9 +9,9 @@ import pytest
 
 from haif.cli import main
 from haif.configfile import ConfigError
+from haif.fleet.scenario import load_scenario
 from haif.sim.driver import run_scenario
 from haif.sim.report import served_by_region, write_report
-from haif.sim.scenario import load_scenario
 
 ROOT = Path(__file__).resolve().parent.parent
 FAILOVER = ROOT / "scenarios" / "failover.yaml"

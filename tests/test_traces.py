@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from haif.sim.traces import (
+from haif.fleet.traces import (
     BLOCK_TOKENS,
     SERVEGEN_WINDOW_S,
     TRACES_DIR,

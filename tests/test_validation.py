@@ -11,8 +11,8 @@ import math
 
 import pytest
 
+from haif.fleet.scenario import Scenario
 from haif.sim.driver import run_scenario
-from haif.sim.scenario import Scenario
 
 
 def erlang_c_wait(lam: float, mu: float, c: int) -> float:

@@ -1,7 +1,7 @@
 """``haif calibrate``: fit a GPU x model step-time profile to the records of a run.
 
 The simulator times a continuous-batching step as
-``max(floor, a + b*N + e*S) + c*C + d*B`` (:mod:`haif.sim.profiles`). A
+``max(floor, a + b*N + e*S) + c*C + d*B`` (:mod:`haif.fleet.profiles`). A
 request record (:mod:`haif.records`) does not show the steps, but it shows
 the two phases of every request, so each ok request with at least two output
 tokens gives two observations:
@@ -22,7 +22,7 @@ Requests that were retried (their first token may come from another worker)
 are left out; cold starts are left out of the prefill fit (their TTFT holds
 the weight load). ``floor, c, d`` are fitted to the decode observations,
 then ``a, b, e`` to the prefills above the floor (as
-:func:`~haif.sim.profiles.fit_coefficients` does for Splitwise), each by
+:func:`~haif.fleet.profiles.fit_coefficients` does for Splitwise), each by
 least squares on the relative error with every coefficient >= 0. No knee is
 fitted. A coefficient the records cannot identify (every decode at the same
 batch size, every prompt of the same length, ...) is kept at 0, or at the
@@ -57,13 +57,13 @@ import yaml
 
 from haif.configfile import ConfigError
 from haif.contracts import RequestRecord
-from haif.records import SCHEMA
-from haif.sim.profiles import (
+from haif.fleet.profiles import (
     ProfileCatalog,
     StepCoefficients,
     _weighted_nonneg_lstsq,
     load_catalog,
 )
+from haif.records import SCHEMA
 
 __all__ = [
     "CalibrationError",
@@ -589,7 +589,7 @@ def fit_pair(
 
 
 def _packaged_text() -> str:
-    return resources.files("haif.sim.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
+    return resources.files("haif.fleet.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
 
 
 def catalog_document(
@@ -671,7 +671,7 @@ def write_catalog(
 ) -> list[str]:
     """Write the catalog YAML (checked by loading it) and return notes on what changed."""
     if base_catalog is None:
-        text, origin = _packaged_text(), "haif/sim/data/profiles.yaml"
+        text, origin = _packaged_text(), "haif/fleet/data/profiles.yaml"
     else:
         try:
             text, origin = base_catalog.read_text(encoding="utf-8"), str(base_catalog)
@@ -869,7 +869,7 @@ def calibrate(
             "records": str(records_path),
             "date": today.isoformat(),
             "catalog": str(out),
-            "base_catalog": str(catalog_path) if catalog_path else "haif/sim/data/profiles.yaml",
+            "base_catalog": str(catalog_path) if catalog_path else "haif/fleet/data/profiles.yaml",
             "notes": notes,
             "pairs": [{**f.summary(), "written_as": list(names[(f.gpu, f.model)])} for f in fits],
         }

@@ -47,9 +47,9 @@ from pydantic import TypeAdapter
 from haif.configfile import ConfigError
 from haif.contracts import RequestRecord
 from haif.control.config import CoreConfig
+from haif.fleet.scenario import Scenario
+from haif.fleet.targets import scenario_workers
 from haif.records import read_parquet, write_parquet
-from haif.sim.scenario import Scenario
-from haif.sim.targets import scenario_workers
 
 QUANTILES = (50, 90, 99)
 METRICS = ("ttft", "e2e")
@@ -292,9 +292,9 @@ def run_live(
     scenario: Scenario, out: Path, *, timing: str = "profile", on_event: Any = None
 ) -> list[RequestRecord]:
     """Play ``scenario`` on a fresh ``haif up`` cluster; client times joined with its records."""
+    from haif.fleet.workload import build_requests
     from haif.runtime.replay import join_server_records, replay_with_faults
     from haif.runtime.supervisor import read_state
-    from haif.sim.workload import build_requests
 
     live = out / "live"
     live.mkdir(parents=True, exist_ok=True)
@@ -428,8 +428,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
     from rich.table import Table
 
+    from haif.fleet.scenario import load_scenario
     from haif.sim.driver import run_scenario
-    from haif.sim.scenario import load_scenario
 
     overrides = list(args.set or [])
     if args.seed is not None:

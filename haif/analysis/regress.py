@@ -11,7 +11,7 @@ about a second::
         overrides: [duration_s=300, faults.0.start_s=100, faults.0.end_s=200]
 
 :func:`run_canonical` runs every entry with
-:func:`haif.sim.scenario.load_scenario` + :func:`haif.sim.driver.run_scenario`
+:func:`haif.fleet.scenario.load_scenario` + :func:`haif.sim.driver.run_scenario`
 + :func:`haif.sim.report.write_report` (``plots=False``) into
 ``OUT/<name>/`` and writes ``OUT/canonical.json`` (the entries it ran). The
 simulator is deterministic, so the same code gives the same
@@ -145,9 +145,9 @@ def run_canonical(
     progress: Progress | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run every canonical scenario into ``out_dir/<name>/``; return the summaries by name."""
+    from haif.fleet.scenario import load_scenario
     from haif.sim.driver import run_scenario
     from haif.sim.report import write_report
-    from haif.sim.scenario import load_scenario
 
     canonical_path = Path(canonical_path)
     canonical = load_canonical(canonical_path)

@@ -467,9 +467,9 @@ def record_failure(folder: Path, message: str, detail: str) -> None:
 
 def run_cell(cell: Cell, cells_dir: str) -> CellOutcome:
     """Run one cell into ``cells_dir/<id>/`` (both executors call this)."""
+    from haif.fleet.scenario import load_scenario
     from haif.sim.driver import run_scenario
     from haif.sim.report import write_report
-    from haif.sim.scenario import load_scenario
 
     folder = Path(cells_dir) / cell.id
     started = time.perf_counter()
@@ -943,7 +943,7 @@ def run_sweep(
 
 def _check_scenarios(sweep: Sweep, sweep_path: Path) -> None:
     """Fail early when a scenario does not load with its fixed and own overrides."""
-    from haif.sim.scenario import load_scenario
+    from haif.fleet.scenario import load_scenario
 
     for i, sc in enumerate(sweep.scenarios):
         try:

@@ -2,7 +2,7 @@
 
 With ``--timing profile`` (or ``profile-request``) the synthetic engine
 (:mod:`haif.runtime.engines`) times its tokens by the same GPU x model
-:class:`~haif.sim.profiles.PerfProfile` and the same batching model as the
+:class:`~haif.fleet.profiles.PerfProfile` and the same batching model as the
 simulator (:mod:`haif.sim.engine`), so a live cluster of synthetic workers can
 be compared with a simulation of the same scenario. One timer per worker; each
 stream registers a :class:`TimedSequence` and yields its tokens as they are emitted.
@@ -62,9 +62,9 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from haif.contracts import Request
+from haif.fleet.engine import BLOCK_TOKENS, PrefixCache, plan_prefill_step
+from haif.fleet.profiles import PerfProfile
 from haif.runtime.rpc import RpcError
-from haif.sim.engine import BLOCK_TOKENS, _PrefixCache, plan_prefill_step
-from haif.sim.profiles import PerfProfile
 
 __all__ = [
     "BatchingOptions",
@@ -364,7 +364,7 @@ class IterationTimer(Timer):
         self.steps = 0
         self.preemptions = 0
         self.prefix = (
-            _PrefixCache(self.kv_capacity // BLOCK_TOKENS) if self.options.prefix_cache else None
+            PrefixCache(self.kv_capacity // BLOCK_TOKENS) if self.options.prefix_cache else None
         )
 
     def occupancy(self) -> Occupancy:

@@ -81,13 +81,13 @@ import aiohttp
 
 from haif.configfile import ConfigError
 from haif.contracts import Request
+from haif.fleet.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 from haif.runtime.artifacts import ArtifactError, ArtifactRef, ModelCache, fetch, load_manifest
 from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
 from haif.runtime.messages import TokenChunk
 from haif.runtime.rpc import RpcError
 from haif.runtime.security import Keyring
 from haif.runtime.supervisor import SPAWNED_AT_ENV
-from haif.sim.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 
 __all__ = [
     "ENGINES",

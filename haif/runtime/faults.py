@@ -7,7 +7,7 @@ worker of the region for the window; a gray failure (``factor`` times
 slower) freezes the victims with SIGSTOP for ``1 - 1/factor`` of every
 ``GRAY_PERIOD_S``; ``gateway_down`` kills the region's gateway for the
 window. Victims are chosen exactly as the simulator chooses them
-(:func:`haif.sim.targets.pick_workers`), so the workers of the cluster must
+(:func:`haif.fleet.faults.plan_faults`), so the workers of the cluster must
 carry the scenario's worker ids (``haif parity`` builds such a cluster).
 
 A network partition and a store outage have no process to act on in a
@@ -21,98 +21,46 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from haif.configfile import ConfigError
-from haif.sim.scenario import (
-    GatewayDown,
-    GrayFailure,
-    RegionOutage,
-    Scenario,
-    WorkerCrash,
-)
-from haif.sim.targets import pick_workers
+from haif.fleet.faults import FaultWindow, plan_faults
+from haif.fleet.scenario import Scenario
 
 #: A gray failure's stop / continue cycle.
 GRAY_PERIOD_S = 0.2
 log = logging.getLogger("haif.faults")
 
 
-@dataclass(frozen=True, slots=True)
-class FaultWindow:
-    """Services ``names`` are faulted from ``start_s`` to ``end_s`` (trace time)."""
+def live_plan(scenario: Scenario, services: Sequence[dict[str, Any]]) -> list[FaultWindow]:
+    """The scenario's fault plan over a cluster's ``services`` (its control table).
 
-    index: int
-    kind: str  # "down" (killed, then started again) or "gray"
-    names: tuple[str, ...]
-    start_s: float
-    end_s: float
-    factor: float = 1.0
-    label: str = ""
-
-
-def plan_faults(scenario: Scenario, services: Sequence[dict[str, Any]]) -> list[FaultWindow]:
-    """The windows of ``scenario.faults`` over the cluster's ``services`` (its control table)."""
+    Refuses, naming the fault, what a one-machine cluster cannot execute:
+    a partition or a store outage, a region outage with no worker there, a
+    ``gateway_down`` with no gateway process in its region.
+    """
     workers = [(s["name"], s["region"]) for s in services if s["kind"] == "worker"]
     gateways = [(s["name"], s["region"]) for s in services if s["kind"] == "gateway"]
-    plan: list[FaultWindow] = []
-    for i, fault in enumerate(scenario.faults):
-        if isinstance(fault, WorkerCrash):
-            names = pick_workers(
-                scenario.seed, i, workers, fault.ids, fault.region, fault.count, fault.fraction
-            )
-            end = fault.at_s + fault.restart_s
-            plan.append(
-                FaultWindow(i, "down", tuple(names), fault.at_s, end, label=f"{names} crash")
-            )
-        elif isinstance(fault, RegionOutage):
-            names = pick_workers(scenario.seed, i, workers, (), fault.region, None)
-            if not names:
-                raise ConfigError(f"faults.{i}: the cluster has no worker in {fault.region!r}")
-            plan.append(
-                FaultWindow(
-                    i, "down", tuple(names), fault.start_s, fault.end_s, label=f"{fault.region} out"
-                )
-            )
-        elif isinstance(fault, GrayFailure):
-            names = pick_workers(scenario.seed, i, workers, fault.ids, fault.region, fault.count)
-            plan.append(
-                FaultWindow(
-                    i,
-                    "gray",
-                    tuple(names),
-                    fault.start_s,
-                    fault.end_s,
-                    fault.factor,
-                    label=f"{names} {fault.factor:g}x slow",
-                )
-            )
-        elif isinstance(fault, GatewayDown):
-            names = [name for name, region in gateways if region == fault.region]
-            if not names:
-                raise ConfigError(
-                    f"faults.{i}: the cluster has no gateway process in {fault.region!r} "
-                    "(with colocate_gateway the gateway lives in the orchestrator's "
-                    "process and cannot go down alone)"
-                )
-            plan.append(
-                FaultWindow(
-                    i,
-                    "down",
-                    tuple(names),
-                    fault.start_s,
-                    fault.end_s,
-                    label=f"{fault.region} gateway down",
-                )
-            )
-        else:
+    plan = plan_faults(scenario, workers, gateways)
+    for w in plan:
+        where = f"faults.{w.index}"
+        if w.kind in ("partition", "store_out"):
             raise ConfigError(
-                f"faults.{i}: a {fault.kind!r} fault cannot be executed on a local cluster "
+                f"{where}: a {w.source!r} fault cannot be executed on a local cluster "
                 "(no inter-region links or separate store process to act on); live faults "
                 "are worker_crash, region_outage, gray_failure and gateway_down"
+            )
+        if w.source == "region_outage" and not w.targets:
+            region = scenario.faults[w.index].region  # type: ignore[union-attr]
+            raise ConfigError(f"{where}: the cluster has no worker in {region!r}")
+        if w.kind == "gateway_down" and not w.targets:
+            region = scenario.faults[w.index].region  # type: ignore[union-attr]
+            raise ConfigError(
+                f"{where}: the cluster has no gateway process in {region!r} "
+                "(with colocate_gateway the gateway lives in the orchestrator's "
+                "process and cannot go down alone)"
             )
     return plan
 
@@ -165,22 +113,22 @@ async def run_faults(
 
     async def window(w: FaultWindow) -> None:
         await at(w.start_s)
-        await note(f"fault {w.index} begins: {w.label}")
-        if w.kind == "down":
-            await each(w.names, "kill")
+        await note(f"fault {w.index} begins: {w.label} {list(w.targets)}")
+        if w.kind in ("down", "gateway_down"):
+            await each(w.targets, "kill")
             await at(w.end_s)
-            await each(w.names, "start")
+            await each(w.targets, "start")
         else:
             stopped = 1.0 - 1.0 / w.factor
             try:
                 while loop.time() < t0 + w.end_s / speed:
-                    await each(w.names, "stop")
+                    await each(w.targets, "stop")
                     await asyncio.sleep(GRAY_PERIOD_S * stopped)
-                    await each(w.names, "cont")
+                    await each(w.targets, "cont")
                     await asyncio.sleep(GRAY_PERIOD_S * (1.0 - stopped))
             finally:
                 with contextlib.suppress(Exception):
-                    await each(w.names, "cont")
+                    await each(w.targets, "cont")
         await note(f"fault {w.index} ends: {w.label}")
 
     await asyncio.gather(*(window(w) for w in plan))

@@ -40,7 +40,7 @@ import aiohttp
 
 from haif.configfile import ConfigError
 from haif.contracts import Request, RequestRecord
-from haif.sim.scenario import Scenario, WorkerGroup, Workload, load_scenario
+from haif.fleet.scenario import Scenario, WorkerGroup, Workload, load_scenario
 
 #: Trace formats ``haif replay`` takes directly (else a scenario YAML).
 TRACE_KINDS = {".csv": "azure", ".jsonl": "mooncake"}
@@ -50,7 +50,7 @@ def load_workload(
     source: str | Path, *, duration_s: float | None = None, limit: int | None = None
 ) -> tuple[list[Request], Scenario]:
     """The requests of a scenario YAML or of a trace file (Azure CSV, Mooncake JSONL)."""
-    from haif.sim.workload import build_requests
+    from haif.fleet.workload import build_requests
 
     path = Path(source)
     if not path.exists():
@@ -308,7 +308,7 @@ async def replay_with_faults(
         return await run_open_loop(
             requests, gateway, speed=speed, headers=headers, timeout_s=timeout_s, on_done=on_done
         )
-    from haif.runtime.faults import ClusterControl, plan_faults, run_faults
+    from haif.runtime.faults import ClusterControl, live_plan, run_faults
     from haif.runtime.supervisor import read_state
 
     if cluster_dir is None:
@@ -316,7 +316,7 @@ async def replay_with_faults(
     state = read_state(cluster_dir)
     async with aiohttp.ClientSession() as session:
         control = ClusterControl(session, state["control_url"], state["control_token"])
-        plan = plan_faults(scenario, await control.services())
+        plan = live_plan(scenario, await control.services())
 
         def start(t0: float) -> Any:
             return run_faults(plan, control, t0=t0, speed=speed, log_event=log_event)

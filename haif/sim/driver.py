@@ -36,24 +36,17 @@ from haif.contracts import (
 )
 from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
+from haif.fleet.faults import FaultWindow, plan_faults
+from haif.fleet.profiles import PerfProfile, ProfileCatalog
+from haif.fleet.scenario import Scenario, WorkerGroup
+from haif.fleet.targets import scenario_workers
+from haif.fleet.workload import build_requests
 from haif.seeding import derive_rng
 from haif.sim.engine import BatchingWorker, RequestLevelWorker
 from haif.sim.fleet import AbstractWorker, BaseWorker, Network
-from haif.sim.profiles import PerfProfile, ProfileCatalog
-from haif.sim.scenario import (
-    GatewayDown,
-    GrayFailure,
-    Partition,
-    RegionOutage,
-    Scenario,
-    StoreOutage,
-    WorkerCrash,
-    WorkerGroup,
-)
-from haif.sim.targets import pick_workers, scenario_workers
-from haif.sim.workload import build_requests
 
 Progress = Callable[[float, float], None]  # (sim time, end time)
+_ON_WORKERS = ("down", "slow")
 
 
 class SimDriver(CoreDriver):
@@ -161,8 +154,11 @@ class SimCluster:
         hb = sc.heartbeat
         for w in self.workers.values():
             self.env.process(w.heartbeats(sc.control, hb.interval_s, hb.loss))
-        for i, fault in enumerate(sc.faults):
-            self.env.process(self._fault(i, fault))
+        fleet = [(wid, w.region) for wid, w in self.workers.items()]
+        # A simulated region's gateway is named by its region.
+        for window in plan_faults(sc, fleet, [(r, r) for r in sc.control]):
+            self.fault_windows.append((window.start_s, window.end_s, window.label))
+            self.env.process(self._fault(window))
         if sc.random_failures is not None and sc.random_failures.per_gpu_hour > 0:
             for wid in self.workers:
                 self.env.process(self._random_failures(wid))
@@ -346,72 +342,40 @@ class SimCluster:
 
     # ------------------------------------------------------------ faults
 
-    def _pick(
-        self,
-        index: int,
-        ids: tuple[str, ...],
-        region: str | None,
-        count: int | None,
-        fraction: float | None = None,
-    ) -> list[BaseWorker]:
-        fleet = [(wid, w.region) for wid, w in self.workers.items()]
-        victims = pick_workers(self.scenario.seed, index, fleet, ids, region, count, fraction)
-        return [self.workers[wid] for wid in victims]
-
-    def _fault(self, index: int, fault: object) -> simpy.events.ProcessGenerator:
+    def _fault(self, window: FaultWindow) -> simpy.events.ProcessGenerator:
+        """Execute one window of the fault plan (:mod:`haif.fleet.faults`)."""
         env = self.env
-        if isinstance(fault, WorkerCrash):
-            victims = self._pick(index, fault.ids, fault.region, fault.count, fault.fraction)
-            end = fault.at_s + fault.restart_s
-            self.fault_windows.append((fault.at_s, end, f"{len(victims)} worker(s) crash"))
-            yield env.timeout(fault.at_s)
+        victims = (
+            [self.workers[wid] for wid in window.targets] if window.kind in _ON_WORKERS else []
+        )
+        yield env.timeout(window.start_s)
+        if window.kind == "down":
             for w in victims:
                 w.go_down()
-            yield env.timeout(fault.restart_s)
+        elif window.kind == "slow":
+            for w in victims:
+                w.slow = window.factor
+        elif window.kind == "partition":
+            self.net.cuts.add(frozenset(window.targets))
+        elif window.kind == "store_out":
+            self.store_down.add(window.targets[0] if window.targets else None)
+        else:
+            for region in window.targets:
+                self.gateway_down[region] = env.now
+        yield env.timeout(window.end_s - window.start_s)
+        if window.kind == "down":
             for w in victims:
                 w.come_up(self.scenario.heartbeat.boot_s)
-            return
-        assert isinstance(fault, RegionOutage | Partition | GrayFailure | StoreOutage | GatewayDown)
-        start, end = fault.start_s, fault.end_s
-        if isinstance(fault, RegionOutage):
-            victims = self._pick(index, (), fault.region, None)
-            label = f"{fault.region} out"
-        elif isinstance(fault, GrayFailure):
-            victims = self._pick(index, fault.ids, fault.region, fault.count)
-            label = f"{len(victims)} worker(s) {fault.factor:g}x slow"
-        elif isinstance(fault, Partition):
-            label = f"{fault.a} | {fault.b} partition"
-        elif isinstance(fault, StoreOutage):
-            label = f"store out ({fault.region or 'all regions'})"
-        else:
-            label = f"{fault.region} gateway down"
-        self.fault_windows.append((start, end, label))
-        yield env.timeout(start)
-        if isinstance(fault, RegionOutage):
-            for w in victims:
-                w.go_down()
-        elif isinstance(fault, GrayFailure):
-            for w in victims:
-                w.slow = fault.factor
-        elif isinstance(fault, Partition):
-            self.net.cuts.add(frozenset((fault.a, fault.b)))
-        elif isinstance(fault, StoreOutage):
-            self.store_down.add(fault.region)
-        else:
-            self.gateway_down[fault.region] = env.now
-        yield env.timeout(end - start)
-        if isinstance(fault, RegionOutage):
-            for w in victims:
-                w.come_up(self.scenario.heartbeat.boot_s)
-        elif isinstance(fault, GrayFailure):
+        elif window.kind == "slow":
             for w in victims:
                 w.slow = 1.0
-        elif isinstance(fault, Partition):
-            self.net.cuts.discard(frozenset((fault.a, fault.b)))
-        elif isinstance(fault, StoreOutage):
-            self.store_down.discard(fault.region)
+        elif window.kind == "partition":
+            self.net.cuts.discard(frozenset(window.targets))
+        elif window.kind == "store_out":
+            self.store_down.discard(window.targets[0] if window.targets else None)
         else:
-            self.gateway_down.pop(fault.region, None)
+            for region in window.targets:
+                self.gateway_down.pop(region, None)
 
     def _random_failures(self, wid: str) -> simpy.events.ProcessGenerator:
         rf = self.scenario.random_failures

@@ -35,7 +35,7 @@ Both keep ``t_step`` positive and non-decreasing in each argument (all
 coefficients are non-negative; the ``N > 0`` gate sits inside ``max(floor, .)``).
 With no prefill the step time is linear in ``C``, which the engine relies on.
 
-Where the numbers come from (each number in ``haif/sim/data/profiles.yaml``
+Where the numbers come from (each number in ``haif/fleet/data/profiles.yaml``
 carries its own ``sources`` entry):
 
 * **Llama-3-8B on H100-80G / A100-80G**: REFERENCE.md (Vidur operator profiles:
@@ -562,7 +562,7 @@ def fit_coefficients(rows: Iterable[Mapping[str, Any]], knee_step: int = 256) ->
     (worst, mean), chosen = best
     source = (
         f"fitted to splitwise perf_model.csv (Mutinifni/splitwise-sim@8f99e7d data/perf_model.csv: "
-        f"{label}, median of repeats, {len(cells)} cells) by haif.sim.profiles.fit_coefficients, "
+        f"{label}, median of repeats, {len(cells)} cells) by haif.fleet.profiles.fit_coefficients, "
         f"max error {worst:.1%}, mean {mean:.1%} over prompt_time and token_time"
     )
     return StepCoefficients(
@@ -657,7 +657,7 @@ def _check_allowed(gpu: GpuSpec, model: ModelSpec) -> None:
 
 
 def load_catalog(path: str | Path | None = None) -> ProfileCatalog:
-    """Load a catalog from ``path``, or the packaged ``haif/sim/data/profiles.yaml``
+    """Load a catalog from ``path``, or the packaged ``haif/fleet/data/profiles.yaml``
     (cached) when ``path`` is None. Raises ``ValueError`` on a malformed file."""
     if path is None:
         return _default_catalog()
@@ -667,8 +667,8 @@ def load_catalog(path: str | Path | None = None) -> ProfileCatalog:
 
 @functools.lru_cache(maxsize=1)
 def _default_catalog() -> ProfileCatalog:
-    text = resources.files("haif.sim.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
-    return _build_catalog(yaml.safe_load(text), "haif/sim/data/profiles.yaml")
+    text = resources.files("haif.fleet.data").joinpath("profiles.yaml").read_text(encoding="utf-8")
+    return _build_catalog(yaml.safe_load(text), "haif/fleet/data/profiles.yaml")
 
 
 # ---------------------------------------------------------------- YAML parse

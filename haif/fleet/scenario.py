@@ -20,7 +20,7 @@ from haif.configfile import load_model
 from haif.control.config import CoreConfig
 
 if TYPE_CHECKING:
-    from haif.sim.profiles import ProfileCatalog
+    from haif.fleet.profiles import ProfileCatalog
 
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
@@ -315,7 +315,7 @@ class Scenario(_Strict):
 
     def catalog(self) -> ProfileCatalog:
         """The profile catalog this scenario's GPU workers are timed by."""
-        from haif.sim.profiles import load_catalog
+        from haif.fleet.profiles import load_catalog
 
         return load_catalog(self.profiles_path())
 
@@ -350,7 +350,7 @@ class Scenario(_Strict):
 
     def _check_fleet(self) -> None:
         """Every profiled worker exists in the catalog, and every model has a server."""
-        from haif.sim.profiles import ModelDoesNotFitError, UnknownProfileError
+        from haif.fleet.profiles import ModelDoesNotFitError, UnknownProfileError
 
         catalog = self._load_catalog() if any(g.gpu for g in self.workers) else None
         for i, group in enumerate(self.workers):

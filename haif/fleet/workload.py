@@ -16,9 +16,9 @@ from pathlib import Path
 
 from haif.configfile import ConfigError
 from haif.contracts import Request
+from haif.fleet import traces
+from haif.fleet.scenario import Distribution, Scenario, Workload
 from haif.seeding import derive_rng
-from haif.sim import traces
-from haif.sim.scenario import Distribution, Scenario, Workload
 
 
 def _picker(

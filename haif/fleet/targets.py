@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from haif.configfile import ConfigError
+from haif.fleet.scenario import Scenario, WorkerGroup
 from haif.seeding import derive_rng
-from haif.sim.scenario import Scenario, WorkerGroup
 
 
 class ScenarioWorker(NamedTuple):

@@ -295,7 +295,7 @@ def test_kv_exhaustion_preempts_like_the_simulator() -> None:
     _, engine = compare("profile", catalog_profiles(LLAMA3, kv=700), arrivals)
     timer = engine.timer
     assert isinstance(timer, IterationTimer)
-    assert timer.preemptions > 0 and timer.kv_used == 0
+    assert timer.engine.preemptions > 0 and timer.engine.kv_used == 0
 
 
 def test_a_prompt_larger_than_the_kv_cache_fails_like_the_simulator() -> None:
@@ -450,7 +450,11 @@ def test_the_command_line_builds_the_profile_timings() -> None:
     assert isinstance(engine, SyntheticEngine) and engine.queues_internally
     timer = engine.timer
     assert isinstance(timer, IterationTimer)
-    assert (timer.max_batch, timer.chunk, timer.prefix is not None) == (32, 512, True)
+    assert (timer.engine.max_batch, timer.engine.chunk, timer.engine.prefix is not None) == (
+        32,
+        512,
+        True,
+    )
     assert timer.profiles[LLAMA2] == load_catalog().get("H100-80G", LLAMA2)
     assert timer.occupancy().warm_models == (LLAMA3,)  # the first model is loaded at start
     request_level = engine_from_args(

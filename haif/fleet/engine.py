@@ -1,12 +1,63 @@
-"""The engine model both shells run: continuous batching's planning and prefix cache."""
+"""Continuous batching as a sans-I/O state machine that both shells drive.
+
+Theory of operation
+-------------------
+:class:`BatchingEngine` is vLLM's scheduler reduced to what decides time:
+a FIFO queue, a running batch of at most ``max_batch`` sequences, a KV
+cache of ``kv_capacity_tokens``, an optional LRU prefix cache over 512-token
+blocks (trace ``hash_ids``), one loaded model. It has no clock: inputs
+carry ``now`` (:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
+:meth:`~BatchingEngine.crash`, :meth:`~BatchingEngine.restart`) and the
+driver calls :meth:`~BatchingEngine.on_timer` when
+:meth:`~BatchingEngine.next_deadline` comes. The simulator drives it with
+SimPy timeouts (:mod:`haif.sim.engine`), the live synthetic engine with
+``loop.call_at`` (:mod:`haif.runtime.batching`): one model, two drivers.
+
+Rules, in the order the engine applies them:
+
+- A request reaches the queue ``api_overhead_s`` (x ``slow``) after it
+  reached the engine (tokenize, schedule).
+- Admission is FIFO while the batch has room and the KV cache can hold the
+  head's prompt with room for the next token of every running sequence
+  and its own first (``kv_used + len(batch) + prompt + 1 <= capacity``):
+  every running sequence always has a KV slot for the token its next step
+  emits, so no step ever overfills the cache. A prompt that can never fit
+  an empty cache fails (``context_too_long``). Leading prompt blocks in the
+  prefix cache are not prefilled again.
+- A request for another model waits until the batch drains, then the
+  weights load (``load_time_s``); every request that waited is a cold start.
+  :meth:`~BatchingEngine.restart` loads the current model the same way.
+- A step either prefills (prefill-only steps, vLLM v0) or, with
+  ``chunked_prefill_tokens``, decodes every running sequence plus prompt
+  chunks up to the token budget (Sarathi / vLLM v1); it takes
+  ``profile.step_time(N, C, B)`` x ``slow``. A token is emitted at the end of
+  the step that produced it (the first at the end of the prompt's last chunk).
+- When the running sequences' next tokens would not fit the KV cache, the
+  newest is preempted: it goes back to the head of the queue and is later
+  recomputed (prompt plus the tokens it had), as vLLM's recompute mode.
+- Between composition changes the batch only decodes and the step time
+  grows linearly with the context (``c·C``), so ``k`` steps take a closed
+  form: the engine advances a whole *segment* as one deadline (at most
+  ``max_segment_steps`` steps; a streaming driver asks for 1 and
+  ``track_progress``). A request
+  that becomes admissible mid-segment cuts it at the next step boundary.
+- A cancelled sequence leaves at once and frees its KV; the step in flight
+  credits tokens only to the sequences still running.
+
+Each GPU-second is charged (``price_per_hour``) to the sequences of the step
+that used it, in equal shares.
+"""
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
+from haif.contracts import Request
 from haif.fleet.profiles import PerfProfile
 
 BLOCK_TOKENS = 512  # Mooncake's prefix-hash block size
@@ -27,9 +78,7 @@ def plan_prefill_step(
 
     Returns the prefilling members with the prompt tokens each gets (within
     the ``chunk`` budget, in batch order), the decoding members that ride
-    along (with chunked prefill only), and the step's duration. Shared by the
-    simulated engine and the runtime's profile-timed mirror
-    (:mod:`haif.runtime.batching`), so the two cannot drift.
+    along (with chunked prefill only), and the step's duration.
     """
     prefilling = [s for s in batch if s.prompt_left > 0]
     decoding = [s for s in batch if s.prompt_left == 0] if chunk else []
@@ -77,3 +126,425 @@ class PrefixCache:
 
     def clear(self) -> None:
         self._blocks.clear()
+
+
+class Seq:
+    """One request's attempt at an engine: its progress, times and cost.
+
+    ``generated`` counts the whole response (it starts at the tokens a
+    resumed attempt was given, which are recomputed with the prompt). The
+    engine sets ``first_token_s`` / ``finish_s`` on its own clock, ``done``
+    when the last token is out, ``error`` (an ``ErrorKind`` value) when it
+    fails the sequence.
+    """
+
+    __slots__ = (
+        "cancelled",
+        "cold_start",
+        "context",
+        "cost",
+        "done",
+        "error",
+        "finish_s",
+        "first_token_s",
+        "generated",
+        "prompt_left",
+        "request",
+    )
+
+    def __init__(self, request: Request, generated: int = 0) -> None:
+        self.request = request
+        self.generated = generated
+        self.prompt_left = request.prompt_tokens + generated
+        self.context = 0
+        self.first_token_s: float | None = None
+        self.finish_s: float | None = None
+        self.cost = 0.0
+        self.cold_start = False
+        self.done = False
+        self.cancelled = False
+        self.error: str | None = None
+
+
+# What the engine is doing between two deadlines.
+_IDLE, _LOAD, _PREFILL, _DECODE, _DOWN = range(5)
+
+
+class BatchingEngine:
+    """Continuous batching over one GPU (see the module docstring). Not thread-safe."""
+
+    def __init__(
+        self,
+        profiles: Mapping[str, PerfProfile],
+        warm: str,
+        *,
+        max_batch: int | None = None,
+        chunked_prefill_tokens: int | None = None,
+        prefix_cache: bool = False,
+        price_per_hour: float = 0.0,
+        max_segment_steps: int | None = None,
+        track_progress: bool = False,
+    ) -> None:
+        if warm not in profiles:
+            raise ValueError(f"warm model {warm!r} has no profile (have: {', '.join(profiles)})")
+        self.profiles = dict(profiles)
+        self.active = warm
+        self.max_batch = max_batch or profiles[warm].max_batch
+        self.chunk = chunked_prefill_tokens
+        self.kv_capacity = profiles[warm].kv_capacity_tokens
+        self.prefix = PrefixCache(self.kv_capacity // BLOCK_TOKENS) if prefix_cache else None
+        self.price_per_hour = price_per_hour
+        self.max_segment_steps = max_segment_steps or math.inf
+        self.slow = 1.0  # gray-failure factor: every step and overhead takes this much longer
+        self.pending: list[tuple[float, int, Seq]] = []  # in the API overhead, by ready time
+        self.waiting: deque[Seq] = deque()
+        self.batch: list[Seq] = []
+        self.kv_used = 0
+        self.steps = 0
+        self.preemptions = 0
+        self.clock = 0.0  # when the engine last changed
+        # With track_progress: every sequence that got tokens since the driver
+        # last emptied the list (a streaming driver wakes their readers).
+        self.progressed: list[Seq] | None = [] if track_progress else None
+        self._order = itertools.count()
+        self._phase = _IDLE
+        self._end = 0.0  # when the phase in progress ends
+        # The phase's work: a prefill step's chunks and decoding members, or a
+        # decode segment's (start, base, inc, steps, batch size).
+        self._chunks: list[tuple[Seq, int]] = []
+        self._riders: list[Seq] = []
+        self._step_s = 0.0
+        self._segment = (0.0, 0.0, 0.0, 0, 0)
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def profile(self) -> PerfProfile:
+        return self.profiles[self.active]
+
+    @property
+    def busy(self) -> bool:
+        """A step (or decode segment) is running on the GPU."""
+        return self._phase == _PREFILL or self._phase == _DECODE
+
+    def loading(self, now: float) -> bool:
+        """Weights are loading at ``now`` (a swap, or a restart)."""
+        return self._phase == _LOAD and now < self._end
+
+    def warm_models(self, now: float) -> tuple[str, ...]:
+        return () if self.loading(now) or self._phase == _DOWN else (self.active,)
+
+    def free_kv_tokens(self) -> int:
+        return self.kv_capacity - self.kv_used
+
+    def sequences(self) -> list[Seq]:
+        """Every sequence the engine holds (in the overhead, queued or running)."""
+        return [*(s for _, _, s in self.pending if not s.cancelled), *self.waiting, *self.batch]
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`on_timer` must next be called (None: nothing to time)."""
+        due = self.pending[0][0] if self.pending else None
+        if self._phase == _IDLE or self._phase == _DOWN:
+            return due
+        return self._end if due is None or self._end < due else due
+
+    # ------------------------------------------------------------ inputs
+
+    def add(self, seq: Seq, now: float) -> None:
+        """``seq`` reached the engine at ``now``; it queues after the API overhead."""
+        ready = now + self.profiles[seq.request.model].api_overhead_s * self.slow
+        if ready <= now and self._phase != _IDLE:
+            self._arrive(seq, now)  # joins the queue; a busy engine looks at it at its deadline
+        else:
+            heapq.heappush(self.pending, (ready, next(self._order), seq))
+
+    def cancel(self, seq: Seq) -> None:
+        """The caller went away: ``seq`` leaves now and frees what it holds."""
+        if seq.done or seq.cancelled:
+            return
+        seq.cancelled = True
+        batch = self.batch
+        for i, s in enumerate(batch):
+            if s is seq:
+                del batch[i]
+                self.kv_used -= seq.context + seq.prompt_left
+                return
+        for s in self.waiting:
+            if s is seq:
+                self.waiting.remove(seq)
+                return
+        # Still in the API overhead: skipped when it comes due.
+
+    def crash(self, now: float) -> None:
+        """The GPU's process died at ``now``: everything is lost until :meth:`restart`.
+
+        The decode segment in progress credits the steps completed by ``now``
+        (their tokens were streamed before the crash).
+        """
+        if self._phase == _DECODE:
+            start, base, inc, _k, _b = self._segment
+            done = steps_within(now - start, base, inc)
+            for seq in self.batch:
+                seq.generated += done
+        self.pending.clear()
+        self.waiting.clear()
+        self.batch.clear()
+        self.kv_used = 0
+        if self.prefix is not None:
+            self.prefix.clear()
+        self._phase = _DOWN
+        self.clock = now
+
+    def restart(self, now: float, loaded_s: float = 0.0) -> None:
+        """Started again at ``now``, ``loaded_s`` of the load already done: load the weights."""
+        self.clock = now
+        self._load(self.active, now, loaded_s)
+
+    def stall(self, now: float) -> None:
+        """The process could not run until ``now`` (it was stopped): work resumes from there."""
+        if self.busy or self._phase == _LOAD:
+            self._end = max(self._end, now)
+        self.clock = max(self.clock, now)
+
+    # ------------------------------------------------------------ time
+
+    def on_timer(self, now: float) -> list[Seq]:
+        """Advance to ``now``; the sequences that left (``done``, or failed with ``error``)."""
+        left: list[Seq] = []
+        pending = self.pending
+        while True:
+            phase = self._phase
+            timed = phase != _IDLE and phase != _DOWN
+            if timed and self._end <= now and (not pending or self._end <= pending[0][0]):
+                self.clock = self._end
+                self._complete(left)
+                self._arrivals(self.clock)
+                self._begin(left)
+            elif pending and pending[0][0] <= now:
+                t = max(pending[0][0], self.clock)
+                self.clock = t
+                self._arrivals(t)
+                if self._phase == _IDLE:
+                    self._begin(left)
+            else:
+                return left
+
+    # ------------------------------------------------------------ internals
+
+    def _arrivals(self, now: float) -> None:
+        pending = self.pending
+        while pending and pending[0][0] <= now:
+            seq = heapq.heappop(pending)[2]
+            if not seq.cancelled:
+                self._arrive(seq, now)
+
+    def _arrive(self, seq: Seq, now: float) -> None:
+        self.waiting.append(seq)
+        if self._phase == _LOAD:
+            seq.cold_start = True
+        elif self._phase == _DECODE and self._admissible():
+            self._cut(now)
+
+    def _cut(self, now: float) -> None:
+        """End the decode segment at the first step boundary after ``now``."""
+        start, base, inc, k, b = self._segment
+        done = min(k, steps_within(now - start, base, inc) + 1)
+        if done < k:
+            self._segment = (start, base, inc, done, b)
+            self._end = start + _elapsed(done, base, inc)
+
+    def _need(self, seq: Seq) -> int:
+        return seq.prompt_left + seq.context + 1
+
+    def _admissible(self) -> bool:
+        """Would the head of the queue change the batch at the next step boundary?"""
+        if not self.waiting or len(self.batch) >= self.max_batch:
+            return False
+        head = self.waiting[0]
+        if head.request.model != self.active:
+            return not self.batch  # a swap can start once the batch is empty
+        need = self._need(head)
+        # A prompt that can never fit is admissible too: admission fails it.
+        return self.kv_used + len(self.batch) + need <= self.kv_capacity or need > self.kv_capacity
+
+    def _begin(self, left: list[Seq]) -> None:
+        """Start what comes next at ``self.clock``: a load, a step, a segment, or idle."""
+        self._phase = _IDLE
+        while True:
+            waiting = self.waiting
+            if waiting and not self.batch and waiting[0].request.model != self.active:
+                self._load(waiting[0].request.model, self.clock)
+                return
+            self._admit(left)
+            if not self._make_room():
+                break
+        if not self.batch:
+            return
+        for seq in self.batch:
+            if seq.prompt_left > 0:
+                self._start_prefill()
+                return
+        self._start_decode()
+
+    def _admit(self, left: list[Seq]) -> None:
+        waiting, batch, capacity = self.waiting, self.batch, self.kv_capacity
+        while waiting and len(batch) < self.max_batch:
+            head = waiting[0]
+            if head.request.model != self.active:
+                break
+            need = self._need(head)
+            if self.kv_used + len(batch) + need > capacity:
+                if not batch and need > capacity:
+                    # Can never fit: fail it rather than block the queue forever.
+                    waiting.popleft()
+                    head.error = "context_too_long"
+                    left.append(head)
+                    continue
+                break
+            waiting.popleft()
+            if self.prefix is not None and head.context == 0:
+                hits = self.prefix.hit_blocks(head.request.prefix_hashes)
+                cached = min(hits * BLOCK_TOKENS, head.prompt_left - 1)
+                if cached > 0:
+                    head.prompt_left -= cached
+                    head.context += cached
+            # KV is reserved for the whole prompt at admission (vLLM allocates
+            # the prompt's blocks up front); each generated token adds one.
+            self.kv_used += head.prompt_left + head.context
+            batch.append(head)
+
+    def _make_room(self) -> bool:
+        """Preempt the newest sequences until every one left has room for its next token."""
+        batch = self.batch
+        preempted = False
+        while batch and self.kv_used + len(batch) > self.kv_capacity:
+            preempted = True
+            victim = batch.pop()
+            self.kv_used -= victim.context + victim.prompt_left
+            victim.prompt_left = victim.request.prompt_tokens + victim.generated
+            victim.context = 0
+            self.waiting.appendleft(victim)
+            self.preemptions += 1
+        return preempted
+
+    def _load(self, model: str, now: float, loaded_s: float = 0.0) -> None:
+        self.active = model
+        self._phase = _LOAD
+        self._end = now + max(0.0, self.profiles[model].load_time_s - loaded_s)
+        for seq in self.waiting:
+            seq.cold_start = True
+
+    def _start_prefill(self) -> None:
+        chunks, riders, duration = plan_prefill_step(self.profile, self.batch, self.chunk)
+        self._chunks, self._riders = chunks, riders
+        self._step_s = duration * self.slow
+        self._phase = _PREFILL
+        self._end = self.clock + self._step_s
+
+    def _start_decode(self) -> None:
+        profile, batch = self.profile, self.batch
+        b = len(batch)
+        c0 = 0
+        steps_left = self.max_segment_steps
+        for seq in batch:
+            c0 += seq.context
+            left = seq.request.max_tokens - seq.generated
+            if left < steps_left:
+                steps_left = left
+        kv_steps = (self.kv_capacity - self.kv_used) // b  # >= 1 (see _make_room)
+        k = int(min(steps_left, kv_steps))
+        if self._admissible():
+            k = 1  # a change is waiting: only the step that starts now
+        # Decode step j takes base + inc * j (the context grows by b each step).
+        base = profile.step_time(0, c0, b) * self.slow
+        inc = profile.step_time(0, c0 + b, b) * self.slow - base
+        self._segment = (self.clock, base, inc, k, b)
+        self._phase = _DECODE
+        self._end = self.clock + _elapsed(k, base, inc)
+
+    def _complete(self, left: list[Seq]) -> None:
+        """The phase in progress ended at ``self.clock``."""
+        phase, now = self._phase, self.clock
+        self._phase = _IDLE
+        if phase == _PREFILL:
+            self._complete_prefill(now)
+        elif phase == _DECODE:
+            self._complete_decode()
+        else:
+            return  # a load: nothing to credit
+        if any(s.generated >= s.request.max_tokens for s in self.batch):
+            still: list[Seq] = []
+            for seq in self.batch:
+                if seq.generated >= seq.request.max_tokens:
+                    self.kv_used -= seq.context
+                    seq.finish_s = now
+                    seq.done = True
+                    left.append(seq)
+                else:
+                    still.append(seq)
+            self.batch = still
+        self._make_room()
+
+    def _complete_prefill(self, now: float) -> None:
+        self.steps += 1
+        members = len(self._chunks) + len(self._riders)
+        share = self._step_s * self.price_per_hour / 3600.0 / max(1, members)
+        for seq, n in self._chunks:
+            seq.cost += share
+            if seq.cancelled:
+                continue  # left during the step: its work is discarded
+            seq.prompt_left -= n
+            seq.context += n
+            if seq.prompt_left == 0:
+                self._emit(seq, now)
+                if self.prefix is not None:
+                    self.prefix.insert(seq.request.prefix_hashes)
+        for seq in self._riders:
+            seq.cost += share
+            if not seq.cancelled:
+                self._emit(seq, now)
+        self._chunks, self._riders = [], []
+
+    def _emit(self, seq: Seq, now: float) -> None:
+        if self.progressed is not None:
+            self.progressed.append(seq)
+        seq.generated += 1
+        seq.context += 1
+        self.kv_used += 1
+        if seq.first_token_s is None:
+            seq.first_token_s = now
+
+    def _complete_decode(self) -> None:
+        _start, base, inc, done, b = self._segment
+        self.steps += done
+        # Credit the sequences running now: one cancelled during the segment
+        # left with its KV and gets nothing (its share goes unbilled).
+        share = _elapsed(done, base, inc) * self.price_per_hour / 3600.0 / b
+        for seq in self.batch:
+            seq.generated += done
+            seq.context += done
+            seq.cost += share
+        self.kv_used += done * len(self.batch)
+        if self.progressed is not None:
+            self.progressed.extend(self.batch)
+
+
+def _elapsed(steps: int, base: float, inc: float) -> float:
+    """Duration of ``steps`` decode steps, step j taking ``base + inc * j``."""
+    return steps * base + inc * steps * (steps - 1) / 2.0
+
+
+def steps_within(elapsed: float, base: float, inc: float) -> int:
+    """Largest s >= 0 with s*base + inc*s*(s-1)/2 <= elapsed."""
+    if elapsed <= 0 or base <= 0:
+        return 0
+    if abs(inc) < 1e-15:
+        s = int(elapsed // base)
+    else:
+        a, b = inc / 2.0, base - inc / 2.0
+        s = int((-b + math.sqrt(b * b + 4 * a * elapsed)) / (2 * a))
+    while s > 0 and s * base + inc * s * (s - 1) / 2.0 > elapsed:
+        s -= 1
+    while (s + 1) * base + inc * (s + 1) * s / 2.0 <= elapsed:
+        s += 1
+    return s

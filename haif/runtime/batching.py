@@ -2,42 +2,30 @@
 
 With ``--timing profile`` (or ``profile-request``) the synthetic engine
 (:mod:`haif.runtime.engines`) times its tokens by the same GPU x model
-:class:`~haif.fleet.profiles.PerfProfile` and the same batching model as the
-simulator (:mod:`haif.sim.engine`), so a live cluster of synthetic workers can
-be compared with a simulation of the same scenario. One timer per worker; each
-stream registers a :class:`TimedSequence` and yields its tokens as they are emitted.
+:class:`~haif.fleet.profiles.PerfProfile` and the same engine model as the
+simulator, so a live cluster of synthetic workers can be compared with a
+simulation of the same scenario. One timer per worker; each stream registers
+a :class:`TimedSequence` and yields its tokens as they are emitted.
 
-:class:`IterationTimer` follows :class:`~haif.sim.engine.BatchingWorker` rule
-by rule: a request joins the queue ``api_overhead_s`` after it reached the
-engine; admission is FIFO while the batch has room (``max_batch``) and the KV
-cache holds the prompt (+1); a step prefills the admitted prompts
-(prefill-only steps) or, with ``chunked_prefill_tokens``, decodes every
-running sequence plus prompt chunks up to the budget, and takes
-``profile.step_time(N, C, B)``; a token is emitted at the end of the step
-that produced it (the first at the end of the prompt's last prefill chunk);
-when decoding would overflow the KV cache the newest sequence is preempted
-and later recomputed; the prefix cache is the simulator's own LRU; a request
-for another model waits for the batch to drain, then the weights load.
-A resumed stream (``start`` tokens already delivered) prefills prompt +
-``start`` tokens, as the simulator does.
-
-Same timing, different form: the simulator advances a decode-only stretch
-as one closed-form segment, cut at the next step boundary when an admissible
-request arrives. The timer runs those steps one by one and admits at every
-boundary: the same step times (the closed form is their sum) and the same
-admissions, since between composition changes the queue head only becomes
-admissible through an arrival, which is what cuts a segment. They differ only
-after a cancellation: the timer frees the sequence's KV exactly and may admit
-at the next boundary; the simulator waits for the segment to end.
+:class:`IterationTimer` is the asyncio driver of
+:class:`haif.fleet.engine.BatchingEngine`, the very class the simulator
+drives (:mod:`haif.sim.engine`): it arms ``loop.call_at`` at the engine's
+next deadline and wakes the streams whose sequences got tokens. It asks the
+engine for one decode step per deadline (``max_segment_steps=1``) so tokens
+stream as they are made; the simulator advances a decode-only stretch as one
+closed-form segment, cut at the next step boundary when an admissible
+request arrives. The step times are the same (the closed form is their sum),
+and so are the admissions.
 
 Clock: each step ends at the previous step's end plus its step time (an
-absolute deadline, ``loop.call_at``), never at the moment the loop happened to
-wake, so sleep overshoot and a busy machine never make the schedule drift
-(late tokens come out together, on time again after); arrivals are stamped
-with ``loop.time()``. The one exception is a process that was stopped: when
-a SIGCONT arrived (a gray failure freezes the worker with SIGSTOP / SIGCONT,
+absolute deadline), never at the moment the loop happened to wake, so sleep
+overshoot and a busy machine never make the schedule drift (late tokens come
+out together, on time again after); arrivals are stamped with
+``loop.time()``. The one exception is a process that was stopped: when a
+SIGCONT arrived (a gray failure freezes the worker with SIGSTOP / SIGCONT,
 :mod:`haif.runtime.faults`), the step in flight ends when the loop runs
-again, as a real engine cannot launch its next step while frozen.
+again (:meth:`BatchingEngine.stall`), as a real engine cannot launch its
+next step while frozen.
 
 :class:`RequestTimer` follows :class:`~haif.sim.engine.RequestLevelWorker`:
 FIFO over ``max_batch`` slots; a request holds one for ``ttft + (output - 1)
@@ -62,7 +50,7 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from haif.contracts import Request
-from haif.fleet.engine import BLOCK_TOKENS, PrefixCache, plan_prefill_step
+from haif.fleet.engine import BatchingEngine, Seq
 from haif.fleet.profiles import PerfProfile
 from haif.runtime.rpc import RpcError
 
@@ -130,46 +118,20 @@ class Occupancy:
     warm_models: tuple[str, ...]
 
 
-class TimedSequence:
-    """One stream's request at a timer: its progress and the times its tokens came out.
+class TimedSequence(Seq):
+    """One stream's request at a timer: an engine sequence its reader can wait on.
 
     Token ``i`` exists once ``generated > i`` (``generated`` starts at the
     resumed count). Times are on the timer's clock (``loop.time()``).
     """
 
-    __slots__ = (
-        "_waiter",
-        "arrived_s",
-        "begin_s",
-        "cancelled",
-        "context",
-        "done",
-        "error",
-        "finish_s",
-        "first_token_s",
-        "generated",
-        "prompt_left",
-        "ready_s",
-        "request",
-        "scale",
-        "start",
-        "step_s",
-        "ttft_s",
-    )
+    __slots__ = ("_waiter", "arrived_s", "begin_s", "failure", "scale", "start", "step_s", "ttft_s")
 
     def __init__(self, request: Request, start: int, arrived_s: float) -> None:
-        self.request = request
+        super().__init__(request, start)
         self.start = start
         self.arrived_s = arrived_s
-        self.ready_s = arrived_s  # in the queue (after the API overhead)
-        self.prompt_left = request.prompt_tokens + start  # resumed tokens are recomputed
-        self.context = 0
-        self.generated = start
-        self.first_token_s: float | None = None  # when its first token came out
-        self.finish_s: float | None = None  # when its last did (request level: will)
-        self.done = False
-        self.cancelled = False
-        self.error: RpcError | None = None
+        self.failure: RpcError | None = None
         # Request level: when the slot was granted and the service times.
         self.begin_s: float | None = None
         self.ttft_s = 0.0
@@ -195,7 +157,7 @@ class TimedSequence:
             self._waiter.set_result(None)
 
     def fail(self, error: RpcError) -> None:
-        self.error = error
+        self.failure = error
         self.done = True
         self.notify()
 
@@ -236,8 +198,6 @@ class Timer(ABC):
         self.slow = 1.0  # gray-failure factor, as the simulator's ``BaseWorker.slow``
         self._order = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[bool] | None = None
         # A restarted worker loads its warm model first (the simulator's
         # ``on_restart``); until then it is announced but not warm.
         self.loading_until = 0.0
@@ -247,19 +207,11 @@ class Timer(ABC):
         """The worker (re)started at loop time ``now``: load the warm model's weights first."""
         self.loading_until = now + self.profiles[self.warm].load_time_s
 
-    def _cold(self) -> bool:
-        """Still loading the weights after a :meth:`cold_start`."""
-        if self.loading_until <= 0:
-            return False
-        loop = self._loop or asyncio.get_running_loop()
-        return loop.time() < self.loading_until
-
     # ------------------------------------------------------------ subclass hooks
 
+    @abstractmethod
     def reset(self) -> None:
         """Forget every sequence (a fresh engine, e.g. on another event loop)."""
-        self.active: str | None = self.warm
-        self.loading = False
 
     @abstractmethod
     def _add(self, seq: TimedSequence) -> None:
@@ -270,8 +222,8 @@ class Timer(ABC):
         """The stream went away (or ended): release what the sequence holds."""
 
     @abstractmethod
-    async def _drive(self) -> None:
-        """Advance the model until nothing is left to time."""
+    def _kick(self) -> None:
+        """Time what the new state needs (a sequence arrived or left)."""
 
     @abstractmethod
     def emissions(self, request: Request, start: int, most: int) -> AsyncGenerator[range, None]:
@@ -293,13 +245,157 @@ class Timer(ABC):
             raise RpcError("model_not_loaded", f"{request.model} is not served here")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
+            self._loop = loop
             self.reset()
-            self._loop, self._task, self._wake = loop, None, None
             watch_continue(loop)
         seq = TimedSequence(request, start, loop.time())
         self._add(seq)
         self._kick()
         return seq
+
+
+class IterationTimer(Timer):
+    """Continuous batching: the asyncio driver of :class:`BatchingEngine` (module docstring)."""
+
+    def reset(self) -> None:
+        handle = self.__dict__.get("_handle")
+        if handle is not None:
+            handle.cancel()
+        options = self.options
+        self.engine = BatchingEngine(
+            self.profiles,
+            self.warm,
+            max_batch=self.max_batch,
+            chunked_prefill_tokens=options.chunked_prefill_tokens,
+            prefix_cache=options.prefix_cache,
+            max_segment_steps=1,
+            track_progress=True,
+        )
+        if self.loading_until > 0:  # restarted: the weights load until then
+            self.engine.restart(self.loading_until - self.profiles[self.warm].load_time_s)
+        self._handle: asyncio.Handle | None = None
+        self._armed = math.inf
+        self._continued = continued()
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.engine.kv_capacity
+
+    def cold_start(self, now: float) -> None:
+        super().cold_start(now)
+        self.engine.restart(now)
+
+    def occupancy(self) -> Occupancy:
+        engine = self.engine
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not started: the engine's own clock
+                loop = None
+        now = loop.time() if loop is not None else engine.clock
+        return Occupancy(
+            len(engine.waiting), len(engine.batch), engine.free_kv_tokens(), engine.warm_models(now)
+        )
+
+    def _sequences(self) -> list[TimedSequence]:
+        return [s for s in self.engine.sequences() if isinstance(s, TimedSequence)]
+
+    def _add(self, seq: TimedSequence) -> None:
+        self.engine.slow = self.slow
+        self.engine.add(seq, seq.arrived_s)
+
+    def cancel(self, seq: TimedSequence) -> None:
+        self.engine.cancel(seq)
+
+    def _kick(self) -> None:
+        """Arm ``loop.call_at`` at the engine's deadline, if it moved earlier."""
+        deadline = self.engine.next_deadline()
+        if deadline is None or deadline >= self._armed:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        assert self._loop is not None
+        self._armed = deadline
+        self._handle = self._loop.call_at(deadline, self._due)
+
+    def _due(self) -> None:
+        # One more turn of the loop: a SIGCONT that woke it runs its handler first.
+        assert self._loop is not None
+        self._handle = self._loop.call_soon(self._fire)
+
+    def _fire(self) -> None:
+        self._handle, self._armed = None, math.inf
+        assert self._loop is not None
+        now = self._loop.time()
+        engine = self.engine
+        if continued() != self._continued:  # stopped and continued since the last deadline
+            self._continued = continued()
+            engine.stall(now)
+        engine.slow = self.slow
+        try:
+            left = engine.on_timer(now)
+        except Exception:  # a bug here must not leave streams waiting forever
+            log.exception("batching timer failed")
+            for timed in self._sequences():
+                timed.fail(RpcError("internal", "the synthetic engine's timer failed"))
+            self.reset()
+            return
+        assert engine.progressed is not None
+        progressed, engine.progressed = engine.progressed, []
+        for seq in progressed:
+            assert isinstance(seq, TimedSequence)
+            seq.notify()
+        for seq in left:
+            assert isinstance(seq, TimedSequence)
+            if seq.error is None:
+                seq.notify()
+                continue
+            need = seq.prompt_left + seq.context + 1
+            message = (
+                f"{need} tokens of context do not fit the KV cache ({engine.kv_capacity} tokens)"
+            )
+            seq.fail(RpcError(seq.error, message))
+        self._kick()
+
+    async def emissions(
+        self, request: Request, start: int, most: int
+    ) -> AsyncGenerator[range, None]:
+        n = request.max_tokens
+        if start >= n:
+            return
+        seq = self.register(request, start)
+        try:
+            i = start
+            while i < n:
+                while seq.generated <= i and seq.failure is None:
+                    await seq.changed()
+                if seq.failure is not None:
+                    raise seq.failure
+                j = min(seq.generated, n, i + most)
+                yield range(i, j)
+                i = j
+        finally:
+            self.cancel(seq)
+
+
+class RequestTimer(Timer):
+    """One service time per request over ``max_batch`` slots (see the module docstring)."""
+
+    def reset(self) -> None:
+        self.active = self.warm
+        self._task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[bool] | None = None
+        self.holders: dict[TimedSequence, float] = {}  # slot holders -> when they free it
+        self.finishes: list[tuple[float, int, TimedSequence]] = []
+        self.queue: deque[TimedSequence] = deque()
+
+    def _cold(self) -> bool:
+        """Still loading the weights after a :meth:`cold_start`."""
+        if self.loading_until <= 0:
+            return False
+        loop = self._loop or asyncio.get_running_loop()
+        return loop.time() < self.loading_until
 
     def _kick(self) -> None:
         """Start the driver, or wake it from a wait it may cut short."""
@@ -339,237 +435,6 @@ class Timer(ABC):
             handle.cancel()
             self._wake = None
 
-
-class IterationTimer(Timer):
-    """Continuous batching step by step (see the module docstring)."""
-
-    def __init__(
-        self,
-        profiles: Mapping[str, PerfProfile],
-        warm: str,
-        options: BatchingOptions = BatchingOptions(),
-    ) -> None:
-        self.chunk = options.chunked_prefill_tokens
-        self.kv_capacity = profiles[warm].kv_capacity_tokens if warm in profiles else 0
-        self._continued = continued()
-        super().__init__(profiles, warm, options)
-
-    def reset(self) -> None:
-        super().reset()
-        self.pending: list[tuple[float, int, TimedSequence]] = []  # in the API overhead
-        self.waiting: deque[TimedSequence] = deque()
-        self.batch: list[TimedSequence] = []
-        self.kv_used = 0
-        self.now = 0.0  # the timer's clock: when the last step ended
-        self.steps = 0
-        self.preemptions = 0
-        self.prefix = (
-            PrefixCache(self.kv_capacity // BLOCK_TOKENS) if self.options.prefix_cache else None
-        )
-
-    def occupancy(self) -> Occupancy:
-        loading = self.loading or self._cold()
-        warm = (self.active,) if self.active is not None and not loading else ()
-        return Occupancy(len(self.waiting), len(self.batch), self.kv_capacity - self.kv_used, warm)
-
-    def _sequences(self) -> list[TimedSequence]:
-        return [*(s for _, _, s in self.pending), *self.waiting, *self.batch]
-
-    def _add(self, seq: TimedSequence) -> None:
-        # API server overhead (tokenize, schedule) before the engine sees it.
-        overhead = self.profiles[seq.request.model].api_overhead_s
-        if overhead > 0:
-            seq.ready_s = seq.arrived_s + overhead * self.slow
-        heapq.heappush(self.pending, (seq.ready_s, next(self._order), seq))
-
-    def cancel(self, seq: TimedSequence) -> None:
-        if seq.done or seq.cancelled:
-            return
-        seq.cancelled = True
-        if seq in self.batch:
-            self.batch.remove(seq)
-            self.kv_used -= seq.context + seq.prompt_left
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        # Still in the API overhead: skipped when it comes due.
-
-    async def emissions(
-        self, request: Request, start: int, most: int
-    ) -> AsyncGenerator[range, None]:
-        n = request.max_tokens
-        if start >= n:
-            return
-        seq = self.register(request, start)
-        try:
-            i = start
-            while i < n:
-                while seq.generated <= i and seq.error is None:
-                    await seq.changed()
-                if seq.error is not None:
-                    raise seq.error
-                j = min(seq.generated, n, i + most)
-                yield range(i, j)
-                i = j
-        finally:
-            self.cancel(seq)
-
-    # ------------------------------------------------------------ clock
-
-    def _reach(self, when: float) -> None:
-        """The clock reaches ``when`` (or, after a stop, the moment the loop ran again)."""
-        if continued() != self._continued:  # stopped and continued since the last deadline
-            self._continued = continued()
-            when = max(when, asyncio.get_running_loop().time())
-        self.now = max(self.now, when)
-
-    async def _run_for(self, duration: float) -> None:
-        end = self.now + duration
-        await self._sleep(end)
-        self._reach(end)
-
-    # ------------------------------------------------------------ the engine loop
-
-    async def _drive(self) -> None:
-        while True:
-            if self.now < self.loading_until:  # restarted: the warm model loads first
-                self.active, self.loading = self.warm, True
-                await self._sleep(self.loading_until)
-                self._reach(self.loading_until)
-                self.loading = False
-                continue
-            self._arrivals()
-            head = self.waiting[0] if self.waiting else None
-            if head is not None and head.request.model != self.active and not self.batch:
-                await self._load(head.request.model)
-                continue
-            self._admit()
-            if not self.batch:
-                while self.pending and self.pending[0][2].cancelled:
-                    heapq.heappop(self.pending)
-                if not self.pending:
-                    assert not self.waiting, "an empty batch admits or fails the queue head"
-                    return
-                when = self.pending[0][0]
-                if await self._sleep(when, wakeable=True):
-                    self._reach(when)
-                continue
-            if any(s.prompt_left > 0 for s in self.batch):
-                await self._prefill_step()
-            elif self.kv_capacity - self.kv_used < len(self.batch):
-                self._preempt()
-            else:
-                await self._decode_step()
-
-    def _arrivals(self) -> None:
-        while self.pending and self.pending[0][0] <= self.now:
-            seq = heapq.heappop(self.pending)[2]
-            if not seq.cancelled:
-                self.waiting.append(seq)
-
-    async def _load(self, model: str) -> None:
-        self.active = model
-        self.loading = True
-        await self._run_for(self.profiles[model].load_time_s)
-        self.loading = False
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.batch) < self.max_batch:
-            head = self.waiting[0]
-            if head.request.model != self.active:
-                break
-            need = head.prompt_left + head.context + 1
-            if self.kv_used + need > self.kv_capacity:
-                if not self.batch and need > self.kv_capacity:
-                    # Can never fit: fail it rather than block the queue forever.
-                    self.waiting.popleft()
-                    head.fail(
-                        RpcError(
-                            "context_too_long",
-                            f"{need} tokens of context do not fit the KV cache "
-                            f"({self.kv_capacity} tokens)",
-                        )
-                    )
-                    continue
-                break
-            self.waiting.popleft()
-            if self.prefix is not None and head.context == 0:
-                hits = self.prefix.hit_blocks(head.request.prefix_hashes)
-                cached = min(hits * BLOCK_TOKENS, head.prompt_left - 1)
-                head.prompt_left -= max(0, cached)
-                head.context += max(0, cached)
-            # KV for the whole prompt is reserved at admission; each token adds one.
-            self.kv_used += head.prompt_left + head.context
-            self.batch.append(head)
-
-    async def _prefill_step(self) -> None:
-        assert self.active is not None
-        profile = self.profiles[self.active]
-        chunks, decoding, duration = plan_prefill_step(profile, self.batch, self.chunk)
-        await self._run_for(duration * self.slow)
-        self.steps += 1
-        for seq, n in chunks:
-            if seq.cancelled:
-                continue
-            seq.prompt_left -= n
-            seq.context += n
-            if seq.prompt_left == 0:
-                self._emit(seq)
-                if self.prefix is not None:
-                    self.prefix.insert(seq.request.prefix_hashes)
-        for seq in decoding:
-            if not seq.cancelled:
-                self._emit(seq)
-        self._finish_done()
-
-    async def _decode_step(self) -> None:
-        assert self.active is not None
-        profile = self.profiles[self.active]
-        members = list(self.batch)
-        context = sum(s.context for s in members)
-        await self._run_for(profile.step_time(0, context, len(members)) * self.slow)
-        self.steps += 1
-        for seq in members:
-            if not seq.cancelled:
-                self._emit(seq)
-        self._finish_done()
-        if self.batch and self.kv_capacity - self.kv_used < len(self.batch):
-            self._preempt()
-
-    def _emit(self, seq: TimedSequence) -> None:
-        seq.generated += 1
-        seq.context += 1
-        self.kv_used += 1
-        if seq.first_token_s is None:
-            seq.first_token_s = self.now
-        seq.notify()
-
-    def _finish_done(self) -> None:
-        for seq in [s for s in self.batch if s.generated >= s.request.max_tokens]:
-            self.batch.remove(seq)
-            self.kv_used -= seq.context
-            seq.finish_s = self.now
-            seq.done = True
-            seq.notify()
-
-    def _preempt(self) -> None:
-        """KV cache full: the newest sequence goes back to the queue (recompute)."""
-        victim = self.batch.pop()
-        self.kv_used -= victim.context + victim.prompt_left
-        victim.prompt_left = victim.request.prompt_tokens + victim.generated
-        victim.context = 0
-        self.waiting.appendleft(victim)
-        self.preemptions += 1
-
-
-class RequestTimer(Timer):
-    """One service time per request over ``max_batch`` slots (see the module docstring)."""
-
-    def reset(self) -> None:
-        super().reset()
-        self.holders: dict[TimedSequence, float] = {}  # slot holders -> when they free it
-        self.finishes: list[tuple[float, int, TimedSequence]] = []
-        self.queue: deque[TimedSequence] = deque()
-
     def occupancy(self) -> Occupancy:
         queued = sum(1 for s in self.queue if not s.cancelled)
         warm = (self.active,) if self.active and not self._cold() else ()
@@ -604,10 +469,10 @@ class RequestTimer(Timer):
         loop = asyncio.get_running_loop()
         seq = self.register(request, start)
         try:
-            while seq.begin_s is None and seq.error is None:
+            while seq.begin_s is None and seq.failure is None:
                 await seq.changed()
-            if seq.error is not None:
-                raise seq.error
+            if seq.failure is not None:
+                raise seq.failure
             i = start
             while i < n:
                 await sleep_until(seq.due_s(i))

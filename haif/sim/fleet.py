@@ -20,31 +20,29 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import simpy
 
 from haif.contracts import AttemptResult, Event, Heartbeat, Request, WorkerSnapshot
+from haif.fleet.engine import Seq
 
 # (source region, destination region, event) -> None; the network applies delay and loss.
 Send = Callable[[str, str, Event], None]
 
 
-@dataclass(slots=True)
-class Job:
-    """One attempt of one request while it is at a worker."""
+class Job(Seq):
+    """One attempt of one request while it is at a worker (an engine sequence)."""
 
-    request: Request
-    attempt: int
-    orchestrator: str  # region of the orchestrator that dispatched it
-    sent_s: float  # when the orchestrator dispatched it (orchestrator clock == sim clock)
-    prompt_left: int = 0
-    context: int = 0
-    generated: int = 0
-    first_token_s: float | None = None
-    cold_start: bool = False
-    cost: float = 0.0
-    process: simpy.Process | None = field(default=None, repr=False)
+    __slots__ = ("attempt", "orchestrator", "process", "sent_s")
+
+    def __init__(
+        self, request: Request, attempt: int, orchestrator: str, sent_s: float, generated: int = 0
+    ) -> None:
+        super().__init__(request, generated)
+        self.attempt = attempt
+        self.orchestrator = orchestrator  # region of the orchestrator that dispatched it
+        self.sent_s = sent_s  # when it was dispatched (orchestrator clock == sim clock)
+        self.process: simpy.Process | None = None
 
     @property
     def key(self) -> tuple[str, int]:
@@ -176,7 +174,6 @@ class BaseWorker(ABC):
         if not self.up:  # crashed while the request was on the wire
             self._result(job, ok=False, error="worker_crashed")
             return
-        job.prompt_left = job.request.prompt_tokens + job.generated
         self.jobs[job.key] = job
         self.start(job)
 

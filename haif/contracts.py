@@ -9,7 +9,10 @@ seconds on the caller's clock (``env.now`` in the simulator,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
 from typing import Literal
 
 # Request priority: lower is more important (0 = critical, 1 = standard,
@@ -18,6 +21,117 @@ CRITICAL, STANDARD, SHEDDABLE = 0, 1, 2
 
 Status = Literal["ok", "rejected", "failed", "timeout", "dead_lettered"]
 STATUSES: tuple[str, ...] = ("ok", "rejected", "failed", "timeout", "dead_lettered")
+
+
+# ------------------------------------------------------------------ errors
+
+
+class ErrorKind(StrEnum):
+    """Why an attempt failed: ``AttemptResult.error``, a worker's ``RpcError.code``.
+
+    A ``StrEnum``: each member *is* its short string (``ErrorKind.TIMEOUT ==
+    "timeout"``), so it can be passed wherever a kind is a ``str``; the wire,
+    the records and the retry config carry the plain strings (the control
+    core and ``RpcError`` normalize with ``str()``). What each kind means
+    to the core is :data:`ERROR_KINDS`, the one table both shells share.
+    """
+
+    NO_ELIGIBLE_WORKER = "no_eligible_worker"
+    STORE_UNAVAILABLE = "store_unavailable"
+    WORKER_CRASHED = "worker_crashed"
+    CONNECTION_ERROR = "connection_error"
+    TIMEOUT = "timeout"
+    OVERLOADED = "overloaded"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+    BAD_REPLY = "bad_reply"
+    BAD_REQUEST = "bad_request"
+    CONTEXT_TOO_LONG = "context_too_long"
+    MODEL_NOT_LOADED = "model_not_loaded"
+    DEADLINE = "deadline"
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorTraits:
+    """What one :class:`ErrorKind` tells the control core.
+
+    ``worker_fault``: the worker (or the path to it) is unhealthy, not the
+    request: the failure counts against the worker's and the route's circuit
+    breakers and as a not-accepted call for adaptive throttling. Otherwise
+    the breakers record nothing and the throttle counts the call as accepted
+    (the backend took it; a client error counts, as in the SRE book).
+    ``retryable``: running the request again, elsewhere, could succeed; the
+    default ``RetryConfig.retry_on`` is exactly the retryable kinds.
+    """
+
+    worker_fault: bool
+    retryable: bool
+    meaning: str
+
+
+_E = ErrorKind
+ERROR_KINDS: Mapping[ErrorKind, ErrorTraits] = MappingProxyType(
+    {
+        # worker_fault, retryable
+        _E.NO_ELIGIBLE_WORKER: ErrorTraits(
+            False, True, "placement found no worker that can take the request now"
+        ),
+        _E.STORE_UNAVAILABLE: ErrorTraits(
+            False, True, "the metadata store was out, so the attempt was never sent"
+        ),
+        _E.WORKER_CRASHED: ErrorTraits(
+            True, True, "the worker died, or the connection broke, while it held the attempt"
+        ),
+        _E.CONNECTION_ERROR: ErrorTraits(True, True, "the worker could not be reached"),
+        _E.TIMEOUT: ErrorTraits(
+            True, True, "the worker did not answer in time (attempt or idle timeout)"
+        ),
+        _E.OVERLOADED: ErrorTraits(True, True, "the worker refused the attempt: it is full"),
+        _E.UNAVAILABLE: ErrorTraits(
+            True, True, "the worker cannot serve now (not loaded, shutting down, upstream down)"
+        ),
+        _E.INTERNAL: ErrorTraits(True, True, "the worker failed unexpectedly while serving"),
+        _E.BAD_REPLY: ErrorTraits(True, True, "the worker's answer broke the protocol"),
+        _E.BAD_REQUEST: ErrorTraits(False, False, "the request is invalid; no worker can serve it"),
+        _E.CONTEXT_TOO_LONG: ErrorTraits(
+            False, False, "the request can never fit the worker's KV cache"
+        ),
+        _E.MODEL_NOT_LOADED: ErrorTraits(
+            False, False, "the worker does not serve the request's model"
+        ),
+        _E.DEADLINE: ErrorTraits(
+            False, False, "the request's own deadline passed (finalized as a timeout)"
+        ),
+    }
+)
+del _E
+
+# A kind this table does not know (a worker's auth or routing error, a code
+# from a newer peer) is treated like a request error: not retried, which
+# cannot start a retry storm, and not held against the worker, which cannot
+# open a breaker on a code nobody has classified.
+UNKNOWN_ERROR = ErrorTraits(False, False, "a kind this table does not know")
+
+# Derived from the table, keyed by the plain strings: what the helpers read.
+_TRAITS: dict[str, ErrorTraits] = {k.value: t for k, t in ERROR_KINDS.items()}
+RETRYABLE_ERRORS: tuple[str, ...] = tuple(k for k, t in _TRAITS.items() if t.retryable)
+WORKER_FAULT_ERRORS: frozenset[str] = frozenset(k for k, t in _TRAITS.items() if t.worker_fault)
+_RETRYABLE = frozenset(RETRYABLE_ERRORS)
+
+
+def error_traits(kind: str | None) -> ErrorTraits:
+    """The table's row for ``kind`` (a member or its string); :data:`UNKNOWN_ERROR` otherwise."""
+    return _TRAITS.get(kind, UNKNOWN_ERROR) if kind is not None else UNKNOWN_ERROR
+
+
+def is_worker_fault(kind: str | None) -> bool:
+    """Whether ``kind`` marks the worker unhealthy (False for None and unknown kinds)."""
+    return kind in WORKER_FAULT_ERRORS
+
+
+def is_retryable(kind: str | None) -> bool:
+    """Whether the table calls ``kind`` retryable (False for None and unknown kinds)."""
+    return kind in _RETRYABLE
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,9 +213,13 @@ class AttemptResult:
 
     ``output_tokens`` counts the whole response so far (including tokens a
     resumed attempt was given), also when the attempt failed part-way.
-    ``error`` is a short machine-readable kind (``worker_crashed``,
-    ``connection_error``, ``overloaded``, ``bad_request``, ...); ``retryable``
-    says whether running the request elsewhere could succeed.
+    ``error`` is an :class:`ErrorKind` as a plain string (``worker_crashed``,
+    ``connection_error``, ``overloaded``, ``bad_request``, ...); what it means
+    for breakers, throttling and retries is the :data:`ERROR_KINDS` table,
+    which the core consults, not the shell. ``retryable`` is the reporter's
+    veto: ``False`` means "do not run this again, whatever its kind"; the
+    default ``True`` defers to the table (and ``RetryConfig.retry_on``), so a
+    request is retried only if both allow it. Shells leave it at ``True``.
     Times are absolute on the orchestrator's clock.
     """
 

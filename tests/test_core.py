@@ -261,6 +261,22 @@ def test_not_retryable_fails_at_once() -> None:
     assert (fin.record.status, fin.record.reason) == ("failed", "bad_request")
 
 
+@pytest.mark.parametrize("error", ["internal", "bad_reply"])
+def test_runtime_retryable_errors_are_retried_by_default(error: str) -> None:
+    """The runtime reports ``internal`` / ``bad_reply`` as retryable; the default
+    ``retry_on`` (the error table's retryable kinds) must retry them too."""
+    c = core(placement="round_robin")
+    c.on_heartbeat(snap("w1"), 0.0)
+    c.on_heartbeat(snap("w2"), 0.0)
+    d1 = one_dispatch(c.submit(req(), 0.0))
+    [retry] = c.on_result(fail(d1, 0.0, 0.1, error, retryable=True), 0.1)
+    assert isinstance(retry, RetryAt) and retry.reason == error
+    d2 = one_dispatch(c.on_timer(retry.at))
+    assert d2.attempt == 2 and d2.worker_id != d1.worker_id
+    [fin] = c.on_result(ok(d2, retry.at, retry.at + 1.0), retry.at + 1.0)
+    assert isinstance(fin, Finalize) and fin.record.status == "ok"
+
+
 def test_request_errors_do_not_trip_the_worker_breaker() -> None:
     brk = BreakerConfig(window_size=2, min_calls=2, failure_threshold=0.5)
     c = core(worker_breaker=brk)

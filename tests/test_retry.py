@@ -252,6 +252,8 @@ def test_retry_config_defaults() -> None:
         "timeout",
         "overloaded",
         "unavailable",
+        "internal",
+        "bad_reply",
     )
     assert RetryConfig.__pydantic_config__ == {"extra": "forbid"}
 
@@ -299,6 +301,10 @@ def _policy(**kwargs: object) -> RetryPolicy:
         (3, "timeout", True, "attempts_exhausted"),
         (4, "timeout", True, "attempts_exhausted"),
         (3, "bad_request", True, "not_retryable"),  # retryability is checked first
+        (1, "internal", True, "retry"),  # the runtime's retryable codes are retried
+        (1, "bad_reply", True, "retry"),
+        (1, "context_too_long", True, "not_retryable"),
+        (1, "unknown_kind", True, "not_retryable"),
     ],
 )
 def test_policy_reasons(attempt: int, error: str | None, retryable: bool, reason: str) -> None:

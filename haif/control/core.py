@@ -21,6 +21,9 @@ A request's life::
     result fail -> retry policy: RetryAt (backoff) -> place elsewhere later
                                  | DeadLetter + Finalize(dead_lettered)
                                  | Finalize(failed)      (not retryable)
+    (the error's kind says, by the ``ERROR_KINDS`` table in haif.contracts,
+    whether it counts against the worker's breakers and the throttle, and
+    whether the default retry policy retries it)
     timers: backoff expiry (place again), attempt timeout (Cancel, retry),
             request deadline (Cancel, Finalize(timeout)).
 
@@ -43,6 +46,7 @@ from haif.contracts import (
     DeadLetter,
     Decision,
     Dispatch,
+    ErrorKind,
     Event,
     Finalize,
     Heartbeat,
@@ -53,6 +57,7 @@ from haif.contracts import (
     Submit,
     WorkerGone,
     WorkerSnapshot,
+    is_worker_fault,
 )
 from haif.control.config import CoreConfig
 from haif.policy.admission import AdaptiveThrottle, PriorityShedder
@@ -61,11 +66,11 @@ from haif.policy.placement import Candidate, make_placement
 from haif.policy.ratelimit import QuotaManager
 from haif.policy.retry import RetryPolicy
 
-# Errors that say "this worker is unhealthy" as opposed to "this request is bad".
-_WORKER_FAULTS = frozenset(
-    {"worker_crashed", "connection_error", "timeout", "unavailable", "overloaded", "internal"}
-)
 _OVERLOAD_RETRY_S = 1.0
+# The kinds the core itself reports, as the plain strings its records carry.
+_NO_ELIGIBLE_WORKER = ErrorKind.NO_ELIGIBLE_WORKER.value
+_TIMEOUT = ErrorKind.TIMEOUT.value
+_DEADLINE = ErrorKind.DEADLINE.value
 
 
 @dataclass(slots=True)
@@ -221,7 +226,7 @@ class ControlCore:
             now=now,
         )
         # SRE "accepts": the backend took the request (a client error counts).
-        self._throttle.record(now, accepted=result.ok or result.error not in _WORKER_FAULTS)
+        self._throttle.record(now, accepted=result.ok or not is_worker_fault(result.error))
         job.cost += result.cost
         job.cold_start = job.cold_start or result.cold_start
         if not result.ok and self.config.resume_partial and result.output_tokens > job.resumed:
@@ -230,7 +235,9 @@ class ControlCore:
                 job.first_token_s = result.first_token_s
         if result.ok:
             return [self._finish(job, now, "ok", None, result)]
-        return self._after_failure(job, result.error or "failed", result.retryable, now, result)
+        # Records carry plain strings, whatever str subclass (ErrorKind) the shell sent.
+        error = str(result.error) if result.error else "failed"
+        return self._after_failure(job, error, result.retryable, now, result)
 
     # ------------------------------------------------------------ timers
 
@@ -383,7 +390,7 @@ class ControlCore:
         chosen = self._placement.choose(req, self._candidates(job, now), now, rng)
         if chosen is None:
             job.placement_failures += 1
-            return self._after_failure(job, "no_eligible_worker", True, now, None)
+            return self._after_failure(job, _NO_ELIGIBLE_WORKER, True, now, None)
         route = (req.model, chosen.region)
         worker_permit = self._worker_breaker(chosen.worker_id).acquire(now)
         route_permit = self._route_breaker(route).acquire(now)
@@ -425,8 +432,9 @@ class ControlCore:
     ) -> None:
         wid = attempt.worker_id
         self._outstanding[wid] = max(0, self._outstanding.get(wid, 0) - 1)
-        # A request-caused error (bad input, deadline) says nothing about the worker.
-        if ok or error in _WORKER_FAULTS:
+        # A request-caused error (bad input, deadline) says nothing about the worker
+        # (ERROR_KINDS in haif.contracts says which kinds are the worker's fault).
+        if ok or is_worker_fault(error):
             self._worker_breaker(wid).record(attempt.worker_permit, ok, duration, now)
             self._route_breaker(attempt.route).record(attempt.route_permit, ok, duration, now)
 
@@ -463,13 +471,13 @@ class ControlCore:
         assert attempt is not None
         job.running = None
         self._release_worker(
-            attempt, ok=False, duration=now - attempt.started_s, error="timeout", now=now
+            attempt, ok=False, duration=now - attempt.started_s, error=_TIMEOUT, now=now
         )
-        self._throttle.record(now, accepted=False)
+        self._throttle.record(now, accepted=not is_worker_fault(_TIMEOUT))
         cancel = Cancel(
             job.request.request_id, attempt.worker_id, attempt.number, "attempt_timeout"
         )
-        return [cancel, *self._after_failure(job, "timeout", True, now, None)]
+        return [cancel, *self._after_failure(job, _TIMEOUT, True, now, None)]
 
     def _deadline_passed(self, job: _Job, now: float) -> list[Decision]:
         out: list[Decision] = []
@@ -479,7 +487,7 @@ class ControlCore:
             # The deadline is the request's, not the worker's fault: free the
             # slot, but do not count an outcome against the worker.
             self._release_worker(
-                attempt, ok=False, duration=now - attempt.started_s, error="deadline", now=now
+                attempt, ok=False, duration=now - attempt.started_s, error=_DEADLINE, now=now
             )
             out.append(
                 Cancel(job.request.request_id, attempt.worker_id, attempt.number, "deadline")

@@ -57,7 +57,7 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
-from haif.contracts import Request
+from haif.contracts import ErrorKind, Request
 from haif.fleet.profiles import PerfProfile
 
 BLOCK_TOKENS = 512  # Mooncake's prefix-hash block size
@@ -397,7 +397,7 @@ class BatchingEngine:
                 if not batch and need > capacity:
                     # Can never fit: fail it rather than block the queue forever.
                     waiting.popleft()
-                    head.error = "context_too_long"
+                    head.error = ErrorKind.CONTEXT_TOO_LONG
                     left.append(head)
                     continue
                 break

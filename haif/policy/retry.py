@@ -22,6 +22,12 @@ an overload into a retry storm. Three mechanisms keep them honest:
 * **Attempt cap**: ``max_attempts`` counts every attempt, the first included
   (the SRE book's default of 3).
 
+Which failures are retried at all is ``RetryConfig.retry_on``, a list of
+error kinds; its default is every kind the shared table
+(:data:`haif.contracts.ERROR_KINDS`) calls retryable. The caller's own
+``retryable`` flag can only veto: an error is retried only if the flag is
+set *and* its kind is listed.
+
 Everything is pure: time is the ``now`` argument in seconds, randomness comes
 from the ``random.Random`` passed in (only ``rng.uniform`` is drawn, and only
 by the jittered kinds).
@@ -35,6 +41,8 @@ from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from haif.contracts import RETRYABLE_ERRORS
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -55,15 +63,9 @@ BACKOFF_KINDS: tuple[str, ...] = (
     "decorrelated",
 )
 
-DEFAULT_RETRY_ON: tuple[str, ...] = (
-    "no_eligible_worker",
-    "store_unavailable",
-    "worker_crashed",
-    "connection_error",
-    "timeout",
-    "overloaded",
-    "unavailable",
-)
+# The kinds the shared error table (haif.contracts.ERROR_KINDS) calls
+# retryable, as plain strings; a config may name others, or fewer.
+DEFAULT_RETRY_ON: tuple[str, ...] = RETRYABLE_ERRORS
 
 
 def _finite_at_least(owner: str, name: str, value: float, low: float) -> None:
@@ -223,7 +225,11 @@ class RetryBudget:
 
 @dataclass(frozen=True, slots=True)
 class RetryConfig:
-    """Retry settings; ``max_attempts`` counts the first attempt too."""
+    """Retry settings; ``max_attempts`` counts the first attempt too.
+
+    ``retry_on``: the error kinds worth retrying (default: the retryable
+    kinds of :data:`haif.contracts.ERROR_KINDS`).
+    """
 
     __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
 
@@ -247,7 +253,8 @@ class RetryConfig:
         retry_on: Any = self.retry_on
         if isinstance(retry_on, str) or not all(isinstance(e, str) for e in retry_on):
             raise ValueError(f"RetryConfig.retry_on must be a sequence of str, got {retry_on!r}")
-        object.__setattr__(self, "retry_on", tuple(retry_on))
+        # Plain strings (an ErrorKind member is one, but dumps as its class).
+        object.__setattr__(self, "retry_on", tuple(str(e) for e in retry_on))
 
 
 @dataclass(frozen=True, slots=True)

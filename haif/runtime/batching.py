@@ -49,7 +49,7 @@ from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
-from haif.contracts import Request
+from haif.contracts import ErrorKind, Request
 from haif.fleet.engine import BatchingEngine, Seq
 from haif.fleet.profiles import PerfProfile
 from haif.runtime.rpc import RpcError
@@ -242,7 +242,7 @@ class Timer(ABC):
     def register(self, request: Request, start: int) -> TimedSequence:
         """A stream for ``request`` from token ``start`` on begins now."""
         if request.model not in self.profiles:
-            raise RpcError("model_not_loaded", f"{request.model} is not served here")
+            raise RpcError(ErrorKind.MODEL_NOT_LOADED, f"{request.model} is not served here")
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._loop = loop
@@ -338,7 +338,7 @@ class IterationTimer(Timer):
         except Exception:  # a bug here must not leave streams waiting forever
             log.exception("batching timer failed")
             for timed in self._sequences():
-                timed.fail(RpcError("internal", "the synthetic engine's timer failed"))
+                timed.fail(RpcError(ErrorKind.INTERNAL, "the synthetic engine's timer failed"))
             self.reset()
             return
         assert engine.progressed is not None
@@ -411,7 +411,7 @@ class RequestTimer(Timer):
         except Exception:  # a bug here must not leave streams waiting forever
             log.exception("batching timer failed")
             for seq in self._sequences():
-                seq.fail(RpcError("internal", "the synthetic engine's timer failed"))
+                seq.fail(RpcError(ErrorKind.INTERNAL, "the synthetic engine's timer failed"))
             self.reset()
         finally:
             self._task = None

@@ -80,7 +80,7 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from haif.configfile import ConfigError
-from haif.contracts import Request
+from haif.contracts import ErrorKind, Request
 from haif.fleet.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 from haif.runtime.artifacts import ArtifactError, ArtifactRef, ModelCache, fetch, load_manifest
 from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
@@ -475,7 +475,8 @@ def _prompt_ids(tokenizer: Any, prompt: str | None, bos_id: int) -> list[int]:
 def _fit_context(ids: list[int], max_tokens: int, context: int, model: str) -> list[int]:
     if max_tokens >= context:
         raise RpcError(
-            "bad_request", f"max_tokens {max_tokens} does not fit {model}'s {context}-token context"
+            ErrorKind.BAD_REQUEST,
+            f"max_tokens {max_tokens} does not fit {model}'s {context}-token context",
         )
     keep = context - max_tokens
     return ids[-keep:] if len(ids) > keep else ids
@@ -615,7 +616,7 @@ class TransformersEngine:
 
     def _require_loaded(self) -> LoadedModel:
         if self._loaded is None:
-            raise RpcError("unavailable", f"{self.ref} is not loaded")
+            raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is not loaded")
         return self._loaded
 
     def _generate(
@@ -657,7 +658,7 @@ class TransformersEngine:
         self._require_loaded()
         executor = self._executor
         if executor is None:
-            raise RpcError("unavailable", f"{self.ref} is not loaded")
+            raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is not loaded")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
         failure: list[BaseException] = []
@@ -682,7 +683,7 @@ class TransformersEngine:
             loop.run_in_executor(executor, work)
         except RuntimeError:
             self._stops.discard(stop)
-            raise RpcError("unavailable", f"{self.ref} is shutting down") from None
+            raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is shutting down") from None
         try:
             done = False
             while not done:
@@ -700,7 +701,9 @@ class TransformersEngine:
                 exc = failure[0]
                 if isinstance(exc, RpcError):
                     raise exc
-                raise RpcError("internal", f"{self.ref}: generation failed: {exc!r}") from exc
+                raise RpcError(
+                    ErrorKind.INTERNAL, f"{self.ref}: generation failed: {exc!r}"
+                ) from exc
         finally:
             stop.set()
             self._stops.discard(stop)
@@ -779,7 +782,7 @@ class VllmEngine:
         if start >= n:
             return
         if self._engine is None:
-            raise RpcError("unavailable", f"{self.ref} is not loaded")
+            raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is not loaded")
         bos = self._tokenizer.bos_token_id
         if bos is None:
             bos = self._tokenizer.eos_token_id
@@ -932,11 +935,11 @@ class OpenAIUpstreamEngine:
     def _tokens(self, event: Any) -> list[str]:
         """The tokens of one SSE chunk (raises RpcError for an error event)."""
         if not isinstance(event, dict):
-            raise RpcError("bad_reply", "upstream sent a non-object event")
+            raise RpcError(ErrorKind.BAD_REPLY, "upstream sent a non-object event")
         if "error" in event:
             error = event["error"]
             message = error.get("message") if isinstance(error, dict) else error
-            raise RpcError("unavailable", f"upstream error: {message}")
+            raise RpcError(ErrorKind.UNAVAILABLE, f"upstream error: {message}")
         choices = event.get("choices")
         if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
             return []
@@ -977,7 +980,7 @@ class OpenAIUpstreamEngine:
                 if resp.status != 200:
                     detail = (await resp.text())[:300]
                     retryable = resp.status in (401, 403, 408, 429) or resp.status >= 500
-                    code = "unavailable" if retryable else "bad_request"
+                    code = ErrorKind.UNAVAILABLE if retryable else ErrorKind.BAD_REQUEST
                     raise RpcError(code, f"upstream answered HTTP {resp.status}: {detail}")
                 lines: list[str] = []
                 async for raw in _lines_then_eof(resp.content):
@@ -994,7 +997,7 @@ class OpenAIUpstreamEngine:
                     try:
                         event = json.loads(data)
                     except ValueError:
-                        raise RpcError("bad_reply", "upstream event is not JSON") from None
+                        raise RpcError(ErrorKind.BAD_REPLY, "upstream event is not JSON") from None
                     finished = finished or self._finished(event)
                     tokens = self._tokens(event)[: n - index]
                     first = max(index, start)
@@ -1005,9 +1008,9 @@ class OpenAIUpstreamEngine:
                     if index >= n:
                         return
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise RpcError("unavailable", f"upstream {self.base_url}: {exc!r}") from None
+            raise RpcError(ErrorKind.UNAVAILABLE, f"upstream {self.base_url}: {exc!r}") from None
         if not finished:  # cut off: neither [DONE] nor a finish_reason
-            raise RpcError("unavailable", f"upstream {self.base_url} broke off the stream")
+            raise RpcError(ErrorKind.UNAVAILABLE, f"upstream {self.base_url} broke off the stream")
 
     @staticmethod
     def _finished(event: Any) -> bool:

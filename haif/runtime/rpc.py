@@ -77,6 +77,7 @@ from aiohttp import web
 from opentelemetry.trace import SpanKind, StatusCode
 
 from haif import wire
+from haif.contracts import ErrorKind
 from haif.runtime import telemetry
 from haif.runtime.security import (
     DEFAULT_MAX_TTL_S,
@@ -118,11 +119,16 @@ def caller_key_id() -> str | None:
 
 
 class RpcError(Exception):
-    """The peer answered with an error; ``status`` is the HTTP status it is served with."""
+    """The peer answered with an error; ``status`` is the HTTP status it is served with.
+
+    ``code`` is an :class:`~haif.contracts.ErrorKind` where the error is an
+    attempt's failure (the orchestrator reports it to the core as the
+    attempt's error); it is kept as a plain ``str``.
+    """
 
     def __init__(self, code: str, message: str, status: int = 400) -> None:
         super().__init__(f"{code}: {message}")
-        self.code = code
+        self.code = str(code)
         self.message = message
         self.status = status
 
@@ -132,12 +138,25 @@ class RpcUnavailable(Exception):
 
     ``kind``: ``"connect"`` (never reached), ``"timeout"`` (no answer / idle
     between stream frames too long) or ``"disconnected"`` (the connection or
-    stream broke after the call was sent).
+    stream broke after the call was sent). :attr:`error_kind` is what a call
+    to a worker that ends so reports as its attempt's error.
     """
 
     def __init__(self, message: str, kind: str = "connect") -> None:
         super().__init__(message)
         self.kind = kind
+
+    @property
+    def error_kind(self) -> str:
+        """The attempt's :class:`~haif.contracts.ErrorKind` (``connection_error`` if unsure)."""
+        return _UNAVAILABLE_ERRORS.get(self.kind, ErrorKind.CONNECTION_ERROR.value)
+
+
+_UNAVAILABLE_ERRORS: dict[str, str] = {
+    "connect": ErrorKind.CONNECTION_ERROR.value,
+    "timeout": ErrorKind.TIMEOUT.value,
+    "disconnected": ErrorKind.WORKER_CRASHED.value,
+}
 
 
 def _pack(obj: Any) -> bytes:

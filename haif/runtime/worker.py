@@ -59,7 +59,7 @@ from aiohttp import web
 from opentelemetry.trace import StatusCode
 
 from haif.configfile import ConfigError
-from haif.contracts import Request, WorkerSnapshot
+from haif.contracts import ErrorKind, Request, WorkerSnapshot
 from haif.runtime import telemetry
 from haif.runtime.artifacts import ArtifactError, ModelCacheFull
 from haif.runtime.cluster_keys import ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
@@ -175,11 +175,13 @@ class Worker:
         if isinstance(body, Request):
             body = InferCall(body)
         if not isinstance(body, InferCall) or not isinstance(body.request, Request):
-            raise RpcError("bad_request", "infer expects an InferCall or a Request")
+            raise RpcError(ErrorKind.BAD_REQUEST, "infer expects an InferCall or a Request")
         if body.request.model not in self.spec.models:
-            raise RpcError("model_not_loaded", f"{body.request.model} is not served here")
+            raise RpcError(ErrorKind.MODEL_NOT_LOADED, f"{body.request.model} is not served here")
         if not 0 <= body.resume_tokens <= body.request.max_tokens:
-            raise RpcError("bad_request", f"resume_tokens {body.resume_tokens} out of range")
+            raise RpcError(
+                ErrorKind.BAD_REQUEST, f"resume_tokens {body.resume_tokens} out of range"
+            )
         return body
 
     async def rpc_infer_stream(self, body: object) -> AsyncGenerator[TokenChunk | InferEnd, None]:

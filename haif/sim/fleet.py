@@ -23,7 +23,7 @@ from collections.abc import Callable
 
 import simpy
 
-from haif.contracts import AttemptResult, Event, Heartbeat, Request, WorkerSnapshot
+from haif.contracts import AttemptResult, ErrorKind, Event, Heartbeat, Request, WorkerSnapshot
 from haif.fleet.engine import Seq
 
 # (source region, destination region, event) -> None; the network applies delay and loss.
@@ -172,7 +172,7 @@ class BaseWorker(ABC):
 
     def _arrive(self, job: Job) -> None:
         if not self.up:  # crashed while the request was on the wire
-            self._result(job, ok=False, error="worker_crashed")
+            self._result(job, ok=False, error=ErrorKind.WORKER_CRASHED)
             return
         self.jobs[job.key] = job
         self.start(job)
@@ -188,7 +188,7 @@ class BaseWorker(ABC):
                 ok=False,
                 started_s=job.sent_s,
                 finish_s=self.env.now,
-                error="connection_error",
+                error=ErrorKind.CONNECTION_ERROR,
             ),
         )
 
@@ -205,7 +205,7 @@ class BaseWorker(ABC):
         for job in list(self.jobs.values()):
             del self.jobs[job.key]
             self.drop(job)
-            self._result(job, ok=False, error="worker_crashed")
+            self._result(job, ok=False, error=ErrorKind.WORKER_CRASHED)
 
     def come_up(self, boot_s: float = 0.0) -> None:
         """Restart now: up, and announced to every orchestrator, ``boot_s`` later.
@@ -250,7 +250,6 @@ class BaseWorker(ABC):
                 first_token_s=first,
                 output_tokens=job.generated,  # so far, on failure too
                 error=error,
-                retryable=True,
                 cold_start=job.cold_start,
                 cost=job.cost,
             ),

@@ -120,7 +120,7 @@ def test_kv_stays_within_the_cache_and_every_request_ends(
             left += engine.on_timer(deadline)
             check()
             deadline = engine.next_deadline()
-        engine.add(s, at) if what == "add" else engine.cancel(s)
+        engine.add(s, at) if what == "add" else engine.cancel(s, at)
     left += [s for _, s in run(engine)]
     check()
     assert engine.kv_used == 0 and not engine.batch and not engine.waiting

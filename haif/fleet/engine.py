@@ -50,6 +50,7 @@ that used it, in equal shares.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -139,6 +140,7 @@ class Seq:
     """
 
     __slots__ = (
+        "begin_s",
         "cancelled",
         "cold_start",
         "context",
@@ -150,10 +152,15 @@ class Seq:
         "generated",
         "prompt_left",
         "request",
+        "resumed",
+        "scale",
+        "step_s",
+        "ttft_s",
     )
 
     def __init__(self, request: Request, generated: int = 0) -> None:
         self.request = request
+        self.resumed = generated  # tokens an earlier attempt produced
         self.generated = generated
         self.prompt_left = request.prompt_tokens + generated
         self.context = 0
@@ -164,6 +171,17 @@ class Seq:
         self.done = False
         self.cancelled = False
         self.error: str | None = None
+        # Request level: when its slot's service began, its time to first
+        # token and per-token step (unscaled), and the slowdown at the start.
+        self.begin_s: float | None = None
+        self.ttft_s = 0.0
+        self.step_s = 0.0
+        self.scale = 1.0
+
+    def due_s(self, index: int) -> float:
+        """Request level: when token ``index`` comes out (once service began)."""
+        assert self.begin_s is not None
+        return self.begin_s + (self.ttft_s + (index - self.resumed) * self.step_s) * self.scale
 
 
 # What the engine is doing between two deadlines.
@@ -258,7 +276,13 @@ class BatchingEngine:
         else:
             heapq.heappush(self.pending, (ready, next(self._order), seq))
 
-    def cancel(self, seq: Seq) -> None:
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    def running(self) -> int:
+        return len(self.batch)
+
+    def cancel(self, seq: Seq, now: float) -> None:
         """The caller went away: ``seq`` leaves now and frees what it holds."""
         if seq.done or seq.cancelled:
             return
@@ -527,6 +551,184 @@ class BatchingEngine:
         self.kv_used += done * len(self.batch)
         if self.progressed is not None:
             self.progressed.extend(self.batch)
+
+
+class RequestLevelEngine:
+    """The fast approximation: one service time per request over ``max_batch`` slots.
+
+    A request holds a slot, FIFO, for ``ttft + (output - 1) x decode_step``
+    with ``ttft = load + api_overhead_s + prefill_time(prompt)`` and the
+    decode step timed at the slots in use when its service begins and the
+    context ``prompt + output // 2``; its first token comes ``ttft`` after
+    that, the others evenly, the last when it frees the slot. A request for
+    another model swaps the weights in and is charged the load. After a
+    :meth:`restart` the slots granted before the weights are in wait for
+    them (cold starts). No KV limit, preemption or prefill/decode interference:
+    ``bench/sim_speed.py`` measures how far it is from :class:`BatchingEngine`.
+    """
+
+    def __init__(
+        self,
+        profiles: Mapping[str, PerfProfile],
+        warm: str,
+        *,
+        max_batch: int | None = None,
+        price_per_hour: float = 0.0,
+        track_progress: bool = False,
+    ) -> None:
+        if warm not in profiles:
+            raise ValueError(f"warm model {warm!r} has no profile (have: {', '.join(profiles)})")
+        self.profiles = dict(profiles)
+        self.active = warm
+        self.max_batch = max_batch or profiles[warm].max_batch
+        self.price_per_hour = price_per_hour
+        self.slow = 1.0
+        self.queue: deque[Seq] = deque()
+        self.holders: dict[Seq, float] = {}  # slot holders -> when they free it (inf: loading)
+        self.in_service = 0  # holders whose service began
+        self.loading_until = 0.0
+        self.down = False
+        self.clock = 0.0
+        # With track_progress: sequences whose service began (their token times are known).
+        self.progressed: list[Seq] | None = [] if track_progress else None
+        self._finishes: list[tuple[float, int, Seq]] = []
+        self._bills: dict[Seq, float] = {}
+        self._order = itertools.count()
+
+    # ------------------------------------------------------------ views
+
+    @property
+    def busy(self) -> bool:
+        return self.in_service > 0
+
+    def warm_models(self, now: float) -> tuple[str, ...]:
+        return () if self.down or now < self.loading_until else (self.active,)
+
+    def queue_depth(self) -> int:
+        return len(self.queue)
+
+    def running(self) -> int:
+        return len(self.holders)
+
+    def free_kv_tokens(self) -> int:
+        return 0
+
+    def sequences(self) -> list[Seq]:
+        return [*self.holders, *self.queue]
+
+    def next_deadline(self) -> float | None:
+        finishes, holders = self._finishes, self.holders
+        while finishes:
+            at, _, seq = finishes[0]
+            held = holders.get(seq)
+            if held == at or held == math.inf:
+                return at
+            heapq.heappop(finishes)  # it left early (cancelled)
+        return None
+
+    # ------------------------------------------------------------ inputs
+
+    def add(self, seq: Seq, now: float) -> None:
+        self.queue.append(seq)
+        self._fill(now)
+
+    def cancel(self, seq: Seq, now: float) -> None:
+        if seq.done or seq.cancelled:
+            return
+        seq.cancelled = True
+        held = self.holders.pop(seq, None)
+        self._bills.pop(seq, None)
+        if held is None:
+            with contextlib.suppress(ValueError):  # not queued either: lost in a crash
+                self.queue.remove(seq)
+            return
+        if held != math.inf:
+            self.in_service -= 1
+        self._fill(now)
+
+    def crash(self, now: float) -> None:
+        self.queue.clear()
+        self.holders.clear()
+        self._finishes.clear()
+        self._bills.clear()
+        self.in_service = 0
+        self.down = True
+        self.clock = now
+
+    def restart(self, now: float, loaded_s: float = 0.0) -> None:
+        self.down = False
+        self.clock = now
+        self.loading_until = now + self.profiles[self.active].load_time_s - loaded_s
+
+    def stall(self, now: float) -> None:
+        self.clock = max(self.clock, now)  # token times are fixed when service begins
+
+    # ------------------------------------------------------------ time
+
+    def on_timer(self, now: float) -> list[Seq]:
+        left: list[Seq] = []
+        while True:
+            at = self.next_deadline()
+            if at is None or at > now:
+                return left
+            seq = heapq.heappop(self._finishes)[2]
+            self.clock = at
+            if self.holders[seq] == math.inf:  # held a slot while the weights loaded
+                self._start(seq, at, len(self.holders))
+                continue
+            del self.holders[seq]
+            self.in_service -= 1
+            seq.generated = seq.request.max_tokens
+            seq.cost += self._bills.pop(seq)
+            seq.done = True
+            left.append(seq)
+            self._fill(at)
+
+    # ------------------------------------------------------------ internals
+
+    def _fill(self, now: float) -> None:
+        queue, holders = self.queue, self.holders
+        while queue and len(holders) < self.max_batch:
+            seq = queue.popleft()
+            if now < self.loading_until:
+                # Restarted: it holds a slot now and begins when the weights are in,
+                # timed by the slots in use then.
+                holders[seq] = math.inf
+                seq.cold_start = True
+                heapq.heappush(self._finishes, (self.loading_until, next(self._order), seq))
+            else:
+                self._start(seq, now, len(holders) + 1)  # the slots in use, this one included
+
+    def _start(self, seq: Seq, now: float, batch: int) -> None:
+        req = seq.request
+        profile = self.profiles[req.model]
+        load = 0.0
+        if req.model != self.active:
+            # Swap weights in (the approximation charges the load to this request).
+            self.active = req.model
+            seq.cold_start = True
+            load = profile.load_time_s
+        prefill = profile.prefill_time(seq.prompt_left, 1)  # prompt (+ resumed tokens)
+        context = req.prompt_tokens + req.max_tokens // 2
+        decode_steps = max(0, req.max_tokens - seq.generated - 1)
+        seq.step_s = profile.decode_step_time(batch, context)
+        seq.ttft_s = load + profile.api_overhead_s + prefill
+        seq.scale = self.slow
+        seq.begin_s = now
+        total = (seq.ttft_s + decode_steps * seq.step_s) * self.slow
+        seq.first_token_s = seq.due_s(seq.resumed)
+        seq.finish_s = now + total
+        self.holders[seq] = seq.finish_s
+        self.in_service += 1
+        # The GPU's cost is shared by the requests in service together; it is
+        # charged when the request completes (a crash loses the attempt's bill).
+        self._bills[seq] = total * self.price_per_hour / 3600.0 / self.in_service
+        heapq.heappush(self._finishes, (seq.finish_s, next(self._order), seq))
+        if self.progressed is not None:
+            self.progressed.append(seq)
+
+
+Engine = BatchingEngine | RequestLevelEngine
 
 
 def _elapsed(steps: int, base: float, inc: float) -> float:

@@ -38,19 +38,16 @@ evenly, one per decode step, the last when it frees the slot.
 from __future__ import annotations
 
 import asyncio
-import heapq
-import itertools
 import logging
 import math
 import signal
 import weakref
 from abc import ABC, abstractmethod
-from collections import deque
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from haif.contracts import ErrorKind, Request
-from haif.fleet.engine import BatchingEngine, Seq
+from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine, Seq
 from haif.fleet.profiles import PerfProfile
 from haif.runtime.rpc import RpcError
 
@@ -122,27 +119,17 @@ class TimedSequence(Seq):
     """One stream's request at a timer: an engine sequence its reader can wait on.
 
     Token ``i`` exists once ``generated > i`` (``generated`` starts at the
-    resumed count). Times are on the timer's clock (``loop.time()``).
+    resumed count); at request level, once ``due_s(i)`` has passed. Times are
+    on the timer's clock (``loop.time()``).
     """
 
-    __slots__ = ("_waiter", "arrived_s", "begin_s", "failure", "scale", "start", "step_s", "ttft_s")
+    __slots__ = ("_waiter", "arrived_s", "failure")
 
     def __init__(self, request: Request, start: int, arrived_s: float) -> None:
         super().__init__(request, start)
-        self.start = start
         self.arrived_s = arrived_s
         self.failure: RpcError | None = None
-        # Request level: when the slot was granted and the service times.
-        self.begin_s: float | None = None
-        self.ttft_s = 0.0
-        self.step_s = 0.0
-        self.scale = 1.0
         self._waiter: asyncio.Future[None] | None = None
-
-    def due_s(self, index: int) -> float:
-        """Request level: when token ``index`` is emitted (once the slot is granted)."""
-        assert self.begin_s is not None
-        return self.begin_s + (self.ttft_s + (index - self.start) * self.step_s) * self.scale
 
     async def changed(self) -> None:
         """Wait until the timer next updates this sequence."""
@@ -181,7 +168,14 @@ async def sleep_until(when: float) -> None:
 
 
 class Timer(ABC):
-    """What both engine models share: profiles, the loaded model, the driver task."""
+    """The asyncio driver of an engine of :mod:`haif.fleet.engine` (module docstring).
+
+    It arms ``loop.call_at`` at the engine's next deadline, feeds it
+    arrivals and cancellations stamped with ``loop.time()``, and wakes the
+    streams whose sequences changed.
+    """
+
+    engine: Engine
 
     def __init__(
         self,
@@ -196,48 +190,54 @@ class Timer(ABC):
         self.options = options
         self.max_batch = options.max_batch or profiles[warm].max_batch
         self.slow = 1.0  # gray-failure factor, as the simulator's ``BaseWorker.slow``
-        self._order = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._handle: asyncio.Handle | None = None
         # A restarted worker loads its warm model first (the simulator's
         # ``on_restart``); until then it is announced but not warm.
         self.loading_until = 0.0
         self.reset()
 
-    def cold_start(self, now: float) -> None:
-        """The worker (re)started at loop time ``now``: load the warm model's weights first."""
-        self.loading_until = now + self.profiles[self.warm].load_time_s
-
-    # ------------------------------------------------------------ subclass hooks
-
     @abstractmethod
-    def reset(self) -> None:
-        """Forget every sequence (a fresh engine, e.g. on another event loop)."""
-
-    @abstractmethod
-    def _add(self, seq: TimedSequence) -> None:
-        """A new sequence reached the engine (at ``seq.arrived_s``)."""
-
-    @abstractmethod
-    def cancel(self, seq: TimedSequence) -> None:
-        """The stream went away (or ended): release what the sequence holds."""
-
-    @abstractmethod
-    def _kick(self) -> None:
-        """Time what the new state needs (a sequence arrived or left)."""
+    def _make_engine(self) -> Engine:
+        """A fresh engine of this timer's kind."""
 
     @abstractmethod
     def emissions(self, request: Request, start: int, most: int) -> AsyncGenerator[range, None]:
         """Token index ranges (at most ``most`` long) as they are emitted, until the last."""
 
-    @abstractmethod
+    def reset(self) -> None:
+        """Forget every sequence (a fresh engine, e.g. on another event loop)."""
+        if self._handle is not None:
+            self._handle.cancel()
+        self._handle, self._armed = None, math.inf
+        self.engine = self._make_engine()
+        if self.loading_until > 0:  # restarted: the weights load until then
+            self.engine.restart(self.loading_until - self.profiles[self.warm].load_time_s)
+        self._continued = continued()
+
+    def cold_start(self, now: float) -> None:
+        """The worker (re)started at loop time ``now``: load the warm model's weights first."""
+        self.loading_until = now + self.profiles[self.warm].load_time_s
+        self.engine.restart(now)
+
+    def _now(self) -> float:
+        loop = self._loop
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # not started: the engine's own clock
+                return self.engine.clock
+        return loop.time()
+
     def occupancy(self) -> Occupancy:
         """Queue, batch, free KV and warm models now."""
-
-    @abstractmethod
-    def _sequences(self) -> list[TimedSequence]:
-        """Every sequence the timer holds."""
-
-    # ------------------------------------------------------------ the driver
+        engine = self.engine
+        return Occupancy(
+            engine.queue_depth(),
+            engine.running(),
+            engine.free_kv_tokens(),
+            engine.warm_models(self._now()),
+        )
 
     def register(self, request: Request, start: int) -> TimedSequence:
         """A stream for ``request`` from token ``start`` on begins now."""
@@ -248,65 +248,24 @@ class Timer(ABC):
             self._loop = loop
             self.reset()
             watch_continue(loop)
-        seq = TimedSequence(request, start, loop.time())
-        self._add(seq)
+        now = loop.time()
+        self._advance(now)  # what was due by now happened before this arrival
+        seq = TimedSequence(request, start, now)
+        self.engine.slow = self.slow
+        self.engine.add(seq, now)
         self._kick()
         return seq
 
-
-class IterationTimer(Timer):
-    """Continuous batching: the asyncio driver of :class:`BatchingEngine` (module docstring)."""
-
-    def reset(self) -> None:
-        handle = self.__dict__.get("_handle")
-        if handle is not None:
-            handle.cancel()
-        options = self.options
-        self.engine = BatchingEngine(
-            self.profiles,
-            self.warm,
-            max_batch=self.max_batch,
-            chunked_prefill_tokens=options.chunked_prefill_tokens,
-            prefix_cache=options.prefix_cache,
-            max_segment_steps=1,
-            track_progress=True,
-        )
-        if self.loading_until > 0:  # restarted: the weights load until then
-            self.engine.restart(self.loading_until - self.profiles[self.warm].load_time_s)
-        self._handle: asyncio.Handle | None = None
-        self._armed = math.inf
-        self._continued = continued()
-
-    @property
-    def kv_capacity(self) -> int:
-        return self.engine.kv_capacity
-
-    def cold_start(self, now: float) -> None:
-        super().cold_start(now)
-        self.engine.restart(now)
-
-    def occupancy(self) -> Occupancy:
-        engine = self.engine
-        loop = self._loop
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # not started: the engine's own clock
-                loop = None
-        now = loop.time() if loop is not None else engine.clock
-        return Occupancy(
-            len(engine.waiting), len(engine.batch), engine.free_kv_tokens(), engine.warm_models(now)
-        )
-
-    def _sequences(self) -> list[TimedSequence]:
-        return [s for s in self.engine.sequences() if isinstance(s, TimedSequence)]
-
-    def _add(self, seq: TimedSequence) -> None:
-        self.engine.slow = self.slow
-        self.engine.add(seq, seq.arrived_s)
-
     def cancel(self, seq: TimedSequence) -> None:
-        self.engine.cancel(seq)
+        """The stream went away (or ended): release what the sequence holds."""
+        if self._loop is not None:
+            now = self._loop.time()
+            self._advance(now)  # a sequence that ended by now is done, not cancelled
+            self.engine.cancel(seq, now)
+            self._notify([])  # whom the freed room let in
+            self._kick()
+
+    # ------------------------------------------------------------ the clock
 
     def _kick(self) -> None:
         """Arm ``loop.call_at`` at the engine's deadline, if it moved earlier."""
@@ -327,8 +286,15 @@ class IterationTimer(Timer):
     def _fire(self) -> None:
         self._handle, self._armed = None, math.inf
         assert self._loop is not None
-        now = self._loop.time()
+        self._advance(self._loop.time())
+        self._kick()
+
+    def _advance(self, now: float) -> None:
+        """Run the engine to ``now`` and wake the streams it changed."""
         engine = self.engine
+        deadline = engine.next_deadline()
+        if deadline is None or deadline > now:
+            return
         if continued() != self._continued:  # stopped and continued since the last deadline
             self._continued = continued()
             engine.stall(now)
@@ -337,26 +303,48 @@ class IterationTimer(Timer):
             left = engine.on_timer(now)
         except Exception:  # a bug here must not leave streams waiting forever
             log.exception("batching timer failed")
-            for timed in self._sequences():
-                timed.fail(RpcError(ErrorKind.INTERNAL, "the synthetic engine's timer failed"))
+            for seq in engine.sequences():
+                if isinstance(seq, TimedSequence):
+                    seq.fail(RpcError(ErrorKind.INTERNAL, "the synthetic engine's timer failed"))
             self.reset()
             return
+        self._notify(left)
+
+    def _notify(self, left: list[Seq]) -> None:
+        """Wake the readers of the sequences that got tokens or left."""
+        engine = self.engine
         assert engine.progressed is not None
         progressed, engine.progressed = engine.progressed, []
-        for seq in progressed:
-            assert isinstance(seq, TimedSequence)
-            seq.notify()
-        for seq in left:
+        for seq in [*progressed, *left]:
             assert isinstance(seq, TimedSequence)
             if seq.error is None:
                 seq.notify()
                 continue
             need = seq.prompt_left + seq.context + 1
-            message = (
-                f"{need} tokens of context do not fit the KV cache ({engine.kv_capacity} tokens)"
-            )
+            capacity = engine.kv_capacity if isinstance(engine, BatchingEngine) else 0
+            message = f"{need} tokens of context do not fit the KV cache ({capacity} tokens)"
             seq.fail(RpcError(seq.error, message))
-        self._kick()
+
+
+class IterationTimer(Timer):
+    """Continuous batching, one decode step per deadline (:class:`BatchingEngine`)."""
+
+    engine: BatchingEngine
+
+    def _make_engine(self) -> BatchingEngine:
+        return BatchingEngine(
+            self.profiles,
+            self.warm,
+            max_batch=self.max_batch,
+            chunked_prefill_tokens=self.options.chunked_prefill_tokens,
+            prefix_cache=self.options.prefix_cache,
+            max_segment_steps=1,
+            track_progress=True,
+        )
+
+    @property
+    def kv_capacity(self) -> int:
+        return self.engine.kv_capacity
 
     async def emissions(
         self, request: Request, start: int, most: int
@@ -380,85 +368,14 @@ class IterationTimer(Timer):
 
 
 class RequestTimer(Timer):
-    """One service time per request over ``max_batch`` slots (see the module docstring)."""
+    """One service time per request over ``max_batch`` slots (:class:`RequestLevelEngine`)."""
 
-    def reset(self) -> None:
-        self.active = self.warm
-        self._task: asyncio.Task[None] | None = None
-        self._wake: asyncio.Future[bool] | None = None
-        self.holders: dict[TimedSequence, float] = {}  # slot holders -> when they free it
-        self.finishes: list[tuple[float, int, TimedSequence]] = []
-        self.queue: deque[TimedSequence] = deque()
+    engine: RequestLevelEngine
 
-    def _cold(self) -> bool:
-        """Still loading the weights after a :meth:`cold_start`."""
-        if self.loading_until <= 0:
-            return False
-        loop = self._loop or asyncio.get_running_loop()
-        return loop.time() < self.loading_until
-
-    def _kick(self) -> None:
-        """Start the driver, or wake it from a wait it may cut short."""
-        if self._task is None or self._task.done():
-            assert self._loop is not None
-            self._task = self._loop.create_task(self._guarded())
-        elif self._wake is not None:
-            _resolve(self._wake, False)
-
-    async def _guarded(self) -> None:
-        try:
-            await self._drive()
-        except Exception:  # a bug here must not leave streams waiting forever
-            log.exception("batching timer failed")
-            for seq in self._sequences():
-                seq.fail(RpcError(ErrorKind.INTERNAL, "the synthetic engine's timer failed"))
-            self.reset()
-        finally:
-            self._task = None
-
-    async def _sleep(self, when: float, wakeable: bool = False) -> bool:
-        """Sleep until ``when``; True when it was reached, False when :meth:`_kick` woke us.
-
-        A deadline already past returns at once, so overdue steps are caught up
-        in one go and their tokens reach the streams together.
-        """
-        loop = asyncio.get_running_loop()
-        if loop.time() >= when:
-            return True
-        future: asyncio.Future[bool] = loop.create_future()
-        handle = loop.call_at(when, _resolve, future, True)
-        if wakeable:
-            self._wake = future
-        try:
-            return await future
-        finally:
-            handle.cancel()
-            self._wake = None
-
-    def occupancy(self) -> Occupancy:
-        queued = sum(1 for s in self.queue if not s.cancelled)
-        warm = (self.active,) if self.active and not self._cold() else ()
-        return Occupancy(queued, len(self.holders), 0, warm)
-
-    def _sequences(self) -> list[TimedSequence]:
-        return [*self.holders, *self.queue]
-
-    def _add(self, seq: TimedSequence) -> None:
-        self._settle(seq.arrived_s)
-        self.queue.append(seq)
-        self._fill(seq.arrived_s)
-
-    def cancel(self, seq: TimedSequence) -> None:
-        if self._loop is None:
-            return
-        now = self._loop.time()
-        self._settle(now)
-        if seq.done or seq.cancelled:
-            return
-        seq.cancelled = True
-        if self.holders.pop(seq, None) is not None:
-            self._fill(now)
-            self._kick()
+    def _make_engine(self) -> RequestLevelEngine:
+        return RequestLevelEngine(
+            self.profiles, self.warm, max_batch=self.max_batch, track_progress=True
+        )
 
     async def emissions(
         self, request: Request, start: int, most: int
@@ -484,58 +401,3 @@ class RequestTimer(Timer):
                 i = j
         finally:
             self.cancel(seq)
-
-    async def _drive(self) -> None:
-        while self.finishes:
-            when = self.finishes[0][0]
-            if await self._sleep(when, wakeable=True):
-                self._settle(when)
-
-    def _settle(self, now: float) -> None:
-        """Free the slots whose requests finished by ``now``, in time order."""
-        while self.finishes and self.finishes[0][0] <= now:
-            finish, _, seq = heapq.heappop(self.finishes)
-            if self.holders.get(seq) == math.inf:  # held a slot while the weights loaded
-                if not seq.cancelled:
-                    self._start(seq, finish, len(self.holders))
-            elif self.holders.pop(seq, None) is not None:
-                seq.done = True
-                self._fill(finish)
-
-    def _fill(self, now: float) -> None:
-        while self.queue and len(self.holders) < self.max_batch:
-            seq = self.queue.popleft()
-            if not seq.cancelled:
-                self._grant(seq, now)
-
-    def _grant(self, seq: TimedSequence, now: float) -> None:
-        if now < self.loading_until:
-            # Restarted: it holds a slot now and starts when the weights are in,
-            # timed by the slots in use then (the simulator's SlotWorker).
-            self.holders[seq] = math.inf
-            heapq.heappush(self.finishes, (self.loading_until, next(self._order), seq))
-            self._kick()
-            return
-        self._start(seq, now, len(self.holders) + 1)  # the slots in use, this one included
-
-    def _start(self, seq: TimedSequence, now: float, batch: int) -> None:
-        req = seq.request
-        profile = self.profiles[req.model]
-        load = 0.0
-        if req.model != self.active:
-            # Swap weights in (the approximation charges the load to this request).
-            self.active = req.model
-            load = profile.load_time_s
-        prefill = profile.prefill_time(seq.prompt_left, 1)  # prompt (+ resumed tokens)
-        context = req.prompt_tokens + req.max_tokens // 2
-        decode_steps = max(0, req.max_tokens - seq.generated - 1)
-        seq.step_s = profile.decode_step_time(batch, context)
-        seq.ttft_s = load + profile.api_overhead_s + prefill
-        seq.scale = self.slow
-        seq.begin_s = now
-        seq.first_token_s = seq.due_s(seq.start)
-        seq.finish_s = seq.due_s(seq.start + decode_steps)
-        self.holders[seq] = seq.finish_s
-        heapq.heappush(self.finishes, (seq.finish_s, next(self._order), seq))
-        seq.notify()
-        self._kick()

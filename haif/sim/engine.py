@@ -23,96 +23,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from haif.fleet.engine import BatchingEngine
+from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine
 from haif.fleet.profiles import PerfProfile
-from haif.sim.fleet import BaseWorker, Job, SlotWorker
+from haif.sim.fleet import BaseWorker, Job
 
 
-class _ModelHost:
-    """Which model is loaded, and loading another one."""
-
-    def __init__(self, profiles: Mapping[str, PerfProfile], warm: str) -> None:
-        self.profiles = profiles
-        self.active: str | None = warm
-        self.loading = False
-
-    @property
-    def profile(self) -> PerfProfile:
-        assert self.active is not None
-        return self.profiles[self.active]
-
-
-class RequestLevelWorker(SlotWorker):
-    """One service time per request (see the module docstring)."""
-
-    def __init__(
-        self, *args: object, profiles: Mapping[str, PerfProfile], warm: str, **kwargs: object
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        self.host = _ModelHost(profiles, warm)
-
-    def warm_models(self) -> tuple[str, ...]:
-        loading = self._restarting_until > self.env.now  # reloading after a restart
-        return (self.host.active,) if self.host.active and not loading else ()
-
-    def on_restart(self, elapsed_s: float) -> None:
-        self._restarting_until = self.env.now - elapsed_s + self.host.profile.load_time_s
-
-    def busy_fraction_now(self) -> float:
-        # The GPU is busy while any request is in the batch (as in the iteration model).
-        return 1.0 if self._in_service else 0.0
-
-    def cost_share(self) -> float:
-        # The GPU's cost is shared by the requests batched together.
-        return 1.0 / max(1, self._in_service)
-
-    def service_times(self, job: Job) -> tuple[float, float]:
-        req = job.request
-        profile = self.host.profiles[req.model]
-        if req.model != self.host.active:
-            # Swap weights in (the approximation charges the load to this request).
-            self.host.active = req.model
-            job.cold_start = True
-            load = profile.load_time_s
-        else:
-            load = 0.0
-        batch = max(1, self.slots.count)
-        prefill = profile.prefill_time(job.prompt_left, 1)  # prompt (+ resumed tokens)
-        context = req.prompt_tokens + req.max_tokens // 2
-        decode_steps = max(0, req.max_tokens - job.generated - 1)
-        decode = decode_steps * profile.decode_step_time(batch, context)
-        api = profile.api_overhead_s
-        ttft = load + api + prefill
-        return ttft * self.slow, (ttft + decode) * self.slow
-
-
-class BatchingWorker(BaseWorker):
-    """Continuous batching: the SimPy driver of :class:`~haif.fleet.engine.BatchingEngine`.
+class EngineWorker(BaseWorker):
+    """A worker whose requests an engine of :mod:`haif.fleet.engine` times, on SimPy's clock.
 
     One SimPy timeout is armed at the engine's next deadline; an input that
     moves the deadline earlier (an arrival that cuts a decode segment) arms
     another, and a timeout that is no longer the engine's deadline does nothing.
     """
 
-    def __init__(
-        self,
-        *args: object,
-        profiles: Mapping[str, PerfProfile],
-        warm: str,
-        max_batch: int | None = None,
-        chunked_prefill_tokens: int | None = None,
-        prefix_cache: bool = False,
-        **kwargs: object,
-    ) -> None:
+    engine: Engine
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.engine = BatchingEngine(
-            profiles,
-            warm,
-            max_batch=max_batch,
-            chunked_prefill_tokens=chunked_prefill_tokens,
-            prefix_cache=prefix_cache,
-            price_per_hour=self.price_per_hour,
-        )
         self._armed: float | None = None
         self._timer = 0  # the generation of the armed timeout
 
@@ -122,10 +49,10 @@ class BatchingWorker(BaseWorker):
         return self.engine.warm_models(self.env.now)
 
     def queue_depth(self) -> int:
-        return len(self.engine.waiting)
+        return self.engine.queue_depth()
 
     def running(self) -> int:
-        return len(self.engine.batch)
+        return self.engine.running()
 
     def free_kv_tokens(self) -> int:
         return self.engine.free_kv_tokens()
@@ -134,12 +61,15 @@ class BatchingWorker(BaseWorker):
         return 1.0 if self.engine.busy else 0.0
 
     def start(self, job: Job) -> None:
+        self._account()
         self.engine.slow = self.slow
         self.engine.add(job, self.env.now)
         self._arm()
 
     def drop(self, job: Job) -> None:
-        self.engine.cancel(job)
+        self._account()
+        self.engine.cancel(job, self.env.now)
+        self._arm()
 
     def go_down(self) -> None:
         self._account()
@@ -177,3 +107,43 @@ class BatchingWorker(BaseWorker):
             elif self.jobs.pop(seq.key, None) is not None:
                 self._result(seq, ok=False, error=seq.error)
         self._arm()
+
+
+class RequestLevelWorker(EngineWorker):
+    """One service time per request (:class:`~haif.fleet.engine.RequestLevelEngine`)."""
+
+    engine: RequestLevelEngine
+
+    def __init__(
+        self, *args: object, profiles: Mapping[str, PerfProfile], warm: str, **kwargs: object
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine = RequestLevelEngine(
+            profiles, warm, max_batch=self.capacity, price_per_hour=self.price_per_hour
+        )
+
+
+class BatchingWorker(EngineWorker):
+    """Continuous batching (:class:`~haif.fleet.engine.BatchingEngine`)."""
+
+    engine: BatchingEngine
+
+    def __init__(
+        self,
+        *args: object,
+        profiles: Mapping[str, PerfProfile],
+        warm: str,
+        max_batch: int | None = None,
+        chunked_prefill_tokens: int | None = None,
+        prefix_cache: bool = False,
+        **kwargs: object,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.engine = BatchingEngine(
+            profiles,
+            warm,
+            max_batch=max_batch,
+            chunked_prefill_tokens=chunked_prefill_tokens,
+            prefix_cache=prefix_cache,
+            price_per_hour=self.price_per_hour,
+        )

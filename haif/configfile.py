@@ -18,6 +18,9 @@ import yaml
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 _FIELD_PREFIX = re.compile(r"^([a-z_][a-z0-9_]*(?:\.[A-Za-z0-9_.-]+?)*): ")
+# Errors whose message already says what was given (our own validators end
+# theirs with "got ..."), or for which no single value was given.
+_INPUT_SHOWN = {"value_error", "assertion_error", "missing", "extra_forbidden"}
 
 
 class ConfigError(Exception):
@@ -77,6 +80,9 @@ def format_validation_error(
             p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))
         ]
         msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        if err["type"] not in _INPUT_SHOWN and isinstance(given, str | int | float | None):
+            msg += f" (got {given!r})"  # pydantic's own messages do not say
         # Validators that check several fields name the one at fault as "a.b.0: ...".
         if match := _FIELD_PREFIX.match(msg):
             loc += [int(p) if p.isdigit() else p for p in match.group(1).split(".")]

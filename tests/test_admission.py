@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -161,7 +162,9 @@ def test_throttle_config_validation(kwargs: dict[str, object], field: str) -> No
 def test_throttle_config_defaults() -> None:
     cfg = ThrottleConfig()
     assert (cfg.k, cfg.window_s, cfg.enabled) == (2.0, 120.0, True)
-    assert ThrottleConfig.__pydantic_config__ == {"extra": "forbid"}
+    bogus: dict[str, Any] = {"bogus": 1}
+    with pytest.raises(ValueError, match=r"bogus\n  Unexpected keyword argument"):
+        ThrottleConfig(**bogus)
     with pytest.raises(AttributeError):
         cfg.k = 3.0  # type: ignore[misc]
 

@@ -1,31 +1,35 @@
-"""Tests for haif.policy.placement: table-driven choices, tie-breaks, registry."""
+"""Tests for haif.policy.placement: table-driven choices, tie-breaks, strategies by name."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel
 
+from haif.configfile import ConfigError, load_model
 from haif.contracts import Request
+from haif.control.config import CoreConfig
 from haif.policy.placement import (
     DEFAULT_GPU_PREFERENCE,
-    PLACEMENTS,
+    STRATEGIES,
     Candidate,
-    LocalityConfig,
+    Locality,
+    ParameterError,
     PlacementStrategy,
     RoundRobin,
     WeightedScore,
-    WeightedScoreConfig,
     make_placement,
     placement_names,
-    register_placement,
+    strategy_parameters,
 )
+from haif.policy.settings import Flag, setting
 
 REQ = Request(
     request_id="r1",
@@ -265,7 +269,7 @@ def test_choice_table(
 
 
 def test_weighted_score_values() -> None:
-    strategy = WeightedScore(WeightedScoreConfig(w_rtt=1.0))
+    strategy = WeightedScore(w_rtt=1.0)
     c = cand("x", region="us-east", gpu_class="A100-80G", warm=True, running=5, rtt_ms=150.0)
     # 0*region + 0.8 gpu + 1 warm - 0.5 util - 1.5 rtt
     assert strategy.score(c) == pytest.approx(0.8 + 1.0 - 0.5 - 1.5)
@@ -432,20 +436,31 @@ def test_empty_returns_none(name: str) -> None:
     assert choose(make_placement(name), []) is None
 
 
-# ---------------------------------------------------------------- registry
+# ------------------------------------------------------------- by name
 
 
-def test_registry_names() -> None:
+def test_strategies_by_name() -> None:
     assert placement_names() == BUILTIN
-    assert set(PLACEMENTS) == set(BUILTIN)
+    assert set(STRATEGIES) == set(BUILTIN)
     for name in BUILTIN:
         assert make_placement(name).name == name
         assert isinstance(make_placement(name), PlacementStrategy)
+    assert strategy_parameters(STRATEGIES["p2c"]) == ()
+    assert strategy_parameters(Locality) == ("spill_utilization",)
+    assert strategy_parameters(WeightedScore) == (
+        "w_region",
+        "w_gpu",
+        "gpu_preference",
+        "w_warm",
+        "w_queue",
+        "w_rtt",
+    )
 
 
 def test_unknown_strategy_lists_allowed() -> None:
     with pytest.raises(ValueError, match="nope") as info:
         make_placement("nope")
+    assert not isinstance(info.value, ParameterError)
     for name in BUILTIN:
         assert name in str(info.value)
 
@@ -459,55 +474,84 @@ def test_unknown_strategy_lists_allowed() -> None:
     ],
 )
 def test_unknown_parameter_is_named(name: str, params: dict[str, object], needle: str) -> None:
-    with pytest.raises(ValueError, match=needle):
+    with pytest.raises(ParameterError, match=f"unknown parameter '{needle}'") as info:
         make_placement(name, params)
+    assert info.value.parameter == needle
+    assert "allowed: " in str(info.value)
 
 
 @pytest.mark.parametrize(
-    ("name", "params", "field"),
+    ("name", "params", "field", "problem"),
     [
-        ("weighted_score", {"w_queue": -1.0}, "w_queue"),
-        ("weighted_score", {"w_rtt": float("nan")}, "w_rtt"),
-        ("weighted_score", {"w_gpu": "high"}, "w_gpu"),
-        ("weighted_score", {"gpu_preference": {"H100-80G": "x"}}, "gpu_preference"),
-        ("weighted_score", {"gpu_preference": [("H100", 1.0), ("H100", 0.5)]}, "gpu_preference"),
-        ("weighted_score", {"gpu_preference": 3}, "gpu_preference"),
-        ("locality", {"spill_utilization": 0.0}, "spill_utilization"),
-        ("locality", {"spill_utilization": True}, "spill_utilization"),
+        ("weighted_score", {"w_queue": -1.0}, "w_queue", "greater than or equal to 0"),
+        ("weighted_score", {"w_rtt": float("nan")}, "w_rtt", "finite number"),
+        ("weighted_score", {"w_gpu": "high"}, "w_gpu", "valid number"),
+        ("weighted_score", {"w_gpu": True}, "w_gpu", "valid number"),
+        (
+            "weighted_score",
+            {"gpu_preference": {"H100-80G": "x"}},
+            "gpu_preference.H100-80G",
+            "valid number",
+        ),
+        (
+            "weighted_score",
+            {"gpu_preference": [("H100", 1.0), ("H100", 0.5)]},
+            "gpu_preference",
+            "lists 'H100' twice",
+        ),
+        ("weighted_score", {"gpu_preference": 3}, "gpu_preference", "mapping of gpu class"),
+        ("weighted_score", {"gpu_preference": [("H100", "x")]}, "gpu_preference.0.1", "number"),
+        ("weighted_score", {"gpu_preference": [("", 1.0)]}, "gpu_preference.0.0", "at least 1"),
+        ("weighted_score", {"gpu_preference": {7: 1.0}}, "gpu_preference.7.[key]", "valid string"),
+        ("locality", {"spill_utilization": 0.0}, "spill_utilization", "greater than 0"),
+        ("locality", {"spill_utilization": True}, "spill_utilization", "valid number"),
     ],
 )
-def test_invalid_values_name_the_field(name: str, params: dict[str, object], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+def test_invalid_values_name_the_field(
+    name: str, params: dict[str, object], field: str, problem: str
+) -> None:
+    with pytest.raises(ParameterError) as info:
         make_placement(name, params)
+    assert info.value.parameter == field
+    message = str(info.value)
+    assert f"invalid parameter {field!r} for placement strategy {name!r}" in message
+    assert problem in message
 
 
 def test_gpu_preference_normalized_to_sorted_pairs() -> None:
-    cfg = WeightedScoreConfig(gpu_preference={"b": 1, "a": 0.5})
-    assert cfg.gpu_preference == (("a", 0.5), ("b", 1.0))
-    assert cfg.preference("b") == 1.0
-    assert cfg.preference("zzz") == 0.0
-    assert WeightedScoreConfig().gpu_preference == DEFAULT_GPU_PREFERENCE
+    strategy = WeightedScore(gpu_preference={"b": 1, "a": 0.5})  # type: ignore[arg-type]
+    assert strategy.gpu_preference == (("a", 0.5), ("b", 1.0))
+    assert strategy.preference("b") == 1.0
+    assert strategy.preference("zzz") == 0.0
+    assert WeightedScore().gpu_preference == DEFAULT_GPU_PREFERENCE
     assert dict(DEFAULT_GPU_PREFERENCE)["H100-80G"] == 1.0
-    assert WeightedScoreConfig.__pydantic_config__ == {"extra": "forbid"}
-    assert LocalityConfig.__pydantic_config__ == {"extra": "forbid"}
+    for cls in (WeightedScore, Locality):
+        assert vars(cls)["__pydantic_config__"] == {"extra": "forbid"}
 
 
-def test_configs_are_frozen() -> None:
-    cfg = LocalityConfig()
+def test_parameterized_strategies_are_frozen_values() -> None:
+    strategy = Locality()
     with pytest.raises(AttributeError):
-        cfg.spill_utilization = 0.5  # type: ignore[misc]
+        strategy.spill_utilization = 0.5  # type: ignore[misc]
+    assert Locality(spill_utilization=0.5) == make_placement("locality", {"spill_utilization": 0.5})
+    assert make_placement("weighted_score", {"w_rtt": 2}) == WeightedScore(w_rtt=2.0)
 
 
-@dataclass(frozen=True, slots=True)
-class _FirstConfig:
-    reverse: bool = False
+def test_direct_construction_checks_the_same_way() -> None:
+    with pytest.raises(ValueError, match="spill_utilization"):
+        Locality(spill_utilization=-1.0)
+    with pytest.raises(ValueError, match="w_queue"):
+        WeightedScore(1.0, 1.0, DEFAULT_GPU_PREFERENCE, 1.0, -1.0)  # positional: still named
+    with pytest.raises(ValueError, match="bogus"):
+        Locality(bogus=1)  # type: ignore[call-arg]
 
 
+@setting
 class _First:
-    name: str = "first_by_id"
+    """A user's strategy: one parameter, validated by its declared type."""
 
-    def __init__(self, config: _FirstConfig) -> None:
-        self.config = config
+    name: ClassVar[str] = "first_by_id"
+    reverse: Flag = False
 
     def choose(
         self,
@@ -516,29 +560,100 @@ class _First:
         now: float,
         rng: random.Random,
     ) -> Candidate | None:
-        ordered = sorted(candidates, key=lambda c: c.worker_id, reverse=self.config.reverse)
+        ordered = sorted(candidates, key=lambda c: c.worker_id, reverse=self.reverse)
         return ordered[0] if ordered else None
 
 
-def test_register_custom_strategy() -> None:
-    register_placement("first_by_id", _FirstConfig, _First)
-    try:
-        assert "first_by_id" in placement_names()
-        strategy = make_placement("first_by_id", {"reverse": True})
-        chosen = choose(strategy, [cand("a"), cand("z")])
-        assert chosen is not None and chosen.worker_id == "z"
-        with pytest.raises(ValueError, match="already registered"):
-            register_placement("first_by_id", _FirstConfig, _First)
-        register_placement("first_by_id", _FirstConfig, _First, replace=True)
-        with pytest.raises(ValueError, match="bogus"):
-            make_placement("first_by_id", {"bogus": 1})
-    finally:
-        from haif.policy import placement
+class _Plain:
+    """A user's strategy without parameters: a plain class."""
 
-        placement._REGISTRY.pop("first_by_id", None)
-    assert "first_by_id" not in placement_names()
+    name = "plain"
+
+    def choose(
+        self,
+        request: Request,
+        candidates: Sequence[Candidate],
+        now: float,
+        rng: random.Random,
+    ) -> Candidate | None:
+        return candidates[0] if candidates else None
 
 
-def test_register_rejects_non_dataclass_config() -> None:
-    with pytest.raises(ValueError, match="dataclass"):
-        register_placement("bad", dict, _First)  # type: ignore[arg-type]
+def test_adding_a_strategy_is_adding_an_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(STRATEGIES, "first_by_id", _First)
+    monkeypatch.setitem(STRATEGIES, "plain", _Plain)
+    assert {"first_by_id", "plain"} <= set(placement_names())
+    strategy = make_placement("first_by_id", {"reverse": True})
+    chosen = choose(strategy, [cand("a"), cand("z")])
+    assert chosen is not None and chosen.worker_id == "z"
+    with pytest.raises(ParameterError, match="bogus"):
+        make_placement("first_by_id", {"bogus": 1})
+    with pytest.raises(ParameterError, match="reverse") as info:
+        make_placement("first_by_id", {"reverse": "yes"})
+    assert info.value.parameter == "reverse"
+    assert isinstance(make_placement("plain"), _Plain)
+    with pytest.raises(ParameterError, match=r"unknown parameter 'x'.*allowed: \(none\)"):
+        make_placement("plain", {"x": 1})
+
+
+# ------------------------------------------------- at the edge: CoreConfig
+
+
+class _PolicyFile(BaseModel):
+    """The ``policy:`` section of a scenario or cluster file, alone."""
+
+    policy: CoreConfig = CoreConfig()
+
+
+@pytest.mark.parametrize(
+    ("policy", "field", "line", "message"),
+    [
+        ("  placement: fastest\n", "policy.placement", 2, "allowed: jsq, least_outstanding"),
+        (
+            "  placement: jsq\n  placement_params: {alpha: 1}\n",
+            "policy.placement_params.alpha",
+            3,
+            "unknown parameter 'alpha' for placement strategy 'jsq'; allowed: (none)",
+        ),
+        (
+            "  placement: weighted_score\n  placement_params:\n    w_gpu: 1\n    w_queue: -2\n",
+            "policy.placement_params.w_queue",
+            5,
+            "greater than or equal to 0 (got -2)",
+        ),
+        (
+            "  placement: weighted_score\n  placement_params:\n"
+            "    gpu_preference:\n      L40S: 0.5\n      H100-80G: fast\n",
+            "policy.placement_params.gpu_preference.H100-80G",
+            6,
+            "valid number (got 'fast')",
+        ),
+        (
+            "  placement: locality\n  placement_params: {spill_utilization: 0}\n",
+            "policy.placement_params.spill_utilization",
+            3,
+            "greater than 0 (got 0)",
+        ),
+    ],
+)
+def test_policy_file_errors_name_file_line_and_field(
+    tmp_path: Path, policy: str, field: str, line: int, message: str
+) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text("policy:\n" + policy)
+    with pytest.raises(ConfigError) as info:
+        load_model(_PolicyFile, path)
+    text = str(info.value)
+    assert f"{path}:{line}: {field}: " in text, text
+    assert message in text, text
+
+
+def test_core_config_errors_name_placement_or_its_parameter() -> None:
+    with pytest.raises(ValueError, match=r"placement\n  Value error, unknown placement"):
+        CoreConfig(placement="fastest")
+    with pytest.raises(ValueError, match=r"placement_params\n  Value error, w_rtt: invalid"):
+        CoreConfig(placement="weighted_score", placement_params={"w_rtt": -1})
+    with pytest.raises(ValueError, match=r"placement_params\n  Value error, spill: unknown"):
+        CoreConfig(placement="locality", placement_params={"spill": 1})
+    ok = CoreConfig(placement="locality", placement_params={"spill_utilization": 0.9})
+    assert make_placement(ok.placement, ok.placement_params) == Locality(spill_utilization=0.9)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -150,12 +151,13 @@ def test_reset_after() -> None:
 
 
 @pytest.mark.parametrize(
-    ("rate", "capacity", "now"),
-    [(-1.0, 1.0, 0.0), (1.0, 0.0, 0.0), (1.0, -1.0, 0.0), (math.inf, 1.0, 0.0),
-     (1.0, math.nan, 0.0), (1.0, 1.0, math.inf)],
+    ("rate", "capacity", "now", "field"),
+    [(-1.0, 1.0, 0.0, "rate"), (1.0, 0.0, 0.0, "capacity"), (1.0, -1.0, 0.0, "capacity"),
+     (math.inf, 1.0, 0.0, "rate"), (1.0, math.nan, 0.0, "capacity"), (1.0, 1.0, math.inf, "now"),
+     (True, 1.0, 0.0, "rate")],
 )  # fmt: skip
-def test_bucket_validation(rate: float, capacity: float, now: float) -> None:
-    with pytest.raises(ValueError):
+def test_bucket_validation(rate: float, capacity: float, now: float, field: str) -> None:
+    with pytest.raises(ValueError, match=rf"TokenBucket\n{field}\n  Input should be"):
         TokenBucket(rate, capacity, now)
 
 
@@ -307,7 +309,9 @@ def test_quota_config_capacity_from_burst() -> None:
     drb = default.requests_bucket(0.0)
     assert drb is not None and drb.capacity == 60.0
     assert default.tokens_bucket(0.0) is None
-    assert QuotaConfig.__pydantic_config__ == {"extra": "forbid"}
+    bogus: dict[str, Any] = {"bogus": 1}
+    with pytest.raises(ValueError, match=r"bogus\n  Unexpected keyword argument"):
+        QuotaConfig(**bogus)
 
 
 @pytest.mark.parametrize(
@@ -327,6 +331,14 @@ def test_quota_config_capacity_from_burst() -> None:
 def test_quota_config_validation(kwargs: dict[str, float], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         QuotaConfig(**kwargs)  # type: ignore[arg-type]
+
+
+def test_quota_config_positional_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"max_concurrency\n  Input should be greater than"):
+        QuotaConfig(60, None, 0)
+    assert QuotaConfig(60, 6000, 2, 30) == QuotaConfig(
+        requests_per_min=60, tokens_per_min=6000, max_concurrency=2, burst_s=30
+    )
 
 
 def test_quota_config_is_frozen() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -150,6 +151,13 @@ def test_backoff_kind_error_lists_allowed_kinds() -> None:
         Backoff("linear", 0.1, 1.0)
 
 
+def test_backoff_positional_errors_name_the_field() -> None:
+    with pytest.raises(ValueError, match=r"Backoff\nbase\n  Input should be greater than or equal"):
+        Backoff("constant", -0.1, 1.0)
+    with pytest.raises(ValueError, match=r"kind\n  Value error, must be one of 'constant'"):
+        Backoff("linear", 0.1, 1.0)
+
+
 # ------------------------------------------------------------------ budget
 
 
@@ -232,8 +240,11 @@ def test_budget_memory_is_bounded() -> None:
     ],
 )
 def test_budget_validation(kwargs: dict[str, float], field: str) -> None:
-    with pytest.raises(ValueError, match=field):
+    with pytest.raises(ValueError, match=rf"RetryBudget\n{field}\n"):
         RetryBudget(**kwargs)  # type: ignore[arg-type]
+    args: dict[str, Any] = {"ratio": 0.1, "min_retries": 3, "window_s": 10.0, **kwargs}
+    with pytest.raises(ValueError, match=rf"RetryBudget\n{field}\n"):
+        RetryBudget(*args.values())  # positional: still named
 
 
 # ------------------------------------------------------------------ config
@@ -255,7 +266,9 @@ def test_retry_config_defaults() -> None:
         "internal",
         "bad_reply",
     )
-    assert RetryConfig.__pydantic_config__ == {"extra": "forbid"}
+    bogus: dict[str, Any] = {"bogus": 1}
+    with pytest.raises(ValueError, match=r"bogus\n  Unexpected keyword argument"):
+        RetryConfig(**bogus)
 
 
 def test_retry_config_accepts_yaml_shapes() -> None:

@@ -9,14 +9,17 @@ environment. Defaults follow ``REFERENCE.md`` (SRE: 3 attempts, retry budget
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from dataclasses import field
+from typing import Any
+
+from pydantic import ValidationInfo, field_validator
 
 from haif.policy.admission import ShedConfig, ThrottleConfig
 from haif.policy.breaker import BreakerConfig
-from haif.policy.placement import make_placement
+from haif.policy.placement import ParameterError, make_placement, strategy_class
 from haif.policy.ratelimit import QuotaConfig
 from haif.policy.retry import RetryConfig
+from haif.policy.settings import Flag, NonNegative, Positive, setting
 
 
 def _worker_breaker() -> BreakerConfig:
@@ -51,11 +54,15 @@ def _route_breaker() -> BreakerConfig:
     )
 
 
-@dataclass(frozen=True, slots=True)
+@setting
 class CoreConfig:
-    """Everything the orchestrator's decision loop needs to decide."""
+    """Everything the orchestrator's decision loop needs to decide.
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    A settings dataclass (:mod:`haif.policy.settings`): validated once,
+    with the scenario or cluster file that holds it or when constructed; an
+    error names the field (``placement``, ``placement_params.<name>``,
+    ``worker_breaker.open_s``, ...).
+    """
 
     placement: str = "p2c"
     placement_params: Mapping[str, Any] = field(default_factory=dict)
@@ -71,38 +78,40 @@ class CoreConfig:
     # sheddable 1 (any queueing at all).
     shedding: ShedConfig = field(default_factory=lambda: ShedConfig(thresholds=(4.0, 2.0, 1.0)))
     # A worker whose last heartbeat is older than this is not placed on.
-    stale_after_s: float = 3.0
+    stale_after_s: Positive = 3.0
     # An attempt running longer than this is cancelled and retried elsewhere.
-    attempt_timeout_s: float | None = 120.0
+    attempt_timeout_s: Positive | None = 120.0
     # Deadline given to requests that carry none (None: no deadline).
-    default_timeout_s: float | None = None
+    default_timeout_s: Positive | None = None
     # A worker is full when the orchestrator's outstanding count reaches
     # capacity x this factor (queueing at the worker beyond that is refused).
-    max_queue_factor: float = 4.0
+    max_queue_factor: Positive = 4.0
     # When an attempt fails after generating tokens, continue from them on the
     # next worker (migration) instead of starting the response over.
-    resume_partial: bool = False
+    resume_partial: Flag = False
     # Round-trip times between regions in milliseconds: {"a": {"b": 70.0}}.
-    rtt_ms: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    rtt_ms: Mapping[str, Mapping[str, NonNegative]] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    @field_validator("placement")
+    @classmethod
+    def _known_placement(cls, name: str) -> str:
+        strategy_class(name)  # ValueError lists the allowed names
+        return name
+
+    @field_validator("placement_params")
+    @classmethod
+    def _valid_placement_params(
+        cls, params: Mapping[str, Any], info: ValidationInfo
+    ) -> Mapping[str, Any]:
+        name = info.data.get("placement")
+        if name is None:
+            return params  # the name itself is invalid, and reported
         try:
-            make_placement(self.placement, self.placement_params)  # fail early on typos
-        except ValueError as exc:
-            field = "placement_params" if "parameter" in str(exc) else "placement"
-            raise ValueError(f"{field}: {exc}") from None
-        if self.stale_after_s <= 0:
-            raise ValueError(f"stale_after_s must be > 0, got {self.stale_after_s}")
-        if self.attempt_timeout_s is not None and self.attempt_timeout_s <= 0:
-            raise ValueError(f"attempt_timeout_s must be > 0, got {self.attempt_timeout_s}")
-        if self.default_timeout_s is not None and self.default_timeout_s <= 0:
-            raise ValueError(f"default_timeout_s must be > 0, got {self.default_timeout_s}")
-        if self.max_queue_factor <= 0:
-            raise ValueError(f"max_queue_factor must be > 0, got {self.max_queue_factor}")
-        for src, row in self.rtt_ms.items():
-            for dst, ms in row.items():
-                if ms < 0:
-                    raise ValueError(f"rtt_ms.{src}.{dst} must be >= 0, got {ms}")
+            make_placement(name, params)  # fail at load time, not at the first request
+        except ParameterError as exc:
+            # "<parameter>: ..." puts the error at placement_params.<parameter>.
+            raise ValueError(f"{exc.parameter}: {exc}") from None
+        return params
 
     def rtt(self, a: str, b: str) -> float:
         """RTT between two regions in ms (symmetric; 0 within a region)."""

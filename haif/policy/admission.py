@@ -30,39 +30,26 @@ argument.
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from collections import deque
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated
+
+from pydantic import Field, field_validator
+
+from haif.policy.settings import AtLeastOne, Flag, Positive, setting
 
 __all__ = ["AdaptiveThrottle", "PriorityShedder", "ShedConfig", "ThrottleConfig"]
 
 
-@dataclass(frozen=True, slots=True)
+@setting
 class ThrottleConfig:
     """Adaptive throttling settings (``k`` >= 1, ``window_s`` > 0)."""
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-    k: float = 2.0
-    window_s: float = 120.0
-    enabled: bool = True
-
-    def __post_init__(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, int | float):
-            raise ValueError(f"ThrottleConfig.k must be a number in [1, inf), got {self.k!r}")
-        if not (math.isfinite(self.k) and self.k >= 1.0):
-            raise ValueError(f"ThrottleConfig.k must be in [1, inf), got {self.k!r}")
-        w = self.window_s
-        if isinstance(w, bool) or not isinstance(w, int | float):
-            raise ValueError(f"ThrottleConfig.window_s must be a number in (0, inf), got {w!r}")
-        if not (math.isfinite(w) and w > 0):
-            raise ValueError(f"ThrottleConfig.window_s must be in (0, inf), got {w!r}")
-        if not isinstance(self.enabled, bool):
-            raise ValueError(
-                f"ThrottleConfig.enabled must be a bool (true/false), got {self.enabled!r}"
-            )
+    k: AtLeastOne = 2.0
+    window_s: Positive = 120.0
+    enabled: Flag = True
 
 
 class AdaptiveThrottle:
@@ -123,30 +110,22 @@ class AdaptiveThrottle:
         return p > 0.0 and rng.random() < p
 
 
-@dataclass(frozen=True, slots=True)
+@setting
 class ShedConfig:
-    """Utilization thresholds per priority (index = priority, last one repeats)."""
+    """Utilization thresholds per priority (index = priority, last one repeats).
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    At least one threshold, each in ``(0, inf)``, non-increasing (less
+    important work is shed first); a list is stored as a tuple.
+    """
 
-    thresholds: tuple[float, ...] = (1.0, 0.95, 0.85)
+    thresholds: Annotated[tuple[Positive, ...], Field(min_length=1)] = (1.0, 0.95, 0.85)
 
-    def __post_init__(self) -> None:
-        raw: Any = self.thresholds
-        if isinstance(raw, str | bytes) or not hasattr(raw, "__iter__"):
-            raise ValueError(f"ShedConfig.thresholds must be a sequence of numbers, got {raw!r}")
-        values: list[float] = []
-        for x in raw:
-            if isinstance(x, bool) or not isinstance(x, int | float):
-                raise ValueError(f"ShedConfig.thresholds entries must be numbers, got {x!r}")
-            if not (math.isfinite(x) and x > 0):
-                raise ValueError(f"ShedConfig.thresholds entries must be in (0, inf), got {x!r}")
-            values.append(float(x))
-        if not values:
-            raise ValueError("ShedConfig.thresholds must hold at least one value in (0, inf)")
-        if any(values[i + 1] > values[i] for i in range(len(values) - 1)):
-            raise ValueError(f"ShedConfig.thresholds must be non-increasing, got {values!r}")
-        object.__setattr__(self, "thresholds", tuple(values))
+    @field_validator("thresholds")
+    @classmethod
+    def _non_increasing(cls, values: tuple[float, ...]) -> tuple[float, ...]:
+        if any(later > earlier for earlier, later in itertools.pairwise(values)):
+            raise ValueError(f"must be non-increasing, got {list(values)!r}")
+        return values
 
     def threshold(self, priority: int) -> float:
         """Utilization at which ``priority`` is shed."""

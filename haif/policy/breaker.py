@@ -72,7 +72,11 @@ import math
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import ClassVar, Final, Literal
+from typing import Annotated, Final, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from haif.policy.settings import AtLeastOne, Count, Fraction, Positive, one_of, setting
 
 __all__ = [
     "CLOSED",
@@ -104,67 +108,35 @@ _MAX_SKIP: Final = 2**1023
 _EXACT_SUM_TERMS: Final = 256
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True, slots=True)
+@setting
 class BreakerConfig:
-    """Breaker tuning; validated on construction (``ValueError`` names the field)."""
+    """Breaker tuning; validated on construction (``ValueError`` names the field).
 
-    # Lets a pydantic model embedding this dataclass refuse unknown keys,
-    # without importing pydantic here.
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    The constraints are the field types (see :mod:`haif.policy.settings`);
+    ``window_size`` is also a whole number of calls when ``window="count"``.
+    ``slow_call_s`` may be ``inf`` (nothing is ever slow), like ``None``.
+    """
 
-    window: str = "count"
-    window_size: float = 20
-    min_calls: int = 10
-    failure_threshold: float = 0.5
-    slow_call_s: float | None = None
-    slow_call_threshold: float = 1.0
-    open_s: float = 30.0
-    open_multiplier: float = 1.0
-    open_max_s: float = 300.0
-    half_open_permits: int = 1
-    half_open_max_s: float | None = None
+    window: Annotated[str, one_of("count", "time")] = "count"
+    window_size: Positive = 20
+    min_calls: Count = 10
+    failure_threshold: Fraction = 0.5
+    slow_call_s: Annotated[float, Field(strict=True, ge=0)] | None = None
+    slow_call_threshold: Fraction = 1.0
+    open_s: Positive = 30.0
+    open_multiplier: AtLeastOne = 1.0
+    open_max_s: Positive = 300.0
+    half_open_permits: Count = 1
+    half_open_max_s: Positive | None = None
 
-    def __post_init__(self) -> None:
-        if self.window not in ("count", "time"):
-            raise ValueError(f"window must be 'count' or 'time', got {self.window!r}")
-        size = self.window_size
-        if not (_is_number(size) and math.isfinite(size) and size > 0):
-            raise ValueError(f"window_size must be a finite number > 0, got {size!r}")
-        if self.window == "count" and size != int(size):
+    @field_validator("window_size")
+    @classmethod
+    def _whole_calls(cls, size: float, info: ValidationInfo) -> float:
+        if info.data.get("window") == "count" and size != int(size):
             raise ValueError(
-                f"window_size must be a whole number of calls >= 1 for window='count', got {size!r}"
+                f"must be a whole number of calls >= 1 for window='count', got {size!r}"
             )
-        if not (_is_count(self.min_calls) and self.min_calls >= 1):
-            raise ValueError(f"min_calls must be an integer >= 1, got {self.min_calls!r}")
-        for name in ("failure_threshold", "slow_call_threshold"):
-            value = getattr(self, name)
-            if not (_is_number(value) and 0 < value <= 1):
-                raise ValueError(f"{name} must be in (0, 1], got {value!r}")
-        slow = self.slow_call_s
-        if slow is not None and not (_is_number(slow) and slow >= 0):
-            raise ValueError(f"slow_call_s must be None or a number >= 0, got {slow!r}")
-        for name in ("open_s", "open_max_s"):
-            value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        mult = self.open_multiplier
-        if not (_is_number(mult) and math.isfinite(mult) and mult >= 1):
-            raise ValueError(f"open_multiplier must be a finite number >= 1, got {mult!r}")
-        if not (_is_count(self.half_open_permits) and self.half_open_permits >= 1):
-            raise ValueError(
-                f"half_open_permits must be an integer >= 1, got {self.half_open_permits!r}"
-            )
-        limit = self.half_open_max_s
-        if limit is not None and not (_is_number(limit) and math.isfinite(limit) and limit > 0):
-            raise ValueError(f"half_open_max_s must be None or a finite number > 0, got {limit!r}")
+        return size
 
     @property
     def required_calls(self) -> int:

@@ -51,21 +51,26 @@ nothing is tied no random number is drawn. Float scores within ``1e-9`` of the
 best count as tied. ``choose`` returns ``None`` only for an empty candidate
 list.
 
-Registering a new strategy
---------------------------
-Write a frozen dataclass for its parameters and a factory from that config
-to an object with ``name`` and ``choose``, then::
+Strategies by name
+------------------
+A strategy is a small class with a ``name`` and ``choose``; its
+parameters are its constructor's keyword arguments, declared as the fields
+of a frozen settings dataclass (:func:`haif.policy.settings.setting`), so
+checking them is structural: an unknown parameter is refused by name and a
+bad value is refused by its field's type. A strategy without parameters is
+a plain class. :data:`STRATEGIES` maps each name to its class, and
+:func:`make_placement` builds one from a name and a parameter mapping (the
+``placement`` / ``placement_params`` of :class:`haif.control.config.CoreConfig`).
+Adding a strategy is adding an entry::
 
-    @dataclass(frozen=True, slots=True)
-    class MyConfig:
-        alpha: float = 1.0
+    @setting
+    class Mine:
+        name: ClassVar[str] = "mine"
+        alpha: Positive = 1.0
 
-    class MyStrategy:
-        name = "mine"
-        def __init__(self, config: MyConfig) -> None: ...
         def choose(self, request, candidates, now, rng): ...
 
-    register_placement("mine", MyConfig, MyStrategy)
+    STRATEGIES["mine"] = Mine
     strategy = make_placement("mine", {"alpha": 2.0})
 """
 
@@ -74,61 +79,46 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, fields, is_dataclass
-from types import MappingProxyType
-from typing import Any, ClassVar, NamedTuple, Protocol, TypeVar, runtime_checkable
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import field, fields, is_dataclass
+from typing import Annotated, ClassVar, NamedTuple, Protocol, runtime_checkable
+
+from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, field_validator
 
 from haif.contracts import Request
+from haif.policy.settings import (
+    Count,
+    Finite,
+    NonNegative,
+    NonNegativeCount,
+    Positive,
+    setting,
+)
 
 __all__ = [
     "DEFAULT_GPU_PREFERENCE",
     "JSQ",
     "P2C",
-    "PLACEMENTS",
+    "STRATEGIES",
     "Candidate",
-    "JSQConfig",
+    "GpuPreference",
     "LeastOutstanding",
-    "LeastOutstandingConfig",
     "Locality",
-    "LocalityConfig",
-    "P2CConfig",
-    "PlacementSpec",
+    "ParameterError",
     "PlacementStrategy",
-    "RandomConfig",
     "RandomPlacement",
     "RoundRobin",
-    "RoundRobinConfig",
     "WeightedScore",
-    "WeightedScoreConfig",
     "make_placement",
     "placement_names",
-    "register_placement",
+    "strategy_class",
+    "strategy_parameters",
 ]
 
 _TIE_EPS = 1e-9
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _check_number(owner: str, field: str, value: object, *, minimum: float | None = None) -> float:
-    """Return ``value`` as a finite float or raise a ValueError naming the field."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{owner}.{field} must be a number, got {value!r}")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{owner}.{field} must be finite, got {value!r}")
-    if minimum is not None and number < minimum:
-        raise ValueError(f"{owner}.{field} must be >= {minimum:g}, got {value!r}")
-    return number
-
-
-def _check_int(owner: str, field: str, value: object, *, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{owner}.{field} must be an int, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{owner}.{field} must be >= {minimum}, got {value!r}")
 
 
 def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
@@ -166,6 +156,17 @@ class _CandidateFields(NamedTuple):
     same_region: bool
 
 
+@setting(title="Candidate")
+class _CandidateLoad:
+    """What :class:`Candidate` accepts in its load fields."""
+
+    queue_depth: NonNegativeCount
+    running: NonNegativeCount
+    outstanding: NonNegativeCount
+    capacity: Count
+    rtt_ms: NonNegative
+
+
 class Candidate(_CandidateFields):
     """One eligible worker as the core presents it to a placement strategy.
 
@@ -193,7 +194,8 @@ class Candidate(_CandidateFields):
         rtt_ms: float,
         same_region: bool,
     ) -> Candidate:
-        # One cheap test on the hot path; the detailed checks only on failure.
+        # One cheap test on the hot path; the declared checks (naming the
+        # field) only on failure.
         if not (
             queue_depth >= 0
             and running >= 0
@@ -201,11 +203,7 @@ class Candidate(_CandidateFields):
             and capacity >= 1
             and 0.0 <= rtt_ms < math.inf
         ):
-            _check_int("Candidate", "queue_depth", queue_depth, minimum=0)
-            _check_int("Candidate", "running", running, minimum=0)
-            _check_int("Candidate", "outstanding", outstanding, minimum=0)
-            _check_int("Candidate", "capacity", capacity, minimum=1)
-            _check_number("Candidate", "rtt_ms", rtt_ms, minimum=0.0)
+            _CandidateLoad(queue_depth, running, outstanding, capacity, rtt_ms)
         return tuple.__new__(
             cls,
             (
@@ -240,7 +238,10 @@ class Candidate(_CandidateFields):
 class PlacementStrategy(Protocol):
     """Chooses one of the eligible candidates for a request."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """The strategy's name in :data:`STRATEGIES` (``placement: <name>``)."""
+        ...
 
     def choose(
         self,
@@ -256,21 +257,11 @@ class PlacementStrategy(Protocol):
 # ------------------------------------------------------------------- random
 
 
-@dataclass(frozen=True, slots=True)
-class RandomConfig:
-    """``random`` has no parameters."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-
 class RandomPlacement:
     """Uniform choice with ``rng.choice`` (over candidates in worker_id order)."""
 
-    __slots__ = ("config",)
-    name: str = "random"
-
-    def __init__(self, config: RandomConfig | None = None) -> None:
-        self.config = config or RandomConfig()
+    __slots__ = ()
+    name: ClassVar[str] = "random"
 
     def choose(
         self,
@@ -287,13 +278,6 @@ class RandomPlacement:
 # -------------------------------------------------------------- round robin
 
 
-@dataclass(frozen=True, slots=True)
-class RoundRobinConfig:
-    """``round_robin`` has no parameters."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-
 class RoundRobin:
     """Rotate over candidates in worker_id order, keyed on the last chosen id.
 
@@ -302,11 +286,10 @@ class RoundRobin:
     rng is not used.
     """
 
-    __slots__ = ("config", "last_worker_id")
-    name: str = "round_robin"
+    __slots__ = ("last_worker_id",)
+    name: ClassVar[str] = "round_robin"
 
-    def __init__(self, config: RoundRobinConfig | None = None) -> None:
-        self.config = config or RoundRobinConfig()
+    def __init__(self) -> None:
         self.last_worker_id: str | None = None
 
     def choose(
@@ -333,21 +316,11 @@ class RoundRobin:
 # -------------------------------------------------------- least outstanding
 
 
-@dataclass(frozen=True, slots=True)
-class LeastOutstandingConfig:
-    """``least_outstanding`` has no parameters."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-
 class LeastOutstanding:
     """Minimum local ``outstanding`` (heartbeat load ignored), ties by rng."""
 
-    __slots__ = ("config",)
-    name: str = "least_outstanding"
-
-    def __init__(self, config: LeastOutstandingConfig | None = None) -> None:
-        self.config = config or LeastOutstandingConfig()
+    __slots__ = ()
+    name: ClassVar[str] = "least_outstanding"
 
     def choose(
         self,
@@ -364,13 +337,6 @@ class LeastOutstanding:
 # ---------------------------------------------------------------------- p2c
 
 
-@dataclass(frozen=True, slots=True)
-class P2CConfig:
-    """``p2c`` has no parameters."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-
 class P2C:
     """Power of two choices: ``rng.sample`` two, keep the lower ``load``.
 
@@ -378,11 +344,8 @@ class P2C:
     without drawing.
     """
 
-    __slots__ = ("config",)
-    name: str = "p2c"
-
-    def __init__(self, config: P2CConfig | None = None) -> None:
-        self.config = config or P2CConfig()
+    __slots__ = ()
+    name: ClassVar[str] = "p2c"
 
     def choose(
         self,
@@ -402,21 +365,11 @@ class P2C:
 # ---------------------------------------------------------------------- jsq
 
 
-@dataclass(frozen=True, slots=True)
-class JSQConfig:
-    """``jsq`` has no parameters."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-
 class JSQ:
     """Join the shortest queue: minimum ``load``, ties uniformly by rng."""
 
-    __slots__ = ("config",)
-    name: str = "jsq"
-
-    def __init__(self, config: JSQConfig | None = None) -> None:
-        self.config = config or JSQConfig()
+    __slots__ = ()
+    name: ClassVar[str] = "jsq"
 
     def choose(
         self,
@@ -433,6 +386,7 @@ class JSQ:
 # ----------------------------------------------------------- weighted score
 
 GpuPreference = tuple[tuple[str, float], ...]
+"""``(gpu_class, score)`` pairs, sorted by class."""
 
 DEFAULT_GPU_PREFERENCE: GpuPreference = (
     ("A100-80G", 0.8),
@@ -443,79 +397,70 @@ DEFAULT_GPU_PREFERENCE: GpuPreference = (
 )
 
 
-def _normalize_preference(value: object) -> GpuPreference:
-    """Turn a mapping or an iterable of pairs into a sorted tuple of pairs."""
-    owner, field = "WeightedScoreConfig", "gpu_preference"
-    pairs: Iterable[object]
+_GpuClass = Annotated[str, Field(strict=True, min_length=1)]
+_BY_CLASS = TypeAdapter(dict[_GpuClass, Finite])
+
+
+def _as_pairs(value: object) -> object:
+    """A mapping becomes its ``(gpu_class, score)`` pairs (checked as a mapping, so
+    that an error names the class); pairs pass through."""
     if isinstance(value, Mapping):
-        pairs = list(value.items())
-    elif isinstance(value, list | tuple):
-        pairs = value
-    else:
-        raise ValueError(f"{owner}.{field} must be a mapping or pairs, got {value!r}")
-    seen: dict[str, float] = {}
-    for pair in pairs:
-        if not isinstance(pair, list | tuple) or len(pair) != 2:
-            raise ValueError(f"{owner}.{field} entries must be (gpu_class, score), got {pair!r}")
-        gpu_class, score = pair
-        if not isinstance(gpu_class, str) or not gpu_class:
-            raise ValueError(
-                f"{owner}.{field} gpu class must be a non-empty str, got {gpu_class!r}"
-            )
-        if gpu_class in seen:
-            raise ValueError(f"{owner}.{field} lists {gpu_class!r} twice")
-        seen[gpu_class] = _check_number(owner, f"{field}[{gpu_class!r}]", score)
-    return tuple(sorted(seen.items()))
+        return tuple(_BY_CLASS.validate_python(value).items())
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be a mapping of gpu class to score, or (gpu_class, score) pairs")
+    return value
 
 
-@dataclass(frozen=True, slots=True)
-class WeightedScoreConfig:
-    """Weights of the seeds' linear score; ``w_rtt`` is per 100 ms of RTT.
+_Preference = Annotated[tuple[tuple[_GpuClass, Finite], ...], BeforeValidator(_as_pairs)]
 
-    ``gpu_preference`` may be given as a mapping or pairs; it is stored as a
-    tuple of ``(gpu_class, score)`` pairs sorted by class. Unlisted classes
-    score 0.
+
+@setting
+class WeightedScore:
+    """Highest weighted score wins; ties (within 1e-9) by rng.
+
+    The weights (each ``>= 0``) of the seeds' linear score; ``w_rtt`` is per
+    100 ms of RTT. ``gpu_preference`` may be given as a mapping or pairs; it
+    is stored as ``(gpu_class, score)`` pairs sorted by class. Unlisted
+    classes score 0.
     """
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    name: ClassVar[str] = "weighted_score"
 
-    w_region: float = 1.0
-    w_gpu: float = 1.0
-    gpu_preference: GpuPreference | Mapping[str, float] = DEFAULT_GPU_PREFERENCE
-    w_warm: float = 1.0
-    w_queue: float = 1.0
-    w_rtt: float = 0.0
+    w_region: NonNegative = 1.0
+    w_gpu: NonNegative = 1.0
+    gpu_preference: _Preference = DEFAULT_GPU_PREFERENCE
+    w_warm: NonNegative = 1.0
+    w_queue: NonNegative = 1.0
+    w_rtt: NonNegative = 0.0
+    _preference: dict[str, float] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    @field_validator("gpu_preference")
+    @classmethod
+    def _sorted_once_each(cls, pairs: GpuPreference) -> GpuPreference:
+        seen: set[str] = set()
+        for gpu_class, _ in pairs:
+            if gpu_class in seen:
+                raise ValueError(f"lists {gpu_class!r} twice")
+            seen.add(gpu_class)
+        return tuple(sorted(pairs))
 
     def __post_init__(self) -> None:
-        for name in ("w_region", "w_gpu", "w_warm", "w_queue", "w_rtt"):
-            number = _check_number("WeightedScoreConfig", name, getattr(self, name), minimum=0.0)
-            object.__setattr__(self, name, number)
-        object.__setattr__(self, "gpu_preference", _normalize_preference(self.gpu_preference))
+        object.__setattr__(self, "_preference", dict(self.gpu_preference))
 
     def preference(self, gpu_class: str) -> float:
         """The configured preference for ``gpu_class`` (0 when unlisted)."""
-        return dict(_normalize_preference(self.gpu_preference)).get(gpu_class, 0.0)
-
-
-class WeightedScore:
-    """Highest weighted score wins; ties (within 1e-9) by rng."""
-
-    __slots__ = ("_preference", "config")
-    name: str = "weighted_score"
-
-    def __init__(self, config: WeightedScoreConfig | None = None) -> None:
-        self.config = config or WeightedScoreConfig()
-        self._preference = dict(_normalize_preference(self.config.gpu_preference))
+        return self._preference.get(gpu_class, 0.0)
 
     def score(self, candidate: Candidate) -> float:
         """The candidate's score under this strategy's weights."""
-        cfg = self.config
         return (
-            cfg.w_region * candidate.same_region
-            + cfg.w_gpu * self._preference.get(candidate.gpu_class, 0.0)
-            + cfg.w_warm * candidate.warm
-            - cfg.w_queue * candidate.utilization
-            - cfg.w_rtt * candidate.rtt_ms / 100.0
+            self.w_region * candidate.same_region
+            + self.w_gpu * self._preference.get(candidate.gpu_class, 0.0)
+            + self.w_warm * candidate.warm
+            - self.w_queue * candidate.utilization
+            - self.w_rtt * candidate.rtt_ms / 100.0
         )
 
     def choose(
@@ -533,23 +478,11 @@ class WeightedScore:
 # ----------------------------------------------------------------- locality
 
 
-@dataclass(frozen=True, slots=True)
-class LocalityConfig:
-    """A candidate is saturated at ``utilization >= spill_utilization``."""
-
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-    spill_utilization: float = 0.8
-
-    def __post_init__(self) -> None:
-        value = _check_number("LocalityConfig", "spill_utilization", self.spill_utilization)
-        if value <= 0.0:
-            raise ValueError(f"LocalityConfig.spill_utilization must be > 0, got {value!r}")
-        object.__setattr__(self, "spill_utilization", value)
-
-
+@setting
 class Locality:
     """Locality first, spilling to the nearest region with headroom.
+
+    A candidate is saturated at ``utilization >= spill_utilization`` (> 0).
 
     1. Unsaturated ``same_region`` candidates: least ``load``, ties by rng.
     2. Else regions by increasing RTT (the region's minimum ``rtt_ms``, then
@@ -558,11 +491,9 @@ class Locality:
        remaining ties by rng.
     """
 
-    __slots__ = ("config",)
-    name: str = "locality"
+    name: ClassVar[str] = "locality"
 
-    def __init__(self, config: LocalityConfig | None = None) -> None:
-        self.config = config or LocalityConfig()
+    spill_utilization: Positive = 0.8
 
     def choose(
         self,
@@ -574,7 +505,7 @@ class Locality:
         if not candidates:
             return None
         ordered = _by_id(candidates)
-        limit = self.config.spill_utilization
+        limit = self.spill_utilization
         open_ = [c for c in ordered if c.utilization < limit]
 
         local = [c for c in open_ if c.same_region]
@@ -593,83 +524,71 @@ class Locality:
         return _argmin(tied, lambda c: c.rtt_ms, rng)
 
 
-# ----------------------------------------------------------------- registry
+# ---------------------------------------------------------------- by name
 
-C = TypeVar("C")
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementSpec:
-    """A registered strategy: its config dataclass and a factory from it."""
-
-    config_cls: type[Any]
-    factory: Callable[[Any], PlacementStrategy]
+STRATEGIES: dict[str, type[PlacementStrategy]] = {
+    cls.name: cls
+    for cls in (RandomPlacement, RoundRobin, LeastOutstanding, P2C, JSQ, WeightedScore, Locality)
+}
+"""Every strategy by its name; adding an entry makes ``placement: <name>`` valid."""
 
 
-_REGISTRY: dict[str, PlacementSpec] = {}
+class ParameterError(ValueError):
+    """An unknown or invalid placement parameter; ``parameter`` is its dotted path."""
 
-PLACEMENTS: Mapping[str, PlacementSpec] = MappingProxyType(_REGISTRY)
-"""Read-only view of the registered strategies, by name."""
-
-
-def register_placement(
-    name: str,
-    config_cls: type[C],
-    factory: Callable[[C], PlacementStrategy],
-    *,
-    replace: bool = False,
-) -> None:
-    """Register strategy ``name``: ``make_placement(name, params)`` will call
-    ``factory(config_cls(**params))``.
-
-    ``config_cls`` must be a dataclass (its fields are the allowed
-    parameters). Registering an existing name raises ValueError unless
-    ``replace`` is true.
-    """
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"placement name must be a non-empty str, got {name!r}")
-    if not (isinstance(config_cls, type) and is_dataclass(config_cls)):
-        raise ValueError(f"config_cls for placement {name!r} must be a dataclass type")
-    if name in _REGISTRY and not replace:
-        raise ValueError(f"placement strategy {name!r} is already registered")
-    _REGISTRY[name] = PlacementSpec(config_cls=config_cls, factory=factory)
+    def __init__(self, message: str, parameter: str = "") -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 def placement_names() -> tuple[str, ...]:
-    """Registered strategy names, sorted."""
-    return tuple(sorted(_REGISTRY))
+    """The strategies' names, sorted."""
+    return tuple(sorted(STRATEGIES))
+
+
+def strategy_class(name: str) -> type[PlacementStrategy]:
+    """The strategy called ``name``; ValueError lists the allowed names."""
+    cls = STRATEGIES.get(name)
+    if cls is None:
+        allowed = ", ".join(placement_names())
+        raise ValueError(f"unknown placement strategy {name!r}; allowed: {allowed}")
+    return cls
+
+
+def strategy_parameters(cls: type[PlacementStrategy]) -> tuple[str, ...]:
+    """The parameters ``cls`` takes: its dataclass fields (none for a plain class)."""
+    if not is_dataclass(cls):
+        return ()
+    return tuple(f.name for f in fields(cls) if f.init)
 
 
 def make_placement(name: str, params: Mapping[str, object] | None = None) -> PlacementStrategy:
-    """Build strategy ``name`` from ``params`` (its config's fields).
+    """Build strategy ``name`` with ``params`` (its constructor's keyword arguments).
 
-    Raises ValueError for an unknown name (listing the allowed names), an
-    unknown parameter (naming it and listing the allowed ones) or an invalid
-    value (the config's own message, naming the field).
+    Raises ValueError for an unknown name (listing the allowed names), and
+    :class:`ParameterError` (a ValueError) for an unknown parameter (naming
+    it and listing the allowed ones) or an invalid value (naming the
+    parameter, what it accepts and what it got).
     """
-    spec = _REGISTRY.get(name)
-    if spec is None:
-        allowed = ", ".join(placement_names())
-        raise ValueError(f"unknown placement strategy {name!r}; allowed: {allowed}")
+    cls = strategy_class(name)
     params = dict(params or {})
-    allowed_params = sorted(f.name for f in fields(spec.config_cls) if f.init)
+    allowed_params = strategy_parameters(cls)
     for key in sorted(params, key=str):
         if key not in allowed_params:
             allowed = ", ".join(allowed_params) or "(none)"
-            raise ValueError(
-                f"unknown parameter {key!r} for placement strategy {name!r}; allowed: {allowed}"
+            raise ParameterError(
+                f"unknown parameter {key!r} for placement strategy {name!r}; allowed: {allowed}",
+                str(key),
             )
+    factory: Callable[..., PlacementStrategy] = cls
     try:
-        config = spec.config_cls(**params)
-    except TypeError as exc:
-        raise ValueError(f"invalid parameters for placement strategy {name!r}: {exc}") from exc
-    return spec.factory(config)
-
-
-register_placement("random", RandomConfig, RandomPlacement)
-register_placement("round_robin", RoundRobinConfig, RoundRobin)
-register_placement("least_outstanding", LeastOutstandingConfig, LeastOutstanding)
-register_placement("p2c", P2CConfig, P2C)
-register_placement("jsq", JSQConfig, JSQ)
-register_placement("weighted_score", WeightedScoreConfig, WeightedScore)
-register_placement("locality", LocalityConfig, Locality)
+        return factory(**params)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"])
+        problem = error["msg"].removeprefix("Value error, ")
+        raise ParameterError(
+            f"invalid parameter {where!r} for placement strategy {name!r}: "
+            f"{problem} (got {error['input']!r})",
+            where,
+        ) from None

@@ -42,7 +42,8 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+
+from haif.policy.settings import Count, Finite, NonNegative, Positive, setting
 
 __all__ = ["Acquire", "QuotaConfig", "QuotaDecision", "QuotaManager", "TokenBucket"]
 
@@ -75,23 +76,31 @@ class Acquire:
     retry_after: float
 
 
+@setting(title="TokenBucket")
+class _BucketArgs:
+    """What :class:`TokenBucket` accepts (checked once, when it is built)."""
+
+    rate: NonNegative
+    capacity: Positive
+    now: Finite
+
+
 class TokenBucket:
-    """A continuously refilling token bucket, full at construction time."""
+    """A continuously refilling token bucket, full at construction time.
+
+    ``rate`` (tokens per second) must be finite and ``>= 0``, ``capacity``
+    finite and ``> 0``, ``now`` finite; anything else raises ``ValueError``
+    naming the argument.
+    """
 
     __slots__ = ("_capacity", "_last", "_rate", "_tokens")
 
     def __init__(self, rate: float, capacity: float, now: float = 0.0) -> None:
-        _finite("rate", rate)
-        _finite("capacity", capacity)
-        _finite("now", now)
-        if rate < 0:
-            raise ValueError(f"rate must be >= 0 tokens/s, got {rate!r}")
-        if capacity <= 0:
-            raise ValueError(f"capacity must be > 0 tokens, got {capacity!r}")
-        self._rate = float(rate)
-        self._capacity = float(capacity)
-        self._tokens = float(capacity)
-        self._last = float(now)
+        args = _BucketArgs(rate, capacity, now)
+        self._rate = float(args.rate)
+        self._capacity = float(args.capacity)
+        self._tokens = float(args.capacity)
+        self._last = float(args.now)
 
     @property
     def rate(self) -> float:
@@ -183,7 +192,7 @@ class TokenBucket:
 # ------------------------------------------------------------------ quotas
 
 
-@dataclass(frozen=True, slots=True)
+@setting
 class QuotaConfig:
     """Limits for one tenant (or the whole fleet); ``None`` means unlimited.
 
@@ -191,29 +200,10 @@ class QuotaConfig:
     ``burst_s = 60`` a full minute's allowance may arrive at once.
     """
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-    requests_per_min: float | None = None
-    tokens_per_min: float | None = None
-    max_concurrency: int | None = None
-    burst_s: float = 60.0
-
-    def __post_init__(self) -> None:
-        for name in ("requests_per_min", "tokens_per_min"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"QuotaConfig.{name} must be a number in (0, inf) or None")
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"QuotaConfig.{name} must be in (0, inf) or None, got {value!r}")
-        mc = self.max_concurrency
-        if mc is not None and (isinstance(mc, bool) or not isinstance(mc, int) or mc < 1):
-            raise ValueError(
-                f"QuotaConfig.max_concurrency must be an int in [1, inf) or None, got {mc!r}"
-            )
-        if not (math.isfinite(self.burst_s) and self.burst_s > 0):
-            raise ValueError(f"QuotaConfig.burst_s must be in (0, inf), got {self.burst_s!r}")
+    requests_per_min: Positive | None = None
+    tokens_per_min: Positive | None = None
+    max_concurrency: Count | None = None
+    burst_s: Positive = 60.0
 
     def requests_bucket(self, now: float) -> TokenBucket | None:
         """A fresh (full) requests bucket, or ``None`` when unlimited."""

@@ -38,11 +38,19 @@ from __future__ import annotations
 import math
 import random
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated
 
 from haif.contracts import RETRYABLE_ERRORS
+from haif.policy.settings import (
+    AtLeastOne,
+    Count,
+    NonNegative,
+    NonNegativeCount,
+    Positive,
+    one_of,
+    setting,
+)
 
 __all__ = [
     "BACKOFF_KINDS",
@@ -68,44 +76,18 @@ BACKOFF_KINDS: tuple[str, ...] = (
 DEFAULT_RETRY_ON: tuple[str, ...] = RETRYABLE_ERRORS
 
 
-def _finite_at_least(owner: str, name: str, value: float, low: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{owner}.{name} must be a number in [{low}, inf), got {value!r}")
-    if not (math.isfinite(value) and value >= low):
-        raise ValueError(f"{owner}.{name} must be in [{low}, inf), got {value!r}")
-
-
-def _positive_finite(owner: str, name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"{owner}.{name} must be a number in (0, inf), got {value!r}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{owner}.{name} must be in (0, inf), got {value!r}")
-
-
-def _int_at_least(owner: str, name: str, value: int, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{owner}.{name} must be an int in [{low}, inf), got {value!r}")
-
-
-@dataclass(frozen=True, slots=True)
+@setting
 class Backoff:
-    """A backoff schedule; see the module docstring for the formulas."""
+    """A backoff schedule; see the module docstring for the formulas.
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
+    ``kind`` is one of :data:`BACKOFF_KINDS`; ``base`` and ``cap`` are
+    finite and ``>= 0``, ``multiplier`` finite and ``>= 1``.
+    """
 
-    kind: str
-    base: float
-    cap: float
-    multiplier: float = 2.0
-
-    def __post_init__(self) -> None:
-        if self.kind not in BACKOFF_KINDS:
-            raise ValueError(
-                f"Backoff.kind must be one of {', '.join(BACKOFF_KINDS)}, got {self.kind!r}"
-            )
-        _finite_at_least("Backoff", "base", self.base, 0.0)
-        _finite_at_least("Backoff", "cap", self.cap, 0.0)
-        _finite_at_least("Backoff", "multiplier", self.multiplier, 1.0)
+    kind: Annotated[str, one_of(*BACKOFF_KINDS)]
+    base: NonNegative
+    cap: NonNegative
+    multiplier: AtLeastOne = 2.0
 
     def ceiling(self, attempt: int) -> float:
         """``min(cap, base * multiplier**(attempt-1))`` without overflowing."""
@@ -145,8 +127,21 @@ class Backoff:
 DEFAULT_BACKOFF = Backoff("full_jitter", 0.1, 5.0)
 
 
+@setting(title="RetryBudget")
+class _BudgetArgs:
+    """What :class:`RetryBudget` accepts (checked once, when it is built)."""
+
+    ratio: NonNegative
+    min_retries: NonNegativeCount
+    window_s: Positive
+
+
 class RetryBudget:
     """Sliding-window retry budget (Finagle / Envoy style).
+
+    ``ratio`` must be finite and ``>= 0``, ``min_retries`` an int ``>= 0``,
+    ``window_s`` finite and ``> 0``; anything else raises ``ValueError``
+    naming the argument.
 
     Events are stored as ``[time, count]`` pairs (same-time events merge) in
     deques pruned on every call, so memory is bounded by the number of
@@ -166,12 +161,10 @@ class RetryBudget:
     )
 
     def __init__(self, ratio: float = 0.1, min_retries: int = 3, window_s: float = 10.0) -> None:
-        _finite_at_least("RetryBudget", "ratio", ratio, 0.0)
-        _int_at_least("RetryBudget", "min_retries", min_retries, 0)
-        _positive_finite("RetryBudget", "window_s", window_s)
-        self._ratio = float(ratio)
-        self._min_retries = min_retries
-        self._window_s = float(window_s)
+        args = _BudgetArgs(ratio, min_retries, window_s)
+        self._ratio = float(args.ratio)
+        self._min_retries = args.min_retries
+        self._window_s = float(args.window_s)
         self._requests: deque[list[float]] = deque()
         self._retries: deque[list[float]] = deque()
         self._n_requests = 0
@@ -223,38 +216,22 @@ class RetryBudget:
         return True
 
 
-@dataclass(frozen=True, slots=True)
+@setting
 class RetryConfig:
     """Retry settings; ``max_attempts`` counts the first attempt too.
 
     ``retry_on``: the error kinds worth retrying (default: the retryable
-    kinds of :data:`haif.contracts.ERROR_KINDS`).
+    kinds of :data:`haif.contracts.ERROR_KINDS`), stored as plain strings
+    (an ``ErrorKind`` member becomes its string). ``backoff`` may be given
+    as a mapping (e.g. straight from YAML).
     """
 
-    __pydantic_config__: ClassVar[dict[str, str]] = {"extra": "forbid"}
-
-    max_attempts: int = 3
+    max_attempts: Count = 3
     backoff: Backoff = DEFAULT_BACKOFF
-    budget_ratio: float = 0.1
-    budget_min_retries: int = 3
-    budget_window_s: float = 10.0
+    budget_ratio: NonNegative = 0.1
+    budget_min_retries: NonNegativeCount = 3
+    budget_window_s: Positive = 10.0
     retry_on: tuple[str, ...] = DEFAULT_RETRY_ON
-
-    def __post_init__(self) -> None:
-        _int_at_least("RetryConfig", "max_attempts", self.max_attempts, 1)
-        backoff: Any = self.backoff
-        if isinstance(backoff, Mapping):  # e.g. straight from YAML
-            object.__setattr__(self, "backoff", Backoff(**dict(backoff)))
-        elif not isinstance(backoff, Backoff):
-            raise ValueError(f"RetryConfig.backoff must be a Backoff, got {backoff!r}")
-        _finite_at_least("RetryConfig", "budget_ratio", self.budget_ratio, 0.0)
-        _int_at_least("RetryConfig", "budget_min_retries", self.budget_min_retries, 0)
-        _positive_finite("RetryConfig", "budget_window_s", self.budget_window_s)
-        retry_on: Any = self.retry_on
-        if isinstance(retry_on, str) or not all(isinstance(e, str) for e in retry_on):
-            raise ValueError(f"RetryConfig.retry_on must be a sequence of str, got {retry_on!r}")
-        # Plain strings (an ErrorKind member is one, but dumps as its class).
-        object.__setattr__(self, "retry_on", tuple(str(e) for e in retry_on))
 
 
 @dataclass(frozen=True, slots=True)

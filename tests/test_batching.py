@@ -32,7 +32,8 @@ from haif.runtime import batching
 from haif.runtime import worker as worker_mod
 from haif.runtime.batching import IterationTimer, RequestTimer, sleep_until
 from haif.runtime.cluster import free_port
-from haif.runtime.engines import EngineError, SyntheticEngine, engine_from_args
+from haif.runtime.engines import EngineError, SyntheticEngine
+from haif.runtime.engines_cli import engine_from_args
 from haif.runtime.messages import InferCall, InferEnd, TokenChunk
 from haif.runtime.rpc import RpcClient, RpcError
 from haif.sim.engine import BatchingWorker, RequestLevelWorker

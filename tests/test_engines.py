@@ -41,9 +41,9 @@ from haif.runtime.engines import (
     OpenAIUpstreamEngine,
     SyntheticEngine,
     VllmEngine,
-    engine_from_args,
     make_engine,
 )
+from haif.runtime.engines_cli import engine_from_args
 from haif.runtime.gateway import Gateway
 from haif.runtime.messages import TokenChunk
 from haif.runtime.orchestrator import Orchestrator

@@ -6,8 +6,10 @@ An engine is anything with ``stream(request, start) -> AsyncIterator[TokenChunk]
 (:class:`Engine`): it yields the response's tokens from index ``start`` on,
 in order, as :class:`~haif.runtime.messages.TokenChunk` text deltas. The
 worker wraps it with queueing (``capacity`` slots), accounting and the RPC.
-The engines (synthetic, transformers, vLLM, OpenAI upstream) live in
-:mod:`haif.runtime.engines`; :class:`SyntheticEngine` is re-exported here.
+The engines (synthetic, transformers, vLLM, OpenAI upstream) live in the
+package :mod:`haif.runtime.engines`, one adapter per module; the worker's
+engine options and the engine they build are in :mod:`haif.runtime.engines_cli`.
+:class:`SyntheticEngine` is re-exported here.
 
 :class:`SyntheticEngine` yields deterministic tokens timed like the
 simulator's service model: the first token ``ttft_s`` after the call (the
@@ -69,11 +71,10 @@ from haif.runtime.engines import (
     EngineError,
     ManagedEngine,
     SyntheticEngine,
-    add_worker_engine_args,
-    engine_from_args,
     synthetic_piece,
     synthetic_token,
 )
+from haif.runtime.engines_cli import add_worker_engine_args, engine_from_args
 from haif.runtime.gc_pauses import freeze_after_startup
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
 from haif.runtime.resources import ResourceMonitor

@@ -1,0 +1,224 @@
+"""The ``synthetic`` engine: deterministic text, timed by a fixed service model or profiles.
+
+Timings (``timing=``, the worker's ``--timing``):
+
+- ``fixed`` (default): the first token ``ttft_s`` after the call, the rest
+  evenly so that a response takes ``mean_s`` (the simulator's abstract
+  ``service`` model, one request per slot);
+- ``profile``: the simulator's iteration-level engine
+  (:class:`~haif.sim.engine.BatchingWorker`) on the asyncio clock, timed by
+  the GPU x model profile of ``gpu`` and the request's model
+  (:mod:`haif.runtime.batching`): continuous batching over all of the
+  worker's streams, API overhead, prefill-only or chunked prefill
+  (``chunked_prefill_tokens``), KV-cache admission and preemption, prefix
+  cache (``prefix_cache``), ``max_batch``, model swaps (the first of
+  ``models`` is loaded at start);
+- ``profile-request``: the simulator's request-level engine
+  (:class:`~haif.sim.engine.RequestLevelWorker`) with the same profiles.
+
+Under both profile timings a request's first token and last token come out
+when the simulator would emit them for the same arrivals; the engine queues
+requests itself, as the simulated worker does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import AsyncGenerator, Mapping, Sequence
+
+from haif.contracts import Request
+from haif.fleet.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
+from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
+from haif.runtime.engines.base import MAX_CHUNK_TOKENS, EngineError
+from haif.runtime.messages import TokenChunk
+from haif.runtime.supervisor import SPAWNED_AT_ENV
+
+__all__ = ["TIMINGS", "SyntheticEngine", "profiles_for", "synthetic_piece", "synthetic_token"]
+
+#: The synthetic engine's timing models (``--timing``).
+TIMINGS = ("fixed", "profile", "profile-request")
+
+
+def _seed(request_id: str) -> bytes:
+    return hashlib.sha256(request_id.encode()).digest()
+
+
+def synthetic_token(seed: bytes, index: int) -> str:
+    return f"tok{seed[index % len(seed)] + index}"
+
+
+def synthetic_piece(seed: bytes, index: int) -> str:
+    """Token ``index`` as it appears in the text (space-separated tokens)."""
+    token = synthetic_token(seed, index)
+    return token if index == 0 else " " + token
+
+
+class SyntheticEngine:
+    """Deterministic text, timed by a fixed service model or by GPU x model profiles.
+
+    ``timing="fixed"``: the first token comes ``ttft_s`` after the call (the
+    prefill of the prompt, plus the already-produced tokens when resuming), the
+    rest spread evenly so that a full response takes ``mean_s``.
+    ``timing="profile"`` / ``"profile-request"``: tokens come out when the
+    simulator's iteration-level / request-level engine would emit them
+    (:mod:`haif.runtime.batching`), timed by ``profiles`` (model -> profile),
+    by default the catalog's profiles of ``gpu`` x each of ``models``; the
+    first model is the one loaded at start. Token ``i`` of a request depends
+    only on the request id and ``i`` — the same on every worker — so a
+    response resumed on another worker continues exactly where the first one
+    stopped.
+    """
+
+    def __init__(
+        self,
+        mean_s: float = 0.05,
+        ttft_s: float = 0.01,
+        *,
+        timing: str = "fixed",
+        gpu: str | None = None,
+        models: Sequence[str] = (),
+        profiles: Mapping[str, PerfProfile] | None = None,
+        max_batch: int | None = None,
+        chunked_prefill_tokens: int | None = None,
+        prefix_cache: bool = False,
+        cold_start: bool = False,
+    ) -> None:
+        self.mean_s = mean_s
+        self.cold_start = cold_start
+        self.ttft_s = min(ttft_s, mean_s)
+        if timing not in TIMINGS:
+            raise EngineError(f"unknown timing {timing!r}; known timings: {', '.join(TIMINGS)}")
+        self.timing = timing
+        self.timer: Timer | None = None
+        profiled_options = max_batch is not None or chunked_prefill_tokens or prefix_cache
+        if timing == "fixed":
+            if profiles is not None or profiled_options:
+                raise EngineError(
+                    "profiles, max_batch, chunked_prefill_tokens and prefix_cache apply to "
+                    "the profile timings only, not to timing 'fixed'"
+                )
+            return
+        if profiles is None:
+            profiles = profiles_for(timing, gpu, models)
+        if not profiles:
+            raise EngineError(f"timing {timing!r} needs at least one model")
+        try:
+            options = BatchingOptions(max_batch, chunked_prefill_tokens, prefix_cache)
+        except ValueError as exc:
+            raise EngineError(f"timing {timing!r}: {exc}") from None
+        warm = next(iter(profiles))
+        kind = IterationTimer if timing == "profile" else RequestTimer
+        self.timer = kind(profiles, warm, options)
+
+    async def load(self) -> None:
+        """With ``cold_start`` (a restarted worker), the profile timings load the warm
+        model's weights first (``load_time_s``), as the simulator does on restart;
+        the worker is announced meanwhile, not warm. Nothing to load otherwise."""
+        if self.cold_start and self.timer is not None:
+            # The restart began when `haif up` spawned this process (its start-up
+            # is part of the reload, as the simulator's restart is one instant).
+            now = asyncio.get_running_loop().time()
+            spawned = os.environ.get(SPAWNED_AT_ENV)
+            try:
+                since = max(0.0, time.time() - float(spawned)) if spawned else 0.0
+            except ValueError:
+                since = 0.0
+            self.timer.cold_start(now - min(since, 60.0))
+
+    async def close(self) -> None:
+        pass
+
+    @property
+    def queues_internally(self) -> bool:
+        """True when the engine queues and batches requests itself (profile timings)."""
+        return self.timer is not None
+
+    def occupancy(self) -> Occupancy | None:
+        """Queue, batch, free KV and warm models of the profile timings (None: fixed)."""
+        return self.timer.occupancy() if self.timer is not None else None
+
+    @staticmethod
+    def tokens(request: Request) -> list[str]:
+        seed = _seed(request.request_id)
+        return [synthetic_token(seed, i) for i in range(request.max_tokens)]
+
+    @staticmethod
+    def text(request: Request) -> str:
+        """The whole response text (what the concatenated stream must equal)."""
+        return " ".join(SyntheticEngine.tokens(request))
+
+    async def stream(self, request: Request, start: int = 0) -> AsyncGenerator[TokenChunk, None]:
+        """Tokens ``start..max_tokens-1`` when the timing emits them (fixed: the first
+        after ``ttft_s``, then evenly paced); tokens already due make one chunk."""
+        n = request.max_tokens
+        if start >= n:
+            return
+        seed = _seed(request.request_id)
+        if self.timer is not None:
+            emissions = self.timer.emissions(request, start, MAX_CHUNK_TOKENS)
+            async with contextlib.aclosing(emissions):
+                async for span in emissions:
+                    yield TokenChunk(span.start, tuple(synthetic_piece(seed, k) for k in span))
+            return
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        step = (self.mean_s - self.ttft_s) / max(1, n - 1)
+        i = start
+        while i < n:
+            due = t0 + self.ttft_s + (i - start) * step
+            now = loop.time()
+            if now < due:
+                await asyncio.sleep(due - now)
+                now = loop.time()
+            late = int((now - due) / step) if step > 0 else n
+            j = min(n, i + 1 + late, i + MAX_CHUNK_TOKENS)
+            yield TokenChunk(i, tuple(synthetic_piece(seed, k) for k in range(i, j)))
+            i = j
+
+    async def generate(self, request: Request) -> tuple[str, float, float]:
+        """Return (text, ttft_s, service_s) after the modelled service time."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        ttft: float | None = None
+        pieces: list[str] = []
+        async for chunk in self.stream(request):
+            if ttft is None:
+                ttft = loop.time() - start
+            pieces.extend(chunk.texts)
+        return "".join(pieces), ttft or 0.0, loop.time() - start
+
+
+def profiles_for(
+    timing: str, gpu: str | None, models: Sequence[str], catalog_path: str | None = None
+) -> dict[str, PerfProfile]:
+    """The catalog's profile of ``gpu`` x each model; a clear error for a pair it lacks.
+
+    ``catalog_path``: a profile catalog YAML (``--profiles``, e.g. one ``haif
+    calibrate`` wrote); default the packaged one.
+    """
+    if not gpu:
+        raise EngineError(f"--timing {timing} needs the worker's --gpu-class")
+    try:
+        catalog = load_catalog(catalog_path)
+    except (OSError, ValueError) as exc:
+        raise EngineError(f"--profiles {catalog_path}: {exc}") from None
+    profiles: dict[str, PerfProfile] = {}
+    for model in models:
+        try:
+            profiles[model] = catalog.get(gpu, model)
+        except UnknownProfileError as exc:
+            raise EngineError(
+                f"--timing {timing}: no performance profile for GPU {gpu!r} x model {model!r} "
+                f"(--gpu-class, --models): {exc}"
+            ) from None
+        except ModelDoesNotFitError as exc:
+            fits = sorted(m for g, m in catalog.names() if g == gpu)
+            raise EngineError(
+                f"--timing {timing}: no performance profile for GPU {gpu!r} x model {model!r} "
+                f"(--gpu-class, --models): {exc}; models profiled on {gpu}: {', '.join(fits)}"
+            ) from None
+    return profiles

@@ -1,0 +1,66 @@
+"""Token ids to text and prompts to token ids, shared by the local-model engines.
+
+:class:`IncrementalDetokenizer` cuts a generation into text pieces so that the
+piece of token ``i`` is a pure function of the prompt and the ids ``0..i``:
+every worker (transformers or vLLM) cuts a resumed response the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["IncrementalDetokenizer", "encode_prompt", "tokenizer_decoder"]
+
+
+class IncrementalDetokenizer:
+    """Token ids in, text pieces out: piece ``i`` depends only on the context and ids ``0..i``.
+
+    ``decode`` turns ids into text. The concatenated pieces equal the decoded
+    text of all the ids. A piece is held back (``""``) while the text ends in
+    an incomplete character (``U+FFFD``, e.g. half of a UTF-8 sequence in a
+    byte-level BPE) and released with the next token that completes it; the
+    ``final`` token releases everything. The last few prompt ids are decoded
+    along (as vLLM does) so tokenizers that drop a leading space when a text
+    starts with a token still give the first generated token its space.
+    """
+
+    CONTEXT = 5
+
+    def __init__(self, decode: Callable[[list[int]], str], context_ids: Sequence[int] = ()) -> None:
+        self._decode = decode
+        self.ids: list[int] = list(context_ids[-self.CONTEXT :]) if self.CONTEXT else []
+        self._prefix = 0
+        self._read = len(self.ids)
+
+    def add(self, token_id: int, final: bool = False) -> str:
+        self.ids.append(token_id)
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if final or (len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd")):
+            self._prefix, self._read = self._read, len(self.ids)
+            return new_text[len(prefix_text) :]
+        return ""
+
+
+def tokenizer_decoder(
+    tokenizer: Any, lock: threading.Lock | None = None
+) -> Callable[[list[int]], str]:
+    def decode(ids: list[int]) -> str:
+        with lock or contextlib.nullcontext():
+            text: str = tokenizer.decode(
+                ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            )
+        return text
+
+    return decode
+
+
+def encode_prompt(tokenizer: Any, prompt: str | None, bos_id: int) -> list[int]:
+    """The prompt's token ids (no special tokens); ``[bos_id]`` for an empty prompt."""
+    if not prompt:
+        return [bos_id]
+    ids: list[int] = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    return ids or [bos_id]

@@ -1,0 +1,127 @@
+"""The ``vllm`` engine: a signed artifact in an in-process ``vllm.AsyncLLMEngine``.
+
+vllm (``haif[vllm]``) is imported when the engine is built, so this module
+imports without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import shutil
+import uuid
+from collections.abc import AsyncGenerator, Mapping
+from pathlib import Path
+from typing import Any
+
+from haif.contracts import ErrorKind, Request
+from haif.runtime.artifacts import ArtifactRef
+from haif.runtime.engines.base import EngineUnavailable
+from haif.runtime.engines.loading import artifact_ref, fetch_verified, trusted_keyring
+from haif.runtime.engines.text import IncrementalDetokenizer, encode_prompt, tokenizer_decoder
+from haif.runtime.messages import TokenChunk
+from haif.runtime.rpc import RpcError
+from haif.runtime.security import Keyring
+
+__all__ = ["VllmEngine"]
+
+
+class VllmEngine:
+    """A verified artifact served by an in-process ``vllm.AsyncLLMEngine``.
+
+    Greedy sampling with ``ignore_eos`` and ``max_tokens`` (exactly
+    ``max_tokens`` tokens); ``engine_args`` go to ``vllm.AsyncEngineArgs``
+    (``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
+    ``tensor_parallel_size``...). Text pieces come from the artifact's
+    tokenizer through :class:`IncrementalDetokenizer`, as in
+    :class:`TransformersEngine`. A resumed request is regenerated from the
+    prompt and its first ``start`` tokens are not sent again.
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        store: str | Path,
+        model_ref: ArtifactRef | str,
+        keyring: Keyring | str | Path,
+        *,
+        engine_args: Mapping[str, Any] | None = None,
+        workdir: str | Path | None = None,
+    ) -> None:
+        try:
+            self._vllm: Any = importlib.import_module("vllm")
+        except ImportError:
+            raise EngineUnavailable("vllm is not installed: pip install 'haif[vllm]'") from None
+        self.store = Path(store)
+        self.ref = artifact_ref(model_ref)
+        self.keyring = trusted_keyring(keyring)
+        self.engine_args = dict(engine_args or {})
+        self.workdir = Path(workdir) if workdir is not None else None
+        self._engine: Any = None
+        self._tokenizer: Any = None
+        self._directory: Path | None = None
+
+    async def load(self) -> None:
+        if self._engine is not None:
+            return
+        directory, _manifest = await asyncio.to_thread(
+            fetch_verified, self.store, self.ref, self.keyring, self.name, self.workdir
+        )
+        try:
+            transformers: Any = importlib.import_module("transformers")
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                str(directory), local_files_only=True, trust_remote_code=False
+            )
+            args = self._vllm.AsyncEngineArgs(
+                model=str(directory), tokenizer=str(directory), **self.engine_args
+            )
+            self._engine = self._vllm.AsyncLLMEngine.from_engine_args(args)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+        self._directory = directory
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None and hasattr(engine, "shutdown"):
+            with contextlib.suppress(Exception):
+                engine.shutdown()
+        if self._directory is not None:
+            shutil.rmtree(self._directory, ignore_errors=True)
+            self._directory = None
+
+    async def stream(self, request: Request, start: int = 0) -> AsyncGenerator[TokenChunk, None]:
+        n = request.max_tokens
+        if start >= n:
+            return
+        if self._engine is None:
+            raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is not loaded")
+        bos = self._tokenizer.bos_token_id
+        if bos is None:
+            bos = self._tokenizer.eos_token_id
+        ids = encode_prompt(self._tokenizer, request.prompt, int(bos or 0))
+        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        rid = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
+        detok = IncrementalDetokenizer(tokenizer_decoder(self._tokenizer), ids)
+        seen = 0
+        finished = False
+        try:
+            async for out in self._engine.generate({"prompt_token_ids": ids}, params, rid):
+                token_ids = list(out.outputs[0].token_ids)[:n]
+                first = max(seen, start)
+                pieces: list[str] = []
+                for i in range(seen, len(token_ids)):
+                    piece = detok.add(int(token_ids[i]), final=i == n - 1)
+                    if i >= start:
+                        pieces.append(piece)
+                seen = len(token_ids)
+                if pieces:
+                    yield TokenChunk(first, tuple(pieces))
+                if out.finished:
+                    finished = True
+        finally:
+            if not finished and self._engine is not None:
+                with contextlib.suppress(Exception):
+                    await self._engine.abort(rid)

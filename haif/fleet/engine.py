@@ -188,7 +188,33 @@ class Seq:
 _IDLE, _LOAD, _PREFILL, _DECODE, _DOWN = range(5)
 
 
-class BatchingEngine:
+class _EngineBase:
+    """What both engine models hold: the profiles, the loaded model, the slots, the clock."""
+
+    def __init__(
+        self,
+        profiles: Mapping[str, PerfProfile],
+        warm: str,
+        max_batch: int | None,
+        price_per_hour: float,
+        track_progress: bool,
+    ) -> None:
+        if warm not in profiles:
+            raise ValueError(f"warm model {warm!r} has no profile (have: {', '.join(profiles)})")
+        self.profiles = dict(profiles)
+        self.active = warm
+        self.max_batch = max_batch or profiles[warm].max_batch
+        self.price_per_hour = price_per_hour
+        self.slow = 1.0  # gray-failure factor: every step and overhead takes this much longer
+        self.clock = 0.0  # when the engine last changed
+        # With track_progress: every sequence that got tokens (or, at request
+        # level, whose service began) since the driver last emptied the list;
+        # a streaming driver wakes their readers.
+        self.progressed: list[Seq] | None = [] if track_progress else None
+        self._order = itertools.count()
+
+
+class BatchingEngine(_EngineBase):
     """Continuous batching over one GPU (see the module docstring). Not thread-safe."""
 
     def __init__(
@@ -203,28 +229,17 @@ class BatchingEngine:
         max_segment_steps: int | None = None,
         track_progress: bool = False,
     ) -> None:
-        if warm not in profiles:
-            raise ValueError(f"warm model {warm!r} has no profile (have: {', '.join(profiles)})")
-        self.profiles = dict(profiles)
-        self.active = warm
-        self.max_batch = max_batch or profiles[warm].max_batch
+        super().__init__(profiles, warm, max_batch, price_per_hour, track_progress)
         self.chunk = chunked_prefill_tokens
         self.kv_capacity = profiles[warm].kv_capacity_tokens
         self.prefix = PrefixCache(self.kv_capacity // BLOCK_TOKENS) if prefix_cache else None
-        self.price_per_hour = price_per_hour
         self.max_segment_steps = max_segment_steps or math.inf
-        self.slow = 1.0  # gray-failure factor: every step and overhead takes this much longer
         self.pending: list[tuple[float, int, Seq]] = []  # in the API overhead, by ready time
         self.waiting: deque[Seq] = deque()
         self.batch: list[Seq] = []
         self.kv_used = 0
         self.steps = 0
         self.preemptions = 0
-        self.clock = 0.0  # when the engine last changed
-        # With track_progress: every sequence that got tokens since the driver
-        # last emptied the list (a streaming driver wakes their readers).
-        self.progressed: list[Seq] | None = [] if track_progress else None
-        self._order = itertools.count()
         self._phase = _IDLE
         self._end = 0.0  # when the phase in progress ends
         # The phase's work: a prefill step's chunks and decoding members, or a
@@ -553,7 +568,7 @@ class BatchingEngine:
             self.progressed.extend(self.batch)
 
 
-class RequestLevelEngine:
+class RequestLevelEngine(_EngineBase):
     """The fast approximation: one service time per request over ``max_batch`` slots.
 
     A request holds a slot, FIFO, for ``ttft + (output - 1) x decode_step``
@@ -576,24 +591,14 @@ class RequestLevelEngine:
         price_per_hour: float = 0.0,
         track_progress: bool = False,
     ) -> None:
-        if warm not in profiles:
-            raise ValueError(f"warm model {warm!r} has no profile (have: {', '.join(profiles)})")
-        self.profiles = dict(profiles)
-        self.active = warm
-        self.max_batch = max_batch or profiles[warm].max_batch
-        self.price_per_hour = price_per_hour
-        self.slow = 1.0
+        super().__init__(profiles, warm, max_batch, price_per_hour, track_progress)
         self.queue: deque[Seq] = deque()
         self.holders: dict[Seq, float] = {}  # slot holders -> when they free it (inf: loading)
         self.in_service = 0  # holders whose service began
         self.loading_until = 0.0
         self.down = False
-        self.clock = 0.0
-        # With track_progress: sequences whose service began (their token times are known).
-        self.progressed: list[Seq] | None = [] if track_progress else None
         self._finishes: list[tuple[float, int, Seq]] = []
         self._bills: dict[Seq, float] = {}
-        self._order = itertools.count()
 
     # ------------------------------------------------------------ views
 

@@ -63,74 +63,33 @@ def plan_faults(
     plan: list[FaultWindow] = []
     seed = scenario.seed
     for i, fault in enumerate(scenario.faults):
+        factor = 1.0
         if isinstance(fault, WorkerCrash):
             names = pick_workers(
                 seed, i, workers, fault.ids, fault.region, fault.count, fault.fraction
             )
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "down",
-                tuple(names),
-                fault.at_s,
-                fault.at_s + fault.restart_s,
-                label=f"{len(names)} worker(s) crash",
-            )
+            kind: WindowKind = "down"
+            start, end = fault.at_s, fault.at_s + fault.restart_s
+            label = f"{len(names)} worker(s) crash"
         elif isinstance(fault, RegionOutage):
             names = pick_workers(seed, i, workers, (), fault.region, None)
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "down",
-                tuple(names),
-                fault.start_s,
-                fault.end_s,
-                label=f"{fault.region} out",
-            )
+            kind, start, end, label = "down", fault.start_s, fault.end_s, f"{fault.region} out"
         elif isinstance(fault, GrayFailure):
             names = pick_workers(seed, i, workers, fault.ids, fault.region, fault.count)
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "slow",
-                tuple(names),
-                fault.start_s,
-                fault.end_s,
-                fault.factor,
-                label=f"{len(names)} worker(s) {fault.factor:g}x slow",
-            )
+            kind, start, end, factor = "slow", fault.start_s, fault.end_s, fault.factor
+            label = f"{len(names)} worker(s) {fault.factor:g}x slow"
         elif isinstance(fault, GatewayDown):
             names = [gid for gid, region in gateways if region == fault.region]
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "gateway_down",
-                tuple(names),
-                fault.start_s,
-                fault.end_s,
-                label=f"{fault.region} gateway down",
-            )
+            kind, start, end = "gateway_down", fault.start_s, fault.end_s
+            label = f"{fault.region} gateway down"
         elif isinstance(fault, Partition):
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "partition",
-                (fault.a, fault.b),
-                fault.start_s,
-                fault.end_s,
-                label=f"{fault.a} | {fault.b} partition",
-            )
+            names = [fault.a, fault.b]
+            kind, start, end = "partition", fault.start_s, fault.end_s
+            label = f"{fault.a} | {fault.b} partition"
         else:
             assert isinstance(fault, StoreOutage)
-            where = (fault.region,) if fault.region else ()
-            window = FaultWindow(
-                i,
-                fault.kind,
-                "store_out",
-                where,
-                fault.start_s,
-                fault.end_s,
-                label=f"store out ({fault.region or 'all regions'})",
-            )
-        plan.append(window)
+            names = [fault.region] if fault.region else []
+            kind, start, end = "store_out", fault.start_s, fault.end_s
+            label = f"store out ({fault.region or 'all regions'})"
+        plan.append(FaultWindow(i, fault.kind, kind, tuple(names), start, end, factor, label))
     return plan

@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:  `make sim`  and  `make test`.
-# Both bootstrap .venv (Python >= 3.11) on first use.
+# Both bootstrap .venv (Python >= 3.11) on first use. `make test-fast` is the
+# quick loop: the suite without the `cluster`, `postgres` and `slow` tests.
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.haif-installed
 
-.PHONY: sim test lint check clean
+.PHONY: sim test test-fast lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +19,9 @@ sim: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest -q
+
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not cluster and not postgres and not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check haif tests bench

@@ -7,22 +7,20 @@ rerun once to check the committed ``reports/baseline`` exactly.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from harness.analysis import cli
 
 from haif.analysis import compare as cmp
 from haif.analysis import regress
-from haif.analysis.cli import add_analysis_commands
 from haif.analysis.query import discover_runs, resolve_runs, run_query, view_name
 from haif.configfile import ConfigError
 from haif.fleet.scenario import load_scenario
@@ -37,19 +35,6 @@ CANONICAL = ROOT / "regress" / "canonical.yaml"
 THRESHOLDS = ROOT / "regress" / "thresholds.yaml"
 TINY = ["duration_s=120", "drain_s=60", "faults.0.start_s=40", "faults.0.end_s=80"]
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def cli(argv: list[str]) -> int:
-    """Parse and run like ``haif.cli.main``: a ConfigError is printed and gives 2."""
-    parser = argparse.ArgumentParser(prog="haif")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_analysis_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
 
 
 def _sim(out: Path, extra: list[str]) -> Path:
@@ -474,6 +459,7 @@ def test_refresh_baseline_and_sets(runs: dict[str, Path], tmp_path: Path) -> Non
     assert (stranger / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_committed_baseline_matches_a_fresh_canonical_run(tmp_path: Path) -> None:
     """Determinism: the same code gives the committed summaries byte for byte."""
     out = tmp_path / "canonical"

@@ -26,6 +26,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from harness.cluster import running, serve, wait_fresh
 
 from haif.contracts import Request
 from haif.runtime import gateway as gateway_mod
@@ -266,14 +267,6 @@ class FakeUpstream:
         return resp
 
 
-async def serve(app: web.Application, port: int = 0) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    host, port = runner.addresses[0][:2]
-    return runner, f"http://{host}:{port}"
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[tuple[FakeUpstream, str]]:
     fake = FakeUpstream()
@@ -396,12 +389,7 @@ class Stack:
 
     async def wait_worker(self, wid: str, proc: subprocess.Popen[bytes] | None = None) -> None:
         assert self.orch is not None
-        deadline = time.monotonic() + 60.0
-        while wid not in self.orch.status().fresh_workers:
-            if proc is not None:
-                assert proc.poll() is None, f"worker {wid} exited; see {self.tmp}"
-            assert time.monotonic() < deadline, f"worker {wid} never announced itself"
-            await asyncio.sleep(0.05)
+        await wait_fresh(self.orch, {wid}, {wid: proc} if proc else {}, self.tmp, 60.0)
 
     async def stop(self) -> None:
         for proc in self.procs:
@@ -418,20 +406,17 @@ class Stack:
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    s = Stack(tmp_path)
-    await s.start()
-    try:
+    async with running(Stack(tmp_path)) as s:
         yield s
-    finally:
-        await s.stop()
 
 
+@pytest.mark.cluster
 async def test_openai_upstream_against_the_haif_gateway(stack: Stack) -> None:
     port = free_port()
     spec = WorkerSpec(
         "ws", "local", f"http://127.0.0.1:{port}", stack.orch_url, mean_s=0.1, heartbeat_s=0.1
     )
-    runner, _url = await serve(worker_mod.build_app(Worker(spec)), port)
+    runner, _url = await serve(worker_mod.build_app(Worker(spec)), port=port)
     stack.runners.insert(0, runner)
     await stack.wait_worker("ws")
     engine = OpenAIUpstreamEngine(stack.url, "llama-3-8b", forward_request_id=True)
@@ -509,6 +494,7 @@ async def loaded_engine(store: Path, keys: Path) -> Any:
     return engine
 
 
+@pytest.mark.slow
 def test_make_tiny_builds_a_small_signed_safetensors_model(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -529,6 +515,7 @@ def test_make_tiny_builds_a_small_signed_safetensors_model(
     assert 50_000 < manifest["metadata"]["parameters"] < 1_000_000
 
 
+@pytest.mark.slow
 async def test_transformers_engine_is_deterministic_and_resumes(tiny: tuple[Path, Path]) -> None:
     engine = await loaded_engine(*tiny)
     try:
@@ -555,6 +542,7 @@ async def test_transformers_engine_is_deterministic_and_resumes(tiny: tuple[Path
     assert engine.cache.stats()["models"] == []
 
 
+@pytest.mark.slow
 async def test_transformers_engine_refuses_a_tampered_artifact(
     tiny: tuple[Path, Path], tmp_path: Path
 ) -> None:
@@ -571,6 +559,8 @@ async def test_transformers_engine_refuses_a_tampered_artifact(
         await collect(engine, req("x", 2))
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 async def test_a_worker_process_with_a_tampered_artifact_exits_without_announcing(
     tiny: tuple[Path, Path], tmp_path: Path, stack: Stack
 ) -> None:
@@ -592,6 +582,8 @@ async def test_a_worker_process_with_a_tampered_artifact_exits_without_announcin
     assert stack.orch is not None and "wbad" not in stack.orch.status().fresh_workers
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 async def test_a_worker_process_serves_the_tiny_model_through_the_gateway(
     tiny: tuple[Path, Path], tmp_path: Path, stack: Stack
 ) -> None:

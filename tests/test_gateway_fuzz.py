@@ -3,57 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from harness.api import MODEL
+from harness.cluster import Up
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from haif.runtime.cluster import free_port
-
-MODEL = "llama-3-8b"
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    data: Path = tmp_path_factory.mktemp("fuzz")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert "haif cluster up" in line, line + proc.stdout.read()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while (
-        time.monotonic() < deadline
-        and post(
-            url,
-            "/v1/completions",
-            json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 1}).encode(),
-        )[0]
-        != 200
-    ):
-        time.sleep(0.2)
+    up = Up(tmp_path_factory.mktemp("fuzz"))
+    up.wait_ready()
     try:
-        yield url
+        yield up.url
     finally:
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        up.stop()
 
 
 def post(

@@ -18,7 +18,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from test_runtime_up import Up
+from harness.cluster import Up
 
 from haif.configfile import ConfigError
 from haif.runtime.cluster import free_port
@@ -91,6 +91,7 @@ def https_gateway(tmp_path: Path) -> Iterator[tuple[str, ssl.SSLContext]]:
         proc.wait(timeout=30)
 
 
+@pytest.mark.cluster
 def test_the_gateway_serves_https(https_gateway: tuple[str, ssl.SSLContext]) -> None:
     url, trusting = https_gateway
     # The whole API over TLS: no orchestrator behind this gateway, so an
@@ -128,6 +129,7 @@ def test_tls_flags_are_checked(tmp_path: Path) -> None:
         server_tls(str(cert), str(cert))  # a certificate is not its key
 
 
+@pytest.mark.cluster
 def test_a_bad_tls_flag_stops_the_gateway_with_a_message(tmp_path: Path) -> None:
     _, key = _self_signed(tmp_path)
     proc = _gateway(free_port(), "--tls-cert", str(tmp_path / "nope.pem"), "--tls-key", str(key))
@@ -137,6 +139,8 @@ def test_a_bad_tls_flag_stops_the_gateway_with_a_message(tmp_path: Path) -> None
     assert "Traceback" not in out
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 @pytest.mark.parametrize("colocate", [False, True], ids=["separate", "colocated"])
 def test_haif_up_serves_its_gateway_over_https_to_the_openai_sdk(
     tmp_path: Path, colocate: bool
@@ -179,6 +183,7 @@ def test_haif_up_serves_its_gateway_over_https_to_the_openai_sdk(
     assert up.proc.returncode == 0, output
 
 
+@pytest.mark.cluster
 def test_tls_flags_on_an_orchestrator_need_its_gateway_port(tmp_path: Path) -> None:
     """An orchestrator serves TLS only to clients (``--gateway-port``); without it the
     flags would be ignored, so they are refused."""
@@ -190,6 +195,7 @@ def test_tls_flags_on_an_orchestrator_need_its_gateway_port(tmp_path: Path) -> N
     assert "add --gateway-port" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.cluster
 def test_haif_up_refuses_a_missing_tls_file_before_starting(tmp_path: Path) -> None:
     config = tmp_path / "cluster.yaml"
     config.write_text("gateway_tls: {cert: gone.pem, key: gone.key}\n")

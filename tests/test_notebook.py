@@ -117,6 +117,7 @@ def _text(output: dict[str, Any]) -> str:
     return "\n".join(str(data[kind]) for kind in ("text/plain", "text/html") if kind in data)
 
 
+@pytest.mark.slow
 def test_notebook_executes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _use_this_interpreter_as_kernel(tmp_path, monkeypatch)
     # The kernel inherits this environment: headless matplotlib, and IPython's

@@ -122,6 +122,7 @@ def test_llama2_70b_reproduces_splitwise(gpu: str) -> None:
     assert f"max error {max(errors):.1%}" in profile.coeffs.source, report
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gpu", sorted(SPLITWISE_HARDWARE))
 def test_fit_coefficients_reproduces_packaged_numbers(gpu: str) -> None:
     fitted = fit_coefficients(splitwise_rows(SPLITWISE_HARDWARE[gpu]))

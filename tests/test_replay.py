@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
-from test_runtime_up import Up
+from harness.cluster import Up, run_haif
 
 from haif.analysis.parity import DEFAULT_BOUNDS, cluster_config, compare, parse_bounds
 from haif.configfile import ConfigError
@@ -67,6 +67,8 @@ def _services(up: Up) -> dict[str, dict[str, Any]]:
     return {s["name"]: s for s in body["services"]}
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_control_endpoint_faults_processes_and_cluster_survives(up: Up) -> None:
     assert (up.data / "cluster.json").stat().st_mode & 0o777 == 0o600
     assert up.control("GET", "/services", token="wrong")[0] == 401
@@ -94,6 +96,8 @@ def test_control_endpoint_faults_processes_and_cluster_survives(up: Up) -> None:
     assert not (up.data / "cluster.json").exists()
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_replay_records_every_request_with_client_times(up: Up, tmp_path: Path) -> None:
     requests, _ = load_workload(_scenario(tmp_path, SMALL))
     assert len(requests) > 20
@@ -114,6 +118,8 @@ def test_replay_records_every_request_with_client_times(up: Up, tmp_path: Path) 
     assert set(server) == set(by_id)  # the x-request-id joins both views
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_replay_cli_with_faults_kills_and_restarts_a_worker(up: Up, tmp_path: Path) -> None:
     source = _scenario(
         tmp_path,
@@ -140,14 +146,10 @@ def test_replay_cli_with_faults_kills_and_restarts_a_worker(up: Up, tmp_path: Pa
     assert log.count("worker w1 (") == 2, log  # the restarted worker appended to the same log
 
 
+@pytest.mark.slow
 def test_replay_cli_errors_are_clear(tmp_path: Path) -> None:
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "haif", "replay", *args],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        return run_haif("replay", *args)
 
     missing = run(str(tmp_path / "nope.yaml"), "--gateway", "http://127.0.0.1:9")
     assert missing.returncode == 2 and "no such file" in missing.stderr
@@ -329,6 +331,8 @@ def test_compare_pairs_requests_by_id_for_same_worker_share_and_outliers() -> No
     assert result.to_json()["same_worker"] == result.same_worker
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_haif_up_seals_rpc_and_the_admin_key_opens_the_dlq(up: Up, tmp_path: Path) -> None:
     orch = _services(up)["orchestrator"]["url"]
     keys = up.data / "keys"

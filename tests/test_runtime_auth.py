@@ -12,8 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,13 +23,14 @@ import pytest
 import pytest_asyncio
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from test_runtime_stream import MODEL, LiveCluster, expected_text
+from harness.api import MODEL, expected_text
+from harness.cluster import LiveCluster, run_haif, running
 
 from haif.runtime.cluster import gateway_auth, load_cluster
 from haif.runtime.security import hash_api_key
 from haif.runtime.services import add_key
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.cluster]
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "haif-test"
@@ -51,9 +50,7 @@ policy:
 
 
 def haif_cli(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "haif", *args], capture_output=True, text=True, timeout=60
-    )
+    done = run_haif(*args)
     assert done.returncode == 0, done.stderr
     return done.stdout
 
@@ -113,17 +110,8 @@ async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Aut
         auth=gateway_auth(config.auth, tmp),
         store_path=store,
     )
-    try:
-        await live.start()
+    async with running(live):
         yield AuthCluster(live, keys, keys.pop("gone"), store_bytes, signing_key)
-    finally:
-        await live.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
 
 
 async def complete(

@@ -28,6 +28,8 @@ def test_engine_settings_are_validated(tmp_path: Path) -> None:
         load_cluster(path)
 
 
+@pytest.mark.cluster
+@pytest.mark.slow
 def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")

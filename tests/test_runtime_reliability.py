@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
@@ -26,17 +25,16 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, NoReturn
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from harness.api import MODEL, completion_text, expected_text, post_json, sse_data
+from harness.cluster import LiveCluster, Up, kill, run_haif, running, spawn_worker
+from harness.pg import dsn_for, pg_admin, pg_unavailable
 from multidict import CIMultiDict
-from test_runtime_stream import MODEL, LiveCluster, completion_text, expected_text, sse_data
-from test_runtime_up import Up
 
 from haif.contracts import Dispatch, Finalize, Request, Submit, WorkerGone, WorkerSnapshot
 from haif.control.config import CoreConfig
@@ -50,11 +48,7 @@ from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.rpc import RpcClient
 from haif.runtime.store import DuckDBStore, MetadataStore, open_store
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-ADMIN_DSN = os.environ.get(
-    "HAIF_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.cluster]
 
 
 class ReliableCluster(LiveCluster):
@@ -71,9 +65,8 @@ class ReliableCluster(LiveCluster):
         colocated: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(tmp, **kwargs)
+        super().__init__(tmp, capacity=capacity, **kwargs)
         self.colocated = colocated  # the gateway calls the orchestrator in-process
-        self.capacity = capacity
         self.store_url = store_url or str(self.store_path)
         self.lease_ttl_s = lease_ttl_s
         self.reconcile_interval_s = reconcile_interval_s
@@ -94,11 +87,6 @@ class ReliableCluster(LiveCluster):
         self.url = await self.add_gateway(colocated=self.colocated)
         await self.wait_workers(set(self.worker_ids))
         return self
-
-    def spawn_worker(self, wid: str) -> None:
-        self.procs[wid] = spawn_worker(
-            self.tmp, wid, self.orch_url, mean_s=self.mean_s, capacity=self.capacity
-        )
 
     @property
     def store(self) -> MetadataStore:
@@ -125,44 +113,6 @@ class ReliableCluster(LiveCluster):
             if did == rid:
                 out.append(d)
         return out
-
-
-def spawn_worker(
-    tmp: Path, wid: str, orch_url: str, *, mean_s: float, capacity: int = 8
-) -> subprocess.Popen[bytes]:
-    log = (tmp / f"worker-{wid}.log").open("ab")
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "haif",
-            "worker",
-            "--port",
-            str(free_port()),
-            "--id",
-            wid,
-            "--region",
-            "local",
-            "--orchestrator",
-            orch_url,
-            "--mean-s",
-            str(mean_s),
-            "--ttft-s",
-            "0.05",
-            "--heartbeat-s",
-            "0.2",
-            "--capacity",
-            str(capacity),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-
-
-def kill(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
 
 
 async def post(
@@ -200,12 +150,7 @@ async def stream(
 
 def dlq_cli(*args: str) -> subprocess.CompletedProcess[str]:
     """``haif dlq ...`` in a subprocess (the same parser ``haif`` mounts)."""
-    return subprocess.run(
-        [sys.executable, "-m", "haif.runtime.dlq_cli", "dlq", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_haif("dlq", *args, module="haif.runtime.dlq_cli")
 
 
 async def wait_for(check: Any, timeout_s: float, what: str) -> Any:
@@ -220,17 +165,14 @@ async def wait_for(check: Any, timeout_s: float, what: str) -> Any:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[ReliableCluster]:
-    c = ReliableCluster(tmp_path_factory.mktemp("reliability"), mean_s=1.0)
-    try:
-        yield await c.start()
-    finally:
-        await c.stop()
+    async with running(ReliableCluster(tmp_path_factory.mktemp("reliability"), mean_s=1.0)) as c:
+        yield c
 
 
-@pytest_asyncio.fixture(loop_scope="module")
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
-        yield s
+@pytest.fixture
+def http_timeout_s() -> float:
+    """The ``session`` fixture's requests may take a minute here (crashes, retries)."""
+    return 60.0
 
 
 # ---------------------------------------------------------------- idempotency
@@ -289,6 +231,7 @@ async def test_same_key_and_body_at_once_runs_once(
     assert await cluster.store.get_job("idem-f") is None
 
 
+@pytest.mark.slow
 async def test_keys_and_request_ids_are_per_tenant(
     cluster: ReliableCluster, session: aiohttp.ClientSession
 ) -> None:
@@ -327,6 +270,7 @@ async def test_keys_and_request_ids_are_per_tenant(
     assert tenants == {"acme", "globex"}
 
 
+@pytest.mark.slow
 async def test_a_request_without_a_key_runs_at_once_and_its_job_follows(
     cluster: ReliableCluster, session: aiohttp.ClientSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -449,6 +393,7 @@ async def test_bad_idempotency_key(
 # ------------------------------------------------------------- worker crash
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("colocated", [False, True], ids=["gateway-rpc", "gateway-colocated"])
 async def test_kill_9_of_a_worker_under_load_loses_nothing(
     tmp_path: Path, session: aiohttp.ClientSession, colocated: bool
@@ -559,6 +504,7 @@ async def test_silent_workers_are_counted_stale_then_evicted() -> None:
 # ------------------------------------------------------------- dead letters
 
 
+@pytest.mark.slow
 async def test_dead_letters_listed_then_replayed(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:
@@ -656,6 +602,7 @@ def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 20.0)
     raise AssertionError(f"{url} never answered 200")
 
 
+@pytest.mark.slow
 async def test_reconciler_expires_a_reservation_leaked_by_a_killed_orchestrator(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -682,7 +629,7 @@ async def test_reconciler_expires_a_reservation_leaked_by_a_killed_orchestrator(
         stdout=orch_log,
         stderr=subprocess.STDOUT,
     )
-    worker = spawn_worker(tmp_path, "w1", orch_url, mean_s=2.0)
+    worker = spawn_worker(tmp_path, "w1", orch_url, mean_s=2.0, capacity=8)
     runner: web.AppRunner | None = None
     request = Request(
         "leak-1", "anonymous", MODEL, 1, 40, 0.0, prompt="leak", idempotency_key="leak-key"
@@ -738,47 +685,17 @@ async def test_reconciler_expires_a_reservation_leaked_by_a_killed_orchestrator(
 # ------------------------------------------------------------------ PostgreSQL
 
 
-def _pg_unavailable(error: str) -> NoReturn:
-    parts = urlsplit(ADMIN_DSN)
-    message = f"PostgreSQL is unreachable at {parts.hostname}:{parts.port or 5432}: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: the PostgreSQL backend must be tested)", pytrace=False)
-    pytest.skip(message)
-
-
-async def _pg_admin(sql: str) -> None:
-    con = await asyncpg.connect(ADMIN_DSN, timeout=5)
-    try:
-        await con.execute(sql)
-    finally:
-        await con.close()
-
-
 @pytest_asyncio.fixture(loop_scope="module")
 async def pg_dsn() -> AsyncIterator[str]:
     name = f"haif_reliability_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        await _pg_admin(f'CREATE DATABASE "{name}"')
+        await pg_admin(f'CREATE DATABASE "{name}"')
     except Exception as exc:  # refused, timed out, auth: no server to test against
-        _pg_unavailable(f"{type(exc).__name__}: {exc}")
+        pg_unavailable(f"{type(exc).__name__}: {exc}")
     try:
-        yield urlunsplit(urlsplit(ADMIN_DSN)._replace(path=f"/{name}"))
+        yield dsn_for(name)
     finally:
-        await _pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _post_sync(url: str, body: dict[str, Any], headers: dict[str, str]) -> tuple[int, Any]:
-    req = urllib.request.Request(
-        f"{url}/v1/completions",
-        data=json.dumps(body).encode(),
-        method="POST",
-        headers={"Content-Type": "application/json", **headers},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read())
+        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture
@@ -789,6 +706,8 @@ def up_processes() -> Iterator[list[Up]]:
         up.stop()
 
 
+@pytest.mark.postgres
+@pytest.mark.slow
 async def test_postgresql_store_end_to_end(
     tmp_path: Path, pg_dsn: str, up_processes: list[Up]
 ) -> None:
@@ -796,18 +715,23 @@ async def test_postgresql_store_end_to_end(
     config.write_text(f"store: {pg_dsn}\n")
     up = await asyncio.to_thread(Up, tmp_path / "data", config)
     up_processes.append(up)
+    url = f"{up.url}/v1/completions"
     body = {"model": MODEL, "prompt": "from postgres", "max_tokens": 5}
     headers = {"x-request-id": "pg-1", "Idempotency-Key": "pg-key"}
     deadline = time.monotonic() + 20
     while True:  # until the workers' first heartbeats arrived
-        status, answer = await asyncio.to_thread(_post_sync, up.url, body, headers)
+        status, _, answer = await asyncio.to_thread(
+            post_json, url, json.dumps(body).encode(), headers
+        )
         if status == 200 or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
     assert status == 200, answer
     assert answer["choices"][0]["text"] == expected_text("pg-1", 5)
-    replayed = await asyncio.to_thread(_post_sync, up.url, body, {**headers, "x-request-id": "x"})
-    assert replayed[0] == 200 and replayed[1]["id"] == "pg-1"
+    replayed = await asyncio.to_thread(
+        post_json, url, json.dumps(body).encode(), {**headers, "x-request-id": "x"}
+    )
+    assert replayed[0] == 200 and replayed[2]["id"] == "pg-1"
     output = await asyncio.to_thread(up.stop)
     assert up.proc.returncode == 0, output
     assert "request records in" in output, output

@@ -19,7 +19,6 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ import msgpack
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from harness.api import MODEL, expected_text
+from harness.cluster import running, serve, shut_down, wait_fresh
 
 from haif import wire
 from haif.configfile import ConfigError
@@ -56,18 +57,13 @@ from haif.runtime.rpc import (
 )
 from haif.runtime.security import Keyring, ReplayCache, Signer, generate_keypair
 from haif.runtime.store import DuckDBStore
-from haif.runtime.worker import SyntheticEngine, Worker, WorkerSpec
+from haif.runtime.worker import Worker, WorkerSpec
 
 #: The cluster fixture lives on the module's loop.
 on_module_loop = pytest.mark.asyncio(loop_scope="module")
 
-MODEL = "llama-3-8b"
 #: Every key the cluster trusts; workers are named by their ids.
 SERVICES = ("gateway", "orchestrator", "w1", "w2", "w-evil", "w-late", "w-replay", "w-tamper")
-
-
-def expected_text(request_id: str, max_tokens: int) -> str:
-    return SyntheticEngine.text(Request(request_id, "t", MODEL, 1, max_tokens, 0.0))
 
 
 def bound_socket() -> socket.socket:
@@ -92,7 +88,7 @@ class KeyedCluster:
         stranger_private, _ = generate_keypair()
         self.stranger = Signer(stranger_private)  # a key no one trusts
         self.runners: list[web.AppRunner] = []
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.workers: dict[str, Worker] = {}
         self.orch: Orchestrator | None = None
         self.orch_url = ""
@@ -106,13 +102,9 @@ class KeyedCluster:
         return Signer.from_file(self.keys / f"{name}.key")
 
     async def _serve(self, app: web.Application, sock: socket.socket | None = None) -> str:
-        sock = sock or bound_socket()
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.SockSite(runner, sock).start()
+        runner, url = await serve(app, sock=sock or bound_socket(), shutdown_timeout=1.0)
         self.runners.append(runner)
-        host, port = sock.getsockname()[:2]
-        return f"http://{host}:{port}"
+        return url
 
     async def start(self) -> KeyedCluster:
         self.http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
@@ -137,12 +129,10 @@ class KeyedCluster:
         args = ["--port", str(port), "--id", wid, "--region", "local"]
         args += ["--orchestrator", self.orch_url, "--mean-s", "0.2", "--heartbeat-s", "0.2"]
         args += cluster_key_args(self.keys, wid)
-        self.procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "haif", "worker", *args],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        self.procs[wid] = subprocess.Popen(
+            [sys.executable, "-m", "haif", "worker", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
 
     async def add_worker(
@@ -177,12 +167,7 @@ class KeyedCluster:
 
     async def wait_fresh(self, ids: set[str], timeout_s: float = 30.0) -> None:
         assert self.orch is not None
-        deadline = time.monotonic() + timeout_s
-        while not ids <= set(self.orch.status().fresh_workers):
-            for proc in self.procs:
-                assert proc.poll() is None, f"a worker exited; see {self.tmp}"
-            assert time.monotonic() < deadline, f"workers {ids} never announced themselves"
-            await asyncio.sleep(0.05)
+        await wait_fresh(self.orch, ids, self.procs, self.tmp, timeout_s)
 
     async def complete(self, rid: str, max_tokens: int = 6) -> dict[str, Any]:
         assert self.http is not None
@@ -201,24 +186,15 @@ class KeyedCluster:
             return resp.status, reply
 
     async def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for runner in reversed(self.runners):
-            with suppress(Exception):
-                await runner.cleanup()
+        await shut_down(self.procs.values(), self.runners)
         if self.http is not None:
             await self.http.close()
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[KeyedCluster]:
-    c = KeyedCluster(tmp_path_factory.mktemp("s2s"))
-    try:
-        yield await c.start()
-    finally:
-        await c.stop()
+    async with running(KeyedCluster(tmp_path_factory.mktemp("s2s"))) as c:
+        yield c
 
 
 def announce_as(wid: str, url: str = "http://127.0.0.1:9") -> Announce:
@@ -230,6 +206,7 @@ def announce_as(wid: str, url: str = "http://127.0.0.1:9") -> Announce:
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_a_keyed_cluster_serves_completions_on_both_workers(cluster: KeyedCluster) -> None:
     served: set[str] = set()
     assert cluster.orch is not None
@@ -256,6 +233,7 @@ async def test_a_keyed_cluster_serves_completions_on_both_workers(cluster: Keyed
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_refused_announcements_register_nothing_and_draw_no_traffic(
     cluster: KeyedCluster,
 ) -> None:
@@ -290,6 +268,7 @@ async def test_refused_announcements_register_nothing_and_draw_no_traffic(
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_a_replayed_announcement_is_refused(cluster: KeyedCluster) -> None:
     assert cluster.orch is not None
     envelope = cluster.client(cluster.signer("w-replay")).envelope(
@@ -310,6 +289,7 @@ async def test_a_replayed_announcement_is_refused(cluster: KeyedCluster) -> None
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_an_envelope_changed_after_sealing_is_refused(cluster: KeyedCluster) -> None:
     client = cluster.client(cluster.signer("w-tamper"))
     sealed = msgpack.unpackb(client.envelope("heartbeat", announce_as("w-tamper")), raw=False)
@@ -341,6 +321,7 @@ async def test_an_envelope_changed_after_sealing_is_refused(cluster: KeyedCluste
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_a_worker_key_cannot_announce_another_worker_id(
     cluster: KeyedCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -367,6 +348,7 @@ async def test_a_worker_key_cannot_announce_another_worker_id(
 
 
 @on_module_loop
+@pytest.mark.cluster
 async def test_unsigned_calls_to_a_keyed_orchestrator_or_worker_get_401(
     cluster: KeyedCluster,
 ) -> None:
@@ -432,13 +414,9 @@ async def echo() -> AsyncIterator[tuple[str, list[tuple[str, Any, str | None]], 
     app = web.Application()
     auth = EnvelopeAuth(Keyring([public]), "srv", clock=clock, replay=ReplayCache())
     add_rpc_routes(app, {"echo": echo_handler}, {"count": count}, service="test", auth=auth)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = bound_socket()
-    await web.SockSite(runner, sock).start()
-    host, port = sock.getsockname()[:2]
+    runner, url = await serve(app, sock=bound_socket())
     try:
-        yield f"http://{host}:{port}", calls, clock, signer
+        yield url, calls, clock, signer
     finally:
         await runner.cleanup()
 
@@ -519,14 +497,9 @@ async def test_unkeyed_rpc_is_unchanged(tmp_path: Path) -> None:
 
     app = web.Application()
     add_rpc_routes(app, {"who": who})
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = bound_socket()
-    await web.SockSite(runner, sock).start()
-    host, port = sock.getsockname()[:2]
+    runner, url = await serve(app, sock=bound_socket())
     try:
         async with aiohttp.ClientSession() as http:
-            url = f"http://{host}:{port}"
             await RpcClient(http, url, 5.0).call("who", None)
             signer = Signer(generate_keypair()[0])
             await RpcClient(http, url, 5.0, signer=signer).call("who", None)
@@ -608,6 +581,7 @@ def test_cluster_key_flags(tmp_path: Path) -> None:
             cluster_auth_from_args(worker_args(*flags))
 
 
+@pytest.mark.cluster
 def test_haif_worker_with_a_missing_cluster_key_exits_with_a_clear_error(tmp_path: Path) -> None:
     args = ["--port", "1", "--id", "w1", "--region", "r", "--orchestrator", "http://127.0.0.1:1"]
     args += ["--cluster-key", str(tmp_path / "missing.key"), "--cluster-keyring", str(tmp_path)]

@@ -11,11 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import AsyncIterator
-from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,174 +19,15 @@ import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from harness.api import MODEL, completion_text, expected_text, sse_data
+from harness.cluster import LiveCluster, running
 
-from haif.contracts import Dispatch, Request, RequestRecord, RetryAt
-from haif.control.config import CoreConfig
+from haif.contracts import Dispatch, RetryAt
 from haif.runtime import gateway as gateway_mod
-from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime.cluster import ClusterConfig, free_port
-from haif.runtime.gateway import Gateway, GatewayAuth
-from haif.runtime.orchestrator import Orchestrator
-from haif.runtime.rpc import LocalClient
-from haif.runtime.security import generate_api_key, hash_api_key
-from haif.runtime.store import DuckDBStore
-from haif.runtime.worker import SyntheticEngine
+from haif.runtime.gateway import Gateway
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-MODEL = "llama-3-8b"
-
-
-def expected_text(request_id: str, max_tokens: int) -> str:
-    """What the synthetic engine answers, on any worker."""
-    return SyntheticEngine.text(Request(request_id, "t", MODEL, 1, max_tokens, 0.0))
-
-
-class LiveCluster:
-    """An in-process orchestrator and gateway with worker subprocesses."""
-
-    def __init__(
-        self,
-        tmp: Path,
-        *,
-        workers: tuple[str, ...] = ("w1", "w2"),
-        mean_s: float = 0.5,
-        ttft_s: float = 0.05,
-        policy: CoreConfig | None = None,
-        auth: GatewayAuth | None = None,
-        store_path: Path | None = None,
-    ) -> None:
-        self.tmp = tmp
-        self.worker_ids = workers
-        self.mean_s = mean_s
-        self.ttft_s = ttft_s
-        self.policy = policy or ClusterConfig().policy
-        self.auth = auth
-        self.store_path = store_path or tmp / "store.duckdb"
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.runners: list[web.AppRunner] = []
-        self.orch: Orchestrator | None = None
-        self.orch_url = ""
-        self.url = ""
-        self.gateway_runner: web.AppRunner | None = None
-
-    async def _serve(self, app: web.Application, shutdown_timeout: float = 1.0) -> str:
-        runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        self.runners.append(runner)
-        host, port = runner.addresses[0][:2]
-        return f"http://{host}:{port}"
-
-    async def start(self) -> LiveCluster:
-        self.orch = Orchestrator(self.policy, DuckDBStore(self.store_path), idle_timeout_s=3.0)
-        self.orch_url = await self._serve(orchestrator_mod.build_app(self.orch))
-        for wid in self.worker_ids:
-            self.spawn_worker(wid)
-        self.url = await self.add_gateway()
-        await self.wait_workers(set(self.worker_ids))
-        return self
-
-    def spawn_worker(self, wid: str) -> None:
-        port = free_port()
-        log = (self.tmp / f"worker-{wid}.log").open("wb")
-        self.procs[wid] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "haif",
-                "worker",
-                "--port",
-                str(port),
-                "--id",
-                wid,
-                "--region",
-                "local",
-                "--orchestrator",
-                self.orch_url,
-                "--mean-s",
-                str(self.mean_s),
-                "--ttft-s",
-                str(self.ttft_s),
-                "--heartbeat-s",
-                "0.2",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-
-    async def add_gateway(self, shutdown_timeout: float = 1.0, *, colocated: bool = False) -> str:
-        """A gateway calling the orchestrator over RPC, or (``colocated``) in-process."""
-        local = None
-        if colocated:
-            assert self.orch is not None
-            local = LocalClient(*orchestrator_mod.rpc_methods(self.orch), timeout_s=30.0)
-        gw = Gateway(self.orch_url, "local", auth=self.auth, idle_timeout_s=5.0, local=local)
-        url = await self._serve(gateway_mod.build_app(gw), shutdown_timeout)
-        self.gateway_runner = self.runners[-1]
-        return url
-
-    async def wait_workers(self, ids: set[str], timeout_s: float = 30.0) -> None:
-        assert self.orch is not None
-        deadline = time.monotonic() + timeout_s
-        while not ids <= set(self.orch.status().fresh_workers):
-            for wid, proc in self.procs.items():
-                assert proc.poll() is None, f"worker {wid} exited; see {self.tmp}"
-            assert time.monotonic() < deadline, f"workers {ids} never announced themselves"
-            await asyncio.sleep(0.05)
-
-    def kill(self, wid: str, sig: signal.Signals = signal.SIGKILL) -> None:
-        proc = self.procs[wid]
-        proc.send_signal(sig)
-        if sig == signal.SIGKILL:
-            proc.wait()
-
-    def serving(self) -> list[str]:
-        """Workers with an attempt in flight (the core's view)."""
-        assert self.orch is not None
-        return [w for w, n in self.orch.status().outstanding.items() if n > 0]
-
-    async def record(self, request_id: str, timeout_s: float = 10.0) -> RequestRecord:
-        assert self.orch is not None
-        deadline = time.monotonic() + timeout_s
-        while True:
-            records = {r.request_id: r for r in await self.orch.store.records()}
-            if request_id in records:
-                return records[request_id]
-            assert time.monotonic() < deadline, f"no record for {request_id}"
-            await asyncio.sleep(0.05)
-
-    async def add_key(self, tenant: str) -> str:
-        assert self.orch is not None
-        key = generate_api_key()
-        assert await self.orch.store.add_api_key(hash_api_key(key), tenant, "test", time.time())
-        return key
-
-    async def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        for runner in reversed(self.runners):
-            with suppress(Exception):
-                await runner.cleanup()
-
-
-async def sse_data(resp: aiohttp.ClientResponse) -> AsyncIterator[str]:
-    """The ``data:`` payloads of a server-sent event stream, in order."""
-    async for raw in resp.content:
-        line = raw.decode().rstrip("\r\n")
-        if line.startswith("data: "):
-            yield line[len("data: ") :]
-
-
-def completion_text(chunk: dict[str, Any]) -> str:
-    if not chunk["choices"]:
-        return ""
-    choice = chunk["choices"][0]
-    if "delta" in choice:
-        return str(choice["delta"].get("content") or "")
-    return str(choice["text"])
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.cluster]
 
 
 async def post(
@@ -205,17 +42,8 @@ async def post(
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[LiveCluster]:
-    c = LiveCluster(tmp_path_factory.mktemp("stream"))
-    try:
-        yield await c.start()
-    finally:
-        await c.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as s:
-        yield s
+    async with running(LiveCluster(tmp_path_factory.mktemp("stream"))) as c:
+        yield c
 
 
 async def test_streamed_completion_equals_the_non_streamed_text(
@@ -406,6 +234,7 @@ async def test_graceful_shutdown_lets_a_stream_finish(
     assert text == expected_text("drain-1", 10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "sig",
     [signal.SIGKILL, signal.SIGSTOP],
@@ -453,6 +282,7 @@ async def test_worker_lost_mid_stream_resumes_on_another(
         await c.stop()
 
 
+@pytest.mark.slow
 async def test_all_workers_dead_ends_the_stream_with_an_error_event(
     tmp_path: Path, session: aiohttp.ClientSession
 ) -> None:

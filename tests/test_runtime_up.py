@@ -3,87 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+from harness.api import post_json
+from harness.cluster import Up
 
 from haif.records import SCHEMA, read_parquet
-from haif.runtime.cluster import free_port
-from haif.runtime.supervisor import read_state
 
-
-def _post(
-    url: str, body: bytes, headers: dict[str, str] | None = None
-) -> tuple[int, dict[str, str], Any]:
-    req = urllib.request.Request(
-        url,
-        data=body,
-        method="POST",
-        headers={"Content-Type": "application/json", **(headers or {})},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read())
-
-
-class Up:
-    """A `haif up [CONFIG]` subprocess with its data dir; ``stop()`` interrupts it like Ctrl-C.
-
-    Shared by the tests that start a whole cluster (this module, test_replay,
-    test_runtime_reliability).
-    """
-
-    def __init__(self, data: Path, config: Path | None = None) -> None:
-        self.data = data
-        self.config = config
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "haif", "up", "--port", str(port), "--data-dir", str(data)]
-        self.proc = subprocess.Popen(
-            [*cmd, *([str(config)] if config else [])],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        assert self.proc.stdout is not None
-        self.output = self.proc.stdout.readline()
-        assert "haif cluster up" in self.output, self.output + self.proc.stdout.read()
-        self.state = read_state(data)
-
-    def control(self, method: str, path: str, token: str | None = None) -> tuple[int, Any]:
-        """Call the cluster's control endpoint (its own token unless ``token``)."""
-        token = self.state["control_token"] if token is None else token
-        req = urllib.request.Request(
-            self.state["control_url"] + path,
-            method=method,
-            headers={"Authorization": f"Bearer {token}"},
-        )
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
-
-    def stop(self) -> str:
-        """Ctrl-C; everything the cluster printed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            out, _ = self.proc.communicate(timeout=60)
-            self.output += out
-        return self.output
+pytestmark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module", params=["separate", "colocated"])
@@ -97,16 +27,7 @@ def cluster(
         config = data / "cluster.yaml"
         config.write_text("colocate_gateway: true\n")
     c = Up(data, config)
-    # Wait for the workers' first heartbeats to reach the orchestrator.
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        status, _, _ = _post(
-            f"{c.url}/v1/completions",
-            b'{"model": "llama-3-8b", "prompt": "warm up", "max_tokens": 1}',
-        )
-        if status == 200:
-            break
-        time.sleep(0.2)
+    c.wait_ready()
     try:
         yield c
     finally:
@@ -115,7 +36,7 @@ def cluster(
 
 def test_completion_round_trip(cluster: Up) -> None:
     url = cluster.url
-    status, headers, body = _post(
+    status, headers, body = post_json(
         f"{url}/v1/completions",
         json.dumps({"model": "llama-3-8b", "prompt": "hello there", "max_tokens": 4}).encode(),
         {"x-request-id": "e2e-1"},
@@ -129,7 +50,7 @@ def test_completion_round_trip(cluster: Up) -> None:
 
 def test_chat_completion(cluster: Up) -> None:
     url = cluster.url
-    status, _, body = _post(
+    status, _, body = post_json(
         f"{url}/v1/chat/completions",
         json.dumps(
             {
@@ -159,7 +80,7 @@ def test_bad_requests_get_openai_errors(
     cluster: Up, payload: bytes, status: int, param: str | None
 ) -> None:
     url = cluster.url
-    got, _, body = _post(f"{url}/v1/completions", payload)
+    got, _, body = post_json(f"{url}/v1/completions", payload)
     assert got == status, body
     assert set(body["error"]) == {"message", "type", "param", "code"}
     if param:
@@ -196,7 +117,7 @@ def test_services_and_the_gateway_hop(cluster: Up) -> None:
 
 def test_records_after_shutdown_share_the_simulator_schema(cluster: Up) -> None:
     """Defined last: stops the cluster, which exports the store to Parquet."""
-    _post(
+    post_json(
         f"{cluster.url}/v1/completions",
         b'{"model": "llama-3-8b", "prompt": "x", "max_tokens": 2}',
         {"x-request-id": "e2e-record"},

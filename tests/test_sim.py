@@ -24,6 +24,7 @@ SHORT = [
 ]
 
 
+@pytest.mark.slow
 def test_same_seed_same_bytes(tmp_path: Path) -> None:
     a = write_report(run_scenario(load_scenario(FAILOVER, SHORT)), tmp_path / "a")
     b = write_report(run_scenario(load_scenario(FAILOVER, SHORT)), tmp_path / "b")

@@ -19,13 +19,13 @@ import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from typing import Any, TypeVar
 
 import asyncpg
 import duckdb
 import pyarrow.parquet as pq
 import pytest
+from harness.pg import dsn_for, pg_admin, pg_unavailable
 
 from haif.configfile import ConfigError
 from haif.contracts import DeadLetter, Request, RequestRecord, WorkerSnapshot
@@ -48,10 +48,6 @@ from haif.runtime.store.sql_store import SqlStore
 
 T = TypeVar("T")
 
-ADMIN_DSN = os.environ.get(
-    "HAIF_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
-
 
 # -------------------------------------------------------------- PostgreSQL
 
@@ -70,39 +66,18 @@ def _in_thread(coro: Coroutine[Any, Any, T]) -> T:
         return pool.submit(asyncio.run, coro).result()
 
 
-async def _admin(sql: str) -> None:
-    con = await asyncpg.connect(ADMIN_DSN, timeout=5)
-    try:
-        await con.execute(sql)
-    finally:
-        await con.close()
-
-
-def _dsn_for(database: str) -> str:
-    parts = urlsplit(ADMIN_DSN)
-    return urlunsplit(parts._replace(path=f"/{database}"))
-
-
-def _unavailable(error: str) -> NoReturn:
-    parts = urlsplit(ADMIN_DSN)  # host and port only: never print a password
-    message = f"PostgreSQL is unreachable at {parts.hostname}:{parts.port or 5432}: {error}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{message} (CI=true: the PostgreSQL backend must be tested)", pytrace=False)
-    pytest.skip(message)
-
-
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[PgServer]:
     name = f"haif_store_test_{os.getpid()}_{secrets.token_hex(4)}"
     try:
-        _in_thread(_admin(f'CREATE DATABASE "{name}"'))
+        _in_thread(pg_admin(f'CREATE DATABASE "{name}"'))
     except Exception as exc:  # refused, timed out, auth, ...: all mean "no server"
         yield PgServer(None, f"{type(exc).__name__}: {exc}")
         return
     try:
-        yield PgServer(_dsn_for(name), None)
+        yield PgServer(dsn_for(name), None)
     finally:
-        _in_thread(_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        _in_thread(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 async def _fresh_schema(dsn: str) -> None:
@@ -113,7 +88,7 @@ async def _fresh_schema(dsn: str) -> None:
         await con.close()
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
+@pytest.fixture(params=["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
     s: MetadataStore
     if request.param == "duckdb":
@@ -122,7 +97,7 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     else:
         server: PgServer = request.getfixturevalue("pg_server")
         if server.dsn is None:
-            _unavailable(server.error or "unknown error")
+            pg_unavailable(server.error or "unknown error")
         await _fresh_schema(server.dsn)
         s = await open_store(server.dsn)
         assert isinstance(s, PostgresStore)
@@ -132,10 +107,11 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
         await s.close()
 
 
+@pytest.mark.postgres
 def test_postgres_reachable(pg_server: PgServer) -> None:
     """Fails (not errors, not skips) under CI=true when the server is missing."""
     if pg_server.dsn is None:
-        _unavailable(pg_server.error or "unknown error")
+        pg_unavailable(pg_server.error or "unknown error")
 
 
 # ----------------------------------------------------------------- helpers
@@ -605,6 +581,7 @@ async def test_usage_totals_never_negative(store: MetadataStore) -> None:
     assert await store.usage_totals("t2") == (100, 5, 0.5)
 
 
+@pytest.mark.slow
 async def test_usage_totals_equal_sum_of_finalized_rows(store: MetadataStore) -> None:
     """Property (seeded, Hypothesis-free): totals == sum of the first finalize per request."""
     tenants = ("a", "b", "c")
@@ -795,6 +772,7 @@ async def test_duckdb_upgrades_a_legacy_file_and_persists(tmp_path: Path) -> Non
         assert (await reopened.reserve(_job("again"), now=2.0)).outcome == "existing"
 
 
+@pytest.mark.postgres
 async def test_linger_is_set_per_store_and_by_the_cluster_yaml(
     tmp_path: Path, pg_server: PgServer
 ) -> None:
@@ -806,7 +784,7 @@ async def test_linger_is_set_per_store_and_by_the_cluster_yaml(
     await duck.close()
     await tuned.close()
     if pg_server.dsn is None:
-        _unavailable(pg_server.error or "unknown error")
+        pg_unavailable(pg_server.error or "unknown error")
     pg = await open_store(pg_server.dsn)
     pg_tuned = await open_store(pg_server.dsn, linger_s=0.05)
     assert isinstance(pg, SqlStore) and isinstance(pg_tuned, SqlStore)

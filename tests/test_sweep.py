@@ -7,21 +7,19 @@ validation, and compare the Ray executor's files with it byte for byte.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import shutil
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import pytest
 import yaml
+from harness.analysis import cli
 
 from haif.analysis import sweep as sw
-from haif.analysis.cli import add_analysis_commands
 from haif.configfile import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,19 +44,6 @@ def write_sweep(folder: Path, name: str = "tiny", **changes: Any) -> Path:
     return path
 
 
-def cli(argv: list[str]) -> int:
-    """Parse and run like ``haif.cli.main``: a ConfigError is printed and gives 2."""
-    parser = argparse.ArgumentParser(prog="haif")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_analysis_commands(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-
-
 def summaries(out: Path) -> dict[str, bytes]:
     return {p.parent.name: p.read_bytes() for p in sorted((out / "cells").glob("*/summary.json"))}
 
@@ -75,6 +60,7 @@ def local(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, sw.Swee
 # ------------------------------------------------------------------ local executor
 
 
+@pytest.mark.slow
 def test_local_runs_every_cell_and_aggregates(
     local: tuple[Path, Path, sw.SweepResult],
 ) -> None:
@@ -126,6 +112,7 @@ def test_local_runs_every_cell_and_aggregates(
     assert " ± " in md
 
 
+@pytest.mark.slow
 def test_single_seed_has_zero_half_width_and_resumes_across_sweep_files(
     local: tuple[Path, Path, sw.SweepResult],
 ) -> None:
@@ -146,6 +133,7 @@ def test_single_seed_has_zero_half_width_and_resumes_across_sweep_files(
     assert (agg["success_rate_ci95"] == 0).all()
 
 
+@pytest.mark.slow
 def test_resume_skips_finished_cells(local: tuple[Path, Path, sw.SweepResult]) -> None:
     path, out, first = local
     files = sorted((out / "cells").glob("*/*"))
@@ -173,6 +161,7 @@ def test_resume_skips_finished_cells(local: tuple[Path, Path, sw.SweepResult]) -
         marker_path.write_text(original)
 
 
+@pytest.mark.slow
 def test_no_resume_reruns_everything_with_the_same_bytes(tmp_path: Path) -> None:
     path = write_sweep(tmp_path, seeds=[3], grid={"policy.placement": ["jsq"]})
     out = tmp_path / "out"
@@ -183,6 +172,7 @@ def test_no_resume_reruns_everything_with_the_same_bytes(tmp_path: Path) -> None
     assert summaries(out) == data
 
 
+@pytest.mark.slow
 def test_failed_cell_is_reported_and_the_others_succeed(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -331,6 +321,7 @@ def test_t_quantile_limits() -> None:
 # ------------------------------------------------------------------ Ray
 
 
+@pytest.mark.slow
 def test_ray_executor_gives_the_same_bytes(
     local: tuple[Path, Path, sw.SweepResult], tmp_path: Path
 ) -> None:

@@ -14,13 +14,14 @@ import logging
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import suppress
 from pathlib import Path
 
 import aiohttp
 import pytest
 import pytest_asyncio
 from aiohttp import web
+from harness.api import MODEL
+from harness.cluster import running, serve, shut_down
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -39,7 +40,6 @@ from haif.runtime.worker import Worker, WorkerSpec
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-MODEL = "llama-3-8b"
 EXPORTER = InMemorySpanExporter()
 
 
@@ -51,12 +51,9 @@ class Cluster:
         self.orch_url = self.worker_url = self.url = ""
 
     async def _serve(self, app: web.Application, port: int = 0) -> str:
-        runner = web.AppRunner(app, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        runner, url = await serve(app, port=port, shutdown_timeout=1.0)
         self.runners.append(runner)
-        host, bound = runner.addresses[0][:2]
-        return f"http://{host}:{bound}"
+        return url
 
     async def start(self) -> Cluster:
         policy = ClusterConfig().policy
@@ -82,25 +79,14 @@ class Cluster:
         return self
 
     async def stop(self) -> None:
-        for runner in reversed(self.runners):
-            with suppress(Exception):
-                await runner.cleanup()
+        await shut_down((), self.runners)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def cluster(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Cluster]:
     assert telemetry.setup_tracing("test", EXPORTER, batch=False) is not None
-    c = await Cluster(tmp_path_factory.mktemp("telemetry")).start()
-    try:
+    async with running(Cluster(tmp_path_factory.mktemp("telemetry"))) as c:
         yield c
-    finally:
-        await c.stop()
-
-
-@pytest_asyncio.fixture(loop_scope="module")
-async def session() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as s:
-        yield s
 
 
 def _trace_id(traceparent: str) -> str:
@@ -139,6 +125,7 @@ _TRACE_NAMES = {
 }
 
 
+@pytest.mark.cluster
 async def test_one_trace_across_services(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     body = {"model": MODEL, "prompt": "hello there", "max_tokens": 4}
     headers = {"x-request-id": "trace-1"}
@@ -180,6 +167,7 @@ async def test_one_trace_across_services(cluster: Cluster, session: aiohttp.Clie
     assert (generate.attributes or {})["haif.output_tokens"] == 4
 
 
+@pytest.mark.cluster
 async def test_client_traceparent_is_kept_and_echoed(
     cluster: Cluster, session: aiohttp.ClientSession
 ) -> None:
@@ -221,6 +209,7 @@ def _value(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for got, v in samples.get(name, []) if labels.items() <= got.items())
 
 
+@pytest.mark.cluster
 async def test_metrics(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     before = await _metrics(session, cluster.url)
     body = {"model": MODEL, "prompt": "count me", "max_tokens": 5, "stream": True}
@@ -267,6 +256,7 @@ async def test_metrics(cluster: Cluster, session: aiohttp.ClientSession) -> None
     assert _value(wk, "haif_worker_generations_total", outcome="ok") >= 1
 
 
+@pytest.mark.cluster
 async def test_json_log_carries_trace_id(cluster: Cluster, session: aiohttp.ClientSession) -> None:
     buffer = io.StringIO()
     handler = logging.StreamHandler(buffer)

@@ -231,6 +231,7 @@ def assert_png(path: Path) -> None:
     assert width == round(11.0 * DPI), path
 
 
+@pytest.mark.slow
 def test_plot_all_writes_every_figure_reproducibly(tmp_path: Path, frame: pd.DataFrame) -> None:
     first = plot_all(RECORDS, frame, util(), REGIONS, FAULTS, tmp_path / "one", slo_desc="ok")
     second = plot_all(RECORDS, frame, util(), REGIONS, FAULTS, tmp_path / "two", slo_desc="ok")

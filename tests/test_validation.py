@@ -54,6 +54,7 @@ def mmc_scenario(lam: float, c: int, seed: int, duration_s: float) -> Scenario:
     )
 
 
+@pytest.mark.slow
 def test_mmc_mean_wait_matches_erlang_c() -> None:
     """M/M/2 at 50 % load, 4 independent replications of ~50,000 customers.
 

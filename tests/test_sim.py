@@ -97,6 +97,22 @@ def test_heartbeat_staleness_is_what_the_core_sees() -> None:
     assert failed_attempts(slow) > failed_attempts(fast)
 
 
+def test_presence_evicts_the_silent_region_on_time() -> None:
+    """Each orchestrator evicts the workers of a region that went down, as the runtime would."""
+    result = run_scenario(load_scenario(FAILOVER, SHORT))  # us-east down from 100 s to 200 s
+    down = sorted(w for w in result.served_by_worker if w.startswith("us-east/"))
+    for region, evictions in result.evictions.items():
+        during = {w: t for t, w in evictions if 100 <= t < 200}
+        assert sorted(during) == down, region
+        # Silent for 3 of their ~1 s intervals after their last heartbeat
+        # (before 100 s; 1 % of heartbeats are lost, so it may be one earlier).
+        assert all(101 < t < 105 for t in during.values()), (region, during)
+    patient = run_scenario(load_scenario(FAILOVER, [*SHORT, "heartbeat.evict_after_missed=6"]))
+    for region, evictions in patient.evictions.items():
+        times = [t for t, _ in evictions if 100 <= t < 200]
+        assert len(times) == len(down) and all(104 < t < 108 for t in times), region
+
+
 # ------------------------------------------------------------------ CLI
 
 

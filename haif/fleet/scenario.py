@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from haif.configfile import load_model
 from haif.control.config import CoreConfig
+from haif.control.presence import PresenceConfig
 
 if TYPE_CHECKING:
     from haif.fleet.profiles import ProfileCatalog
@@ -144,12 +145,29 @@ class Workload(_Strict):
 
 
 class Heartbeats(_Strict):
+    """Worker heartbeats, and how orchestrators judge their silence.
+
+    The judging is the runtime's (:mod:`haif.control.presence`): a worker's
+    interval is estimated from the gaps between its heartbeats (assumed to be
+    ``interval_s`` until its second one), and a worker silent for more than
+    ``evict_after_missed`` intervals is evicted until it beats again.
+    """
+
     interval_s: PositiveFloat = 1.0
     loss: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # Intervals of silence before an orchestrator evicts a worker (the
+    # runtime's `evict_after_missed` in the cluster YAML, default 3).
+    evict_after_missed: Count = 3
     # A restarted worker answers and announces itself this long after its
     # restart (process start-up); its weights load from the restart on, so the
     # load overlaps it. `python bench/worker_boot.py` measures the runtime's.
     boot_s: NonNegFloat = 0.0
+
+    def presence(self) -> PresenceConfig:
+        """How an orchestrator judges these heartbeats (both shells build it here)."""
+        return PresenceConfig(
+            evict_after_missed=self.evict_after_missed, default_interval_s=self.interval_s
+        )
 
 
 class Network(_Strict):

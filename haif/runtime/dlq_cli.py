@@ -123,6 +123,7 @@ def run_dlq(args: argparse.Namespace) -> int:
 
 
 async def _from_store(args: argparse.Namespace, request_id: str | None) -> Any:
+    from haif.runtime.dead_letters import view
     from haif.runtime.services import store_error
     from haif.runtime.store import open_store, store_backend
 
@@ -136,11 +137,11 @@ async def _from_store(args: argparse.Namespace, request_id: str | None) -> Any:
         raise ConfigError(store_error(url, exc, _LOCK_HINT)) from None
     try:
         if request_id is None:
-            return [_view(row) for row in await store.list_dead_letters()]
+            return [view(row) for row in await store.list_dead_letters()]
         found = await store.get_dead_letter(request_id)
         if found is None:
             raise DlqNotFound(f"no dead letter {request_id!r} in {_redact(url)}")
-        return _view(found)
+        return view(found)
     finally:
         await store.close()
 
@@ -203,16 +204,6 @@ async def _replay(args: argparse.Namespace) -> dict[str, Any]:
     if not isinstance(answer, dict) or not isinstance(answer.get("reply"), SubmitReply):
         raise ConfigError(f"orchestrator {args.orchestrator}: bad dlq_replay reply")
     return answer
-
-
-def _view(row: Any) -> dict[str, Any]:
-    return {
-        "request_id": row.request_id,
-        "reason": row.reason,
-        "attempts": row.attempts,
-        "created_s": row.created_s,
-        "request": row.request,
-    }
 
 
 def _redact(url: str) -> str:

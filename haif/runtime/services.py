@@ -193,6 +193,9 @@ async def _orchestrator_app(
         lease_ttl_s=settings.lease_ttl_s,
         reconcile_interval_s=settings.reconcile_interval_s,
         evict_after_missed=settings.evict_after_missed,
+        # Until a worker's second heartbeat, assume the slowest configured
+        # cadence, so no worker is evicted before its first interval is known.
+        default_heartbeat_s=max((w.heartbeat_s for w in cluster.workers), default=0.5),
         cluster_auth=cluster_auth,
         region=cluster.region,
     )

@@ -9,15 +9,21 @@ the RTT between the regions involved, and nothing across a partition. A
 reservation is written to the metadata store before each dispatch; while the
 store is out, the attempt fails with ``store_unavailable`` and the core
 retries or gives up as its policy says.
+
+Each orchestrator judges its workers' presence with the runtime's rule
+(:class:`~haif.control.presence.Presence`): a worker silent for
+``heartbeat.evict_after_missed`` of its heartbeat intervals is evicted, and
+its core is told ``WorkerGone``; its next heartbeat brings it back.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import heapq
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from heapq import heappop, heappush
 
 import simpy
 
@@ -27,6 +33,7 @@ from haif.contracts import (
     DeadLetter,
     Decision,
     Dispatch,
+    ErrorKind,
     Event,
     Finalize,
     Heartbeat,
@@ -36,6 +43,7 @@ from haif.contracts import (
 )
 from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
+from haif.control.presence import Presence
 from haif.fleet.faults import FaultWindow, plan_faults
 from haif.fleet.profiles import PerfProfile, ProfileCatalog
 from haif.fleet.scenario import Scenario, WorkerGroup
@@ -50,7 +58,7 @@ _ON_WORKERS = ("down", "slow")
 
 
 class SimDriver(CoreDriver):
-    """The core on SimPy's clock.
+    """The core and its presence on SimPy's clock.
 
     Heartbeats are the most numerous messages by far (every worker, every
     interval, to every orchestrator) and change nothing until the core is
@@ -58,15 +66,35 @@ class SimDriver(CoreDriver):
     a queue ordered by delivery time and are fed, each at its own delivery
     time, just before the core handles the next event or timer. The core
     sees exactly what per-message events would have shown it.
+
+    Presence (:class:`~haif.control.presence.Presence`, the runtime's rule)
+    sees each heartbeat at its delivery time too: the queue is merged with
+    its timer, so an eviction is decided at its own time, between the
+    heartbeats before and after it, and fed to the core as ``WorkerGone`` at
+    that time (a heartbeat at the very same instant goes first, as for the
+    core's timers). Its timer is also armed as a SimPy timeout, so an
+    eviction happens on time even when nothing else consults the core.
     """
 
     def __init__(
-        self, env: simpy.Environment, core: ControlCore, sink: Sink, *, keep_log: bool = False
+        self,
+        env: simpy.Environment,
+        core: ControlCore,
+        sink: Sink,
+        *,
+        presence: Presence | None = None,
+        keep_log: bool = False,
     ) -> None:
         super().__init__(core, sink, keep_log=keep_log)
         self.env = env
-        self._pending: list[tuple[float, int, Event]] = []
-        self._seq = 0
+        self.presence = presence if presence is not None else Presence()
+        #: Heartbeats not fed yet: (delivery time, arrival number, heartbeat).
+        self.inbox: list[tuple[float, int, Heartbeat]] = []
+        self.arrivals = itertools.count()  # ties in delivery time keep arrival order
+        self._presence_armed: float | None = None
+        #: (time, worker) of every eviction, and of every return after one.
+        self.evicted: list[tuple[float, str]] = []
+        self.rejoined: list[tuple[float, str]] = []
 
     def now(self) -> float:
         return float(self.env.now)
@@ -75,17 +103,54 @@ class SimDriver(CoreDriver):
         timeout = self.env.timeout(max(0.0, when - self.env.now))
         timeout.callbacks.append(lambda _ev: fn(when))
 
-    def deliver_at(self, when: float, event: Event) -> None:
-        """Queue a message that changes nothing until the core is next consulted."""
-        self._seq += 1
-        heapq.heappush(self._pending, (when, self._seq, event))
+    def deliver_at(self, when: float, beat: Heartbeat) -> None:
+        """Queue a heartbeat: it changes nothing until the core is next consulted."""
+        heappush(self.inbox, (when, next(self.arrivals), beat))
 
     def _flush(self) -> None:
+        """Feed the heartbeats delivered by now, and presence's timer, in time order."""
         now = self.env.now
-        pending = self._pending
-        while pending and pending[0][0] <= now:
-            when, _seq, event = heapq.heappop(pending)
-            self._feed_at(when, event)
+        pending = self.inbox
+        presence = self.presence
+        due = presence.next_deadline()
+        while True:
+            # Heartbeats up to the next presence deadline (one at that very
+            # instant goes first), or up to now.
+            until = now if due is None or due > now else due
+            if pending and pending[0][0] <= until:
+                # None of these can set a deadline before `stop` (a new worker's
+                # or a shrinking interval's), so the next one is asked after them.
+                stop = pending[0][0] + presence.min_silence_s
+                if stop > until:
+                    stop = until
+                beat_in = presence.heartbeat
+                on_heartbeat = self.core.on_heartbeat  # what core.handle does with one
+                log = self.events
+                while pending and pending[0][0] <= stop:
+                    when, _seq, beat = heappop(pending)
+                    snapshot = beat.snapshot
+                    if beat_in(snapshot.worker_id, when) is not None:
+                        self.rejoined.append((when, snapshot.worker_id))
+                    on_heartbeat(snapshot, when)
+                    if log is not None:
+                        log.append((when, beat))
+                due = presence.next_deadline()
+            elif due is not None and due <= now:
+                for evicted in presence.on_timer(due):
+                    self.evicted.append((due, evicted.worker_id))
+                    self._feed_at(due, evicted.gone)
+                due = presence.next_deadline()
+            else:
+                break
+        if due is not None and (self._presence_armed is None or due < self._presence_armed):
+            self._presence_armed = due
+            self.call_at(due, self._presence_timer)
+
+    def _presence_timer(self, when: float) -> None:
+        if when != self._presence_armed:
+            return  # superseded by an earlier deadline that already fired
+        self._presence_armed = None
+        self._flush()
 
     def feed(self, event: Event) -> None:
         self._flush()
@@ -110,6 +175,8 @@ class SimResult:
     fault_windows: list[tuple[float, float, str]] = field(default_factory=list)
     provisioned_cost: float = 0.0
     sim_events: int = 0
+    # Per control region: (time, worker) of each eviction by its presence.
+    evictions: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
     # Per control region: (time, event) fed to its core and (time, decision) taken.
     events: dict[str, list[tuple[float, Event]]] | None = None
     decisions: dict[str, list[tuple[float, Decision]]] | None = None
@@ -127,11 +194,13 @@ class SimCluster:
             sc.network.hop_ms / 1000,
             refused_when_down=sc.network.crashed_worker == "refused",
         )
+        presence = sc.heartbeat.presence()
         self.drivers: dict[str, SimDriver] = {
             region: SimDriver(
                 self.env,
                 ControlCore(sc.policy, derive_rng(sc.seed, f"core:{region}")),
                 partial(self.execute, region),
+                presence=Presence(presence),
                 keep_log=keep_log,
             )
             for region in sc.control
@@ -146,6 +215,8 @@ class SimCluster:
         self.fault_windows: list[tuple[float, float, str]] = []
         self.utilization: list[tuple[float, str, str, str, float]] = []
         self.workers: dict[str, BaseWorker] = {}
+        # send(): src region -> dst region -> (its orchestrator, one-way delay).
+        self._routes: dict[str, dict[str, tuple[SimDriver | None, float]]] = {}
         self._gpus: dict[str, int] = {}
         catalog = sc.catalog() if any(g.gpu for g in sc.workers) else None
         for wid, _region, group in scenario_workers(sc):
@@ -229,14 +300,24 @@ class SimCluster:
 
     def send(self, src: str, dst: str, event: Event) -> None:
         """Deliver ``event`` to the orchestrator of region ``dst`` (if reachable)."""
-        driver = self.drivers.get(dst)
-        if driver is None or not self.net.reachable(src, dst):
+        try:
+            driver, one_way = self._routes[src][dst]
+        except KeyError:
+            driver, one_way = self._route(src, dst)
+        net = self.net
+        if driver is None or (net.cuts and not net.reachable(src, dst)):
             return
-        if isinstance(event, Heartbeat):
-            driver.deliver_at(self.env.now + self.net.one_way_s(src, dst), event)
+        if isinstance(event, Heartbeat):  # the most frequent message by far: deliver_at, inlined
+            heappush(driver.inbox, (self.env.now + one_way, next(driver.arrivals), event))
             return
-        timeout = self.env.timeout(self.net.one_way_s(src, dst))
+        timeout = self.env.timeout(one_way)
         timeout.callbacks.append(lambda _ev: driver.feed(event))
+
+    def _route(self, src: str, dst: str) -> tuple[SimDriver | None, float]:
+        """(orchestrator of ``dst``, one-way delay from ``src``), remembered."""
+        route = (self.drivers.get(dst), self.net.one_way_s(src, dst))
+        self._routes.setdefault(src, {})[dst] = route
+        return route
 
     # ------------------------------------------------------------ clients
 
@@ -331,8 +412,7 @@ class SimCluster:
                     ok=False,
                     started_s=now,
                     finish_s=now,
-                    error="store_unavailable",
-                    retryable=True,
+                    error=ErrorKind.STORE_UNAVAILABLE.value,
                 )
             )
             return
@@ -439,6 +519,7 @@ class SimCluster:
             fault_windows=sorted(self.fault_windows),
             provisioned_cost=sum(w.price_per_hour for w in self.workers.values()) * hours,
             sim_events=_event_count(self.env),
+            evictions={r: d.evicted for r, d in self.drivers.items()},
             events={r: d.events or [] for r, d in self.drivers.items()} if keep else None,
             decisions={r: d.decisions or [] for r, d in self.drivers.items()} if keep else None,
         )

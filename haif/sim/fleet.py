@@ -110,6 +110,8 @@ class BaseWorker(ABC):
         self.service_rng = random.Random(rng.getrandbits(64))
         self.up = True
         self._orchestrators: tuple[str, ...] = ()  # whom heartbeats go to
+        self._beat_every: tuple[float, float] | None = None  # (interval_s, loss) once beating
+        self._cadence = 0  # the current heartbeat loop (a restart starts a new one)
         self.slow = 1.0  # gray failure factor
         self.served = 0
         self.jobs: dict[tuple[str, int], Job] = {}
@@ -223,9 +225,8 @@ class BaseWorker(ABC):
         self._account()
         self.up = True
         self.on_restart(elapsed_s)
-        beat = Heartbeat(self.snapshot())
-        for region in self._orchestrators:
-            self._send(self.region, region, beat)
+        if self._beat_every is not None:
+            self.env.process(self._beating())
 
     def complete(self, job: Job) -> None:
         """The model finished the job successfully (called by subclasses)."""
@@ -281,20 +282,39 @@ class BaseWorker(ABC):
     def heartbeats(
         self, orchestrators: tuple[str, ...], interval_s: float, loss: float
     ) -> simpy.events.ProcessGenerator:
-        """Announce at start-up, then beat with a random phase."""
+        """Announce at start-up, then beat every ``interval_s``, as a runtime worker does.
+
+        The first beat after an announcement comes ``interval_s`` plus a
+        random phase later, so the fleet's heartbeats spread out; the
+        orchestrators' presence estimates each worker's interval from these
+        gaps (:mod:`haif.control.presence`), so none may be shorter than
+        ``interval_s``. A restart announces anew and starts a new cadence
+        (:meth:`_booted`).
+        """
         self._orchestrators = orchestrators
-        first = True
-        while True:
+        self._beat_every = (interval_s, loss)
+        return self._beating()
+
+    def _beating(self) -> simpy.events.ProcessGenerator:
+        assert self._beat_every is not None
+        interval_s, loss = self._beat_every
+        self._cadence += 1
+        cadence = self._cadence
+        self._announce()
+        yield self.env.timeout(interval_s + self.rng.uniform(0, interval_s))
+        while cadence == self._cadence:  # a restart started a new one
             if self.up:
                 beat = Heartbeat(self.snapshot())
-                for region in orchestrators:
-                    if first or self.rng.random() >= loss:
+                for region in self._orchestrators:
+                    if self.rng.random() >= loss:
                         self._send(self.region, region, beat)
-            if first:
-                first = False
-                yield self.env.timeout(self.rng.uniform(0, interval_s))
-            else:
-                yield self.env.timeout(interval_s)
+            yield self.env.timeout(interval_s)
+
+    def _announce(self) -> None:
+        """A heartbeat to every orchestrator, never lost."""
+        beat = Heartbeat(self.snapshot())
+        for region in self._orchestrators:
+            self._send(self.region, region, beat)
 
     def _account(self) -> None:
         """Integrate the busy fraction up to now (call before any change)."""

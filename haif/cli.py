@@ -1,11 +1,23 @@
-"""The ``haif`` command line."""
+"""The ``haif`` command line.
+
+The top-level help lists the commands in three groups (:data:`COMMAND_GROUPS`):
+what users run to simulate and analyse, what they run against a cluster,
+and the services ``haif up`` starts (run by hand to place one elsewhere).
+Every description and flag is written for users: :func:`check_help` finds
+docstring markup or a flag without help, and the tests run it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import platform
+import re
 import sys
-from collections.abc import Sequence
+import textwrap
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
@@ -119,11 +131,163 @@ def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="haif", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+DESCRIPTION = (
+    "HAIF: simulate a multi-region LLM inference fleet against real traces and failures, "
+    "compare control policies, and run the same control code as a live cluster."
+)
 
-    sim = sub.add_parser("sim", help="simulate a scenario and write a report")
+COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("simulate and analyse", ("sim", "sweep", "compare", "query", "regress", "calibrate")),
+    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "artifacts")),
+    (
+        "services (haif up starts them; run one by hand to place it on another machine)",
+        ("gateway", "orchestrator", "worker"),
+    ),
+)
+"""Top-level help: (heading, commands) in order; every command is in exactly one group."""
+
+_REPLAY_DESCRIPTION = """\
+Send the requests of a trace (Azure CSV, Mooncake JSONL) or of a scenario's
+workload to a live cluster at their arrival times, open loop (--speed
+compresses time), streaming through the gateway's /v1/completions, and time
+each one at the client. The records have the simulator's schema
+(reports/replay/records.parquet by default), so haif compare and haif query
+read a live run like a simulated one. With --faults the scenario's fault
+schedule runs too, against the processes of the cluster --cluster names.
+"""
+
+# Flags that modules outside the CLI register without help, and what to show.
+_MISSING_HELP: dict[tuple[str, str], str] = {
+    ("worker", "host"): "address to listen on (default 127.0.0.1)",
+    ("worker", "port"): "port to listen on",
+    ("worker", "worker_id"): "this worker's id, unique in the cluster",
+    ("worker", "region"): "the region this worker announces",
+    ("worker", "gpu_class"): "the GPU class it announces and, with profile timings, is "
+    "timed by (default A100-80G)",
+    ("worker", "capacity"): "requests it runs at once (default 8)",
+    ("worker", "ttft_s"): "synthetic, fixed timing: time to first token (default 0.01)",
+    ("worker", "heartbeat_s"): "seconds between heartbeats to the orchestrator (default 0.5)",
+    ("dlq show", "request_id"): "the dead-lettered request's id (haif dlq list shows them)",
+    ("dlq replay", "request_id"): "the dead-lettered request's id (haif dlq list shows them)",
+    ("artifacts make-tiny", "name"): "artifact name (default: the tiny model's)",
+    ("artifacts make-tiny", "version"): "artifact version (default: the tiny model's)",
+    ("artifacts publish", "store"): "artifact store directory",
+    ("artifacts publish", "name"): "artifact name",
+    ("artifacts publish", "version"): "artifact version",
+    ("artifacts publish", "engine"): "engine that loads it (default transformers)",
+    ("artifacts verify", "store"): "artifact store directory",
+    ("artifacts verify", "name"): "artifact name",
+    ("artifacts verify", "version"): "artifact version",
+    ("artifacts list", "store"): "artifact store directory",
+}
+
+_MARKUP = re.compile(r":(?:mod|func|class|meth|data|attr|exc):`|``|%%")
+
+
+def version() -> str:
+    """``haif 0.1.0 (Python 3.11.9)``: the installed package's version."""
+    try:
+        number = importlib.metadata.version("haif")
+    except importlib.metadata.PackageNotFoundError:
+        number = "unknown (not installed)"
+    return f"haif {number} (Python {platform.python_version()})"
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> argparse._SubParsersAction[Any] | None:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    return None
+
+
+def walk_parsers(
+    parser: argparse.ArgumentParser, name: str = ""
+) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    """(command path, parser) of ``parser`` and every sub-command below it."""
+    yield name, parser
+    sub = _subparsers(parser)
+    if sub is not None:
+        for child, subparser in sub.choices.items():
+            yield from walk_parsers(subparser, f"{name} {child}".strip())
+
+
+def check_help(parser: argparse.ArgumentParser) -> list[str]:
+    """What is wrong with the help texts: docstring markup, a "%%" shown as such, a
+    command, flag or argument without help. Empty when all is well."""
+    problems: list[str] = []
+    for name, p in walk_parsers(parser):
+        where = f"haif {name}".strip()
+        if p.description and _MARKUP.search(p.description):
+            problems.append(f"{where}: docstring markup in the description")
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction | argparse._VersionAction):
+                continue
+            label = "/".join(action.option_strings) or action.dest
+            if isinstance(action, argparse._SubParsersAction):
+                for choice in action._choices_actions:
+                    if not choice.help:
+                        problems.append(f"{where} {choice.dest}: no help")
+                continue
+            if action.help is None or not action.help.strip():
+                problems.append(f"{where} {label}: no help")
+            elif action.help is not argparse.SUPPRESS and _MARKUP.search(action.help % {}):
+                problems.append(f"{where} {label}: markup in the help")
+    return problems
+
+
+def _fill_missing_help(parser: argparse.ArgumentParser) -> None:
+    for name, p in walk_parsers(parser):
+        for action in p._actions:
+            text = _MISSING_HELP.get((name, action.dest))
+            if action.help is None and text is not None:
+                action.help = text
+
+
+def _top_level_help(sub: argparse._SubParsersAction[Any]) -> str:
+    """The description of ``haif``: what it is, then the commands in their groups."""
+    helps = {c.dest: c.help or "" for c in sub._choices_actions}
+    grouped = [c for _, names in COMMAND_GROUPS for c in names]
+    missing = sorted(set(helps) - set(grouped))
+    extra = sorted(set(grouped) - set(helps))
+    if missing or extra or len(grouped) != len(set(grouped)):
+        raise AssertionError(f"COMMAND_GROUPS: ungrouped {missing}, unknown {extra}")
+    width = max(len(c) for c in helps) + 2
+    lines = [textwrap.fill(DESCRIPTION, width=79)]
+    for heading, names in COMMAND_GROUPS:
+        lines += ["", f"{heading}:"]
+        lines += [
+            textwrap.fill(
+                helps[c],
+                width=79,
+                initial_indent=f"  {c:<{width}}",
+                subsequent_indent=" " * (width + 2),
+            )
+            for c in names
+        ]
+    lines += ["", "Run 'haif COMMAND --help' for a command's options."]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="haif", formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--version", action="version", version=version(), help="show the version and exit"
+    )
+    # The commands are listed, grouped, in the description (argparse has one flat list).
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS
+    )
+    parser.usage = "haif [-h] [--version] COMMAND ..."  # after the subparsers took "haif"
+
+    sim = sub.add_parser(
+        "sim",
+        help="simulate a scenario and write a report",
+        description="Simulate a scenario file and write its report folder: report.md with "
+        "tables and figures, records.parquet (one row per request), timeseries.parquet, "
+        "utilization.parquet and summary.json.",
+    )
     sim.add_argument("scenario", help="scenario YAML file, e.g. scenarios/failover.yaml")
     sim.add_argument("--seed", type=int, help="override the scenario's seed")
     sim.add_argument("--out", help="report directory (default reports/<scenario name>)")
@@ -131,7 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         action="append",
         metavar="PATH=VALUE",
-        help="override a scenario field, e.g. --set workload.rate=30",
+        help="override a scenario field, e.g. --set workload.rate_scale=2 or --set "
+        "workers.0.count=4 (repeatable; the value is YAML)",
     )
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     sim.set_defaults(func=_cmd_sim)
@@ -142,14 +307,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", default=".haif", help="store and logs (default .haif)")
     up.set_defaults(func=_cmd_up)
 
-    orch = sub.add_parser("orchestrator", help="run one orchestrator")
-    orch.add_argument("--host", default="127.0.0.1")
-    orch.add_argument("--port", type=int, required=True)
+    orch = sub.add_parser(
+        "orchestrator",
+        help="run one orchestrator (places requests, retries, keeps the store)",
+        description="Run one orchestrator: the control core behind the gateways. It "
+        "learns of workers from their signed heartbeats, places, retries and finalizes "
+        "requests, and keeps jobs, usage and dead letters in the metadata store.",
+    )
+    orch.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
+    )
+    orch.add_argument("--port", type=int, required=True, help="port to listen on")
     orch.add_argument(
         "--store", required=True, help="metadata store: a DuckDB file or a postgresql:// URL"
     )
     orch.add_argument("--config", help="cluster YAML holding the policy")
-    orch.add_argument("--seed", type=int, default=0)
+    orch.add_argument(
+        "--journal",
+        help="directory of the usage journal: each request's usage is fsynced there "
+        "before its answer ends, and written to the store again at the next start if "
+        "the store did not take it (default: none; answers then wait for the store)",
+    )
+    orch.add_argument(
+        "--seed", type=int, default=0, help="seed of the placement and retry draws (default 0)"
+    )
     orch.add_argument(
         "--idle-timeout-s",
         type=float,
@@ -166,15 +347,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_auth_args(orch)
     orch.set_defaults(func=_cmd_service)
 
-    worker = sub.add_parser("worker", help="run one worker")
+    worker = sub.add_parser(
+        "worker",
+        help="run one worker (an engine that generates tokens)",
+        description="Run one worker: an inference engine (synthetic, transformers, vLLM or "
+        "an OpenAI-compatible upstream) that announces itself to the orchestrator and "
+        "serves the attempts it is sent.",
+    )
     add_worker_args(worker)
     worker.set_defaults(func=_cmd_service)
 
-    gw = sub.add_parser("gateway", help="run one gateway")
-    gw.add_argument("--host", default="127.0.0.1")
-    gw.add_argument("--port", type=int, required=True)
+    gw = sub.add_parser(
+        "gateway",
+        help="run one gateway (the client API)",
+        description="Run one gateway: the OpenAI-compatible client API (authentication, "
+        "rate limits and quotas), forwarding each request to the orchestrator.",
+    )
+    gw.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    gw.add_argument("--port", type=int, required=True, help="port to listen on")
     gw.add_argument("--orchestrator", required=True, help="orchestrator base URL")
-    gw.add_argument("--region", default="local")
+    gw.add_argument(
+        "--region", default="local", help="the region this gateway serves (default local)"
+    )
     gw.add_argument("--config", help="cluster YAML holding the auth settings")
     gw.add_argument(
         "--idle-timeout-s",
@@ -199,7 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     add.set_defaults(func=_cmd_keys)
     revoke = keys_sub.add_parser("revoke", help="revoke an API key")
     revoke.add_argument("key", help="the key, or its SHA-256 hex digest")
-    revoke.add_argument("--store", default=".haif/store.duckdb")
+    revoke.add_argument(
+        "--store",
+        default=".haif/store.duckdb",
+        help="DuckDB file or postgresql:// URL (default .haif/store.duckdb)",
+    )
     revoke.set_defaults(func=_cmd_keys)
 
     add_analysis_commands(sub)
@@ -207,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_parity_command(sub)
     add_dlq_commands(sub)
     add_artifact_commands(sub)
+    sub.choices["replay"].description = _REPLAY_DESCRIPTION
+    _fill_missing_help(parser)
+    parser.description = _top_level_help(sub)
     return parser
 
 

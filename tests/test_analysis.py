@@ -24,7 +24,7 @@ from haif.analysis import regress
 from haif.analysis.query import discover_runs, resolve_runs, run_query, view_name
 from haif.configfile import ConfigError
 from haif.fleet.scenario import load_scenario
-from haif.records import SCHEMA, read_parquet, summarize
+from haif.records import FILE_SCHEMA, read_parquet, summarize
 from haif.sim.driver import run_scenario
 from haif.sim.report import write_report
 
@@ -196,7 +196,7 @@ def test_query_union_and_per_run_views(runs: dict[str, Path]) -> None:
     assert total == sum(counts.values())
     assert view_name("run-p2c") == "run_p2c"
     one = run_query("SELECT * FROM run_p2c_records", folders)
-    assert one.columns == list(SCHEMA.names)  # one run's file as written, no run column
+    assert one.columns == list(FILE_SCHEMA.names)  # one run's file as written, no run column
     assert len(one.rows) == counts["run-p2c"]
     series = run_query("SELECT run, count(*) FROM timeseries GROUP BY run ORDER BY run", folders)
     for run, n in series.rows:

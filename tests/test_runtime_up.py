@@ -11,7 +11,7 @@ import pytest
 from harness.api import post_json
 from harness.cluster import Up
 
-from haif.records import SCHEMA, read_parquet
+from haif.records import FILE_SCHEMA, read_parquet
 
 pytestmark = pytest.mark.cluster
 
@@ -126,7 +126,7 @@ def test_records_after_shutdown_share_the_simulator_schema(cluster: Up) -> None:
     assert cluster.proc.returncode == 0, output
     path = cluster.data / "records.parquet"
     assert path.exists(), output
-    assert pq.read_schema(path).remove_metadata() == SCHEMA
+    assert pq.read_schema(path).remove_metadata() == FILE_SCHEMA
     records = {r.request_id: r for r in read_parquet(path)}
     for rid in ("e2e-1", "e2e-chat", "e2e-record"):
         rec = records[rid]

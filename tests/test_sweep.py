@@ -20,6 +20,9 @@ import yaml
 from harness.analysis import cli
 
 from haif.analysis import sweep as sw
+from haif.analysis.compare import METRIC_BY_KEY
+from haif.analysis.query import discover_runs, resolve_runs, run_query
+from haif.analysis.stats import Better, Stat, clear_winner
 from haif.configfile import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -108,8 +111,68 @@ def test_local_runs_every_cell_and_aggregates(
     md = (out / "sweep.md").read_text()
     assert "## failover" in md
     assert "| `policy.placement` | seeds | success rate |" in md
-    assert "**" in md  # the best grid point per metric
     assert " ± " in md
+    # A grid point is in bold only where it is the clear winner (its interval apart).
+    for spec in (METRIC_BY_KEY[k] for k in result.sweep.metrics):
+        won = sw.best_points(result.groups, spec.key)
+        line = f"- {spec.label}: {sw.verdict_text(result.groups, spec.key)}"
+        if spec.better:
+            assert line in md
+        if won:
+            (index,) = won
+            assert f"**{sw.format_stat(spec, result.groups[index].stats[spec.key])}**" in md
+    bold = md.count("**") // 2
+    assert bold == sum(len(sw.best_points(result.groups, k)) for k in result.sweep.metrics)
+
+
+@pytest.mark.slow
+def test_query_sees_the_sweep_cells(
+    local: tuple[Path, Path, sw.SweepResult], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _path, out, result = local
+    runs = resolve_runs([out])
+    assert len(runs) == len(result.cells)
+    names = {f"{out.name}/{c.id}" for c in result.cells}
+    counts = run_query("SELECT run, count(*) FROM records GROUP BY run", runs)
+    assert {run for run, _n in counts.rows} == names
+    for run, n in counts.rows:
+        cell_id = run.split("/", 1)[1]
+        assert n == len(pd.read_parquet(out / "cells" / cell_id / "records.parquet"))
+    cells = run_query(
+        'SELECT run, sweep, cell_id, scenario, seed, "policy.placement" FROM sweep_cells '
+        "ORDER BY cell_id",
+        runs,
+    )
+    expected = sorted(
+        (
+            f"{out.name}/{c.id}",
+            out.name,
+            c.id,
+            c.scenario,
+            c.seed,
+            dict(c.point)["policy.placement"],
+        )
+        for c in result.cells
+    )
+    assert sorted(cells.rows) == expected
+    joined = run_query(
+        'SELECT c."policy.placement", count(*) FROM records r JOIN sweep_cells c USING (run) '
+        "GROUP BY 1 ORDER BY 1",
+        runs,
+    )
+    assert [row[0] for row in joined.rows] == sorted(PLACEMENTS)
+    agg = run_query('SELECT sweep, "policy.placement", ok FROM sweep_aggregate', runs)
+    assert sorted(agg.rows) == sorted((out.name, p, 2) for p in PLACEMENTS)
+    table = run_query("SELECT DISTINCT sweep FROM runs", runs)
+    assert table.rows == [(out.name,)]
+    # Found by default under reports/, next to ordinary runs.
+    reports = tmp_path / "reports"
+    shutil.copytree(out, reports / "sweep-tiny")
+    shutil.copytree(out / "cells" / result.cells[0].id, reports / "plain")
+    monkeypatch.chdir(tmp_path)
+    found = discover_runs()
+    assert len(found) == len(result.cells) + 1
+    assert cli(["query", "SELECT count(DISTINCT run) AS n FROM records", "--format", "csv"]) == 0
 
 
 @pytest.mark.slow
@@ -316,6 +379,76 @@ def test_t_quantile_limits() -> None:
     s = sw.describe([1.0, 2.0, 3.0])
     assert (s.n, s.mean, s.std) == (3, 2.0, 1.0)
     assert s.ci95 == pytest.approx(4.302652730 / math.sqrt(3))
+
+
+# ------------------------------------------------------------------ naming a winner
+
+
+def _stat(mean: float, half: float, n: int = 3) -> Stat:
+    return Stat(n, mean, half, half)
+
+
+@pytest.mark.parametrize(
+    ("stats", "better", "winner", "reason", "contenders"),
+    [
+        # Apart: the best mean's interval overlaps no other.
+        (
+            {"a": _stat(1.0, 0.1), "b": _stat(2.0, 0.1), "c": _stat(3.0, 0.5)},
+            "lower",
+            "a",
+            "separated",
+            ("a",),
+        ),
+        ({"a": _stat(1.0, 0.1), "b": _stat(2.0, 0.1)}, "higher", "b", "separated", ("b",)),
+        # Overlapping intervals (touching counts): no winner, the overlapping ones named.
+        (
+            {"a": _stat(1.0, 0.6), "b": _stat(2.0, 0.6), "c": _stat(5.0, 0.1)},
+            "lower",
+            None,
+            "overlap",
+            ("a", "b"),
+        ),
+        ({"a": _stat(1.0, 0.5), "b": _stat(2.0, 0.5)}, "lower", None, "overlap", ("a", "b")),
+        # The same mean everywhere (zero-width intervals): a tie.
+        ({"a": _stat(1.0, 0.0), "b": _stat(1.0, 0.0)}, "higher", None, "tie", ("a", "b")),
+        # One seed: no interval, so no winner however far apart the means are.
+        ({"a": _stat(1.0, 0.0, n=1), "b": _stat(9.0, 0.0, n=1)}, "lower", None, "one seed", ("a",)),
+        # Without a direction, or with fewer than two values, nothing is ranked.
+        ({"a": _stat(1.0, 0.1), "b": _stat(2.0, 0.1)}, None, None, "no direction", ()),
+        ({"a": _stat(1.0, 0.1), "b": Stat(0, None, None, None)}, "lower", None, "no data", ()),
+    ],
+)
+def test_clear_winner_rule(
+    stats: dict[str, Stat],
+    better: Better | None,
+    winner: str | None,
+    reason: str,
+    contenders: tuple[str, ...],
+) -> None:
+    verdict = clear_winner(stats, better)
+    assert (verdict.winner, verdict.reason, verdict.contenders) == (winner, reason, contenders)
+
+
+def _group(placement: str, **stats: Stat) -> sw.Group:
+    return sw.Group("s", (("policy.placement", placement),), (), 3, 0, stats)
+
+
+def test_sweep_names_a_winner_only_when_the_intervals_separate() -> None:
+    groups = [
+        _group("p2c", ttft_p99_s=_stat(1.0, 0.05), success_rate=_stat(0.990, 0.004)),
+        _group("jsq", ttft_p99_s=_stat(2.0, 0.05), success_rate=_stat(0.993, 0.004)),
+        _group("random", ttft_p99_s=_stat(2.5, 0.05), success_rate=_stat(0.980, 0.001)),
+    ]
+    assert sw.best_points(groups, "ttft_p99_s") == {0}
+    assert sw.verdict_text(groups, "ttft_p99_s") == "p2c"
+    # jsq has the best mean success rate, but its interval overlaps p2c's.
+    assert sw.best_points(groups, "success_rate") == set()
+    assert sw.verdict_text(groups, "success_rate") == (
+        "no clear winner (best mean jsq; its interval overlaps p2c)"
+    )
+    one = [_group("a", cost=_stat(1.0, 0.0, n=1)), _group("b", cost=_stat(2.0, 0.0, n=1))]
+    assert sw.best_points(one, "cost") == set()
+    assert "one seed" in sw.verdict_text(one, "cost")
 
 
 # ------------------------------------------------------------------ Ray

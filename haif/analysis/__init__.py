@@ -13,7 +13,12 @@ and ``summary.json``.
 :mod:`haif.analysis.query`
     SQL (DuckDB) over many runs' Parquet files: ``records`` /
     ``timeseries`` / ``utilization`` views across runs with a ``run``
-    column, and one view per run and file.
+    column, and one view per run and file; the cells of ``haif sweep``
+    folders are runs too (``sweep_cells``, ``sweep_aggregate``).
+:mod:`haif.analysis.sweep`
+    Scenarios over a grid of overrides and seeds, aggregated with 95 %
+    confidence intervals (:mod:`haif.analysis.stats`, which also holds the
+    rule for naming a winner that the sweep and the placement notebook use).
 :mod:`haif.analysis.regress`
     The canonical scenario set (``regress/canonical.yaml``), the committed
     baseline (``reports/baseline``) and per-metric thresholds

@@ -971,12 +971,31 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+DESCRIPTION = """\
+Fit the step-time coefficients of GPU x model profiles to the request records
+of a run (a live cluster's records.parquet, or a haif sim report folder),
+print each fit with its error, and with --out write a profile catalog that a
+scenario uses with `profiles: PATH`.
+
+The simulator times a batching step as
+max(floor, a + b*N + e*N^2) + c*C + d*B (N prompt tokens prefilled, C tokens
+of context decoding, B sequences). Each ok request with two or more output
+tokens gives two observations: a prefill (its time to first token less
+--overhead, one step of its prompt) and a decode step (its mean time per
+output token, at the batch and context its worker had meanwhile). Retried
+requests are left out, cold starts out of the prefill fit. A coefficient the
+records cannot identify (one batch size, one prompt length) stays 0, or
+takes the --base GPU's value, and the table says why.
+"""
+"""``haif calibrate --help``: what the command does, for its users."""
+
+
 def add_calibrate_command(sub: Any) -> None:
     """Register ``haif calibrate`` on the main parser's subparsers."""
     p = sub.add_parser(
         "calibrate",
         help="fit a GPU x model step-time profile to the request records of a run",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(

@@ -186,16 +186,18 @@ def add_analysis_commands(subparsers: Any) -> None:
     qry = subparsers.add_parser(
         "query",
         help="SQL (DuckDB) over the Parquet files of runs",
-        description="Run SQL over runs: views records / timeseries / utilization (all "
-        "runs, with a run column), <run>_records etc. (one run), and a runs table.",
+        description="Run SQL (DuckDB) over runs: views records / timeseries / utilization "
+        "(all runs, with a run column), <run>_records etc. (one run), a runs table, and for "
+        "haif sweep cells a sweep_cells table (scenario, seed and grid values per run) and a "
+        "sweep_aggregate view.",
     )
     qry.add_argument("sql", help="the SQL query")
     qry.add_argument(
         "--runs",
         nargs="+",
         metavar="DIR",
-        help="run folders or folders of runs (default: every subfolder of reports/ "
-        "holding records.parquet)",
+        help="run folders, haif sweep output folders, or folders of those (default: every "
+        "subfolder of reports/ holding records.parquet, and the cells of every sweep there)",
     )
     qry.add_argument("--format", choices=FORMATS, default="table", help="output (default table)")
     qry.add_argument(
@@ -256,8 +258,11 @@ def add_analysis_commands(subparsers: Any) -> None:
         help="run scenarios over a grid of overrides and seeds, and aggregate",
         description="Run every cell (scenario x grid point x seed) of a sweep file, in "
         "parallel processes or Ray tasks, resuming finished cells; aggregate each metric "
-        "over the seeds (mean, std, 95%% CI) into results.parquet, aggregate.parquet and "
-        "sweep.md. Exit 1 if any cell failed.",
+        "over the seeds (mean, std, 95 % confidence interval) into results.parquet, "
+        "aggregate.parquet and sweep.md. A grid point is named the winner of a metric only "
+        "when its mean is the best and its interval overlaps no other point's; otherwise "
+        "the sweep says there is no clear winner. haif query --runs OUT reads the cells. "
+        "Exit 1 if any cell failed.",
     )
     swp.add_argument("sweep", metavar="SWEEP.yaml", help="sweep file, e.g. sweeps/placement.yaml")
     swp.add_argument("--out", help="output folder (default reports/sweep-<name>)")

@@ -394,17 +394,38 @@ def parse_bounds(items: Sequence[str]) -> dict[str, float]:
     return bounds
 
 
+DESCRIPTION = """\
+Run a scenario twice, in the simulator and on a fresh local cluster (haif up)
+with one synthetic worker per simulated worker (same ids, regions, GPU
+classes and models, timed by the same profiles), replaying its requests and
+its faults; then compare TTFT and end-to-end latency at p50 / p90 / p99 (with
+the relative error), success rate, retries and where requests ran (share per
+region and GPU class). Writes parity.md and parity.json next to both runs'
+records, and exits 1 when an error exceeds its bound (5 % at p50 and p90,
+10 % at p99 unless --bound says otherwise), so CI can run it as a check.
+
+The scenario needs a single control region and GPU-profiled workers only;
+scenarios/parity.yaml is one, scaled to a 2-core machine.
+"""
+"""``haif parity --help``: what the command does, for its users."""
+
+
 def add_parity_command(sub: Any) -> None:
     p = sub.add_parser(
         "parity",
         help="run a scenario in the simulator and on a live local cluster; report the error",
-        description=__doc__,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("scenario", help="scenario YAML, e.g. scenarios/parity.yaml")
     p.add_argument("--out", help="output folder (default reports/parity-<scenario name>)")
     p.add_argument("--seed", type=int, help="override the scenario's seed")
-    p.add_argument("--set", action="append", metavar="PATH=VALUE", help="override a field")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="PATH=VALUE",
+        help="override a scenario field, e.g. --set duration_s=60 (repeatable)",
+    )
     p.add_argument(
         "--timing",
         default="profile",
@@ -419,7 +440,7 @@ def add_parity_command(sub: Any) -> None:
         help="bound on |relative error|, e.g. ttft.p90=0.2 (default 0.05 at p50 and p90, "
         "0.10 at p99)",
     )
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress output or table")
     p.set_defaults(func=_cmd_parity)
 
 

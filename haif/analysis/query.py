@@ -13,12 +13,26 @@ DuckDB database (nothing is copied; the files are read when a query runs):
     an SQL identifier (:func:`view_name`: lower case, anything but letters,
     digits and ``_`` becomes ``_``, ``r_`` in front of a leading digit).
 ``runs``
-    one row per run: ``run``, ``view`` (the sanitised prefix), ``path`` and
-    ``summary`` (the run's ``summary.json`` as text, NULL if none).
+    one row per run: ``run``, ``view`` (the sanitised prefix), ``path``,
+    ``summary`` (the run's ``summary.json`` as text, NULL if none) and
+    ``sweep`` (the sweep a cell belongs to, NULL for other runs).
+``sweep_cells``
+    one row per sweep cell among the runs: ``run``, ``sweep``, ``cell_id``,
+    ``scenario`` (its label), ``seed``, ``overrides`` (``; ``-separated, in
+    the order applied) and one column per grid key (e.g.
+    ``"policy.placement"``) holding the cell's value as override text.
+    Join it with ``records`` on ``run``.
+``sweep_aggregate``
+    the ``aggregate.parquet`` of every sweep among the runs (one row per
+    scenario and grid point: ``<metric>_mean`` / ``_std`` / ``_n`` /
+    ``_ci95``), with a leading ``sweep`` column.
 
 Runs are given as folders (:func:`resolve_runs`): a run folder (holding
-``records.parquet``) or a folder of run folders (e.g. ``reports/baseline``).
-The default is every subfolder of ``reports/`` holding a ``records.parquet``.
+``records.parquet``), a ``haif sweep`` output folder (holding ``sweep.json``:
+each finished cell under ``cells/`` is a run, named ``<sweep folder>/<cell
+id>``), or a folder of those (e.g. ``reports/baseline``, ``reports``). The
+default is every subfolder of ``reports/`` holding a ``records.parquet``,
+and the cells of every sweep folder in it.
 
 Output (:func:`write_result`): a rich table (``--format table``, the
 default; at most ``--max-rows`` rows shown), CSV with a header row, or a
@@ -50,6 +64,7 @@ import duckdb
 from rich.console import Console
 from rich.table import Table
 
+from haif.analysis import sweep as sweep_files
 from haif.analysis.compare import RECORDS, SUMMARY, TIMESERIES, UTILIZATION
 from haif.configfile import ConfigError
 
@@ -65,6 +80,20 @@ TABLES: dict[str, str] = {
 
 _NOT_IDENT = re.compile(r"[^0-9a-z_]")
 
+# What `haif sweep` writes.
+SWEEP_MANIFEST = sweep_files.MANIFEST
+SWEEP_CELLS = sweep_files.CELLS
+SWEEP_CELL_FILE = sweep_files.CELL_FILE
+SWEEP_AGGREGATE = sweep_files.AGGREGATE
+_SWEEP_CELL_COLUMNS: dict[str, str] = {
+    "run": "VARCHAR",
+    "sweep": "VARCHAR",
+    "cell_id": "VARCHAR",
+    "scenario": "VARCHAR",
+    "seed": "BIGINT",
+    "overrides": "VARCHAR",
+}
+
 
 def view_name(run: str) -> str:
     """A run folder name as an SQL identifier prefix: ``run-A.1`` -> ``run_a_1``."""
@@ -72,12 +101,47 @@ def view_name(run: str) -> str:
     return f"r_{name}" if name[0].isdigit() else name
 
 
+def is_sweep(folder: Path) -> bool:
+    """Whether ``folder`` is what ``haif sweep`` writes (``sweep.json`` and ``cells/``)."""
+    return (folder / SWEEP_MANIFEST).is_file() and (folder / SWEEP_CELLS).is_dir()
+
+
+def sweep_of(run: Path) -> Path | None:
+    """The sweep folder a run folder is a cell of (``<sweep>/cells/<id>``), else None."""
+    cells = run.resolve().parent
+    if cells.name == SWEEP_CELLS and is_sweep(cells.parent):
+        return cells.parent
+    return None
+
+
+def run_name(run: Path) -> str:
+    """The ``run`` column of a run folder: its name; ``<sweep>/<cell id>`` for a sweep cell."""
+    sweep = sweep_of(run)
+    name = run.resolve().name
+    return f"{sweep.name}/{name}" if sweep is not None else name
+
+
+def sweep_cells(folder: Path) -> list[Path]:
+    """The finished cells (holding ``records.parquet``) of a sweep folder, by id."""
+    cells = folder / SWEEP_CELLS
+    return sorted(p for p in cells.iterdir() if p.is_dir() and (p / RECORDS).is_file())
+
+
 def discover_runs(root: str | Path = DEFAULT_ROOT) -> list[Path]:
-    """Subfolders of ``root`` holding a ``records.parquet``, sorted by name."""
+    """Subfolders of ``root`` holding a ``records.parquet``, and the cells of the sweep
+    folders among them, sorted by name."""
     base = Path(root)
     if not base.is_dir():
         return []
-    return sorted(p for p in base.iterdir() if p.is_dir() and (p / RECORDS).is_file())
+    runs: list[Path] = []
+    for p in sorted(base.iterdir()):
+        if not p.is_dir():
+            continue
+        if (p / RECORDS).is_file():
+            runs.append(p)
+        elif is_sweep(p):
+            runs.extend(sweep_cells(p))
+    return runs
 
 
 def resolve_runs(folders: Sequence[str | Path]) -> list[Path]:
@@ -90,11 +154,16 @@ def resolve_runs(folders: Sequence[str | Path]) -> list[Path]:
         if (path / RECORDS).is_file():
             runs.append(path)
             continue
-        inner = discover_runs(path)
+        if is_sweep(path):
+            inner = sweep_cells(path)
+            if not inner:
+                raise ConfigError(f"{path}: a sweep folder without a finished cell")
+        else:
+            inner = discover_runs(path)
         if not inner:
             raise ConfigError(
-                f"{path}: not a HAIF run folder ({RECORDS} is missing) "
-                "and none of its subfolders is one"
+                f"{path}: not a HAIF run folder ({RECORDS} is missing), not a sweep "
+                f"folder ({SWEEP_MANIFEST} is missing) and none of its subfolders is one"
             )
         runs.extend(inner)
     return runs
@@ -105,6 +174,7 @@ class RegisteredRun:
     name: str
     view: str
     path: Path
+    sweep: Path | None = None  # the sweep folder of a sweep cell
 
 
 def _literal(text: str) -> str:
@@ -121,7 +191,7 @@ def connect(runs: Sequence[Path]) -> tuple[duckdb.DuckDBPyConnection, list[Regis
     by_name: dict[str, Path] = {}
     by_view: dict[str, str] = {}
     for path in runs:
-        name = path.resolve().name
+        name = run_name(path)
         if name in by_name:
             if by_name[name].resolve() == path.resolve():
                 continue
@@ -137,7 +207,7 @@ def connect(runs: Sequence[Path]) -> tuple[duckdb.DuckDBPyConnection, list[Regis
             )
         by_name[name] = path
         by_view[view] = name
-        registered.append(RegisteredRun(name, view, path))
+        registered.append(RegisteredRun(name, view, path, sweep_of(path)))
 
     con = duckdb.connect(":memory:")
     try:
@@ -154,18 +224,77 @@ def connect(runs: Sequence[Path]) -> tuple[duckdb.DuckDBPyConnection, list[Regis
                 parts.append(f"SELECT {_literal(run.name)} AS run, * FROM {source}")
             if parts:
                 con.execute(f"CREATE VIEW {union} AS " + " UNION ALL BY NAME ".join(parts))
-        con.execute("CREATE TABLE runs (run VARCHAR, view VARCHAR, path VARCHAR, summary VARCHAR)")
+        con.execute(
+            "CREATE TABLE runs (run VARCHAR, view VARCHAR, path VARCHAR, summary VARCHAR, "
+            "sweep VARCHAR)"
+        )
         for run in registered:
             summary = run.path / SUMMARY
             text = summary.read_text(encoding="utf-8") if summary.is_file() else None
+            sweep = run.sweep.name if run.sweep is not None else None
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?)",
-                [run.name, run.view, str(run.path), text],
+                "INSERT INTO runs VALUES (?, ?, ?, ?, ?)",
+                [run.name, run.view, str(run.path), text, sweep],
             )
+        _register_sweeps(con, registered)
     except duckdb.Error as exc:
         con.close()
         raise ConfigError(f"cannot open the runs' Parquet files: {exc}") from None
     return con, registered
+
+
+def _cell_manifest(run: RegisteredRun) -> dict[str, Any]:
+    """A sweep cell's ``cell.json`` ``cell`` entry (``{}`` if it cannot be read)."""
+    try:
+        marker = json.loads((run.path / SWEEP_CELL_FILE).read_text(encoding="utf-8"))
+        cell = marker["cell"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    return cell if isinstance(cell, dict) else {}
+
+
+def _register_sweeps(con: duckdb.DuckDBPyConnection, registered: Sequence[RegisteredRun]) -> None:
+    """The ``sweep_cells`` table and the ``sweep_aggregate`` view (module docstring)."""
+    cells = [(run, _cell_manifest(run)) for run in registered if run.sweep is not None]
+    if not cells:
+        return
+    grid_keys: list[str] = []
+    for _run, cell in cells:
+        grid = cell.get("grid")
+        for key in grid if isinstance(grid, dict) else {}:
+            if key not in grid_keys and key not in _SWEEP_CELL_COLUMNS:
+                grid_keys.append(key)
+    columns = [f"{_ident(c)} {t}" for c, t in _SWEEP_CELL_COLUMNS.items()]
+    columns += [f"{_ident(k)} VARCHAR" for k in grid_keys]
+    con.execute(f"CREATE TABLE sweep_cells ({', '.join(columns)})")
+    for run, cell in cells:
+        assert run.sweep is not None
+        raw_grid = cell.get("grid")
+        point: dict[str, Any] = raw_grid if isinstance(raw_grid, dict) else {}
+        overrides = cell.get("overrides")
+        seed = cell.get("seed")
+        row = [
+            run.name,
+            run.sweep.name,
+            run.path.resolve().name,
+            cell.get("scenario"),
+            seed if isinstance(seed, int) else None,
+            "; ".join(str(o) for o in overrides) if isinstance(overrides, list) else None,
+            *(None if point.get(k) is None else str(point[k]) for k in grid_keys),
+        ]
+        con.execute(f"INSERT INTO sweep_cells VALUES ({', '.join('?' * len(row))})", row)
+    parts: list[str] = []
+    seen: set[Path] = set()
+    for run, _cell in cells:
+        assert run.sweep is not None
+        folder = run.sweep.resolve()
+        if folder in seen or not (folder / SWEEP_AGGREGATE).is_file():
+            continue
+        seen.add(folder)
+        source = f"read_parquet({_literal(str(folder / SWEEP_AGGREGATE))})"
+        parts.append(f"SELECT {_literal(folder.name)} AS sweep, * FROM {source}")
+    if parts:
+        con.execute("CREATE VIEW sweep_aggregate AS " + " UNION ALL BY NAME ".join(parts))
 
 
 @dataclass(frozen=True)
@@ -202,7 +331,11 @@ def _table_names(con: duckdb.DuckDBPyConnection, limit: int = 16) -> str:
     except duckdb.Error:
         return "unknown"
     names = [str(r[0]) for r in rows]
-    fixed = [n for n in ("records", "timeseries", "utilization", "runs") if n in names]
+    fixed = [
+        n
+        for n in ("records", "timeseries", "utilization", "runs", "sweep_cells", "sweep_aggregate")
+        if n in names
+    ]
     rest = [n for n in names if n not in fixed]
     shown = fixed + rest[: max(0, limit - len(fixed))]
     more = len(names) - len(shown)

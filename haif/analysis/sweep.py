@@ -47,8 +47,11 @@ compare`` and ``haif regress`` use) for those it lacks (the p90s). Across
 seeds, per scenario and grid point, each chosen metric gets n (cells with a
 value), mean, sample standard deviation and the half-width of a 95 %
 confidence interval for the mean, ``t(0.975, n-1) * std / sqrt(n)`` (Student
-t; :func:`t_quantile_975`). With a single seed there is no spread to
-estimate: std and half-width are reported as 0.
+t; :mod:`haif.analysis.stats`). With a single seed there is no spread to
+estimate: std and half-width are reported as 0. A grid point is named the
+winner of a metric only when its mean is the best and its interval overlaps
+no other point's (:func:`haif.analysis.stats.clear_winner`); otherwise the
+outputs say "no clear winner".
 
 Outputs in ``OUT``: ``cells/<id>/`` (the runs), ``sweep.json`` (the cells),
 ``results.parquet`` (one row per cell: ids, scenario, one string column per
@@ -56,8 +59,8 @@ grid key holding the override value, seed, status, error, wall time, and
 every metric of :data:`~haif.analysis.compare.METRICS`), ``aggregate.parquet``
 (one row per scenario and grid point: cells, ok, failed, and per chosen metric
 ``<metric>_mean``, ``_std``, ``_n``, ``_ci95`` = the half-width) and
-``sweep.md`` (a table per scenario, each metric as ``mean ± half-width``, the
-best grid point per metric in bold).
+``sweep.md`` (a table per scenario, each metric as ``mean ± half-width``, a
+clear winner in bold, then the verdict per metric).
 """
 
 from __future__ import annotations
@@ -72,7 +75,6 @@ import os
 import posixpath
 import re
 import shutil
-import statistics
 import time
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -107,6 +109,10 @@ from haif.analysis.compare import (
     load_run,
     run_metrics,
 )
+from haif.analysis.stats import RULE, Verdict, clear_winner
+from haif.analysis.stats import Stat as Stat  # re-exported: the sweep's statistics
+from haif.analysis.stats import describe as describe
+from haif.analysis.stats import t_quantile_975 as t_quantile_975
 from haif.configfile import ConfigError, _node_line, load_model
 
 Executor = Literal["local", "ray"]
@@ -137,88 +143,6 @@ DEFAULT_METRICS: tuple[str, ...] = (
 
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 _OVERRIDE_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
-
-
-# ------------------------------------------------------------------ Student t
-
-
-_T975: tuple[float, ...] = (
-    12.706204736,
-    4.302652730,
-    3.182446305,
-    2.776445105,
-    2.570581836,
-    2.446911851,
-    2.364624252,
-    2.306004135,
-    2.262157163,
-    2.228138852,
-    2.200985160,
-    2.178812830,
-    2.160368656,
-    2.144786688,
-    2.131449546,
-    2.119905299,
-    2.109815578,
-    2.100922040,
-    2.093024054,
-    2.085963447,
-    2.079613845,
-    2.073873068,
-    2.068657610,
-    2.063898562,
-    2.059538553,
-    2.055529439,
-    2.051830516,
-    2.048407142,
-    2.045229642,
-    2.042272456,
-)
-"""t(0.975, df) for df = 1..30 (the two-sided 95 % quantile of Student's t)."""
-
-_Z975 = 1.959963984540054
-
-
-def t_quantile_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom.
-
-    df 1..30: the tabulated value (:data:`_T975`, 9 decimals). Beyond: the
-    Cornish-Fisher expansion around the normal quantile (Abramowitz & Stegun
-    26.7.5, four terms), within 1e-6 of the exact value from df 30 on and
-    tending to 1.95996 as df grows. (scipy is not a dependency.)
-    """
-    if df < 1:
-        raise ValueError(f"df must be >= 1, got {df}")
-    if df <= len(_T975):
-        return _T975[df - 1]
-    z = _Z975
-    g1 = (z**3 + z) / 4
-    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
-    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
-    g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160
-    return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-
-
-@dataclass(frozen=True)
-class Stat:
-    """One metric over the seeds of a grid point (``None`` when no cell has a value)."""
-
-    n: int
-    mean: float | None
-    std: float | None
-    ci95: float | None  # half-width of the 95 % confidence interval of the mean
-
-
-def describe(values: Sequence[float]) -> Stat:
-    """n, mean, sample std and 95 % CI half-width (0 and 0 for a single value)."""
-    n = len(values)
-    if n == 0:
-        return Stat(0, None, None, None)
-    mean = statistics.fmean(values)
-    if n == 1:
-        return Stat(1, mean, 0.0, 0.0)
-    std = statistics.stdev(values)
-    return Stat(n, mean, std, t_quantile_975(n - 1) * std / math.sqrt(n))
 
 
 # ------------------------------------------------------------------ the sweep file
@@ -685,17 +609,47 @@ def format_stat(spec: MetricSpec, stat: Stat) -> str:
     return f"{mean} ± {format_diff(unit, stat.ci95).lstrip('+')}"
 
 
+def point_label(point: Sequence[tuple[str, str]]) -> str:
+    """A grid point for people: ``jsq``, or ``placement=jsq, rate_scale=2``."""
+    if len(point) == 1:
+        return point[0][1]
+    return ", ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in point) or "(no grid)"
+
+
+def verdict(groups: Sequence[Group], key: str) -> Verdict:
+    """:func:`~haif.analysis.stats.clear_winner` over the grid points of one scenario;
+    the labels in the verdict are indexes into ``groups`` as strings."""
+    stats = {str(i): g.stats[key] for i, g in enumerate(groups)}
+    return clear_winner(stats, METRIC_BY_KEY[key].better)
+
+
 def best_points(groups: Sequence[Group], key: str) -> set[int]:
-    """Indexes (into ``groups``) of the best mean of ``key`` (ties: all of them)."""
-    better = METRIC_BY_KEY[key].better
-    means = [(i, g.stats[key].mean) for i, g in enumerate(groups)]
-    known = [(i, m) for i, m in means if m is not None and not math.isnan(m)]
-    if better is None or len(known) < 2:
-        return set()
-    target = max(m for _, m in known) if better == "higher" else min(m for _, m in known)
-    if all(m == target for _, m in known):
-        return set()  # nothing to choose between
-    return {i for i, m in known if m == target}
+    """Indexes (into ``groups``) of the clear winner of ``key``: the best mean, and only
+    when its confidence interval overlaps no other point's (else the empty set)."""
+    won = verdict(groups, key).winner
+    return set() if won is None else {int(won)}
+
+
+def verdict_text(groups: Sequence[Group], key: str) -> str:
+    """One metric's verdict in words: ``jsq`` or ``no clear winner (...)``."""
+    v = verdict(groups, key)
+
+    def name(index: str) -> str:
+        return point_label(groups[int(index)].point)
+
+    if v.winner is not None:
+        return name(v.winner)
+    if v.reason == "no direction":
+        return "not ranked (neither higher nor lower is better)"
+    if v.reason == "no data":
+        return "no clear winner (fewer than two grid points have a value)"
+    assert v.best is not None
+    if v.reason == "tie":
+        return "no clear winner (every grid point has the same mean)"
+    if v.reason == "one seed":
+        return f"no clear winner (one seed: no interval; best mean {name(v.best)})"
+    others = ", ".join(name(c) for c in v.contenders if c != v.best)
+    return f"no clear winner (best mean {name(v.best)}; its interval overlaps {others})"
 
 
 def _seeds_text(g: Group) -> str:
@@ -730,8 +684,8 @@ def render_markdown(result: SweepResult) -> str:
         f"- cells: {len(result.cells)} ({result.failed} failed)",
         "",
         "Each metric is the mean over the seeds ± the half-width of its 95 % confidence "
-        "interval (Student t; ± 0 with one seed); the best grid point per metric is in bold. "
-        "`seeds` counts the cells that finished.",
+        "interval (Student t; ± 0 with one seed). `seeds` counts the cells that finished. "
+        f"A winner is named per metric by one rule: {RULE}. A clear winner is in bold.",
     ]
     for scenario, groups in _by_scenario(result.groups).items():
         specs = [METRIC_BY_KEY[k] for k in sweep.metrics]
@@ -748,6 +702,8 @@ def render_markdown(result: SweepResult) -> str:
                 text = format_stat(s, g.stats[s.key])
                 cells.append(f"**{text}**" if i in best[s.key] else text)
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+        lines += ["", "Winners:", ""]
+        lines += [f"- {s.label}: {verdict_text(groups, s.key)}" for s in specs if s.better]
     failures = [(c, result.outcomes.get(c.id)) for c in result.cells]
     failures = [(c, o) for c, o in failures if o is None or o.status == "failed"]
     if failures:
@@ -772,7 +728,19 @@ def sweep_tables(result: SweepResult) -> list[Table]:
     for scenario, groups in _by_scenario(result.groups).items():
         best = {s.key: best_points(groups, s.key) for s in specs}
         table = Table(
-            title=f"sweep {sweep.name}: {scenario} (mean ± 95% CI half-width; best marked *)"
+            title=f"sweep {sweep.name}: {scenario} (mean ± 95% CI half-width; "
+            "* = clear winner: its interval overlaps no other)",
+            caption="\n".join(
+                [
+                    "winner per metric (named only where the intervals separate):",
+                    *(
+                        f"  {s.short_label}: {verdict_text(groups, s.key)}"
+                        for s in specs
+                        if s.better
+                    ),
+                ]
+            ),
+            caption_justify="left",
         )
         for k in keys:
             table.add_column(k.rsplit(".", 1)[-1], no_wrap=True)

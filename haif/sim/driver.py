@@ -50,7 +50,7 @@ from haif.fleet.scenario import Scenario, WorkerGroup
 from haif.fleet.targets import scenario_workers
 from haif.fleet.workload import build_requests
 from haif.seeding import derive_rng
-from haif.sim.engine import BatchingWorker, RequestLevelWorker
+from haif.sim.engine import BatchingWorker, PrefixHits, RequestLevelWorker, prefix_hits
 from haif.sim.fleet import AbstractWorker, BaseWorker, Network
 
 Progress = Callable[[float, float], None]  # (sim time, end time)
@@ -177,6 +177,8 @@ class SimResult:
     sim_events: int = 0
     # Per control region: (time, worker) of each eviction by its presence.
     evictions: dict[str, list[tuple[float, str]]] = field(default_factory=dict)
+    # Per worker with a prefix cache: (request id, attempt) -> prompt tokens it held.
+    prefix_hits: dict[str, PrefixHits] = field(default_factory=dict)
     # Per control region: (time, event) fed to its core and (time, decision) taken.
     events: dict[str, list[tuple[float, Event]]] | None = None
     decisions: dict[str, list[tuple[float, Decision]]] | None = None
@@ -520,6 +522,7 @@ class SimCluster:
             provisioned_cost=sum(w.price_per_hour for w in self.workers.values()) * hours,
             sim_events=_event_count(self.env),
             evictions={r: d.evicted for r, d in self.drivers.items()},
+            prefix_hits=prefix_hits(self.workers.values()),
             events={r: d.events or [] for r, d in self.drivers.items()} if keep else None,
             decisions={r: d.decisions or [] for r, d in self.drivers.items()} if keep else None,
         )

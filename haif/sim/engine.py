@@ -17,15 +17,22 @@ A worker hosts one model at a time; a request for another loadable model
 waits until the batch drains, then the weights load (``load_time_s``), as
 does a crashed worker when it comes back. Requests that waited for a load
 are marked ``cold_start``.
+
+A worker with a prefix cache remembers, per attempt, how many tokens its
+cache saved (:class:`PrefixHitEngine`); :func:`prefix_hits` collects them
+for the report (the ``prefix_hit_tokens`` column of the records).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
-from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine
+from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine, Seq
 from haif.fleet.profiles import PerfProfile
 from haif.sim.fleet import BaseWorker, Job
+
+PrefixHits = dict[tuple[str, int], int]
+"""(request id, attempt) -> prompt tokens the worker's prefix cache held for it."""
 
 
 class EngineWorker(BaseWorker):
@@ -139,7 +146,8 @@ class BatchingWorker(EngineWorker):
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.engine = BatchingEngine(
+        engine = PrefixHitEngine if prefix_cache else BatchingEngine
+        self.engine = engine(
             profiles,
             warm,
             max_batch=max_batch,
@@ -147,3 +155,36 @@ class BatchingWorker(EngineWorker):
             prefix_cache=prefix_cache,
             price_per_hour=self.price_per_hour,
         )
+
+
+class PrefixHitEngine(BatchingEngine):
+    """A :class:`~haif.fleet.engine.BatchingEngine` with a prefix cache that remembers
+    what the cache saved each attempt.
+
+    A sequence joins the batch with an empty KV cache (a new one, or one
+    preempted and reset); admission moves the tokens its prefix cache holds
+    from its prompt into its context, so right after admission its context
+    *is* the hit. A sequence admitted again after a preemption is looked up
+    again, and the last admission counts.
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.prefix_hits: PrefixHits = {}
+
+    def _admit(self, left: list[Seq]) -> None:
+        first = len(self.batch)  # admission only appends to the batch
+        super()._admit(left)
+        hits = self.prefix_hits
+        for seq in self.batch[first:]:
+            if isinstance(seq, Job):
+                hits[seq.key] = seq.context
+
+
+def prefix_hits(workers: Iterable[BaseWorker]) -> dict[str, PrefixHits]:
+    """Per worker with a prefix cache: what its cache saved, per attempt."""
+    return {
+        w.worker_id: w.engine.prefix_hits
+        for w in workers
+        if isinstance(w, BatchingWorker) and isinstance(w.engine, PrefixHitEngine)
+    }

@@ -4,6 +4,13 @@
 ``timeseries.parquet`` (per second), ``utilization.parquet`` (per worker and
 second), ``summary.json`` (headline figures), ``report.md`` (the same, for a
 person, with the PNG figures next to it). Same scenario and seed, same bytes.
+
+Prefix cache: the records' ``prefix_hit_tokens`` column holds, for a request
+whose serving worker has a prefix cache, the prompt tokens that cache held
+for it (:mod:`haif.records`); ``summary.json``'s ``prefix_cache`` sums it
+(:func:`prefix_cache_summary`: hit tokens over prompt tokens, overall, per
+worker and per tenant; ``null`` when no worker has a prefix cache), and
+``report.md`` has a line and a table for it.
 """
 
 from __future__ import annotations
@@ -70,6 +77,55 @@ def _slo_attainment(result: SimResult) -> float | None:
     return met / len(result.records)
 
 
+def prefix_hit_tokens(result: SimResult) -> dict[str, int | None]:
+    """Request id -> the prompt tokens the serving worker's prefix cache held for the
+    attempt the record describes (its last; ``None`` if that attempt was never
+    admitted to a batch). Only records served by a worker with a prefix cache."""
+    hits: dict[str, int | None] = {}
+    caches = result.prefix_hits
+    for r in result.records:
+        if r.worker_id is not None and r.worker_id in caches:
+            hits[r.request_id] = caches[r.worker_id].get((r.request_id, r.attempts))
+    return hits
+
+
+def _hit_stats(pairs: list[tuple[int, int]]) -> dict[str, Any]:
+    """{requests, prompt_tokens, hit_tokens, hit_ratio} of (prompt, hit) pairs."""
+    prompt = sum(p for p, _ in pairs)
+    hit = sum(h for _, h in pairs)
+    return {
+        "requests": len(pairs),
+        "prompt_tokens": prompt,
+        "hit_tokens": hit,
+        "hit_ratio": hit / prompt if prompt else None,
+    }
+
+
+def prefix_cache_summary(result: SimResult) -> dict[str, Any] | None:
+    """Prefix-cache hits over the requests whose hit tokens are known (``None``: no
+    worker has a prefix cache): overall, ``by_worker`` (every worker with a cache)
+    and ``by_tenant``. ``hit_ratio`` is hit tokens over prompt tokens."""
+    if not result.prefix_hits:
+        return None
+    hits = prefix_hit_tokens(result)
+    overall: list[tuple[int, int]] = []
+    by_worker: dict[str, list[tuple[int, int]]] = {w: [] for w in sorted(result.prefix_hits)}
+    by_tenant: dict[str, list[tuple[int, int]]] = {}
+    for r in result.records:
+        hit = hits.get(r.request_id)
+        if hit is None or r.worker_id is None:
+            continue
+        pair = (r.prompt_tokens, hit)
+        overall.append(pair)
+        by_worker[r.worker_id].append(pair)
+        by_tenant.setdefault(r.tenant, []).append(pair)
+    return {
+        **_hit_stats(overall),
+        "by_worker": {w: _hit_stats(p) for w, p in by_worker.items()},
+        "by_tenant": {t: _hit_stats(p) for t, p in sorted(by_tenant.items())},
+    }
+
+
 def build_summary(result: SimResult) -> dict[str, Any]:
     sc = result.scenario
     summary = summarize(result.records)
@@ -91,6 +147,7 @@ def build_summary(result: SimResult) -> dict[str, Any]:
         latency_by_phase=latency_by_phase(result),
         served_by_worker=dict(sorted(result.served_by_worker.items())),
         fault_windows=[list(w) for w in result.fault_windows],
+        prefix_cache=prefix_cache_summary(result),
     )
     return summary
 
@@ -103,7 +160,41 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2%}"
 
 
+def _hits(stats: dict[str, Any]) -> str:
+    """``36.52% of prompt tokens (1,234 of 3,379) over 12 requests``."""
+    return (
+        f"{_pct(stats['hit_ratio'])} of prompt tokens ({stats['hit_tokens']:,} of "
+        f"{stats['prompt_tokens']:,}) over {stats['requests']:,} requests"
+    )
+
+
+def _prefix_cache_lines(prefix: dict[str, Any] | None) -> list[str]:
+    """The prefix-cache section of ``report.md`` (none without a prefix cache)."""
+    if prefix is None:
+        return []
+    lines = [
+        "",
+        "## Prefix cache",
+        "",
+        "Prompt tokens the serving worker's prefix cache held (not prefilled), per "
+        "request served by a worker with a prefix cache.",
+        "",
+        "| by | hits | hit tokens / prompt tokens | requests |",
+        "|---|---|---|---|",
+    ]
+    groups = [("worker", prefix["by_worker"]), ("tenant", prefix["by_tenant"])]
+    for kind, table in groups:
+        for name, stats in table.items():
+            lines.append(
+                f"| {kind} {name} | {_pct(stats['hit_ratio'])} | {stats['hit_tokens']:,} / "
+                f"{stats['prompt_tokens']:,} | {stats['requests']:,} |"
+            )
+    return lines
+
+
 def render_markdown(summary: dict[str, Any], scenario_text: str, figures: list[str]) -> str:
+    prefix: dict[str, Any] | None = summary.get("prefix_cache")
+    prefix_text = "no prefix cache" if prefix is None else _hits(prefix)
     lines = [
         f"# HAIF simulation: {summary['scenario']}",
         "",
@@ -128,6 +219,7 @@ def render_markdown(summary: dict[str, Any], scenario_text: str, figures: list[s
         f"| mean GPU utilization | {_pct(summary['gpu_utilization'])} |",
         f"| cost: provisioned / attributed to requests | ${summary['provisioned_cost']:.2f} / "
         f"${summary['cost']:.2f} |",
+        f"| prefix-cache hits | {prefix_text} |",
         "",
         "## Outcomes",
         "",
@@ -157,6 +249,7 @@ def render_markdown(summary: dict[str, Any], scenario_text: str, figures: list[s
             f"{_fmt_s(row['ttft_p99_s'])} | {_fmt_s(row['latency_p50_s'])} / "
             f"{_fmt_s(row['latency_p99_s'])} |"
         )
+    lines += _prefix_cache_lines(prefix)
     if summary["fault_windows"]:
         lines += ["", "## Faults", "", "| from | to | what |", "|---|---|---|"]
         lines += [f"| {a:.0f} s | {b:.0f} s | {what} |" for a, b, what in summary["fault_windows"]]
@@ -171,7 +264,9 @@ def write_report(result: SimResult, out_dir: str | Path, *, plots: bool = True) 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sc = result.scenario
-    write_parquet(result.records, out / "records.parquet")
+    write_parquet(
+        result.records, out / "records.parquet", prefix_hit_tokens=prefix_hit_tokens(result)
+    )
     series = per_second(result.records, result.end_s, sc.regions, sc.slo_ttft_s, sc.slo_e2e_s)
     write_timeseries(series, out / "timeseries.parquet")
     util = utilization_frame(result.utilization)

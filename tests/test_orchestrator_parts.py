@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -28,23 +28,11 @@ from haif.wire import encode
 # ------------------------------------------------------------------ write queue
 
 
-class Tasks:
-    def __init__(self) -> None:
-        self.tasks: list[asyncio.Task[None]] = []
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro)
-        self.tasks.append(task)
-        return task
-
-    async def join(self) -> None:
-        await asyncio.gather(*self.tasks)
-
-
 async def test_writes_run_in_order_per_key_and_concurrently_across_keys() -> None:
-    tasks, done, drained = Tasks(), [], list[str]()
+    done: list[str] = []
+    drained: list[str] = []
     gate = asyncio.Event()
-    queue = WriteQueue(tasks.spawn, on_drained=drained.append)
+    queue = WriteQueue(on_drained=drained.append)
 
     def write(name: str, wait: bool = False) -> Any:
         async def op() -> None:
@@ -61,13 +49,13 @@ async def test_writes_run_in_order_per_key_and_concurrently_across_keys() -> Non
     await asyncio.sleep(0)
     assert done == ["b1"] and "a" in queue and len(queue) == 1  # b ran while a1 waits
     gate.set()
-    await tasks.join()
+    assert await queue.close(5.0) == []
     assert done == ["b1", "a1", "a2"]
     assert sorted(drained) == ["a", "b"] and len(queue) == 0
 
 
 async def test_an_interim_write_is_skipped_when_a_later_one_is_queued() -> None:
-    tasks, done = Tasks(), []
+    done: list[str] = []
     gate = asyncio.Event()
 
     async def first() -> None:
@@ -80,37 +68,55 @@ async def test_an_interim_write_is_skipped_when_a_later_one_is_queued() -> None:
     async def final() -> None:
         done.append("final")
 
-    queue = WriteQueue(tasks.spawn)
+    queue = WriteQueue()
     queue.put("r", "first", first)
     queue.put("r", "running", running, interim=True)
     queue.put("r", "final", final)
     gate.set()
-    await tasks.join()
+    await queue.close(5.0)
     assert done == ["first", "final"]
     # Alone at the head of its queue, an interim write runs.
     queue.put("s", "running", running, interim=True)
-    await tasks.join()
+    await queue.close(5.0)
     assert done[-1] == "running"
 
 
-async def test_a_failed_write_is_logged_and_the_next_one_runs(
+async def test_a_failed_write_is_retried_until_it_succeeds_and_order_holds(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    tasks, done = Tasks(), []
+    done: list[str] = []
+    failures = 3
 
-    async def broken() -> None:
-        raise OSError("store down")
+    async def flaky() -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError("store down")
+        done.append("finalize")
 
     async def after() -> None:
-        done.append("after")
+        done.append("dead letter")
 
-    queue = WriteQueue(tasks.spawn)
-    with caplog.at_level(logging.ERROR, logger="haif.orchestrator"):
-        queue.put("r", "finalize r", broken)
+    queue = WriteQueue(retry_first_s=0.001, retry_max_s=0.004)
+    with caplog.at_level(logging.WARNING, logger="haif.orchestrator"):
+        queue.put("r", "finalize r", flaky)
         queue.put("r", "dead letter r", after)
-        await tasks.join()
-    assert done == ["after"]
-    assert "store write failed: finalize r" in caplog.text
+        assert await queue.close(5.0) == []
+    assert done == ["finalize", "dead letter"] and queue.failures == 3
+    assert "store write failed (try 1" in caplog.text and "finalize r" in caplog.text
+
+
+async def test_close_gives_up_after_its_grace_and_names_what_is_lost(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def down() -> None:
+        raise OSError("store down")
+
+    queue = WriteQueue(retry_first_s=0.001, retry_max_s=0.01)
+    queue.put("r", "finalize r", down)
+    with caplog.at_level(logging.ERROR, logger="haif.orchestrator"):
+        assert await queue.close(0.05) == ["finalize r"]
+    assert "store write lost at shutdown: finalize r" in caplog.text and len(queue) == 0
 
 
 # ------------------------------------------------------------------ relay
@@ -203,8 +209,7 @@ class Harness:
         self.store = store
         self.clock = Clock()
         self.running: dict[str, Pending] = {}
-        self.tasks = Tasks()
-        self.writes = WriteQueue(self.tasks.spawn)
+        self.writes = WriteQueue()
         self.res = Reservations(
             store,
             self.running,
@@ -294,7 +299,7 @@ async def test_a_request_without_a_key_runs_at_once_and_its_row_follows(
     entered = await harness.res.enter(_request())
     assert isinstance(entered, Pending) and entered.request.request_id == "r1"
     assert "r1" in harness.writes  # the reservation is a queued write
-    await harness.tasks.join()
+    await harness.writes.close(5.0)
     job_id = harness.res.job_id("r1")
     assert job_id.startswith("r1~")  # the id was another tenant's: its row moved
     job = await harness.store.get_job(job_id)

@@ -43,6 +43,7 @@ from haif.policy.retry import RetryConfig
 from haif.records import read_parquet
 from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime.cluster import ClusterConfig, free_port
+from haif.runtime.journal import Journal
 from haif.runtime.messages import Announce, SubmitReply, TokenChunk
 from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.rpc import RpcClient
@@ -78,6 +79,7 @@ class ReliableCluster(LiveCluster):
             idle_timeout_s=3.0,
             lease_ttl_s=self.lease_ttl_s,
             reconcile_interval_s=self.reconcile_interval_s,
+            journal=Journal(self.tmp / "journal"),
         )
         self.orch_url = await self._serve(orchestrator_mod.build_app(self.orch))
         assert self.orch.driver is not None

@@ -398,6 +398,7 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
             cert, key = config.gateway_tls.resolved(base)
             serving += ["--tls-cert", cert, "--tls-key", key]
         orch_args = ["orchestrator", "--port", str(orch_port), "--store", store]
+        orch_args += ["--journal", str(data_dir / "journal")]
         orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
         if config_path:
             orch_args += ["--config", config_path]

@@ -122,6 +122,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
@@ -160,11 +161,13 @@ from haif.runtime.attempts import Attempts
 from haif.runtime.cluster_keys import ClusterAuth
 from haif.runtime.dead_letters import DeadLetters
 from haif.runtime.drivers import LoopDriver, LoopPresence
+from haif.runtime.journal import Journal, Settlement
 from haif.runtime.messages import Announce, OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.reconciler import Reconciler
 from haif.runtime.relay import Frame, Pending
-from haif.runtime.reservations import Reservations
+from haif.runtime.reservations import Reservations, request_body_hash, suffixed
 from haif.runtime.resources import Resources
+from haif.runtime.roles import ORCHESTRATOR_METHODS
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
@@ -175,7 +178,7 @@ from haif.runtime.rpc import (
     add_rpc_routes,
     caller_key_id,
 )
-from haif.runtime.store import DeadLetterRow, MetadataStore
+from haif.runtime.store import DeadLetterRow, JobRow, MetadataStore
 from haif.runtime.write_queue import WriteQueue
 from haif.wire import encode
 
@@ -210,6 +213,8 @@ class Orchestrator:
         cluster_auth: ClusterAuth | None = None,
         region: str = "",
         wall: Callable[[], float] = time.time,
+        journal: Journal | None = None,
+        shutdown_grace_s: float = 5.0,
     ) -> None:
         from haif.seeding import derive_rng
 
@@ -221,7 +226,7 @@ class Orchestrator:
         self.cluster_auth = cluster_auth
         #: What every RPC to this orchestrator must carry (None: nothing).
         self.envelope_auth = (
-            EnvelopeAuth(cluster_auth.keyring, ORCHESTRATOR_AUDIENCE)
+            EnvelopeAuth(cluster_auth.keyring, ORCHESTRATOR_AUDIENCE, methods=ORCHESTRATOR_METHODS)
             if cluster_auth is not None
             else None
         )
@@ -250,7 +255,10 @@ class Orchestrator:
             wall=wall,
         )
         self.lease_ttl_s = lease_ttl_s
-        self._writes = WriteQueue(self._spawn, on_drained=self._drained)
+        self._writes = WriteQueue(on_drained=self._drained)
+        #: Where settlements are durable before the answer ends (None: the store is).
+        self.journal = journal
+        self.shutdown_grace_s = shutdown_grace_s
         self.reservations = Reservations(
             store,
             self._pending,
@@ -289,6 +297,13 @@ class Orchestrator:
             on_rejoined=self._on_rejoined,
         )
         self.attempts.open()
+        if self.journal is not None:
+            for segment, settlement in self.journal.open():
+                self._writes.put(
+                    f"journal:{settlement.job_id}",
+                    f"journaled settlement {settlement.job_id}",
+                    functools.partial(self._replay_settlement, settlement, segment),
+                )
         self._loops.extend(asyncio.create_task(c) for c in self.reconciler.loops())
         log.info(
             "orchestrator started: placement %s, store %s%s",
@@ -304,8 +319,15 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*self._loops, return_exceptions=True)
         await self.attempts.close()
-        while self._tasks:  # attempts and the store writes their ends queued
+        while self._tasks:  # attempts, and answers waiting for their settlements
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self._writes.close(self.shutdown_grace_s)
+        if self.journal is not None:
+            left = self.journal.close()
+            if left:
+                log.warning(
+                    "journal: %d settlement(s) not in the store yet; next start writes them", left
+                )
         await self.store.close()
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
@@ -564,11 +586,7 @@ class Orchestrator:
             self.metrics.dead_letters.inc()
             self.dead_letters.record(decision, self._pending.get(decision.request_id))
         elif isinstance(decision, Finalize):
-            record = decision.record
-            self._settle(record, self._pending.get(record.request_id))
-            pending = self._pending.pop(record.request_id, None)
-            if pending is not None:
-                pending.finish(record)
+            self._settle(decision.record, self._pending.get(decision.record.request_id))
 
     def _write_running(self, rid: str, worker_id: str) -> None:
         now = self.wall()
@@ -582,7 +600,14 @@ class Orchestrator:
         )
 
     def _settle(self, record: RequestRecord, pending: Pending | None) -> None:
-        """Queue the request's last write: its job, reply, usage and record at once."""
+        """The request is over: its settlement goes to the store; its callers are answered.
+
+        A refused request (it never ran) bills nothing: its record is written,
+        its job released, and its callers answered at once. Any other request
+        is answered only once its settlement is durable — in the journal, or
+        (without one, or if the journal fails) in the store — so no client
+        gets the end of an answer whose usage could still be lost.
+        """
         rid = record.request_id
         now = self.wall()
         if record.status == "rejected":
@@ -593,17 +618,73 @@ class Orchestrator:
                 await self.store.set_job_status(job_id, "expired", now)
 
             self._writes.put(rid, f"refused {rid}", release)
+            self._answer(record)
             return
         text = pending.text if pending is not None else ""
         reject = pending.reject if pending is not None else None
         blob = encode(SubmitReply(record, text, reject))
+        committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def finalize() -> None:
             job_id = self._job_id(rid)
             if not await self.store.finalize(job_id, replace(record, request_id=job_id), blob, now):
                 log.warning("request %s was already finalized; usage left as it was", rid)
+            if not committed.done():
+                committed.set_result(None)
 
         self._writes.put(rid, f"finalize {rid}", finalize)
+        if pending is None:
+            return
+        job_id = self._job_id(rid)
+        request = pending.request
+        settlement = Settlement(
+            job_id,
+            request.tenant,
+            request.idempotency_key,
+            request_body_hash(request),
+            replace(record, request_id=job_id),
+            blob,
+            now,
+        )
+        self._spawn(self._answer_when_durable(settlement, record, committed))
+
+    async def _answer_when_durable(
+        self, settlement: Settlement, record: RequestRecord, committed: asyncio.Future[None]
+    ) -> None:
+        segment: int | None = None
+        if self.journal is not None:
+            try:
+                segment = await self.journal.append(settlement)
+            except Exception:
+                log.exception(
+                    "journal append failed for %s; waiting for the store", record.request_id
+                )
+        if segment is None:
+            await asyncio.shield(committed)  # the store is the durable copy
+        else:
+            journal = self.journal
+            assert journal is not None
+            committed.add_done_callback(lambda _f: journal.settle(segment))
+        self._answer(record)
+
+    def _answer(self, record: RequestRecord) -> None:
+        pending = self._pending.pop(record.request_id, None)
+        if pending is not None:
+            pending.finish(record)
+
+    async def _replay_settlement(self, settlement: Settlement, segment: int) -> None:
+        """Write an earlier run's journaled settlement to the store (exactly once there)."""
+        s = settlement
+        job = JobRow(s.job_id, s.tenant, s.idempotency_key, s.body_hash, expires_s=s.at_s)
+        held = (await self.store.reserve(job, s.at_s)).job
+        job_id = s.job_id
+        if held.request_id != s.job_id or (held.tenant, held.body_hash) != (s.tenant, s.body_hash):
+            # Its id (or key) went to another request meanwhile: settle under a fresh id.
+            job_id = suffixed(s.job_id)
+            await self.store.reserve(replace(job, request_id=job_id, idempotency_key=None), s.at_s)
+        await self.store.finalize(job_id, replace(s.record, request_id=job_id), s.reply, s.at_s)
+        assert self.journal is not None
+        self.journal.settle(segment)
 
     # ------------------------------------------------------------ store upkeep
 

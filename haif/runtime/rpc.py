@@ -79,6 +79,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from haif import wire
 from haif.contracts import ErrorKind
 from haif.runtime import telemetry
+from haif.runtime.roles import Role, allowed, role_of
 from haif.runtime.security import (
     DEFAULT_MAX_TTL_S,
     DEFAULT_SKEW_S,
@@ -481,6 +482,7 @@ class EnvelopeAuth:
         replay: ReplayCache | None = None,
         skew_s: float = DEFAULT_SKEW_S,
         max_ttl_s: float = DEFAULT_MAX_TTL_S,
+        methods: Mapping[str, frozenset[Role]] | None = None,
     ) -> None:
         self.keyring = keyring
         self.audience = audience
@@ -488,14 +490,20 @@ class EnvelopeAuth:
         self.replay = replay if replay is not None else ReplayCache()
         self.skew_s = skew_s
         self.max_ttl_s = max_ttl_s
+        #: Which roles may call each method (:mod:`haif.runtime.roles`); None: any trusted key.
+        self.methods = methods
 
     def verify(self, method: str, envelope: Mapping[str, Any]) -> str:
-        """The key id that sealed this call of ``method``; raises :class:`AuthError`."""
+        """The key id that sealed this call of ``method``, if its role may call it.
+
+        Raises :class:`AuthError`: 401 for a missing or bad seal, 403 when the
+        key's role may not call ``method``.
+        """
         auth = envelope.get("auth")
         signed = sealed_bytes(
             method, envelope.get("id"), envelope.get("trace"), envelope.get("body")
         )
-        return open_sealed(
+        kid = open_sealed(
             signed,
             auth if isinstance(auth, Mapping) else None,
             self.keyring,
@@ -505,6 +513,13 @@ class EnvelopeAuth:
             skew_s=self.skew_s,
             max_ttl_s=self.max_ttl_s,
         )
+        if self.methods is not None:
+            name = self.keyring.name_of(kid) or ""
+            if not allowed(self.methods, method, name):
+                raise AuthError(
+                    403, "forbidden", f"{role_of(name)} key {name!r} may not call {method!r}"
+                )
+        return kid
 
 
 class LogThrottle:

@@ -171,6 +171,7 @@ async def _orchestrator_app(
 ) -> web.Application:
     """The orchestrator's app on the store ``args.store`` names (opened on the app's loop)."""
     from haif.runtime import orchestrator
+    from haif.runtime.journal import Journal
     from haif.runtime.store import open_store
 
     settings = cluster.orchestrator
@@ -198,6 +199,7 @@ async def _orchestrator_app(
         default_heartbeat_s=max((w.heartbeat_s for w in cluster.workers), default=0.5),
         cluster_auth=cluster_auth,
         region=cluster.region,
+        journal=Journal(args.journal) if getattr(args, "journal", None) else None,
     )
     return orchestrator.build_app(orch)
 

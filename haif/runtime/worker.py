@@ -78,6 +78,7 @@ from haif.runtime.engines_cli import add_worker_engine_args, engine_from_args
 from haif.runtime.gc_pauses import freeze_after_startup
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
 from haif.runtime.resources import ResourceMonitor
+from haif.runtime.roles import WORKER_METHODS
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
@@ -331,7 +332,11 @@ def build_app(worker: Worker) -> web.Application:
         {"infer": worker.rpc_infer},
         {"infer_stream": worker.rpc_infer_stream},
         service="worker",
-        auth=EnvelopeAuth(keys.keyring, worker.spec.worker_id) if keys is not None else None,
+        auth=(
+            EnvelopeAuth(keys.keyring, worker.spec.worker_id, methods=WORKER_METHODS)
+            if keys is not None
+            else None
+        ),
     )
 
     async def healthz(_request: web.Request) -> web.Response:

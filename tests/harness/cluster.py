@@ -36,6 +36,7 @@ from haif.runtime import gateway as gateway_mod
 from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.gateway import Gateway, GatewayAuth
+from haif.runtime.journal import Journal
 from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.rpc import LocalClient
 from haif.runtime.security import generate_api_key, hash_api_key
@@ -249,7 +250,12 @@ class LiveCluster:
         return url
 
     async def start(self) -> LiveCluster:
-        self.orch = Orchestrator(self.policy, DuckDBStore(self.store_path), idle_timeout_s=3.0)
+        self.orch = Orchestrator(
+            self.policy,
+            DuckDBStore(self.store_path),
+            idle_timeout_s=3.0,
+            journal=Journal(self.tmp / "journal"),  # as `haif up` runs it
+        )
         self.orch_url = await self._serve(orchestrator_mod.build_app(self.orch))
         for wid in self.worker_ids:
             self.spawn_worker(wid)

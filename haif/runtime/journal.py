@@ -1,0 +1,243 @@
+"""Usage that survives a crash: an append-only, fsynced journal of settlements.
+
+The orchestrator sends a request's last byte only once its usage is durable
+(the end of the answer is what tells a client it was served, so it must not
+arrive before the bill is safe). The store's commit stays off the hot path —
+batched by group commit, retried while the store is out — so durability
+comes from here: the request's settlement (job status, stored reply, usage,
+record) is appended and fsynced before the answer goes out. Appends that
+arrive while an fsync runs share the next one, so under load one fsync
+covers many requests. Once the store has committed a settlement, it is
+*settled* here.
+
+When the orchestrator starts, :meth:`Journal.open` returns every settlement
+of earlier runs; the orchestrator writes them to the store again (``finalize``
+is exactly-once by request id: one the store already has changes nothing)
+and settles them. A segment file is deleted once all its settlements are
+settled; the journal stays small while the store keeps up.
+
+Format: segment files ``usage-<n>.journal``; each entry is a 4-byte
+big-endian length, the CRC32 of the body, then the body (a msgpack
+:class:`Settlement`). A torn tail — the process died mid-write — fails its
+length or CRC and is skipped with a warning: it was never fsynced, so it was
+never acknowledged to anyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from haif.contracts import RequestRecord
+from haif.wire import WireError, decode, encode, register
+
+log = logging.getLogger("haif.orchestrator")
+
+_HEADER = struct.Struct(">II")  # body length, CRC32 of the body
+_SEGMENT = re.compile(r"usage-(\d+)\.journal")
+#: A new segment starts after this many entries, so settled ones can be deleted.
+SEGMENT_ENTRIES = 10_000
+
+
+@register
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What the store must hold once a request is over: its job, reply, usage and record."""
+
+    job_id: str  # the job row's id (the record's request id)
+    tenant: str
+    idempotency_key: str | None
+    body_hash: str
+    record: RequestRecord
+    reply: bytes  # the encoded SubmitReply a resend is answered with
+    at_s: float  # the wall clock when it was decided
+
+
+@dataclass
+class _Segment:
+    path: Path
+    entries: int = 0  # appended (or found at open)
+    settled: int = 0
+    closed: bool = False
+
+
+class Journal:
+    """Append settlements durably; forget them once the store has them."""
+
+    def __init__(self, directory: str | Path, *, segment_entries: int = SEGMENT_ENTRIES) -> None:
+        self.directory = Path(directory)
+        self.segment_entries = segment_entries
+        self._segments: dict[int, _Segment] = {}
+        self._active: int | None = None
+        self._file: int | None = None  # the active segment's descriptor
+        self._retired: list[int] = []  # earlier segments' descriptors, to close
+        self._buffer: list[bytes] = []
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        #: fsyncs done, and entries they covered (for metrics and benchmarks).
+        self.syncs = 0
+        self.appended = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def open(self) -> list[tuple[int, Settlement]]:
+        """Read earlier runs' segments; start a fresh one. Returns ``(segment, settlement)``s."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        found: list[tuple[int, Settlement]] = []
+        numbers = sorted(
+            int(m.group(1)) for p in self.directory.iterdir() if (m := _SEGMENT.fullmatch(p.name))
+        )
+        for number in numbers:
+            path = self._path(number)
+            settlements = _read(path)
+            if not settlements:
+                path.unlink()
+                continue
+            self._segments[number] = _Segment(path, len(settlements), closed=True)
+            found.extend((number, s) for s in settlements)
+        self._roll(numbers[-1] + 1 if numbers else 1)
+        if found:
+            log.warning(
+                "journal %s: %d settlement(s) of an earlier run to write to the store",
+                self.directory,
+                len(found),
+            )
+        return found
+
+    def close(self) -> int:
+        """Close the active segment; delete every settled one. Returns entries left unsettled."""
+        if self._file is not None:
+            os.close(self._file)
+            self._file = None
+        self._close_retired()
+        self._active = None
+        for number, seg in list(self._segments.items()):
+            seg.closed = True
+            self._drop_if_settled(number)
+        return sum(s.entries - s.settled for s in self._segments.values())
+
+    # ------------------------------------------------------------ appends
+
+    async def append(self, settlement: Settlement) -> int:
+        """Durably append ``settlement``; return its segment (to :meth:`settle` it later)."""
+        assert self._active is not None, "open() the journal first"
+        segment = self._active
+        seg = self._segments[segment]
+        seg.entries += 1
+        body = encode(settlement)
+        self._buffer.append(_HEADER.pack(len(body), zlib.crc32(body)) + body)
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(future)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        if seg.entries >= self.segment_entries:
+            self._roll(segment + 1)  # later appends go to the next segment
+        await future
+        return segment
+
+    async def _flush(self) -> None:
+        """Write and fsync what is buffered; repeat while appends keep coming."""
+        while self._buffer:
+            self._close_retired()  # no write is in flight here
+            data, self._buffer = b"".join(self._buffer), []
+            waiters, self._waiters = self._waiters, []
+            fd = self._file
+            try:
+                assert fd is not None
+                await asyncio.to_thread(_write_sync, fd, data)
+            except BaseException as exc:
+                for w in waiters:
+                    if not w.done():
+                        w.set_exception(exc if isinstance(exc, Exception) else OSError(str(exc)))
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self.syncs += 1
+            self.appended += len(waiters)
+            for w in waiters:
+                if not w.done():
+                    w.set_result(None)
+
+    def settle(self, segment: int) -> None:
+        """The store holds one settlement of ``segment``."""
+        seg = self._segments.get(segment)
+        if seg is None:
+            return
+        seg.settled += 1
+        self._drop_if_settled(segment)
+
+    @property
+    def unsettled(self) -> int:
+        """Settlements journaled and not yet in the store."""
+        return sum(s.entries - s.settled for s in self._segments.values())
+
+    # ------------------------------------------------------------ internals
+
+    def _path(self, number: int) -> Path:
+        return self.directory / f"usage-{number:08d}.journal"
+
+    def _roll(self, number: int) -> None:
+        """Start segment ``number``; the previous active one is closed to appends.
+
+        Entries appended before the roll and not flushed yet land in the new
+        file, still counted in the old segment: a file never holds an entry
+        counted in a later segment, so deleting a segment once its count is
+        settled never deletes an unsettled entry.
+        """
+        if self._file is not None:
+            self._retired.append(self._file)  # closed by the flusher between writes
+        if self._active is not None:
+            self._segments[self._active].closed = True
+        path = self._path(number)
+        self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._segments[number] = _Segment(path)
+        self._active = number
+        if self._flusher is None or self._flusher.done():
+            self._close_retired()
+
+    def _close_retired(self) -> None:
+        for fd in self._retired:
+            os.close(fd)
+        self._retired.clear()
+
+    def _drop_if_settled(self, number: int) -> None:
+        seg = self._segments[number]
+        if seg.closed and seg.settled >= seg.entries and number != self._active:
+            del self._segments[number]
+            seg.path.unlink(missing_ok=True)
+
+
+def _write_sync(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fdatasync(fd)
+
+
+def _read(path: Path) -> list[Settlement]:
+    """The intact settlements of one segment, in order; a torn tail is skipped."""
+    data = path.read_bytes()
+    out: list[Settlement] = []
+    pos = 0
+    while pos + _HEADER.size <= len(data):
+        length, crc = _HEADER.unpack_from(data, pos)
+        body = data[pos + _HEADER.size : pos + _HEADER.size + length]
+        if len(body) < length or zlib.crc32(body) != crc:
+            break
+        try:
+            settlement = decode(body)
+        except WireError:
+            break
+        if isinstance(settlement, Settlement):
+            out.append(settlement)
+        pos += _HEADER.size + length
+    if pos < len(data):
+        log.warning("journal %s: %d torn byte(s) at the end skipped", path, len(data) - pos)
+    return out

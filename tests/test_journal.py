@@ -1,0 +1,91 @@
+"""The settlement journal: durable appends, grouped fsyncs, replay after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from haif.contracts import RequestRecord
+from haif.runtime.journal import Journal, Settlement
+
+
+def _settlement(i: int) -> Settlement:
+    record = RequestRecord(
+        request_id=f"r{i}",
+        tenant="acme",
+        model="llama-3-8b",
+        origin_region="",
+        served_region="us-east",
+        worker_id="w1",
+        gpu_class="a100",
+        arrival_s=0.0,
+        admitted_s=0.01,
+        first_token_s=0.1,
+        finish_s=0.2,
+        prompt_tokens=10,
+        output_tokens=i,
+        attempts=1,
+        status="ok",
+        reason=None,
+        cold_start=False,
+        cost=0.1,
+    )
+    return Settlement(f"r{i}", "acme", None, "hash", record, b"reply", 1_000.0 + i)
+
+
+async def test_appends_are_grouped_and_survive_a_crash(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    assert journal.open() == []
+    segments = await asyncio.gather(*(journal.append(_settlement(i)) for i in range(50)))
+    assert set(segments) == {1}
+    assert journal.appended == 50 and journal.syncs < 50  # concurrent appends share fsyncs
+    journal.settle(1)  # the store took r0 only
+    # A crash: nothing closed. The next run finds all 50 (settling is not persisted).
+    again = Journal(tmp_path)
+    found = again.open()
+    assert [s for _, s in found] == [_settlement(i) for i in range(50)]
+    assert {seg for seg, _ in found} == {1} and again.unsettled == 50
+
+
+async def test_settled_segments_are_deleted(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, segment_entries=3)
+    journal.open()
+    segments = [await journal.append(_settlement(i)) for i in range(7)]
+    assert segments == [1, 1, 1, 2, 2, 2, 3]
+    for seg in segments[:3]:
+        journal.settle(seg)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["usage-00000002.journal", "usage-00000003.journal"]
+    for seg in segments[3:]:
+        journal.settle(seg)
+    assert journal.unsettled == 0
+    assert journal.close() == 0 and list(tmp_path.iterdir()) == []
+
+
+async def test_a_torn_tail_is_skipped(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    journal.open()
+    for i in range(3):
+        await journal.append(_settlement(i))
+    path = next(tmp_path.iterdir())
+    data = path.read_bytes()
+    path.write_bytes(data + data[:20])  # a fourth entry cut short by a crash
+    found = Journal(tmp_path).open()
+    assert [s.job_id for _, s in found] == ["r0", "r1", "r2"]
+    flipped = bytearray(data)
+    flipped[-1] ^= 0xFF  # the last entry's body corrupted: its CRC fails
+    path.write_bytes(bytes(flipped))
+    assert [s.job_id for _, s in Journal(tmp_path).open()] == ["r0", "r1"]
+
+
+async def test_earlier_segments_are_kept_until_replayed(tmp_path: Path) -> None:
+    first = Journal(tmp_path)
+    first.open()
+    await first.append(_settlement(1))
+    assert first.close() == 1  # unsettled: the file stays
+    second = Journal(tmp_path)
+    found = second.open()
+    assert [(seg, s.job_id) for seg, s in found] == [(1, "r1")]
+    await second.append(_settlement(2))
+    second.settle(1)  # replayed into the store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-00000002.journal"]

@@ -5,31 +5,13 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from haif.contracts import RequestRecord
+from harness.records import ok_record
+
 from haif.runtime.journal import Journal, Settlement
 
 
 def _settlement(i: int) -> Settlement:
-    record = RequestRecord(
-        request_id=f"r{i}",
-        tenant="acme",
-        model="llama-3-8b",
-        origin_region="",
-        served_region="us-east",
-        worker_id="w1",
-        gpu_class="a100",
-        arrival_s=0.0,
-        admitted_s=0.01,
-        first_token_s=0.1,
-        finish_s=0.2,
-        prompt_tokens=10,
-        output_tokens=i,
-        attempts=1,
-        status="ok",
-        reason=None,
-        cold_start=False,
-        cost=0.1,
-    )
+    record = ok_record(f"r{i}", output_tokens=i)
     return Settlement(f"r{i}", "acme", None, "hash", record, b"reply", 1_000.0 + i)
 
 

@@ -15,6 +15,7 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from harness.records import ok_record
 
 from haif.contracts import Request, RequestRecord
 from haif.runtime.messages import SubmitReply, TokenChunk
@@ -169,26 +170,7 @@ async def test_finish_ends_every_stream_and_answers_with_the_whole_text() -> Non
 
 
 def _record(rid: str) -> RequestRecord:
-    return RequestRecord(
-        request_id=rid,
-        tenant="acme",
-        model="llama-3-8b",
-        origin_region="",
-        served_region="us-east",
-        worker_id="w1",
-        gpu_class="a100",
-        arrival_s=0.0,
-        admitted_s=0.01,
-        first_token_s=0.1,
-        finish_s=0.2,
-        prompt_tokens=10,
-        output_tokens=2,
-        attempts=1,
-        status="ok",
-        reason=None,
-        cold_start=False,
-        cost=0.1,
-    )
+    return ok_record(rid)
 
 
 # ------------------------------------------------------------------ reservations

@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.haif-installed
 
-.PHONY: sim test test-fast lint check clean
+.PHONY: sim test test-fast chaos lint check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,10 @@ sim: $(STAMP)
 	$(BIN)/haif sim scenarios/failover.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not chaos"
+
+chaos: $(STAMP)
+	$(BIN)/pytest -q -s -m chaos tests/chaos
 
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not cluster and not postgres and not slow"

@@ -22,11 +22,15 @@ async def test_appends_are_grouped_and_survive_a_crash(tmp_path: Path) -> None:
     assert set(segments) == {1}
     assert journal.appended == 50 and journal.syncs < 50  # concurrent appends share fsyncs
     journal.settle(1)  # the store took r0 only
+    journal.delivered("r0")
+    journal.delivered("r1")
+    await asyncio.sleep(0.1)  # markers ride along with the next write
     # A crash: nothing closed. The next run finds all 50 (settling is not persisted).
     again = Journal(tmp_path)
     found = again.open()
-    assert [s for _, s in found] == [_settlement(i) for i in range(50)]
-    assert {seg for seg, _ in found} == {1} and again.unsettled == 50
+    assert [f.settlement for f in found] == [_settlement(i) for i in range(50)]
+    assert {f.segment for f in found} == {1} and again.unsettled == 50
+    assert [f.settlement.job_id for f in found if f.delivered] == ["r0", "r1"]
 
 
 async def test_settled_segments_are_deleted(tmp_path: Path) -> None:
@@ -34,14 +38,16 @@ async def test_settled_segments_are_deleted(tmp_path: Path) -> None:
     journal.open()
     segments = [await journal.append(_settlement(i)) for i in range(7)]
     assert segments == [1, 1, 1, 2, 2, 2, 3]
+    for seg in segments[3:6]:  # segment 2 settled first: kept while 1 is not
+        journal.settle(seg)
+    assert len(list(tmp_path.iterdir())) == 3
     for seg in segments[:3]:
         journal.settle(seg)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["usage-00000002.journal", "usage-00000003.journal"]
-    for seg in segments[3:]:
-        journal.settle(seg)
+    assert names == ["usage-00000003.journal"]
+    journal.settle(segments[6])
     assert journal.unsettled == 0
-    assert journal.close() == 0 and list(tmp_path.iterdir()) == []
+    assert await journal.close() == 0 and list(tmp_path.iterdir()) == []
 
 
 async def test_a_torn_tail_is_skipped(tmp_path: Path) -> None:
@@ -53,21 +59,22 @@ async def test_a_torn_tail_is_skipped(tmp_path: Path) -> None:
     data = path.read_bytes()
     path.write_bytes(data + data[:20])  # a fourth entry cut short by a crash
     found = Journal(tmp_path).open()
-    assert [s.job_id for _, s in found] == ["r0", "r1", "r2"]
+    assert [f.settlement.job_id for f in found] == ["r0", "r1", "r2"]
     flipped = bytearray(data)
     flipped[-1] ^= 0xFF  # the last entry's body corrupted: its CRC fails
     path.write_bytes(bytes(flipped))
-    assert [s.job_id for _, s in Journal(tmp_path).open()] == ["r0", "r1"]
+    assert [f.settlement.job_id for f in Journal(tmp_path).open()] == ["r0", "r1"]
 
 
 async def test_earlier_segments_are_kept_until_replayed(tmp_path: Path) -> None:
     first = Journal(tmp_path)
     first.open()
     await first.append(_settlement(1))
-    assert first.close() == 1  # unsettled: the file stays
+    first.delivered("r1")
+    assert await first.close() == 1  # unsettled: the file stays, the marker flushed
     second = Journal(tmp_path)
     found = second.open()
-    assert [(seg, s.job_id) for seg, s in found] == [(1, "r1")]
+    assert [(f.segment, f.settlement.job_id, f.delivered) for f in found] == [(1, "r1", True)]
     await second.append(_settlement(2))
     second.settle(1)  # replayed into the store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-00000002.journal"]

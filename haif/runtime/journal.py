@@ -10,11 +10,20 @@ arrive while an fsync runs share the next one, so under load one fsync
 covers many requests. Once the store has committed a settlement, it is
 *settled* here.
 
+Once the answer has been handed to its callers, a :class:`Delivered`
+marker follows the settlement (written with the next fsync, not waited
+for), and only then is the settlement written to the store: so the store
+never bills a request whose answer did not leave the process.
+
 When the orchestrator starts, :meth:`Journal.open` returns every settlement
-of earlier runs; the orchestrator writes them to the store again (``finalize``
-is exactly-once by request id: one the store already has changes nothing)
-and settles them. A segment file is deleted once all its settlements are
-settled; the journal stays small while the store keeps up.
+of earlier runs with whether it was delivered. The orchestrator writes the
+delivered ones to the store again (``finalize`` is exactly-once by request
+id: one the store already has changes nothing); one that was not delivered
+— the process died between the fsync and the answer — is recorded as failed
+and billed nothing, as its client got an error. A segment file is deleted
+once its settlements and those of every earlier segment are settled, so a
+marker is never deleted before its settlement; the journal stays small while
+the store keeps up.
 
 Format: segment files ``usage-<n>.journal``; each entry is a 4-byte
 big-endian length, the CRC32 of the body, then the body (a msgpack
@@ -59,6 +68,23 @@ class Settlement:
     at_s: float  # the wall clock when it was decided
 
 
+@register
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The answer of the settlement of ``job_id`` was handed to its callers."""
+
+    job_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Found:
+    """A settlement of an earlier run, its segment, and whether its answer left."""
+
+    segment: int
+    settlement: Settlement
+    delivered: bool
+
+
 @dataclass
 class _Segment:
     path: Path
@@ -86,40 +112,45 @@ class Journal:
 
     # ------------------------------------------------------------ lifecycle
 
-    def open(self) -> list[tuple[int, Settlement]]:
-        """Read earlier runs' segments; start a fresh one. Returns ``(segment, settlement)``s."""
+    def open(self) -> list[Found]:
+        """Read earlier runs' segments; start a fresh one. Returns what they hold, in order."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        found: list[tuple[int, Settlement]] = []
         numbers = sorted(
             int(m.group(1)) for p in self.directory.iterdir() if (m := _SEGMENT.fullmatch(p.name))
         )
+        settled: list[tuple[int, Settlement]] = []
+        delivered: set[str] = set()
         for number in numbers:
             path = self._path(number)
-            settlements = _read(path)
-            if not settlements:
-                path.unlink()
-                continue
-            self._segments[number] = _Segment(path, len(settlements), closed=True)
-            found.extend((number, s) for s in settlements)
+            entries = _read(path)
+            mine = [e for e in entries if isinstance(e, Settlement)]
+            delivered.update(e.job_id for e in entries if isinstance(e, Delivered))
+            self._segments[number] = _Segment(path, len(mine), closed=True)
+            settled.extend((number, e) for e in mine)
         self._roll(numbers[-1] + 1 if numbers else 1)
+        self._drop_settled()
+        found = [Found(seg, s, s.job_id in delivered) for seg, s in settled]
         if found:
             log.warning(
-                "journal %s: %d settlement(s) of an earlier run to write to the store",
+                "journal %s: %d settlement(s) of an earlier run (%d not delivered)",
                 self.directory,
                 len(found),
+                sum(not f.delivered for f in found),
             )
         return found
 
-    def close(self) -> int:
-        """Close the active segment; delete every settled one. Returns entries left unsettled."""
+    async def close(self) -> int:
+        """Flush, close the active segment, delete the settled ones; return the unsettled."""
+        while self._flusher is not None and not self._flusher.done():
+            await self._flusher
         if self._file is not None:
             os.close(self._file)
             self._file = None
         self._close_retired()
         self._active = None
-        for number, seg in list(self._segments.items()):
+        for seg in self._segments.values():
             seg.closed = True
-            self._drop_if_settled(number)
+        self._drop_settled()
         return sum(s.entries - s.settled for s in self._segments.values())
 
     # ------------------------------------------------------------ appends
@@ -130,16 +161,23 @@ class Journal:
         segment = self._active
         seg = self._segments[segment]
         seg.entries += 1
-        body = encode(settlement)
-        self._buffer.append(_HEADER.pack(len(body), zlib.crc32(body)) + body)
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(future)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
+        self._buffer_entry(settlement)
         if seg.entries >= self.segment_entries:
             self._roll(segment + 1)  # later appends go to the next segment
         await future
         return segment
+
+    def delivered(self, job_id: str) -> None:
+        """Mark a settlement's answer as handed over (written with the next fsync)."""
+        self._buffer_entry(Delivered(job_id))
+
+    def _buffer_entry(self, entry: Settlement | Delivered) -> None:
+        body = encode(entry)
+        self._buffer.append(_HEADER.pack(len(body), zlib.crc32(body)) + body)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
         """Write and fsync what is buffered; repeat while appends keep coming."""
@@ -170,7 +208,7 @@ class Journal:
         if seg is None:
             return
         seg.settled += 1
-        self._drop_if_settled(segment)
+        self._drop_settled()
 
     @property
     def unsettled(self) -> int:
@@ -206,10 +244,13 @@ class Journal:
             os.close(fd)
         self._retired.clear()
 
-    def _drop_if_settled(self, number: int) -> None:
-        seg = self._segments[number]
-        if seg.closed and seg.settled >= seg.entries and number != self._active:
-            del self._segments[number]
+    def _drop_settled(self) -> None:
+        """Delete settled, closed segments from the oldest on, up to the first unsettled one."""
+        for oldest in sorted(self._segments):
+            seg = self._segments[oldest]
+            if oldest == self._active or not seg.closed or seg.settled < seg.entries:
+                return
+            del self._segments[oldest]
             seg.path.unlink(missing_ok=True)
 
 
@@ -221,10 +262,10 @@ def _write_sync(fd: int, data: bytes) -> None:
     os.fdatasync(fd)
 
 
-def _read(path: Path) -> list[Settlement]:
-    """The intact settlements of one segment, in order; a torn tail is skipped."""
+def _read(path: Path) -> list[Settlement | Delivered]:
+    """The intact entries of one segment, in order; a torn tail is skipped."""
     data = path.read_bytes()
-    out: list[Settlement] = []
+    out: list[Settlement | Delivered] = []
     pos = 0
     while pos + _HEADER.size <= len(data):
         length, crc = _HEADER.unpack_from(data, pos)
@@ -232,11 +273,11 @@ def _read(path: Path) -> list[Settlement]:
         if len(body) < length or zlib.crc32(body) != crc:
             break
         try:
-            settlement = decode(body)
+            entry = decode(body)
         except WireError:
             break
-        if isinstance(settlement, Settlement):
-            out.append(settlement)
+        if isinstance(entry, Settlement | Delivered):
+            out.append(entry)
         pos += _HEADER.size + length
     if pos < len(data):
         log.warning("journal %s: %d torn byte(s) at the end skipped", path, len(data) - pos)

@@ -161,7 +161,7 @@ from haif.runtime.attempts import Attempts
 from haif.runtime.cluster_keys import ClusterAuth
 from haif.runtime.dead_letters import DeadLetters
 from haif.runtime.drivers import LoopDriver, LoopPresence
-from haif.runtime.journal import Journal, Settlement
+from haif.runtime.journal import Found, Journal, Settlement
 from haif.runtime.messages import Announce, OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.reconciler import Reconciler
 from haif.runtime.relay import Frame, Pending
@@ -298,11 +298,11 @@ class Orchestrator:
         )
         self.attempts.open()
         if self.journal is not None:
-            for segment, settlement in self.journal.open():
+            for found in self.journal.open():
                 self._writes.put(
-                    f"journal:{settlement.job_id}",
-                    f"journaled settlement {settlement.job_id}",
-                    functools.partial(self._replay_settlement, settlement, segment),
+                    f"journal:{found.settlement.job_id}",
+                    f"journaled settlement {found.settlement.job_id}",
+                    functools.partial(self._replay_settlement, found),
                 )
         self._loops.extend(asyncio.create_task(c) for c in self.reconciler.loops())
         log.info(
@@ -323,7 +323,7 @@ class Orchestrator:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
         await self._writes.close(self.shutdown_grace_s)
         if self.journal is not None:
-            left = self.journal.close()
+            left = await self.journal.close()
             if left:
                 log.warning(
                     "journal: %d settlement(s) not in the store yet; next start writes them", left
@@ -600,13 +600,16 @@ class Orchestrator:
         )
 
     def _settle(self, record: RequestRecord, pending: Pending | None) -> None:
-        """The request is over: its settlement goes to the store; its callers are answered.
+        """The request is over: its callers are answered, its settlement goes to the store.
 
         A refused request (it never ran) bills nothing: its record is written,
         its job released, and its callers answered at once. Any other request
-        is answered only once its settlement is durable — in the journal, or
-        (without one, or if the journal fails) in the store — so no client
-        gets the end of an answer whose usage could still be lost.
+        is answered only once its settlement is durable, and billed in the
+        store only once its answer left:
+
+        - with a journal: fsync the settlement, answer, mark it delivered,
+          then write it to the store (retried until it succeeds);
+        - without one: write it to the store, answer once it committed.
         """
         rid = record.request_id
         now = self.wall()
@@ -632,49 +635,61 @@ class Orchestrator:
             if not committed.done():
                 committed.set_result(None)
 
-        self._writes.put(rid, f"finalize {rid}", finalize)
-        if pending is None:
+        if self.journal is None or pending is None:
+            self._writes.put(rid, f"finalize {rid}", finalize)
+            self._spawn(self._answer_when(record, committed))
             return
-        job_id = self._job_id(rid)
         request = pending.request
         settlement = Settlement(
-            job_id,
+            self._job_id(rid),
             request.tenant,
             request.idempotency_key,
             request_body_hash(request),
-            replace(record, request_id=job_id),
+            replace(record, request_id=self._job_id(rid)),
             blob,
             now,
         )
-        self._spawn(self._answer_when_durable(settlement, record, committed))
+        self._spawn(self._journal_then_answer(settlement, record, finalize, committed))
 
-    async def _answer_when_durable(
-        self, settlement: Settlement, record: RequestRecord, committed: asyncio.Future[None]
-    ) -> None:
-        segment: int | None = None
-        if self.journal is not None:
-            try:
-                segment = await self.journal.append(settlement)
-            except Exception:
-                log.exception(
-                    "journal append failed for %s; waiting for the store", record.request_id
-                )
-        if segment is None:
-            await asyncio.shield(committed)  # the store is the durable copy
-        else:
-            journal = self.journal
-            assert journal is not None
-            committed.add_done_callback(lambda _f: journal.settle(segment))
+    async def _answer_when(self, record: RequestRecord, committed: asyncio.Future[None]) -> None:
+        await asyncio.shield(committed)
         self._answer(record)
+
+    async def _journal_then_answer(
+        self,
+        settlement: Settlement,
+        record: RequestRecord,
+        finalize: Callable[[], Coroutine[Any, Any, None]],
+        committed: asyncio.Future[None],
+    ) -> None:
+        rid = record.request_id
+        journal = self.journal
+        assert journal is not None
+        try:
+            segment = await journal.append(settlement)
+        except Exception:
+            log.exception("journal append failed for %s; the store decides", rid)
+            self._writes.put(rid, f"finalize {rid}", finalize)
+            await self._answer_when(record, committed)
+            return
+        self._answer(record)
+        journal.delivered(settlement.job_id)
+        committed.add_done_callback(lambda _f: journal.settle(segment))
+        self._writes.put(rid, f"finalize {rid}", finalize)
 
     def _answer(self, record: RequestRecord) -> None:
         pending = self._pending.pop(record.request_id, None)
         if pending is not None:
             pending.finish(record)
 
-    async def _replay_settlement(self, settlement: Settlement, segment: int) -> None:
-        """Write an earlier run's journaled settlement to the store (exactly once there)."""
-        s = settlement
+    async def _replay_settlement(self, found: Found) -> None:
+        """Write an earlier run's journaled settlement to the store (exactly once there).
+
+        One whose answer never left (the process died between its fsync and
+        its answer) is recorded as failed and billed nothing; its job is
+        expired, so a resend with its key runs again.
+        """
+        s = found.settlement
         job = JobRow(s.job_id, s.tenant, s.idempotency_key, s.body_hash, expires_s=s.at_s)
         held = (await self.store.reserve(job, s.at_s)).job
         job_id = s.job_id
@@ -682,9 +697,15 @@ class Orchestrator:
             # Its id (or key) went to another request meanwhile: settle under a fresh id.
             job_id = suffixed(s.job_id)
             await self.store.reserve(replace(job, request_id=job_id, idempotency_key=None), s.at_s)
-        await self.store.finalize(job_id, replace(s.record, request_id=job_id), s.reply, s.at_s)
+        if found.delivered:
+            await self.store.finalize(job_id, replace(s.record, request_id=job_id), s.reply, s.at_s)
+        elif held.status not in ("done", "failed"):
+            lost = replace(s.record, request_id=job_id, status="failed", reason="answer_lost")
+            await self.store.write_record(replace(lost, output_tokens=0, cost=0.0))
+            await self.store.set_job_status(job_id, "expired", s.at_s)
+            log.warning("request %s: its answer died with the process; not billed", job_id)
         assert self.journal is not None
-        self.journal.settle(segment)
+        self.journal.settle(found.segment)
 
     # ------------------------------------------------------------ store upkeep
 

@@ -129,6 +129,9 @@ def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
         help="serve HTTPS with this certificate chain (with --tls-key); default plain HTTP",
     )
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    from haif.runtime.gateway import add_edge_args
+
+    add_edge_args(parser)  # deadlines and the connection cap
 
 
 DESCRIPTION = (

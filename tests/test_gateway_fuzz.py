@@ -1,4 +1,9 @@
-"""Malformed requests get a 4xx with an OpenAI error body, never a 5xx (Hypothesis)."""
+"""Malformed requests get a 4xx with an OpenAI error body, never a 5xx (Hypothesis).
+
+Against a whole ``haif up`` cluster with its default edge settings. The
+table-driven cases, the deadlines and a seeded raw-socket fuzz are in
+``tests/test_gateway_edge.py``.
+"""
 
 from __future__ import annotations
 
@@ -93,4 +98,63 @@ def test_near_miss_bodies_never_5xx(gateway: str, body: dict[str, Any], path: st
 @given(raw=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_arbitrary_bytes_never_5xx(gateway: str, raw: bytes) -> None:
     status, body = post(gateway, "/v1/completions", raw)
+    check(status, body)
+
+
+# What once got a 500 (issue 13): lone surrogates, deep nesting, NaN /
+# Infinity, numbers Python will not convert. Each is JSON text put as the
+# value of a field of an otherwise valid body: every such body is refused.
+# All high or all low: never a valid pair (which JSON decodes to one character).
+surrogates = st.text(
+    alphabet=st.characters(min_codepoint=0xD800, max_codepoint=0xDBFF), min_size=1, max_size=3
+) | st.text(
+    alphabet=st.characters(min_codepoint=0xDC00, max_codepoint=0xDFFF), min_size=1, max_size=3
+)
+hostile_json = st.one_of(
+    st.integers(65, 3000).map(lambda n: "[" * n + "]" * n),
+    st.integers(65, 3000).map(lambda n: '{"a": ' * n + "1" + "}" * n),
+    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e999", "-1e400", "[NaN]"]),
+    st.integers(65, 6000).map(lambda n: "9" * n),
+    surrogates.map(json.dumps),  # ASCII JSON: "\ud800" escapes
+    st.tuples(st.text(max_size=5), surrogates).map(lambda t: json.dumps({"k": "".join(t)})),
+)
+hostile_field = st.sampled_from(
+    ["prompt", "model", "max_tokens", "temperature", "stream", "user", "messages", "extra"]
+)
+
+
+@FUZZ
+@given(
+    value=hostile_json,
+    field=hostile_field,
+    path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+)
+def test_hostile_json_values_get_400(gateway: str, value: str, field: str, path: str) -> None:
+    head = {"model": MODEL, "max_tokens": 4, "prompt": "x"}
+    if path.endswith("chat/completions"):
+        head = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "x"}]}
+    text = json.dumps(head)[:-1] + f', "{field}": {value}}}'
+    status, raw = post(gateway, path, text.encode())
+    assert 400 <= status < 500, (status, raw[:300])
+    check(status, raw)
+
+
+@FUZZ
+@given(
+    content_type=st.sampled_from(
+        [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+            "application/xml",
+            "application/json; charset=utf-16",
+            "application/octet-stream",
+        ]
+    ),
+    raw=st.binary(max_size=100)
+    | st.just(json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 4}).encode()),
+)
+def test_wrong_content_types_get_415(gateway: str, content_type: str, raw: bytes) -> None:
+    status, body = post(gateway, "/v1/completions", raw, content_type)
+    assert status == 415, (status, body[:300])
     check(status, body)

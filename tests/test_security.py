@@ -37,6 +37,8 @@ from haif.runtime.security import (
     generate_api_key,
     generate_keypair,
     hash_api_key,
+    is_issued_credential,
+    issued_credentials,
     key_id_of,
     open_sealed,
     require_scope,
@@ -350,6 +352,53 @@ def test_constant_time_equal() -> None:
     assert not constant_time_equal("abc", "abd")
     assert not constant_time_equal("abc", "ab")
     assert constant_time_equal("é", "é")  # non-ASCII does not raise
+    # Headers that are not UTF-8 arrive with lone surrogates (surrogateescape).
+    assert constant_time_equal("a\udcff", "a\udcff")
+    assert not constant_time_equal("a\udcff", "a\udcfe")
+
+
+def test_issued_credentials_tell_keys_and_jwts_from_placeholders() -> None:
+    key = generate_api_key()
+    jwt_text = pyjwt.encode({"a": 1}, HS_SECRET, algorithm="HS256")
+    for issued in (key, generate_api_key("acme_prod"), jwt_text, "a.b.c", "a.b."):
+        assert is_issued_credential(issued), issued
+    placeholders = ("", "unused", "EMPTY", "sk-" + "a" * 48, "haif-short", key + "x", key[:-1])
+    for placeholder in (*placeholders, "haif-" + "\udcff" * 43, "a.b", "x" * 600):
+        assert not is_issued_credential(placeholder), placeholder
+
+    assert issued_credentials(None, None) == (None, None)
+    assert issued_credentials("Bearer unused", "EMPTY") == (None, None)
+    assert issued_credentials("Basic dXNlcjpwYXNz", None) == (None, None)
+    assert issued_credentials(f"Basic {key}", None) == (None, None)  # not for us
+    assert issued_credentials(f"  bearer   {key} ", "unused") == (f"bearer   {key}", None)
+    assert issued_credentials("Bearer unused", f" {key} ") == (None, key)
+    assert issued_credentials(f"Bearer {jwt_text}", key) == (f"Bearer {jwt_text}", key)
+
+
+@pytest.mark.parametrize(
+    ("authorization", "x_api_key", "code"),
+    [
+        ("Bearer {gone}", None, "invalid_api_key"),
+        (None, "{gone}", "invalid_api_key"),
+        ("Bearer {key}", "{gone}", "ambiguous_credentials"),
+        ("Bearer a.b.c", None, "invalid_token"),
+    ],
+)
+async def test_issued_but_invalid_credentials_still_fail(
+    keystore: tuple[FakeKeyStore, str], authorization: str | None, x_api_key: str | None, code: str
+) -> None:
+    """What the gateway keeps of optional credentials is checked as strictly as ever."""
+    store, key = keystore
+    gone = generate_api_key()
+    store.revoked.add(hash_api_key(gone))
+    kept = issued_credentials(
+        authorization and authorization.format(key=key, gone=gone),
+        x_api_key and x_api_key.format(key=key, gone=gone),
+    )
+    assert kept != (None, None)
+    with pytest.raises(AuthError) as info:
+        await authenticate(*kept, lookup_key=store.lookup, jwt=None, now=NOW)
+    assert (info.value.status, info.value.code) == (401, code)
 
 
 @pytest.mark.parametrize(

@@ -38,10 +38,18 @@ keys); positive answers are cached for ``key_cache_s`` seconds, so a revoked
 key stops working within that time. JWTs are verified locally against the
 cluster YAML's ``auth.jwt`` (issuer, audience, key, algorithms). The
 principal's tenant becomes ``Request.tenant``. With ``auth.required: false``
-(the default of ``haif up``) a request without a valid credential acts as
-tenant ``anonymous`` (SDKs always send some key: the OpenAI SDK refuses to
-start without one), and a valid one still sets the tenant. Refusals use
-OpenAI error shapes: 401 (with ``WWW-Authenticate: Bearer``) or 403.
+(the default of ``haif up``) a request without a credential acts as tenant
+``anonymous``, and so does one that sends only a placeholder (SDKs always
+send some key: the OpenAI SDK refuses to start without one, vLLM's examples
+use ``EMPTY``): anything not shaped like a HAIF API key or a JWT
+(:func:`haif.runtime.security.issued_credentials`). A credential that is
+presented and invalid — an unknown or revoked API key, an expired or forged
+JWT — is refused with 401 whether or not authentication is required (fail
+closed), and a valid one still sets the tenant. Refusals use OpenAI error
+shapes: 401 (with ``WWW-Authenticate: Bearer``) or 403. When the key lookup
+itself fails (the orchestrator or its store is down) the answer is 503
+``store_unavailable`` (``unavailable`` when the orchestrator cannot be
+reached) with ``Retry-After``, never a tenant.
 
 Rate limits
 -----------
@@ -64,6 +72,39 @@ the same key and body attaches to the running request or replays its stored
 result instead of running it again; the same key with a different body is
 answered 409 ``idempotency_conflict`` (see :mod:`haif.runtime.orchestrator`).
 
+The edge
+--------
+Everything a client sends is hostile until parsed (:class:`GatewayLimits`):
+
+- A request's head (request line and headers) must be complete within
+  ``header_timeout_s`` of the connection opening or of the previous response
+  on it, or the connection is closed; that is also how long an idle
+  keep-alive connection stays open.
+- Its body must arrive within ``body_timeout_s`` of the handler starting to
+  read it, with no gap between two reads longer than ``read_idle_timeout_s``
+  (a ``Content-Length`` larger than the body, or a body trickled a byte at a
+  time): otherwise 408 ``request_timeout``, and the connection is closed
+  once the rest of the body has been drained for at most ``linger_s``.
+  Larger than ``max_body_bytes``: 413; bad chunked framing or compression:
+  400 ``invalid_body``.
+- At most ``max_connections`` client connections are open at once; one more
+  gets a 503 ``too_many_connections`` (``Retry-After``) and is closed at once.
+- A body must be JSON (a ``Content-Type`` other than ``application/json`` or
+  ``application/*+json`` in UTF-8: 415), strict UTF-8, an object, nested at
+  most ``MAX_JSON_DEPTH`` deep, without ``NaN`` / ``Infinity`` (or a number
+  that overflows to one), integers of at most ``MAX_INT_DIGITS`` digits and
+  strings without lone UTF-16 surrogates (``"\\ud800"``): otherwise an
+  OpenAI-shaped 400 naming the problem (``invalid_json``, ``invalid_type``,
+  ``invalid_unicode``, ``nesting_too_deep``, ``invalid_number``).
+- What aiohttp's HTTP parser refuses (a bad request line or header) gets a
+  JSON 400 ``invalid_http``; unknown routes a JSON 404 ``unknown_url``, a
+  wrong method a 405 ``method_not_allowed``; an unexpected exception a 500
+  ``internal_error`` without its text.
+- Failures behind the gateway (orchestrator unreachable, store down) answer
+  503 with code ``unavailable`` or ``store_unavailable`` and ``Retry-After``;
+  the message says nothing of addresses or exceptions: those are logged
+  with the request id (returned as ``x-request-id``).
+
 Shutdown: on SIGTERM aiohttp stops listening and closes idle connections
 first, the gateway answers new requests on open connections with 503 and
 ``/readyz`` with 503, and in-flight requests and streams get up to the
@@ -72,6 +113,8 @@ service's ``shutdown_timeout`` to finish.
 
 from __future__ import annotations
 
+import argparse
+import asyncio
 import contextlib
 import json
 import logging
@@ -84,6 +127,9 @@ from typing import Annotated, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.typedefs import Handler
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from haif.contracts import Reject, Request, RequestRecord
@@ -96,15 +142,128 @@ from haif.runtime.rpc import (
     RpcError,
     RpcUnavailable,
 )
-from haif.runtime.security import AuthError, JwtConfig, Signer, authenticate
+from haif.runtime.security import (
+    AuthError,
+    JwtConfig,
+    Signer,
+    authenticate,
+    issued_credentials,
+)
 
 MAX_BODY_BYTES = 1 << 20
+#: Deepest nesting of arrays / objects a body may have (the top object is 1).
+MAX_JSON_DEPTH = 64
+#: Most digits an integer in a body may have.
+MAX_INT_DIGITS = 64
+#: ``Retry-After`` (seconds) of a 503 for a failure behind the gateway.
+UNAVAILABLE_RETRY_AFTER_S = 2
 ANONYMOUS_TENANT = "anonymous"
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 _KEY_CACHE_MAX = 10_000
+#: How long a connection refused by the cap is drained before it is closed.
+_REFUSED_LINGER_S = 1.0
+_STREAMING = web.RequestKey("haif_gateway_streaming", bool)
+_JSON_TYPE = re.compile(r"application/(?:[\w.+-]+\+)?json")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 log = logging.getLogger("haif.gateway")
+
+
+@dataclass(frozen=True)
+class GatewayLimits:
+    """Deadlines and caps of the gateway's edge (see "The edge" above).
+
+    ``max_connections``: ``None`` sizes the cap from the process's open-file
+    limit (:func:`default_max_connections`); ``0`` means no cap.
+    ``linger_s``: after an answer sent before the body was read (408, 413, a
+    401), how long the rest of the body is read and dropped so the client
+    sees the answer (aiohttp's lingering close); then the connection closes.
+    """
+
+    header_timeout_s: float = 20.0
+    body_timeout_s: float = 30.0
+    read_idle_timeout_s: float = 10.0
+    max_connections: int | None = None
+    max_body_bytes: int = MAX_BODY_BYTES
+    linger_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        for name in ("header_timeout_s", "body_timeout_s", "read_idle_timeout_s", "linger_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_connections is not None and self.max_connections < 0:
+            raise ValueError(f"max_connections must be >= 0, got {self.max_connections}")
+        if self.max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be >= 1, got {self.max_body_bytes}")
+
+    @property
+    def connection_cap(self) -> int:
+        """The cap on open client connections; 0: none."""
+        if self.max_connections is None:
+            return default_max_connections()
+        return self.max_connections
+
+
+def default_max_connections() -> int:
+    """Half the process's open-file limit less a reserve, between 64 and 10,000.
+
+    Half, because a streaming request holds two descriptors: the client's
+    connection and the one to the orchestrator.
+    """
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 1000
+    if soft == resource.RLIM_INFINITY:
+        return 10_000
+    return max(64, min(10_000, (soft - 64) // 2))
+
+
+def add_edge_args(parser: argparse.ArgumentParser) -> None:
+    """The ``--header-timeout-s`` ... flags of :class:`GatewayLimits` (see :func:`edge_limits`)."""
+    default = GatewayLimits()
+    parser.add_argument(
+        "--header-timeout-s",
+        type=float,
+        default=default.header_timeout_s,
+        help="close a connection whose request head is not complete this long after it "
+        f"opened or after its previous response; also the keep-alive idle time "
+        f"(default {default.header_timeout_s:g})",
+    )
+    parser.add_argument(
+        "--body-timeout-s",
+        type=float,
+        default=default.body_timeout_s,
+        help=f"answer 408 when a request body takes longer (default {default.body_timeout_s:g})",
+    )
+    parser.add_argument(
+        "--read-idle-timeout-s",
+        type=float,
+        default=default.read_idle_timeout_s,
+        help="answer 408 when a request body stalls this long between two reads "
+        f"(default {default.read_idle_timeout_s:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="most client connections open at once, 0 for no cap "
+        "(default: half the open-file limit, at most 10000)",
+    )
+
+
+def edge_limits(args: argparse.Namespace) -> GatewayLimits:
+    """The :class:`GatewayLimits` of the flags :func:`add_edge_args` added."""
+    return GatewayLimits(
+        header_timeout_s=args.header_timeout_s,
+        body_timeout_s=args.body_timeout_s,
+        read_idle_timeout_s=args.read_idle_timeout_s,
+        max_connections=args.max_connections,
+    )
 
 
 class StreamOptions(BaseModel):
@@ -165,6 +324,151 @@ def _error_body(
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class BadBody(Exception):
+    """A request body the gateway refuses, as its OpenAI error (400 unless ``status``)."""
+
+    def __init__(
+        self, message: str, code: str, param: str | None = None, status: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.param = param
+        self.status = status
+
+    def response(self, headers: dict[str, str] | None = None) -> web.Response:
+        return openai_error(
+            self.status, self.message, "invalid_request_error", self.code, self.param, headers
+        )
+
+
+def _not_a_number(name: str) -> Any:
+    raise BadBody(f"the body is not valid JSON: {name} is not a JSON number", "invalid_number")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise BadBody(f"the body holds a number out of range: {text[:40]}", "invalid_number")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > MAX_INT_DIGITS and len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise BadBody(
+            f"the body holds an integer of more than {MAX_INT_DIGITS} digits", "invalid_number"
+        )
+    return int(text)
+
+
+def _deeper_than(data: Any, limit: int) -> bool:
+    """Whether ``data`` nests arrays / objects more than ``limit`` deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+    return False
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    return "a number"
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    """A request body as a JSON object, or :class:`BadBody` saying what is wrong with it.
+
+    Strict UTF-8 (``json.loads`` of bytes would let UTF-8-encoded surrogates
+    through); no ``NaN`` / ``Infinity``, nor numbers that overflow to them;
+    integers of at most :data:`MAX_INT_DIGITS` digits; nesting at most
+    :data:`MAX_JSON_DEPTH` deep; no lone UTF-16 surrogates (``"\\ud800"``),
+    which nothing downstream can encode.
+    """
+    if not raw.strip():
+        raise BadBody("the request body is empty: send a JSON object", "invalid_json")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadBody(f"the body is not valid UTF-8 (byte {exc.start})", "invalid_json") from None
+    try:
+        data = json.loads(
+            text, parse_constant=_not_a_number, parse_float=_finite_float, parse_int=_bounded_int
+        )
+    except json.JSONDecodeError as exc:
+        raise BadBody(
+            f"the body is not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})",
+            "invalid_json",
+        ) from None
+    except RecursionError:
+        data = None
+        too_deep = True
+    except ValueError:  # a number Python will not convert
+        raise BadBody("the body holds a number out of range", "invalid_number") from None
+    else:
+        # Only a body with that many brackets can be that deep: most are not walked.
+        too_deep = text.count("[") + text.count("{") > MAX_JSON_DEPTH and _deeper_than(
+            data, MAX_JSON_DEPTH
+        )
+    if too_deep:
+        raise BadBody(
+            f"the body is nested more than {MAX_JSON_DEPTH} levels deep", "nesting_too_deep"
+        )
+    if not isinstance(data, dict):
+        raise BadBody(f"the body must be a JSON object, not {_json_kind(data)}", "invalid_type")
+    # A lone surrogate can only come from a \u escape: strict UTF-8 refused the rest.
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(data):
+        bad_key = next(
+            (k for k, v in data.items() if _has_lone_surrogate(k) or _has_lone_surrogate(v)),
+            None,
+        )
+        param = bad_key if bad_key is not None and not _has_lone_surrogate(bad_key) else None
+        raise BadBody(
+            f"{param or 'the body'}: strings must be valid Unicode; "
+            "lone UTF-16 surrogates (\\ud800-\\udfff) are not allowed",
+            "invalid_unicode",
+            param,
+        )
+    return data
+
+
+def _content_type_refusal(request: web.BaseRequest) -> BadBody | None:
+    """415 unless the body is declared as JSON in UTF-8 (or not declared at all)."""
+    declared = request.headers.get("Content-Type")
+    if declared is None:
+        return None
+    mime, _, params = declared.partition(";")
+    charset = ""
+    for param in params.split(";"):
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "charset":
+            charset = value.strip().strip('"').lower()
+    if _JSON_TYPE.fullmatch(mime.strip().lower()) and charset in ("", "utf-8", "utf8"):
+        return None
+    return BadBody(
+        "Content-Type must be application/json (UTF-8)",
+        "unsupported_media_type",
+        status=415,
+    )
+
+
 _REJECT_TYPES = {
     404: "invalid_request_error",
     429: "rate_limit_exceeded",
@@ -178,6 +482,39 @@ _REJECT_TYPES = {
 #: ``Idempotency-Key`` was used with another body (``idempotency_conflict``),
 #: or its request is still running elsewhere (``conflict``).
 _RPC_STATUS = {"conflict": 409, "idempotency_conflict": 409, "bad_request": 400}
+
+
+def _unavailable_error(store: bool) -> tuple[str, str, str]:
+    """Message, type and code of a failure behind the gateway: nothing internal in them."""
+    if store:
+        return (
+            "the metadata store is unavailable; retry later",
+            "service_unavailable",
+            "store_unavailable",
+        )
+    return (
+        "the service is temporarily unavailable; retry later",
+        "service_unavailable",
+        "unavailable",
+    )
+
+
+def _unavailable_response(store: bool, headers: dict[str, str] | None = None) -> web.Response:
+    """503 ``store_unavailable`` / ``unavailable`` with ``Retry-After``."""
+    message, kind, code = _unavailable_error(store)
+    retry = {"Retry-After": str(UNAVAILABLE_RETRY_AFTER_S)}
+    return openai_error(503, message, kind, code, headers={**(headers or {}), **retry})
+
+
+def _store_failed(record: RequestRecord) -> bool:
+    """Whether a request failed because the store was (its last error ``store_unavailable``)."""
+    reason = record.reason or ""
+    return record.status != "ok" and reason.rpartition(":")[2] == "store_unavailable"
+
+
+def _log_id(request_id: str) -> str:
+    """``request_id`` as it may go into a log line (a client's id is not checked yet)."""
+    return request_id if _REQUEST_ID.fullmatch(request_id) else "(invalid x-request-id)"
 
 
 def _duration(seconds: float) -> str:
@@ -298,10 +635,13 @@ class Gateway:
         idle_timeout_s: float = 15.0,
         signer: Signer | None = None,
         local: LocalClient | None = None,
+        limits: GatewayLimits | None = None,
     ) -> None:
         """``local``: the orchestrator runs in this process; call it directly, not at
-        ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`)."""
+        ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`).
+        ``limits``: the edge's deadlines and caps (see "The edge" above)."""
         self.orchestrator_url = orchestrator_url
+        self.limits = limits or GatewayLimits()
         self.local = local
         self.signer = signer  # cluster key: seals every RPC to the orchestrator
         self.region = region
@@ -350,13 +690,15 @@ class Gateway:
             self._key_cache[key_hash] = (tenant, now + self.auth.key_cache_s)
         return tenant
 
-    async def _tenant(self, request: web.Request) -> str | web.Response:
-        """The caller's tenant, or the refusal to send."""
+    async def _tenant(self, request: web.Request, rid: str) -> str | web.Response:
+        """The caller's tenant, or the refusal to send (fail closed: see "Authentication")."""
         authorization = request.headers.get("Authorization")
         api_key = request.headers.get("x-api-key")
-        anonymous = not (authorization or "").strip() and not (api_key or "").strip()
-        if anonymous and not self.auth.required:
-            return ANONYMOUS_TENANT
+        if not self.auth.required:
+            # Placeholders (the SDK's "unused", "EMPTY") are no credential at all.
+            authorization, api_key = issued_credentials(authorization, api_key)
+            if authorization is None and api_key is None:
+                return ANONYMOUS_TENANT
         try:
             principal = await authenticate(
                 authorization,
@@ -366,8 +708,6 @@ class Gateway:
                 now=time.time(),
             )
         except AuthError as exc:
-            if not self.auth.required and exc.status == 401:
-                return ANONYMOUS_TENANT
             headers = {}
             if exc.status == 401:
                 headers["WWW-Authenticate"] = (
@@ -376,30 +716,79 @@ class Gateway:
                     else 'Bearer realm="haif", error="invalid_token"'
                 )
             return web.json_response(exc.to_error_body(), status=exc.status, headers=headers)
-        except RpcUnavailable as exc:
-            return openai_error(503, f"cannot check credentials: {exc}", "service_unavailable")
-        except RpcError as exc:
-            return openai_error(502, f"cannot check credentials: {exc}", "api_error")
+        except (RpcUnavailable, RpcError) as exc:
+            log.warning("request %s: checking credentials failed: %s", rid, exc)
+            # auth_key only reads the store: when the orchestrator answers with an
+            # error (or a broken reply), its store failed.
+            store = isinstance(exc, RpcError)
+            headers = {"x-request-id": rid} if _REQUEST_ID.fullmatch(rid) else {}
+            return _unavailable_response(store, headers)
         return principal.tenant
 
     # --------------------------------------------------------------- requests
 
+    async def _read_body(self, request: web.Request) -> bytes:
+        """The whole body, within the edge's deadlines and size; else :class:`BadBody`
+        (408 / 413 / 400), its answer closing the connection."""
+        limits = self.limits
+        too_large = BadBody(
+            f"the request body is larger than {limits.max_body_bytes} bytes",
+            "payload_too_large",
+            status=413,
+        )
+        length = request.content_length
+        if length is not None and length > limits.max_body_bytes:
+            raise too_large
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limits.body_timeout_s
+        content = request.content
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                wait_s = min(deadline - loop.time(), limits.read_idle_timeout_s)
+                if wait_s <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait_s):
+                    chunk = await content.readany()
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > limits.max_body_bytes:
+                    raise too_large
+                chunks.append(chunk)
+        except TimeoutError:
+            raise BadBody(
+                f"the request body did not arrive in time (all of it within "
+                f"{limits.body_timeout_s:g} s, no pause over {limits.read_idle_timeout_s:g} s)",
+                "request_timeout",
+                status=408,
+            ) from None
+        except (HttpProcessingError, RequestPayloadError) as exc:
+            log.debug("a request body cannot be read: %r", exc)
+            # Nothing more of it can be read: no lingering on it after the answer.
+            content.feed_eof()
+            raise BadBody(
+                "the request body cannot be read: bad chunked framing or content encoding",
+                "invalid_body",
+            ) from None
+
     async def _parse(self, request: web.Request, model: type[_Body]) -> _Body | web.Response:
         try:
-            raw = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            return openai_error(
-                413,
-                f"body larger than {MAX_BODY_BYTES} bytes",
-                "invalid_request_error",
-                "payload_too_large",
-            )
-        try:
-            data = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            return openai_error(400, f"body is not valid JSON: {exc}", "invalid_request_error")
+            if (refusal := _content_type_refusal(request)) is not None:
+                raise refusal
+            data = decode_body(await self._read_body(request))
+        except BadBody as exc:
+            resp = exc.response()
+            if exc.code in ("request_timeout", "payload_too_large", "invalid_body"):
+                resp.force_close()  # the rest of the body is not worth waiting for
+            return resp
         try:
             parsed = model.model_validate(data)
+        except RecursionError:
+            return BadBody(
+                f"the body is nested more than {MAX_JSON_DEPTH} levels deep", "nesting_too_deep"
+            ).response()
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
@@ -430,7 +819,9 @@ class Gateway:
         arrived = time.perf_counter()
         if (refusal := self._unavailable()) is not None:
             return refusal
-        tenant = await self._tenant(request)
+        given_id = request.headers.get("x-request-id")
+        request_id = given_id or f"req-{uuid.uuid4().hex}"
+        tenant = await self._tenant(request, _log_id(request_id))
         if isinstance(tenant, web.Response):
             return tenant
         parsed = await self._parse(request, ChatBody if chat else CompletionBody)
@@ -441,8 +832,6 @@ class Gateway:
         else:
             assert isinstance(parsed, CompletionBody)
             prompt = parsed.prompt
-        given_id = request.headers.get("x-request-id")
-        request_id = given_id or f"req-{uuid.uuid4().hex}"
         if not _REQUEST_ID.fullmatch(request_id):
             return openai_error(
                 400,
@@ -525,24 +914,26 @@ class Gateway:
         except ConnectionResetError:
             # The client went away; the request still runs to its end and is recorded.
             return sse.resp if sse is not None else web.Response(status=499)
-        except RpcUnavailable as exc:
-            message = f"orchestrator unavailable: {exc}"
+        except (RpcUnavailable, RpcError) as exc:
+            status = _RPC_STATUS.get(exc.code) if isinstance(exc, RpcError) else None
+            if status is not None and sse is None:
+                # The caller's own doing (a reused Idempotency-Key, a bad request).
+                assert isinstance(exc, RpcError)
+                return openai_error(
+                    status, exc.message, "invalid_request_error", exc.code, headers=headers
+                )
+            store = isinstance(exc, RpcError) and exc.code == "store_unavailable"
+            log.warning("request %s: submitting failed: %s", req.request_id, exc)
             if sse is not None:
-                await self._stream_error(sse, message, "service_unavailable", "unavailable")
+                await self._stream_error(sse, *_unavailable_error(store))
                 return sse.resp
-            return openai_error(503, message, "service_unavailable", headers=headers)
-        except RpcError as exc:
-            if sse is not None:
-                await self._stream_error(sse, exc.message, "api_error", exc.code)
-                return sse.resp
-            status = _RPC_STATUS.get(exc.code, 502)
-            kind = "api_error" if status == 502 else "invalid_request_error"
-            return openai_error(status, exc.message, kind, exc.code, headers=headers)
+            return _unavailable_response(store, headers)
         if final is None:
+            log.warning("request %s: the orchestrator sent no final record", req.request_id)
             if sse is not None:
-                await self._stream_error(sse, "no final record", "api_error", "bad_reply")
+                await self._stream_error(sse, *_unavailable_error(False))
                 return sse.resp
-            return openai_error(502, "bad reply from orchestrator", "api_error", headers=headers)
+            return _unavailable_response(False, headers)
         if body.stream and final.reject is None and final.record.status == "ok":
             if sse is None:
                 sse = await self._open_sse(request, req.request_id, body, chat, headers)
@@ -551,9 +942,12 @@ class Gateway:
             return sse.resp
         if sse is not None:
             rec = final.record
-            await self._stream_error(
-                sse, f"request {rec.status}: {rec.reason}", "api_error", rec.status
-            )
+            if _store_failed(rec):
+                await self._stream_error(sse, *_unavailable_error(True))
+            else:
+                await self._stream_error(
+                    sse, f"request {rec.status}: {rec.reason}", "api_error", rec.status
+                )
             return sse.resp
         return self._answer(final, "".join(pieces), body, chat, headers)
 
@@ -575,6 +969,7 @@ class Gateway:
             },
         )
         await resp.prepare(request)
+        request[_STREAMING] = True  # from here on an error can only be an SSE event
         sse = _SseStream(resp, rid, body, chat)
         await sse.open()
         return sse
@@ -599,6 +994,9 @@ class Gateway:
                 headers=headers,
             )
         if rec.status != "ok":
+            if _store_failed(rec):
+                log.warning("request %s: %s: %s", rec.request_id, rec.status, rec.reason)
+                return _unavailable_response(True, headers)
             status = 504 if rec.status == "timeout" else 502
             return openai_error(
                 status,
@@ -644,13 +1042,15 @@ class Gateway:
     async def models(self, request: web.Request) -> web.Response:
         if (refusal := self._unavailable()) is not None:
             return refusal
-        tenant = await self._tenant(request)
+        rid = request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}"
+        tenant = await self._tenant(request, _log_id(rid))
         if isinstance(tenant, web.Response):
             return tenant
         try:
             status = await self._status()
         except (RpcUnavailable, RpcError) as exc:
-            return openai_error(503, f"orchestrator unavailable: {exc}", "service_unavailable")
+            log.warning("GET /v1/models: the orchestrator's status failed: %s", exc)
+            return _unavailable_response(False)
         data = [
             {"id": m, "object": "model", "created": 0, "owned_by": "haif"} for m in status.models
         ]
@@ -662,8 +1062,9 @@ class Gateway:
         try:
             status = await self._status()
         except (RpcUnavailable, RpcError) as exc:
+            log.debug("readyz: the orchestrator's status failed: %s", exc)
             return web.json_response(
-                {"ready": False, "reason": f"orchestrator unavailable: {exc}"}, status=503
+                {"ready": False, "reason": "orchestrator unavailable"}, status=503
             )
         if not status.ready:
             return web.json_response(
@@ -672,11 +1073,184 @@ class Gateway:
         return web.json_response({"ready": True, "fresh_workers": len(status.fresh_workers)})
 
 
-def build_app(gateway: Gateway) -> web.Application:
-    app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
-        middlewares=[telemetry.http_middleware("gateway", gateway.metrics)],
+_KEPT_ERROR_HEADERS = frozenset({"allow"})
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusals (no route, wrong method, ...) as OpenAI-shaped JSON."""
+    path = request.path[:200]
+    headers = {k: v for k, v in exc.headers.items() if k.lower() in _KEPT_ERROR_HEADERS}
+    if exc.status == 404:
+        message, code = f"Invalid URL ({request.method} {path})", "unknown_url"
+    elif exc.status == 405:
+        message, code = f"{request.method} is not allowed on {path}", "method_not_allowed"
+    elif exc.status == 413:
+        message, code = exc.text or "the request body is too large", "payload_too_large"
+    else:
+        message, code = exc.reason, None
+    kind = "invalid_request_error" if exc.status < 500 else "api_error"
+    return openai_error(exc.status, message, kind, code, headers=headers)
+
+
+@web.middleware
+async def edge_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error the gateway answers has OpenAI's shape; exceptions stay in the log."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return _http_error(request, exc)
+    except (ConnectionError, asyncio.CancelledError):
+        raise
+    except Exception:
+        rid = _log_id(request.headers.get("x-request-id") or f"req-{uuid.uuid4().hex}")
+        log.exception("request %s: %s %s failed", rid, request.method, request.path[:200])
+        if request.get(_STREAMING):
+            raise  # the status line is sent: all aiohttp can do is close the stream
+        headers = {"x-request-id": rid} if _REQUEST_ID.fullmatch(rid) else {}
+        return openai_error(
+            500,
+            "internal error; the x-request-id header identifies it in the gateway's log",
+            "api_error",
+            "internal_error",
+            headers=headers,
+        )
+
+
+def _over_capacity_response() -> bytes:
+    body = json.dumps(
+        _error_body(
+            "too many open connections; retry later", "service_unavailable", "too_many_connections"
+        )
+    ).encode()
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\n"
+        "Content-Type: application/json; charset=utf-8\r\n"
+        f"Content-Length: {len(body)}\r\n"
+        f"Retry-After: {UNAVAILABLE_RETRY_AFTER_S}\r\n"
+        "Connection: close\r\n\r\n"
     )
+    return head.encode() + body
+
+
+_OVER_CAPACITY = _over_capacity_response()
+
+
+class _EdgeHandler(RequestHandler):
+    """aiohttp's connection handler, answering malformed HTTP with OpenAI-shaped JSON.
+
+    What aiohttp's parser refuses before any handler runs (a bad request
+    line, header or chunked framing, an unsupported ``Content-Encoding``)
+    gets a JSON 400 ``invalid_http`` and the connection is closed; it is
+    logged at DEBUG, not as an error with a traceback (anyone can send it).
+    """
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500:
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            text, kind, code = "internal error", "api_error", "internal_error"
+        else:
+            self.logger.debug("Malformed request from %s: %r", request.remote, exc)
+            lines = (message or "").strip().splitlines()
+            detail = lines[0].rstrip(":") if lines else "cannot parse it"
+            text, kind, code = (
+                f"malformed HTTP request: {detail}"[:300],
+                "invalid_request_error",
+                "invalid_http",
+            )
+        if request.writer.output_size > 0:
+            raise ConnectionError("the response began already: cannot send an error")
+        resp = web.json_response(_error_body(text, kind, code), status=status)
+        resp.force_close()
+        return resp
+
+
+class _EdgeServer(web.Server):
+    """aiohttp's connection manager with a cap on open client connections.
+
+    Each connection is an :class:`_EdgeHandler`. A connection over the cap
+    gets a 503 ``too_many_connections`` at once,
+    before it sends anything; nothing it sends is read as a request, and it
+    is closed after :data:`_REFUSED_LINGER_S` (so the client can read the
+    answer before the close).
+    """
+
+    max_connections: int
+    metrics: telemetry.GatewayMetrics
+    open_connections: int
+
+    @classmethod
+    def adopt(
+        cls, server: web.Server, max_connections: int, metrics: telemetry.GatewayMetrics
+    ) -> _EdgeServer:
+        # aiohttp builds its Server inside the runner; this only adds behaviour to it.
+        server.__class__ = cls
+        assert isinstance(server, _EdgeServer)
+        server.max_connections = max_connections
+        server.metrics = metrics
+        server.open_connections = 0
+        return server
+
+    def __call__(self) -> RequestHandler:
+        handler = super().__call__()
+        handler.__class__ = _EdgeHandler  # the same slots: only handle_error differs
+        return handler
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+        self.metrics.open_connections.inc()
+        if 0 < self.max_connections < self.open_connections:
+            self.metrics.connections_refused.inc()
+            handler.close()  # read nothing more from it as a request
+            transport.write(_OVER_CAPACITY)
+            if transport.can_write_eof():
+                transport.write_eof()
+            asyncio.get_running_loop().call_later(_REFUSED_LINGER_S, transport.close)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
+        self.metrics.open_connections.dec()
+
+
+def _serve_with_edge(
+    app: web.Application, limits: GatewayLimits, metrics: telemetry.GatewayMetrics
+) -> None:
+    """Make every server of ``app`` an :class:`_EdgeServer`, however it is run
+    (``web.run_app``, an ``AppRunner``), with the cap of ``limits``."""
+    make_handler = app._make_handler
+    cap = limits.connection_cap
+
+    def make_edge_handler(**kwargs: Any) -> web.Server:
+        return _EdgeServer.adopt(make_handler(**kwargs), cap, metrics)
+
+    # Past Application.__setattr__, which warns about new attributes in debug mode.
+    object.__setattr__(app, "_make_handler", make_edge_handler)
+
+
+def build_app(gateway: Gateway) -> web.Application:
+    limits = gateway.limits
+    app = web.Application(
+        client_max_size=limits.max_body_bytes,
+        middlewares=[telemetry.http_middleware("gateway", gateway.metrics), edge_errors],
+        # aiohttp's keep-alive timer runs from a connection's opening and from
+        # each response: the head of the next request must be in by then.
+        handler_args={
+            "keepalive_timeout": limits.header_timeout_s,
+            "lingering_time": limits.linger_s,
+        },
+    )
+    _serve_with_edge(app, limits, gateway.metrics)
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

@@ -122,6 +122,8 @@ __all__ = [
     "generate_api_key",
     "generate_keypair",
     "hash_api_key",
+    "is_issued_credential",
+    "issued_credentials",
     "key_id_of",
     "open_sealed",
     "require_scope",
@@ -153,6 +155,8 @@ _KEY_ID_CHARS = 16
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _JWT_SHAPE = re.compile(r"[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]+={0,2}\.[A-Za-z0-9_-]*={0,2}")
 _API_KEY_SHAPE = re.compile(rf"[\x21-\x7e]{{1,{MAX_API_KEY_CHARS}}}")
+#: What :func:`generate_api_key` makes: ``<prefix>-<43 base64url chars>``.
+_ISSUED_KEY_SHAPE = re.compile(r"[A-Za-z0-9_]{1,32}-[A-Za-z0-9_-]{43}")
 _PREFIX_SHAPE = re.compile(r"[A-Za-z0-9_]{1,32}")
 _NONCE_SHAPE = re.compile(rf"[A-Za-z0-9_-]{{1,{MAX_NONCE_CHARS}}}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -256,9 +260,13 @@ def hash_api_key(key: str) -> str:
 
 
 def constant_time_equal(a: str | bytes, b: str | bytes) -> bool:
-    """Compare two secrets without a timing side channel (any Unicode allowed)."""
-    a_bytes = a.encode("utf-8") if isinstance(a, str) else a
-    b_bytes = b.encode("utf-8") if isinstance(b, str) else b
+    """Compare two secrets without a timing side channel (any Unicode allowed).
+
+    Lone surrogates are compared too (``surrogatepass``): HTTP headers that
+    are not UTF-8 reach the gateway with them (``surrogateescape``).
+    """
+    a_bytes = a.encode("utf-8", "surrogatepass") if isinstance(a, str) else a
+    b_bytes = b.encode("utf-8", "surrogatepass") if isinstance(b, str) else b
     return hmac.compare_digest(a_bytes, b_bytes)
 
 
@@ -486,6 +494,43 @@ async def _api_key_principal(
     return Principal(
         tenant=tenant, subject=f"api-key:{key_hash[:12]}", scopes=(ALL_SCOPES,), expires_at=None
     )
+
+
+def is_issued_credential(token: str) -> bool:
+    """Whether ``token`` has the shape of a credential HAIF issues or verifies.
+
+    That is an API key as :func:`generate_api_key` makes them
+    (``<prefix>-<43 base64url chars>``) or a JWT (three dot-separated
+    base64url parts). Says nothing about validity: only that the caller
+    meant to present a HAIF credential rather than a placeholder (the OpenAI
+    SDK insists on *some* key: ``"unused"``, ``"EMPTY"``, ``"sk-..."``).
+    """
+    return bool(_ISSUED_KEY_SHAPE.fullmatch(token) or _JWT_SHAPE.fullmatch(token))
+
+
+def issued_credentials(
+    authorization_header: str | None, x_api_key: str | None
+) -> tuple[str | None, str | None]:
+    """The two credential headers, each kept only if it carries an issued credential.
+
+    For a gateway where authentication is optional: there a request without
+    a credential acts anonymously, and so does one whose headers hold only
+    placeholders (:func:`is_issued_credential` false, or another scheme than
+    ``Bearer``). What is kept goes to :func:`authenticate`, which fails
+    closed: an API key or JWT that is presented and invalid (unknown,
+    revoked, expired, forged) is refused with 401 whether or not
+    authentication is required.
+    """
+    authorization = (authorization_header or "").strip()
+    scheme, _, token = authorization.partition(" ")
+    kept_authorization = (
+        authorization
+        if scheme.lower() == "bearer" and is_issued_credential(token.strip())
+        else None
+    )
+    api_key = (x_api_key or "").strip()
+    kept_key = api_key if is_issued_credential(api_key) else None
+    return kept_authorization, kept_key
 
 
 async def authenticate(

@@ -104,6 +104,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             auth=_gateway_auth(cluster, args.config),
             idle_timeout_s=args.idle_timeout_s,
             signer=keys.signer if keys is not None else None,
+            limits=gateway.edge_limits(args),
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
@@ -150,7 +151,13 @@ async def _with_gateway(
     orch = orch_app[orchestrator.ORCHESTRATOR]
     unary, streams = orchestrator.rpc_methods(orch)
     local = LocalClient(unary, streams, timeout_s=600.0, service="orchestrator")
-    gw = gateway.Gateway(f"http://{args.host}:{args.port}", region, auth=auth, local=local)
+    gw = gateway.Gateway(
+        f"http://{args.host}:{args.port}",
+        region,
+        auth=auth,
+        local=local,
+        limits=gateway.edge_limits(args),
+    )
     app = gateway.build_app(gw)
     runner = web.AppRunner(orch_app, handle_signals=False)
 

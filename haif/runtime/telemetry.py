@@ -41,6 +41,9 @@ Gateway (:class:`GatewayMetrics`):
 - ``haif_gateway_inter_token_seconds`` (histogram, streaming requests: gap
   between token frames divided by the tokens in the frame)
 - ``haif_gateway_in_flight_requests`` (gauge)
+- ``haif_gateway_open_connections`` (gauge: client connections open) and
+  ``haif_gateway_connections_refused_total`` (counter: connections refused
+  by the gateway's connection cap, see :class:`~haif.runtime.gateway.GatewayLimits`)
 
 Orchestrator (:class:`OrchestratorMetrics`):
 
@@ -392,6 +395,14 @@ class GatewayMetrics:
         )
         self.in_flight = Gauge(
             "haif_gateway_in_flight_requests", "HTTP requests being answered", registry=r
+        )
+        self.open_connections = Gauge(
+            "haif_gateway_open_connections", "Client connections open", registry=r
+        )
+        self.connections_refused = Counter(
+            "haif_gateway_connections_refused",
+            "Client connections refused because the connection cap was reached",
+            registry=r,
         )
 
 

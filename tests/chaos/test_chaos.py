@@ -206,10 +206,10 @@ def _check(
     )
     by_second: dict[int, dict[int, int]] = {}
     for o in failed:
-        second = by_second.setdefault(int(o.sent_s - fault_s), {})
-        second[o.status] = second.get(o.status, 0) + 1
-    for second, statuses in sorted(by_second.items()):
-        print(f"  +{second:>3} s after the fault: failed by status {statuses}")
+        counts = by_second.setdefault(int(o.sent_s - fault_s), {})
+        counts[o.status] = counts.get(o.status, 0) + 1
+    for at_s, statuses in sorted(by_second.items()):
+        print(f"  +{at_s:>3} s after the fault: failed by status {statuses}")
     for o in failed[:3]:
         print(f"  failed {o.request_id} status {o.status}: {o.error}")
     assert not hung, f"{len(hung)} request(s) hung"

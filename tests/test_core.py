@@ -538,3 +538,58 @@ def test_partial_response_resumes_elsewhere_only_when_configured(resume: bool) -
     # The client saw its first token on the first worker when the stream continued.
     assert fin.record.first_token_s == (0.2 if resume else 2.0)
     assert fin.record.output_tokens == 10 and fin.record.attempts == 2
+
+
+# ------------------------------------------------------------------ random streams
+
+
+@pytest.mark.parametrize("key", ["1:place:r1:0", "987654321:throttle:req-42:3", ""])
+def test_lazy_stream_draws_what_random_random_draws(key: str) -> None:
+    """The core seeds a choice's stream on its first draw; the draws are the same."""
+    from haif.control.core import _Stream
+
+    def draws(rng: random.Random) -> list[object]:
+        items = list(range(30))
+        rng.shuffle(items)
+        return [
+            rng.random(),
+            rng.choice("abcdefghij"),
+            rng.sample(range(50), 2),
+            rng.sample(range(5), 2),
+            rng.randrange(7),
+            rng.getrandbits(70),
+            rng.uniform(1.0, 2.0),
+            rng.gauss(0.0, 1.0),
+            items,
+        ]
+
+    assert draws(_Stream(key)) == draws(random.Random(key))
+    assert _Stream(key).getstate() == random.Random(key).getstate()
+    reseeded = _Stream(key)
+    reseeded.seed(5)
+    assert reseeded.random() == random.Random(5).random()
+    restored = _Stream(key)
+    restored.setstate(random.Random(9).getstate())
+    assert restored.random() == random.Random(9).random()
+
+
+@pytest.mark.parametrize(("placement", "seeded"), [("round_robin", 0), ("p2c", 1)])
+def test_a_choice_that_never_draws_never_seeds(
+    placement: str, seeded: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seeding costs microseconds: round robin (and a throttle at zero) never pay it."""
+    from haif.control.core import _Stream
+
+    started: list[str | None] = []
+    start = _Stream._start
+
+    def spy(self: _Stream) -> None:
+        started.append(self._key)
+        start(self)
+
+    monkeypatch.setattr(_Stream, "_start", spy)
+    c = core(placement=placement)
+    c.on_heartbeat(snap("w1"), 0.0)
+    c.on_heartbeat(snap("w2"), 0.0)
+    one_dispatch(c.submit(req(), 0.1))
+    assert len(started) == seeded

@@ -21,6 +21,7 @@ from haif.policy.placement import (
     STRATEGIES,
     Candidate,
     Locality,
+    OrderedCandidates,
     ParameterError,
     PlacementStrategy,
     RoundRobin,
@@ -429,6 +430,45 @@ def test_jsq_and_least_outstanding_pick_minimum(candidates: list[Candidate], see
     assert jsq is not None and lo is not None
     assert jsq.load == min(c.load for c in candidates)
     assert lo.outstanding == min(c.outstanding for c in candidates)
+
+
+class _Listed(OrderedCandidates):
+    """The plainest ordered view: a sorted list behind the hooks' exhaustive defaults."""
+
+    def __init__(self, candidates: Sequence[Candidate]) -> None:
+        self._items = sorted(candidates, key=lambda c: c.worker_id)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._items[i]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    candidates=st.lists(candidate_st, max_size=30, unique_by=lambda c: c.worker_id),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_an_ordered_view_gets_the_lists_answer(candidates: list[Candidate], seed: int) -> None:
+    """Strategies read an OrderedCandidates as they read a list: same choice, same draws."""
+    for name in placement_names():
+        from_list, from_view = make_placement(name), make_placement(name)
+        rng_list, rng_view = random.Random(seed), random.Random(seed)
+        for _ in range(3):  # round robin's cursor moves
+            got = from_view.choose(REQ, _Listed(candidates), 0.0, rng_view)
+            assert got == from_list.choose(REQ, list(reversed(candidates)), 0.0, rng_list)
+        assert rng_view.random() == rng_list.random()  # as many draws
+
+
+@pytest.mark.parametrize("n", range(2, 90))
+def test_sampling_two_positions_draws_what_sampling_two_items_does(n: int) -> None:
+    """p2c samples positions, not candidates: the same picks for every size (CPython
+    switches sampling algorithm above 21 items)."""
+    items = [f"w{i:03d}" for i in range(n)]
+    for seed in range(25):
+        i, j = random.Random(seed).sample(range(n), 2)
+        assert [items[i], items[j]] == random.Random(seed).sample(items, 2)
 
 
 @pytest.mark.parametrize("name", BUILTIN)

@@ -30,15 +30,25 @@ A request's life::
 Every rejected or finished request produces exactly one ``Finalize``.
 Results for attempts the core has already given up on (cancelled, or from a
 previous attempt) are ignored.
+
+Cost per decision does not grow with the fleet: which workers are eligible
+(and the fleet's utilization, which admission reads) is kept incrementally
+by :class:`~haif.control.eligibility.EligibilityIndex` as heartbeats,
+dispatches, results and breaker changes arrive, and placement reads a view
+of it. The candidates, their order and hence every decision are what the
+exhaustive walk over the fleet gave. The index's own deadlines (a worker
+going stale, a breaker half-opening) are applied at the ``now`` of the next
+event that reads it; they are not part of :meth:`ControlCore.next_deadline`,
+since nothing is decided at them.
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from haif.contracts import (
     AttemptResult,
@@ -60,6 +70,7 @@ from haif.contracts import (
     is_worker_fault,
 )
 from haif.control.config import CoreConfig
+from haif.control.eligibility import EligibilityIndex
 from haif.policy.admission import AdaptiveThrottle, PriorityShedder
 from haif.policy.breaker import CircuitBreaker, Permit
 from haif.policy.placement import Candidate, make_placement
@@ -103,13 +114,56 @@ class _Job:
     first_token_s: float | None = None  # of a response resumed across attempts
 
 
-@dataclass(frozen=True, slots=True)
-class _Timer:
+class _Timer(NamedTuple):
+    # A tuple, heap-ordered by (at, seq); seq is unique, so no comparison goes further.
     at: float
     seq: int
     kind: str  # "retry" | "attempt_timeout" | "deadline"
     request_id: str
     attempt: int
+
+
+class _Stream(random.Random):
+    """The draws of ``random.Random(key)``, seeded on the first draw rather than when made.
+
+    Seeding a Mersenne Twister from a string costs microseconds, and most
+    choices never draw (round robin, a minimum without a tie, a throttle at
+    zero), so a stream is seeded only if it is read.
+    """
+
+    def __init__(self, key: str) -> None:  # nothing seeded yet (see _start)
+        self._key: str | None = key
+        self.gauss_next = None
+
+    def _start(self) -> None:
+        key, self._key = self._key, None
+        if key is not None:
+            super().seed(key)
+
+    def seed(  # type: ignore[override]  # as typeshed's own random.Random.seed
+        self, a: int | float | str | bytes | bytearray | None = None, version: int = 2
+    ) -> None:
+        self._key = None
+        super().seed(a, version)
+
+    def random(self) -> float:
+        if self._key is not None:
+            self._start()
+        return super().random()
+
+    def getrandbits(self, k: int, /) -> int:
+        if self._key is not None:
+            self._start()
+        return super().getrandbits(k)
+
+    def getstate(self) -> tuple[Any, ...]:
+        if self._key is not None:
+            self._start()
+        return super().getstate()
+
+    def setstate(self, state: tuple[Any, ...]) -> None:
+        self._key = None
+        super().setstate(state)
 
 
 class ControlCore:
@@ -130,15 +184,20 @@ class ControlCore:
         )
         self._throttle = AdaptiveThrottle(config.throttle)
         self._shedder = PriorityShedder(config.shedding)
-        self._workers: dict[str, WorkerSnapshot] = {}
-        self._last_seen: dict[str, float] = {}  # receiver's clock, per worker
-        self._order: list[str] = []  # worker ids, sorted (placement sees them in this order)
-        self._rtt: dict[tuple[str, str], float] = {}
-        self._outstanding: dict[str, int] = {}
         self._worker_breakers: dict[str, CircuitBreaker] = {}
         self._route_breakers: dict[tuple[str, str], CircuitBreaker] = {}
+        # Registered workers (heartbeats, stamped with the receiver's clock),
+        # outstanding counts, and who is eligible for what.
+        self._index = EligibilityIndex(
+            stale_after_s=config.stale_after_s,
+            max_queue_factor=config.max_queue_factor,
+            worker_breakers=self._worker_breakers,
+            route_breakers=self._route_breakers,
+            rtt_ms=config.rtt,
+            orders=getattr(self._placement, "indexed_orders", ()),
+        )
         self._jobs: dict[str, _Job] = {}
-        self._timers: list[tuple[float, int, _Timer]] = []
+        self._timers: list[_Timer] = []
         self._seq = 0
 
     # ------------------------------------------------------------ inputs
@@ -159,28 +218,19 @@ class ControlCore:
 
     def on_heartbeat(self, snapshot: WorkerSnapshot, now: float) -> None:
         """Refresh the discovery snapshot, stamped with the receiver's clock."""
-        wid = snapshot.worker_id
-        if wid not in self._workers:
-            bisect.insort(self._order, wid)
-        self._workers[wid] = snapshot
-        self._last_seen[wid] = now
-        self._outstanding.setdefault(wid, 0)
+        self._index.heartbeat(snapshot, now)
 
     def on_worker_gone(self, worker_id: str) -> None:
         """Forget a departed worker; its in-flight attempts fail via results."""
-        if self._workers.pop(worker_id, None) is not None:
-            self._order.remove(worker_id)
-            del self._last_seen[worker_id]
+        self._index.gone(worker_id)
 
     def submit(self, request: Request, now: float) -> list[Decision]:
         """Admission, then placement."""
         rid = request.request_id
         if rid in self._jobs:
             return [Reject(rid, 409, "duplicate_request_id")]
-        if self._workers and not any(
-            request.model in w.models_warm or request.model in w.models_loadable
-            for w in self._workers.values()
-        ):
+        index = self._index
+        if index.knows_workers() and not index.serves(request.model):
             return self._refuse(request, now, Reject(rid, 404, "model_not_found", 0.0))
         if self._shedder.should_shed(request.priority, self.utilization(now)):
             return self._refuse(request, now, Reject(rid, 529, "overloaded", _OVERLOAD_RETRY_S))
@@ -243,7 +293,7 @@ class ControlCore:
 
     def next_deadline(self) -> float | None:
         """When :meth:`on_timer` must next be called (None: no timer armed)."""
-        while self._timers and not self._timer_live(self._timers[0][2]):
+        while self._timers and not self._timer_live(self._timers[0]):
             heapq.heappop(self._timers)
         return self._timers[0][0] if self._timers else None
 
@@ -251,7 +301,7 @@ class ControlCore:
         """Fire every timer due at ``now``."""
         out: list[Decision] = []
         while self._timers and self._timers[0][0] <= now:
-            timer = heapq.heappop(self._timers)[2]
+            timer = heapq.heappop(self._timers)
             if not self._timer_live(timer):
                 continue
             job = self._jobs[timer.request_id]
@@ -272,19 +322,10 @@ class ControlCore:
         0 when no worker is known: an empty fleet is unavailability, which
         placement answers (retry, then 503), not overload.
         """
-        load = capacity = 0
-        oldest = now - self.config.stale_after_s
-        last_seen, outstanding = self._last_seen, self._outstanding
-        for wid, w in self._workers.items():
-            if w.healthy and last_seen[wid] >= oldest:
-                reported = w.queue_depth + w.running
-                mine = outstanding[wid]
-                load += mine if mine > reported else reported
-                capacity += w.capacity
-        return load / capacity if capacity else 0.0
+        return self._index.utilization(now)
 
     def outstanding(self, worker_id: str) -> int:
-        return self._outstanding.get(worker_id, 0)
+        return self._index.outstanding(worker_id)
 
     def in_flight(self) -> int:
         """Admitted requests not yet finalized."""
@@ -298,8 +339,7 @@ class ControlCore:
 
     def _arm(self, at: float, kind: str, request_id: str, attempt: int) -> None:
         self._seq += 1
-        timer = _Timer(at, self._seq, kind, request_id, attempt)
-        heapq.heappush(self._timers, (at, self._seq, timer))
+        heapq.heappush(self._timers, _Timer(at, self._seq, kind, request_id, attempt))
 
     def _timer_live(self, timer: _Timer) -> bool:
         job = self._jobs.get(timer.request_id)
@@ -323,66 +363,15 @@ class ControlCore:
             br = self._route_breakers[route] = CircuitBreaker(self.config.route_breaker)
         return br
 
-    def _candidates(self, job: _Job, now: float) -> list[Candidate]:
-        """Every eligible worker, in worker-id order (the hottest loop of a simulation)."""
+    def _candidates(self, job: _Job, now: float) -> Sequence[Candidate]:
+        """The eligible workers in worker-id order, those the request tried left out
+        when there is an elsewhere (a view of the index, not a list)."""
         req = job.request
-        model, origin = req.model, req.origin_region
-        oldest = now - self.config.stale_after_s
-        queue_factor = self.config.max_queue_factor
-        workers, last_seen, outstanding = self._workers, self._last_seen, self._outstanding
-        breakers = self._worker_breakers
-        regions: dict[str, tuple[bool, float]] = {}  # region -> (route breaker allows, rtt)
-        fresh: list[Candidate] = []
-        for wid in self._order:
-            w = workers[wid]
-            if not w.healthy or last_seen[wid] < oldest:
-                continue
-            warm = model in w.models_warm
-            if not warm and model not in w.models_loadable:
-                continue
-            load = outstanding[wid]
-            if load >= w.capacity * queue_factor:
-                continue
-            breaker = breakers.get(wid)
-            if breaker is not None and not breaker.would_allow(now):
-                continue
-            region = w.region
-            route = regions.get(region)
-            if route is None:
-                allows = self._route_breaker((model, region)).would_allow(now)
-                route = regions[region] = (allows, self._rtt_ms(origin, region))
-            if not route[0]:
-                continue
-            fresh.append(
-                Candidate(
-                    wid,
-                    region,
-                    w.gpu_class,
-                    warm,
-                    w.queue_depth,
-                    w.running,
-                    load,
-                    w.capacity,
-                    route[1],
-                    region == origin,
-                )
-            )
-        if job.tried:
-            untried = [c for c in fresh if c.worker_id not in job.tried]
-            if untried:
-                return untried  # re-place elsewhere when there is an elsewhere
-        return fresh
-
-    def _rtt_ms(self, a: str, b: str) -> float:
-        key = (a, b)
-        rtt = self._rtt.get(key)
-        if rtt is None:
-            rtt = self._rtt[key] = self.config.rtt(a, b)
-        return rtt
+        return self._index.candidates(req.model, req.origin_region, job.tried, now)
 
     def _rng_for(self, purpose: str, request_id: str, n: int) -> random.Random:
         """The random stream of one choice (``n``: the try it is for); stable across processes."""
-        return random.Random(f"{self._seed}:{purpose}:{request_id}:{n}")
+        return _Stream(f"{self._seed}:{purpose}:{request_id}:{n}")
 
     def _place(self, job: _Job, now: float) -> list[Decision]:
         req = job.request
@@ -408,7 +397,7 @@ class ControlCore:
             route=route,
         )
         job.running = job.last = attempt
-        self._outstanding[chosen.worker_id] = self._outstanding.get(chosen.worker_id, 0) + 1
+        self._index.dispatched(chosen.worker_id, route, now)
         if self.config.attempt_timeout_s is not None:
             self._arm(
                 now + self.config.attempt_timeout_s,
@@ -431,12 +420,13 @@ class ControlCore:
         self, attempt: _Attempt, *, ok: bool, duration: float, error: str | None, now: float
     ) -> None:
         wid = attempt.worker_id
-        self._outstanding[wid] = max(0, self._outstanding.get(wid, 0) - 1)
         # A request-caused error (bad input, deadline) says nothing about the worker
         # (ERROR_KINDS in haif.contracts says which kinds are the worker's fault).
-        if ok or is_worker_fault(error):
+        recorded = ok or is_worker_fault(error)
+        if recorded:
             self._worker_breaker(wid).record(attempt.worker_permit, ok, duration, now)
             self._route_breaker(attempt.route).record(attempt.route_permit, ok, duration, now)
+        self._index.released(wid, attempt.route, now, breakers_used=recorded)
 
     def _after_failure(
         self, job: _Job, error: str, retryable: bool, now: float, result: AttemptResult | None

@@ -51,6 +51,21 @@ nothing is tied no random number is drawn. Float scores within ``1e-9`` of the
 best count as tied. ``choose`` returns ``None`` only for an empty candidate
 list.
 
+Fleet-size independent decisions
+--------------------------------
+The core does not build a list of every eligible worker per request (that
+cost grows with the fleet). It hands strategies an :class:`OrderedCandidates`:
+a read-only view of the eligible workers, already in ``worker_id`` order,
+that builds a :class:`Candidate` only for the positions a strategy reads.
+The strategies draw exactly what they draw from a list (``rng.choice`` of
+one index, ``rng.sample`` of two indices), so a view and the equivalent
+list give the same answer for the same seed. Two hooks spare the rest the
+O(n) walk: :meth:`OrderedCandidates.position_after` (round robin's cursor)
+and :meth:`OrderedCandidates.least` (the tied minimum of ``outstanding`` or
+``load``, kept by the core's index for the orders a strategy names in its
+``indexed_orders``). ``weighted_score`` and ``locality`` stay exact and read
+every candidate: O(eligible workers) per request.
+
 Strategies by name
 ------------------
 A strategy is a small class with a ``name`` and ``choose``; its
@@ -79,7 +94,7 @@ from __future__ import annotations
 import math
 import random
 from bisect import bisect_right
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import field, fields, is_dataclass
 from typing import Annotated, ClassVar, NamedTuple, Protocol, runtime_checkable
 
@@ -104,6 +119,7 @@ __all__ = [
     "GpuPreference",
     "LeastOutstanding",
     "Locality",
+    "OrderedCandidates",
     "ParameterError",
     "PlacementStrategy",
     "RandomPlacement",
@@ -121,7 +137,9 @@ _TIE_EPS = 1e-9
 # ------------------------------------------------------------------ helpers
 
 
-def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
+def _by_id(candidates: Sequence[Candidate]) -> Sequence[Candidate]:
+    if isinstance(candidates, OrderedCandidates):
+        return candidates  # already in worker_id order
     return sorted(candidates, key=lambda c: c.worker_id)
 
 
@@ -136,8 +154,10 @@ def _argmin(
     candidates: Sequence[Candidate], key: Callable[[Candidate], float], rng: random.Random
 ) -> Candidate:
     """Minimum of ``key`` over ``candidates`` (worker_id ordered), ties by ``rng``."""
-    best = min(key(c) for c in candidates)
-    return _tie_break([c for c in candidates if key(c) <= best + _TIE_EPS], rng)
+    keys = [key(c) for c in candidates]
+    best = min(keys)
+    limit = best + _TIE_EPS
+    return _tie_break([c for c, k in zip(candidates, keys, strict=True) if k <= limit], rng)
 
 
 # ---------------------------------------------------------------- candidate
@@ -231,6 +251,43 @@ class Candidate(_CandidateFields):
         return self.load / self.capacity
 
 
+class OrderedCandidates(Sequence[Candidate]):
+    """Eligible candidates in ``worker_id`` order (no id twice), read lazily.
+
+    What the core hands a strategy instead of a list (see the module
+    docstring): indexing and ``len`` are cheap, iterating builds every
+    candidate. The two hooks have exhaustive defaults; the core's view
+    answers them from its index.
+    """
+
+    __slots__ = ()
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def position_after(self, worker_id: str) -> int:
+        """How many candidates have an id ``<= worker_id`` (``bisect_right`` on the ids)."""
+        return bisect_right([c.worker_id for c in self], worker_id)
+
+    def least(self, order: str) -> Sequence[Candidate] | None:
+        """The candidates tied at the minimum ``outstanding`` (``order="outstanding"``)
+        or ``load`` (``order="load"``), in ``worker_id`` order; ``None`` when this
+        view does not index ``order`` (the strategy then looks at every candidate)."""
+        return None
+
+
+def _least(
+    ordered: Sequence[Candidate], order: str, key: Callable[[Candidate], int], rng: random.Random
+) -> Candidate:
+    """``_argmin`` of an integer ``key`` (so ties are equal values), from the index if it has it."""
+    if isinstance(ordered, OrderedCandidates):
+        tied = ordered.least(order)
+        if tied is not None:
+            return _tie_break(tied, rng)
+    return _argmin(ordered, key, rng)
+
+
 # ----------------------------------------------------------------- protocol
 
 
@@ -304,8 +361,10 @@ class RoundRobin:
         ordered = _by_id(candidates)
         index = 0
         if self.last_worker_id is not None:
-            ids = [c.worker_id for c in ordered]
-            index = bisect_right(ids, self.last_worker_id)
+            if isinstance(ordered, OrderedCandidates):
+                index = ordered.position_after(self.last_worker_id)
+            else:
+                index = bisect_right([c.worker_id for c in ordered], self.last_worker_id)
             if index == len(ordered):
                 index = 0
         chosen = ordered[index]
@@ -321,6 +380,7 @@ class LeastOutstanding:
 
     __slots__ = ()
     name: ClassVar[str] = "least_outstanding"
+    indexed_orders: ClassVar[tuple[str, ...]] = ("outstanding",)
 
     def choose(
         self,
@@ -331,7 +391,7 @@ class LeastOutstanding:
     ) -> Candidate | None:
         if not candidates:
             return None
-        return _argmin(_by_id(candidates), lambda c: c.outstanding, rng)
+        return _least(_by_id(candidates), "outstanding", lambda c: c.outstanding, rng)
 
 
 # ---------------------------------------------------------------------- p2c
@@ -358,7 +418,10 @@ class P2C:
             return None
         if len(candidates) == 1:
             return candidates[0]
-        first, second = rng.sample(_by_id(candidates), 2)
+        ordered = _by_id(candidates)
+        # Sampling two positions draws exactly what sampling two candidates does.
+        i, j = rng.sample(range(len(ordered)), 2)
+        first, second = ordered[i], ordered[j]
         return second if second.load < first.load else first
 
 
@@ -370,6 +433,7 @@ class JSQ:
 
     __slots__ = ()
     name: ClassVar[str] = "jsq"
+    indexed_orders: ClassVar[tuple[str, ...]] = ("load",)
 
     def choose(
         self,
@@ -380,7 +444,7 @@ class JSQ:
     ) -> Candidate | None:
         if not candidates:
             return None
-        return _argmin(_by_id(candidates), lambda c: c.load, rng)
+        return _least(_by_id(candidates), "load", lambda c: c.load, rng)
 
 
 # ----------------------------------------------------------- weighted score
@@ -472,7 +536,7 @@ class WeightedScore:
     ) -> Candidate | None:
         if not candidates:
             return None
-        return _argmin(_by_id(candidates), lambda c: -self.score(c), rng)
+        return _argmin(list(_by_id(candidates)), lambda c: -self.score(c), rng)
 
 
 # ----------------------------------------------------------------- locality
@@ -504,7 +568,7 @@ class Locality:
     ) -> Candidate | None:
         if not candidates:
             return None
-        ordered = _by_id(candidates)
+        ordered = list(_by_id(candidates))
         limit = self.spill_utilization
         open_ = [c for c in ordered if c.utilization < limit]
 

@@ -49,6 +49,7 @@ class ErrorKind(StrEnum):
     CONTEXT_TOO_LONG = "context_too_long"
     MODEL_NOT_LOADED = "model_not_loaded"
     DEADLINE = "deadline"
+    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +102,9 @@ ERROR_KINDS: Mapping[ErrorKind, ErrorTraits] = MappingProxyType(
         ),
         _E.DEADLINE: ErrorTraits(
             False, False, "the request's own deadline passed (finalized as a timeout)"
+        ),
+        _E.CANCELLED: ErrorTraits(
+            False, False, "every caller of the request went away (finalized as cancelled)"
         ),
     }
 )
@@ -237,7 +241,20 @@ class AttemptResult:
     cost: float = 0.0
 
 
-Event = Submit | Heartbeat | WorkerGone | AttemptResult
+@dataclass(frozen=True, slots=True)
+class ClientGone:
+    """Every caller of a request went away before its answer ended: stop it.
+
+    ``output_tokens``: the response tokens generated and relayed towards them
+    until then (a streaming client has them; a JSON client's gateway was
+    collecting them), which is what the request is billed for.
+    """
+
+    request_id: str
+    output_tokens: int = 0
+
+
+Event = Submit | Heartbeat | WorkerGone | AttemptResult | ClientGone
 
 
 # ------------------------------------------------------------ decisions out
@@ -376,6 +393,7 @@ WIRE_TYPES: tuple[type, ...] = (
     Heartbeat,
     WorkerGone,
     AttemptResult,
+    ClientGone,
     Dispatch,
     Reject,
     RetryAt,

@@ -47,6 +47,7 @@ EXPECTED = [
     ("context_too_long", False, False),
     ("model_not_loaded", False, False),
     ("deadline", False, False),
+    ("cancelled", False, False),
 ]
 UNKNOWN = [None, "", "failed", "unknown_method", "bad_signature", "Timeout", "timeout "]
 

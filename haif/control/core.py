@@ -53,6 +53,7 @@ from typing import Any, NamedTuple
 from haif.contracts import (
     AttemptResult,
     Cancel,
+    ClientGone,
     DeadLetter,
     Decision,
     Dispatch,
@@ -82,6 +83,7 @@ _OVERLOAD_RETRY_S = 1.0
 _NO_ELIGIBLE_WORKER = ErrorKind.NO_ELIGIBLE_WORKER.value
 _TIMEOUT = ErrorKind.TIMEOUT.value
 _DEADLINE = ErrorKind.DEADLINE.value
+_CANCELLED = ErrorKind.CANCELLED.value
 
 
 @dataclass(slots=True)
@@ -214,6 +216,8 @@ class ControlCore:
         if isinstance(event, WorkerGone):
             self.on_worker_gone(event.worker_id)
             return []
+        if isinstance(event, ClientGone):
+            return self.on_client_gone(event, now)
         raise TypeError(f"unknown event {event!r}")
 
     def on_heartbeat(self, snapshot: WorkerSnapshot, now: float) -> None:
@@ -223,6 +227,31 @@ class ControlCore:
     def on_worker_gone(self, worker_id: str) -> None:
         """Forget a departed worker; its in-flight attempts fail via results."""
         self._index.gone(worker_id)
+
+    def on_client_gone(self, event: ClientGone, now: float) -> list[Decision]:
+        """Every caller left: cancel a running attempt, finalize as ``cancelled``.
+
+        Billed for the tokens generated until then; the worker's slot is
+        freed without an outcome against it (it did nothing wrong). A
+        request already finished, or never admitted, is left alone.
+        """
+        job = self._jobs.get(event.request_id)
+        if job is None:
+            return []
+        out: list[Decision] = []
+        attempt = job.running
+        if attempt is not None:
+            job.running = None
+            self._release_worker(
+                attempt, ok=False, duration=now - attempt.started_s, error=_CANCELLED, now=now
+            )
+            out.append(
+                Cancel(job.request.request_id, attempt.worker_id, attempt.number, "client_gone")
+            )
+        out.append(
+            self._finish(job, now, "cancelled", "client_gone", None, output=event.output_tokens)
+        )
+        return out
 
     def submit(self, request: Request, now: float) -> list[Decision]:
         """Admission, then placement."""
@@ -496,10 +525,14 @@ class ControlCore:
         status: str,
         reason: str | None,
         result: AttemptResult | None,
+        *,
+        output: int | None = None,
     ) -> Finalize:
+        """The request's record; ``output``: its response tokens when no result says."""
         req = job.request
         del self._jobs[req.request_id]
-        output = result.output_tokens if result is not None else 0
+        if output is None:
+            output = result.output_tokens if result is not None else 0
         self._quotas.release(req.tenant, now, unused_tokens=max(0, req.max_tokens - output))
         last = job.last
         rec = RequestRecord(

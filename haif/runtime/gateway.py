@@ -512,6 +512,28 @@ def _store_failed(record: RequestRecord) -> bool:
     return record.status != "ok" and reason.rpartition(":")[2] == "store_unavailable"
 
 
+def _info(request: web.Request) -> telemetry.RequestInfo:
+    """The request's :class:`~haif.runtime.telemetry.RequestInfo` (for its log line)."""
+    info = request.get(telemetry.REQUEST_INFO)
+    if info is None:  # an app without the telemetry middleware
+        info = request[telemetry.REQUEST_INFO] = telemetry.RequestInfo()
+    return info
+
+
+def _note_reply(info: telemetry.RequestInfo, reply: SubmitReply) -> None:
+    """What the core's final reply tells the request's log line and metrics."""
+    rec = reply.record
+    reason = reply.reject.reason if reply.reject is not None else rec.reason
+    info.model_found = reason != "model_not_found"
+    info.outcome = rec.status
+    info.worker = rec.worker_id
+    info.attempts = rec.attempts
+    info.prompt_tokens = rec.prompt_tokens
+    info.completion_tokens = rec.output_tokens
+    if rec.status != "ok" and reason:
+        info.error = reason[:200]
+
+
 def _log_id(request_id: str) -> str:
     """``request_id`` as it may go into a log line (a client's id is not checked yet)."""
     return request_id if _REQUEST_ID.fullmatch(request_id) else "(invalid x-request-id)"
@@ -821,12 +843,16 @@ class Gateway:
             return refusal
         given_id = request.headers.get("x-request-id")
         request_id = given_id or f"req-{uuid.uuid4().hex}"
+        info = _info(request)
+        info.request_id = _log_id(request_id)
         tenant = await self._tenant(request, _log_id(request_id))
         if isinstance(tenant, web.Response):
             return tenant
+        info.tenant = tenant
         parsed = await self._parse(request, ChatBody if chat else CompletionBody)
         if isinstance(parsed, web.Response):
             return parsed
+        info.model, info.stream = parsed.model, parsed.stream
         if isinstance(parsed, ChatBody):
             prompt = "\n".join(m.content for m in parsed.messages)
         else:
@@ -884,6 +910,9 @@ class Gateway:
             req.stream,
         )
         metrics = self.metrics
+        info = _info(request)
+        info.request_id, info.tenant, info.model = req.request_id, req.tenant, req.model
+        info.stream = body.stream
         last_token = arrived if arrived is not None else time.perf_counter()
         first = True
         sse: _SseStream | None = None
@@ -895,11 +924,17 @@ class Gateway:
                 async for frame in frames:
                     if isinstance(frame, TokenChunk):
                         now = time.perf_counter()
-                        if first:
+                        if first:  # tokens came: the model is served, a bounded label
                             first = False
-                            metrics.ttft.labels(str(body.stream).lower()).observe(now - last_token)
+                            info.ttft_s = now - last_token
+                            model = metrics.model_label(req.model)
+                            metrics.ttft.labels(model, str(body.stream).lower()).observe(
+                                info.ttft_s
+                            )
                         elif body.stream and frame.texts:
-                            metrics.inter_token.observe((now - last_token) / len(frame.texts))
+                            metrics.inter_token.labels(metrics.model_label(req.model)).observe(
+                                (now - last_token) / len(frame.texts)
+                            )
                         last_token = now
                         if not body.stream:
                             pieces.extend(frame.texts)
@@ -909,6 +944,7 @@ class Gateway:
                         await sse.tokens(frame.texts)
                     elif isinstance(frame, SubmitReply):
                         final = frame
+                        _note_reply(info, frame)
                     else:
                         raise RpcError("bad_reply", f"unexpected frame {type(frame).__name__}")
         except ConnectionResetError:
@@ -919,10 +955,12 @@ class Gateway:
             if status is not None and sse is None:
                 # The caller's own doing (a reused Idempotency-Key, a bad request).
                 assert isinstance(exc, RpcError)
+                info.error = exc.code
                 return openai_error(
                     status, exc.message, "invalid_request_error", exc.code, headers=headers
                 )
             store = isinstance(exc, RpcError) and exc.code == "store_unavailable"
+            info.error = "store_unavailable" if store else "unavailable"
             log.warning("request %s: submitting failed: %s", req.request_id, exc)
             if sse is not None:
                 await self._stream_error(sse, *_unavailable_error(store))
@@ -1248,6 +1286,9 @@ def build_app(gateway: Gateway) -> web.Application:
         handler_args={
             "keepalive_timeout": limits.header_timeout_s,
             "lingering_time": limits.linger_s,
+            # A client that disconnects cancels its handler, which closes its
+            # orchestrator stream: the orchestrator then cancels the request.
+            "handler_cancellation": True,
         },
     )
     _serve_with_edge(app, limits, gateway.metrics)

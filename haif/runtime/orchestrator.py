@@ -136,6 +136,7 @@ from aiohttp import web
 
 from haif.contracts import (
     Cancel,
+    ClientGone,
     DeadLetter,
     Decision,
     Dispatch,
@@ -384,8 +385,12 @@ class Orchestrator:
         entered = await self._enter(body, replay_of=replay_of)
         if isinstance(entered, SubmitReply):
             return entered
-        # Shielded: a caller that leaves must not cancel what other callers await.
-        return await asyncio.shield(entered.result)
+        entered.callers += 1
+        try:
+            # Shielded: a caller that leaves must not cancel what other callers await.
+            return await asyncio.shield(entered.result)
+        finally:
+            self._left(entered)
 
     async def _resubmit(self, request: Request, entry: DeadLetterRow) -> SubmitReply:
         return await self._submit(request, replay_of=entry)
@@ -402,6 +407,7 @@ class Orchestrator:
             return
         pending = entered
         queue = pending.listen()
+        pending.callers += 1
         try:
             while True:
                 frame = await queue.get()
@@ -409,9 +415,23 @@ class Orchestrator:
                 if isinstance(frame, SubmitReply):
                     return
         finally:
-            # The caller left (or the stream ended): stop queueing frames; the
-            # request itself runs to its end and is recorded as usual.
+            # The stream ended, or the caller left: stop queueing its frames.
             pending.unlisten(queue)
+            self._left(pending)
+
+    def _left(self, pending: Pending) -> None:
+        """A caller stopped waiting; if it was the last and no answer came, stop the request.
+
+        The core cancels its running attempt (the worker aborts it when its
+        connection closes) and finalizes it as ``cancelled``, billed for the
+        tokens relayed until then.
+        """
+        pending.callers -= 1
+        rid = pending.request.request_id
+        if pending.callers <= 0 and pending.final is None and self._pending.get(rid) is pending:
+            self.metrics.cancelled.inc()
+            log.info("request %s: every caller left; cancelling it", rid)
+            self._feed(ClientGone(rid, pending.delivered))
 
     # ------------------------------------------------------------ presence
 
@@ -553,7 +573,7 @@ class Orchestrator:
         m.set_resources((wid, p.resources) for wid, p in sorted(self._seen.items()))
         m.fresh_workers.set(len(self.status().fresh_workers))
         m.stale_workers.set(len(self.stale_workers()))
-        m.dlq_size.set(len(await self.store.list_dead_letters()))
+        await m.refresh_store(self.store)  # dlq_size, and store_up: did the store answer
 
     # ------------------------------------------------------------ dead letters
 
@@ -570,7 +590,7 @@ class Orchestrator:
     # ------------------------------------------------------------ decisions
 
     def execute(self, decision: Decision) -> None:
-        self.metrics.decisions.labels(type(decision).__name__).inc()
+        self.metrics.count_decision(decision, self._pending)
         if isinstance(decision, Dispatch):
             if decision.attempt > 1:
                 self.metrics.retries.inc()

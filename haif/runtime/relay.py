@@ -38,6 +38,7 @@ class Pending:
     final: SubmitReply | None = None  # the last stream frame, once finalized
     replay_of: DeadLetterRow | None = None  # a dead-letter replay: the entry
     trace_ctx: Context | None = None  # the submitting call's trace context
+    callers: int = 0  # callers waiting for its answer now (streams and unary)
 
     @property
     def delivered(self) -> int:

@@ -99,13 +99,16 @@ Environment variables
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -130,6 +133,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
 
@@ -165,6 +169,11 @@ EXPORTERS = ("none", "console", "otlp")
 OTLP_MODULE = "opentelemetry.exporter.otlp.proto.http.trace_exporter"
 #: Breaker state -> gauge value.
 BREAKER_STATES = {"closed": 0, "half_open": 1, "open": 2}
+
+# Counters and histograms would each expose a `<name>_created` series beside
+# their samples (the time they were made), doubling the series Prometheus
+# stores for nothing a dashboard reads.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _TRACER_NAME = "haif.runtime"
@@ -363,34 +372,86 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30,
 _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 
 
+#: Label value of a model the core does not know (``model_not_found``).
+UNKNOWN_MODEL = "unknown"
+#: Label value once a bounded label has seen its limit of distinct values.
+OTHER_LABEL = "other"
+#: Most distinct ``model`` / ``tenant`` label values a service exports; any
+#: further value is counted as ``other``, so no client can grow the series
+#: without bound (a model name is the client's text until the core knows it;
+#: tenants come from credentials, but a JWT issuer may mint any number).
+MAX_MODEL_LABELS = 64
+MAX_TENANT_LABELS = 100
+
+
+class BoundedLabel:
+    """The values of one label, at most ``limit`` distinct; later new ones are ``other``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return ""
+        if value in self._seen:
+            return value
+        if len(self._seen) < self.limit:
+            self._seen.add(value)
+            return value
+        return OTHER_LABEL
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.model_label = BoundedLabel(MAX_MODEL_LABELS)
+        self.tenant_label = BoundedLabel(MAX_TENANT_LABELS)
         self.requests = Counter(
             "haif_gateway_requests",
-            "HTTP requests answered, by route, method and status",
-            ["route", "method", "status"],
+            "HTTP requests answered, by route, method, status and model",
+            ["route", "method", "status", "model"],
             registry=r,
         )
         self.duration = Histogram(
             "haif_gateway_request_duration_seconds",
             "HTTP request duration until the response is complete",
-            ["route"],
+            ["route", "model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.ttft = Histogram(
             "haif_gateway_ttft_seconds",
             "Time from request arrival to the first token",
-            ["stream"],
+            ["model", "stream"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inter_token = Histogram(
             "haif_gateway_inter_token_seconds",
             "Inter-token latency of streaming responses",
+            ["model"],
             buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.completions = Counter(
+            "haif_gateway_completions",
+            "Completion requests the core answered, by model, tenant and outcome "
+            "(the record's status: ok, failed, timeout, rejected, cancelled)",
+            ["model", "tenant", "outcome"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "haif_gateway_prompt_tokens",
+            "Prompt tokens of the requests answered, by model and tenant",
+            ["model", "tenant"],
+            registry=r,
+        )
+        self.completion_tokens = Counter(
+            "haif_gateway_completion_tokens",
+            "Completion tokens sent to clients, by model and tenant",
+            ["model", "tenant"],
             registry=r,
         )
         self.in_flight = Gauge(
@@ -405,13 +466,65 @@ class GatewayMetrics:
             registry=r,
         )
 
+    def model(self, info: RequestInfo) -> str:
+        """The ``model`` label of a request: its model once the core answered for it or
+        its tokens came (bounded by :data:`MAX_MODEL_LABELS`), ``unknown`` when the
+        core did not know it, empty when the request never reached the core."""
+        if info.model is None or (info.model_found is None and info.ttft_s is None):
+            return ""
+        if info.model_found is False:
+            return UNKNOWN_MODEL
+        return self.model_label(info.model)
+
+    def finished(self, info: RequestInfo) -> None:
+        """Count a completion the core answered: outcome and tokens, by model and tenant."""
+        if info.outcome is None:
+            return
+        model, tenant = self.model(info), self.tenant_label(info.tenant)
+        self.completions.labels(model, tenant, info.outcome).inc()
+        if info.prompt_tokens:
+            self.prompt_tokens.labels(model, tenant).inc(info.prompt_tokens)
+        if info.completion_tokens:
+            self.completion_tokens.labels(model, tenant).inc(info.completion_tokens)
+
+
+@dataclass
+class RequestInfo:
+    """What the gateway learnt of one HTTP request, for its log line and its metrics.
+
+    The middleware puts one in each request (:data:`REQUEST_INFO`); the
+    handler fills in what it knows. ``model_found`` is False when the core
+    answered ``model_not_found``; ``outcome`` is the record's status.
+    """
+
+    request_id: str | None = None
+    tenant: str | None = None
+    model: str | None = None
+    model_found: bool | None = None
+    stream: bool | None = None
+    worker: str | None = None
+    outcome: str | None = None
+    attempts: int | None = None
+    ttft_s: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    error: str | None = None
+
+
+#: The :class:`RequestInfo` of a gateway request (set by :func:`http_middleware`).
+REQUEST_INFO = web.RequestKey("haif_request_info", RequestInfo)
+
 
 class OrchestratorMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        self.model_label = BoundedLabel(MAX_MODEL_LABELS)
         self.decisions = Counter(
-            "haif_orchestrator_decisions", "Core decisions executed, by type", ["type"], registry=r
+            "haif_orchestrator_decisions",
+            "Core decisions executed, by type and model",
+            ["type", "model"],
+            registry=r,
         )
         self.retries = Counter(
             "haif_orchestrator_retries", "Dispatches of a retry attempt (attempt > 1)", registry=r
@@ -419,8 +532,18 @@ class OrchestratorMetrics:
         self.dead_letters = Counter(
             "haif_orchestrator_dead_letters", "Requests dead-lettered", registry=r
         )
+        self.cancelled = Counter(
+            "haif_orchestrator_cancelled",
+            "Requests cancelled because every caller went away before the answer ended",
+            registry=r,
+        )
         self.dlq_size = Gauge(
             "haif_orchestrator_dlq_size", "Entries in the dead-letter queue", registry=r
+        )
+        self.store_up = Gauge(
+            "haif_orchestrator_store_up",
+            "1 when the metadata store answered the last scrape's read, 0 when it failed",
+            registry=r,
         )
         self.in_flight = Gauge(
             "haif_orchestrator_in_flight_requests", "Admitted requests not finalized", registry=r
@@ -486,6 +609,32 @@ class OrchestratorMetrics:
             "haif_orchestrator_evictions", "Workers evicted for missed heartbeats", registry=r
         )
 
+    def count_decision(self, decision: Any, pending: Mapping[str, Any]) -> None:
+        """Count one core decision by type and model (``pending``: running requests by id,
+        each with its ``request``; a ``Finalize`` carries its record)."""
+        record = getattr(decision, "record", None)
+        request = getattr(pending.get(getattr(decision, "request_id", "")), "request", None)
+        model = getattr(record if record is not None else request, "model", None)
+        if getattr(decision, "reason", None) == "model_not_found" or (
+            record is not None and record.reason == "model_not_found"
+        ):
+            label = UNKNOWN_MODEL
+        else:
+            label = self.model_label(model if isinstance(model, str) else None)
+        self.decisions.labels(type(decision).__name__, label).inc()
+
+    async def refresh_store(self, store: Any, timeout_s: float = 5.0) -> None:
+        """Read the dead-letter queue's size from ``store``; ``store_up`` says if it answered."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                size = len(await store.list_dead_letters())
+        except Exception as exc:
+            self.store_up.set(0)
+            logging.getLogger("haif.telemetry").warning("the store did not answer: %r", exc)
+            return
+        self.dlq_size.set(size)
+        self.store_up.set(1)
+
     def set_workers(self, rows: Iterable[tuple[str, int, int, int, str]]) -> None:
         """Replace the per-worker gauges: (worker, outstanding, queue, running, breaker)."""
         for gauge in (self.outstanding, self.queue_depth, self.running, self.breaker):
@@ -534,11 +683,32 @@ class WorkerMetrics:
         self.capacity = Gauge("haif_worker_capacity", "Generation slots", registry=r)
         self.capacity.set(capacity)
         self.tokens = Counter(
-            "haif_worker_tokens_generated", "Tokens streamed to callers", registry=r
+            "haif_worker_tokens_generated", "Tokens streamed to callers (all models)", registry=r
+        )
+        # As vLLM's vllm:prompt_tokens_total / vllm:generation_tokens_total.
+        self.prompt_tokens = Counter(
+            "haif_worker_prompt_tokens",
+            "Prompt tokens of the generations started, by model",
+            ["model"],
+            registry=r,
+        )
+        self.generation_tokens = Counter(
+            "haif_worker_generation_tokens",
+            "Tokens generated and streamed to callers, by model",
+            ["model"],
+            registry=r,
         )
         self.generations = Counter(
-            "haif_worker_generations", "Generations ended, by outcome", ["outcome"], registry=r
+            "haif_worker_generations",
+            "Generations ended, by outcome (ok, error) and model",
+            ["outcome", "model"],
+            registry=r,
         )
+
+    def generated(self, model: str, tokens: int) -> None:
+        """``tokens`` more were streamed for a request of ``model`` (a model this worker serves)."""
+        self.tokens.inc(tokens)
+        self.generation_tokens.labels(model).inc(tokens)
 
 
 # ------------------------------------------------------------------ HTTP
@@ -557,15 +727,20 @@ def _route(request: web.Request) -> str:
 
 def http_middleware(service: str, metrics: GatewayMetrics | None = None) -> Any:
     """An aiohttp middleware: a server span per request (W3C ``traceparent`` in and out)
-    and, with ``metrics``, the request counter, duration histogram and in-flight gauge."""
+    and, with ``metrics`` (the gateway), the request counter, duration histogram,
+    in-flight gauge, per-model and per-tenant counters and one log line per request
+    (:func:`log_request`), from the :class:`RequestInfo` the handler fills in."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         route = _route(request)
         started = time.perf_counter()
         status = 500
+        info = RequestInfo()
+        trace_id: str | None = None
         if metrics is not None:
             metrics.in_flight.inc()
+            request[REQUEST_INFO] = info
         try:
             if request.path in _UNTRACED_PATHS:
                 resp = await handler(request)
@@ -582,6 +757,8 @@ def http_middleware(service: str, metrics: GatewayMetrics | None = None) -> Any:
                         "url.path": request.path,
                     },
                 ) as span:
+                    ids = span_ids(span)
+                    trace_id = ids[0] if ids is not None else None
                     try:
                         resp = await handler(request)
                     except web.HTTPException as exc:
@@ -599,13 +776,88 @@ def http_middleware(service: str, metrics: GatewayMetrics | None = None) -> Any:
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's "client closed request")
+            raise
         finally:
             if metrics is not None:
+                elapsed = time.perf_counter() - started
+                model = metrics.model(info)
                 metrics.in_flight.dec()
-                metrics.requests.labels(route, request.method, str(status)).inc()
-                metrics.duration.labels(route).observe(time.perf_counter() - started)
+                metrics.requests.labels(route, request.method, str(status), model).inc()
+                metrics.duration.labels(route, model).observe(elapsed)
+                metrics.finished(info)
+                log_request(request, route, status, elapsed, info, trace_id)
 
     return middleware
+
+
+#: The logger of the gateway's request lines (see :func:`log_request`).
+REQUEST_LOGGER = "haif.gateway.requests"
+#: Paths whose request lines are logged at DEBUG only (probes and scrapes).
+_QUIET_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+_PLAIN_VALUE = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+def _logfmt(value: object) -> str:
+    """A value as logfmt writes it: bare when it is plain, else a JSON string."""
+    if isinstance(value, float):
+        return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
+    text = str(value)
+    if _PLAIN_VALUE.fullmatch(text) and '"' not in text and "=" not in text:
+        return text
+    return json.dumps(text[:200], ensure_ascii=True)
+
+
+def request_fields(
+    request: web.BaseRequest,
+    route: str,
+    status: int,
+    latency_s: float,
+    info: RequestInfo,
+    trace_id: str | None = None,
+) -> dict[str, Any]:
+    """The fields of one request's log line, in order; those not known are left out."""
+    fields: dict[str, Any] = {
+        "request_id": info.request_id,
+        "method": request.method,
+        "route": route,
+        "status": status,
+        "tenant": info.tenant,
+        "model": info.model,
+        "stream": info.stream,
+        "worker": info.worker,
+        "outcome": info.outcome,
+        "attempts": info.attempts,
+        "ttft_s": None if info.ttft_s is None else round(info.ttft_s, 6),
+        "latency_s": round(latency_s, 6),
+        "prompt_tokens": info.prompt_tokens,
+        "completion_tokens": info.completion_tokens,
+        "error": info.error,
+        "trace_id": trace_id,
+    }
+    return {k: v for k, v in fields.items() if v is not None}
+
+
+def log_request(
+    request: web.BaseRequest,
+    route: str,
+    status: int,
+    latency_s: float,
+    info: RequestInfo,
+    trace_id: str | None = None,
+) -> None:
+    """One line per request, logfmt (``request_id=... tenant=... model=... worker=...
+    status=200 ttft_s=... latency_s=... prompt_tokens=... completion_tokens=...``);
+    with ``HAIF_LOG_FORMAT=json`` the same fields are keys of the JSON object.
+    Probes and scrapes (``/healthz``, ``/readyz``, ``/metrics``) only at DEBUG."""
+    logger = logging.getLogger(REQUEST_LOGGER)
+    level = logging.DEBUG if request.path in _QUIET_PATHS else logging.INFO
+    if not logger.isEnabledFor(level):
+        return
+    fields = request_fields(request, route, status, latency_s, info, trace_id)
+    text = " ".join(f"{key}={_logfmt(value)}" for key, value in fields.items())
+    logger.log(level, "%s", text, extra={"request": fields})
 
 
 # ------------------------------------------------------------------ logging
@@ -635,8 +887,14 @@ class JsonFormatter(logging.Formatter):
             out["trace_id"], out["span_id"] = ids
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
+        fields = record.__dict__.get("request")
+        if isinstance(fields, dict):  # a gateway request line: its fields as keys
+            out["message"] = f"{fields.get('method')} {fields.get('route')} {fields.get('status')}"
+            out.update(fields)
         for key, value in record.__dict__.items():
             if key not in _RESERVED and not key.startswith("_") and key not in out:
+                if key == "request" and isinstance(value, dict):
+                    continue
                 out[key] = value if isinstance(value, str | int | float | bool) else repr(value)
         return json.dumps(out, ensure_ascii=False, default=str)
 
@@ -671,7 +929,8 @@ def setup_logging(service: str, env: Mapping[str, str] | None = None) -> str:
         root.setLevel(logging.INFO)
     # One access-log line per RPC call (every request, every heartbeat) is noise
     # behind the gateway and costs ~0.1 ms each: the services behind it log
-    # their calls at DEBUG only. The gateway logs every client request.
-    every_call = service == "gateway" or root.level <= logging.DEBUG
+    # their calls at DEBUG only. The gateway logs every client request in a
+    # line of its own instead (REQUEST_LOGGER: request id, tenant, model, ...).
+    every_call = root.level <= logging.DEBUG
     logging.getLogger(ACCESS_LOGGER).setLevel(logging.NOTSET if every_call else logging.WARNING)
     return fmt

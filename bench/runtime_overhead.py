@@ -51,11 +51,16 @@ WORKER_ID = "w1"
 
 
 def _cluster_yaml(
-    worker_port: int, gateway_port: int, store: str | None, colocate: bool = False
+    worker_port: int,
+    gateway_port: int,
+    store: str | None,
+    colocate: bool = False,
+    fsync: bool = True,
 ) -> str:
     return (
         (f"store: {store}\n" if store else "")
         + ("colocate_gateway: true\n" if colocate else "")
+        + ("" if fsync else "orchestrator: {journal_fsync: false}\n")
         + f"gateway_port: {gateway_port}\n"
         "workers:\n"
         f"  - {{id: {WORKER_ID}, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
@@ -208,13 +213,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="run the gateway in the orchestrator's process (colocate_gateway: true)",
     )
+    parser.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="the usage journal written but not fsynced (orchestrator.journal_fsync: false)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.yaml"
-        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store, args.colocate))
+        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store, args.colocate, not args.no_fsync))
         proc = subprocess.Popen(
             [sys.executable, "-m", "haif", "up", str(cfg), "--data-dir", str(Path(tmp) / "d")],
             stdout=subprocess.PIPE,

@@ -24,6 +24,7 @@ from rich.console import Console
 from haif.analysis.cli import add_analysis_commands
 from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
+from haif.runtime.api_keys import add_keys_commands
 from haif.runtime.artifacts_cli import add_artifact_commands
 from haif.runtime.cluster_keys import add_cluster_auth_args
 from haif.runtime.dlq_cli import add_dlq_commands
@@ -85,9 +86,22 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from haif.runtime.cluster import run_cluster
+    from haif.runtime.cluster import UpFlags, run_cluster
 
-    return run_cluster(args.config, data_dir=Path(args.data_dir), port=args.port)
+    if args.schema:
+        from haif.runtime.cluster_schema import reference
+
+        print(reference(), end="", flush=True)
+        return 0
+    flags = UpFlags(
+        host=args.host,
+        gateway_port=args.port,
+        orchestrator_port=args.orchestrator_port,
+        control_port=args.control_port,
+        worker_port=args.worker_port,
+        store=args.store,
+    )
+    return run_cluster(args.config, data_dir=Path(args.data_dir), flags=flags)
 
 
 def _cmd_service(args: argparse.Namespace) -> int:
@@ -96,23 +110,15 @@ def _cmd_service(args: argparse.Namespace) -> int:
     return run_service(args.command, args)
 
 
-def _cmd_keys(args: argparse.Namespace) -> int:
-    from haif.runtime.services import add_key, revoke_key
-
-    if args.keys_command == "add":
-        key = add_key(args.store, args.tenant, args.name)
-        print(key, flush=True)
-        err_console.print(
-            f"API key for tenant {args.tenant!r} stored (as a hash) in {args.store}; "
-            "this is the only time it is shown.",
-            highlight=False,
-        )
-        return 0
-    if revoke_key(args.store, args.key):
-        err_console.print("key revoked", highlight=False)
-        return 0
-    err_console.print("[bold red]error:[/] no such active key", highlight=False)
-    return 1
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 0-65535 (0: a free one)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0-65535, not {value}")
+    return value
 
 
 def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
@@ -304,10 +310,66 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     sim.set_defaults(func=_cmd_sim)
 
-    up = sub.add_parser("up", help="start a local cluster (gateway, orchestrator, workers)")
-    up.add_argument("config", nargs="?", help="cluster YAML (default: built-in 2 workers)")
-    up.add_argument("--port", type=int, default=None, help="gateway port (default 8080)")
-    up.add_argument("--data-dir", default=".haif", help="store and logs (default .haif)")
+    up = sub.add_parser(
+        "up",
+        help="start a local cluster (gateway, orchestrator, workers)",
+        description="Start a cluster on this machine: the orchestrator, the workers and the "
+        "gateway, each its own process, until Ctrl-C; then stop them (gateway first) and "
+        "export the request records to DATA_DIR/records.parquet. While it runs, "
+        "DATA_DIR/cluster.json says where everything is (haif dlq and haif keys use it) and "
+        "DATA_DIR/prometheus-targets.json lists every /metrics for Prometheus. The flags "
+        "override the cluster YAML; clusters/ holds examples, --schema its reference.",
+    )
+    up.add_argument(
+        "config", nargs="?", help="cluster YAML (default: two synthetic workers, no file)"
+    )
+    up.add_argument(
+        "--host",
+        default=None,
+        help="address the gateway, orchestrator and workers listen on (default 127.0.0.1; "
+        "0.0.0.0 for every interface)",
+    )
+    up.add_argument(
+        "--port",
+        "--gateway-port",
+        dest="port",
+        type=_port,
+        default=None,
+        help="the gateway's port (default: the YAML's gateway_port, 8080)",
+    )
+    up.add_argument(
+        "--orchestrator-port",
+        type=_port,
+        default=None,
+        help="the orchestrator's RPC and /metrics port (default: the YAML's, else a free one)",
+    )
+    up.add_argument(
+        "--control-port",
+        type=_port,
+        default=None,
+        help="the control endpoint's port, on 127.0.0.1 (default: the YAML's, else a free one)",
+    )
+    up.add_argument(
+        "--worker-port",
+        type=_port,
+        default=None,
+        help="the first worker's port; the others take the ports after it (default: each "
+        "worker's port in the YAML, else a free one)",
+    )
+    up.add_argument(
+        "--store",
+        default=None,
+        help="the metadata store, instead of the YAML's: a DuckDB file or a postgresql:// URL "
+        "(default DATA_DIR/store.duckdb)",
+    )
+    up.add_argument(
+        "--data-dir", default=".haif", help="store, keys, logs and records (default .haif)"
+    )
+    up.add_argument(
+        "--schema",
+        action="store_true",
+        help="print the cluster YAML reference (every key, its type, default and meaning) and exit",
+    )
     up.set_defaults(func=_cmd_up)
 
     orch = sub.add_parser(
@@ -330,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory of the usage journal: each request's usage is fsynced there "
         "before its answer ends, and written to the store again at the next start if "
         "the store did not take it (default: none; answers then wait for the store)",
+    )
+    orch.add_argument(
+        "--journal-no-fsync",
+        action="store_true",
+        help="write the journal without fsync: it then survives the orchestrator's crash "
+        "but not the machine's, and no answer waits for the disk",
     )
     orch.add_argument(
         "--seed", type=int, default=0, help="seed of the placement and retry draws (default 0)"
@@ -383,26 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_auth_args(gw)
     gw.set_defaults(func=_cmd_service)
 
-    keys = sub.add_parser("keys", help="manage API keys in the store")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    add = keys_sub.add_parser("add", help="create an API key; prints it once")
-    add.add_argument("--tenant", required=True, help="the tenant the key acts for")
-    add.add_argument("--name", default="", help="a label for the key")
-    add.add_argument(
-        "--store",
-        default=".haif/store.duckdb",
-        help="DuckDB file or postgresql:// URL (default .haif/store.duckdb)",
-    )
-    add.set_defaults(func=_cmd_keys)
-    revoke = keys_sub.add_parser("revoke", help="revoke an API key")
-    revoke.add_argument("key", help="the key, or its SHA-256 hex digest")
-    revoke.add_argument(
-        "--store",
-        default=".haif/store.duckdb",
-        help="DuckDB file or postgresql:// URL (default .haif/store.duckdb)",
-    )
-    revoke.set_defaults(func=_cmd_keys)
-
+    add_keys_commands(sub)
     add_analysis_commands(sub)
     add_replay_command(sub)
     add_parity_command(sub)

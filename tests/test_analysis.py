@@ -18,13 +18,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from harness.analysis import cli
+from harness.records import ok_record
 
 from haif.analysis import compare as cmp
 from haif.analysis import regress
 from haif.analysis.query import discover_runs, resolve_runs, run_query, view_name
 from haif.configfile import ConfigError
 from haif.fleet.scenario import load_scenario
-from haif.records import FILE_SCHEMA, read_parquet, summarize
+from haif.records import FILE_SCHEMA, read_parquet, summarize, write_parquet
 from haif.sim.driver import run_scenario
 from haif.sim.report import write_report
 
@@ -55,6 +56,60 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 # ------------------------------------------------------------------ compare
+
+
+def test_summarize_and_run_metrics_match_hand_computed_values(tmp_path: Path) -> None:
+    """Five records whose figures are worked out by hand (numpy's default
+    linear interpolation: the q-th percentile of n sorted values sits at
+    position q/100 * (n - 1))."""
+    rows = [  # id, arrival, first token, finish, output tokens, cost, attempts, status
+        ("r1", 0.0, 0.1, 1.0, 10, 0.5, 1, "ok"),
+        ("r2", 1.0, 1.3, 3.0, 20, 0.25, 2, "ok"),
+        ("r3", 2.0, 2.2, 5.0, 30, 0.25, 1, "ok"),
+        ("r4", 3.0, 3.4, 7.0, 40, 1.0, 1, "ok"),
+        ("r5", 4.0, None, 4.5, 0, 0.0, 3, "failed"),
+    ]
+    records = [
+        ok_record(
+            rid,
+            arrival_s=arrival,
+            first_token_s=first,
+            finish_s=finish,
+            output_tokens=tokens,
+            cost=cost,
+            attempts=attempts,
+            status=status,
+            reason=None if status == "ok" else "x",
+        )
+        for rid, arrival, first, finish, tokens, cost, attempts, status in rows
+    ]
+    # ok end-to-end latencies 1, 2, 3, 4 s; TTFTs 0.1, 0.3, 0.2, 0.4 s.
+    hand = {
+        "requests": 5,
+        "success_rate": 0.8,
+        "latency_p50_s": 2.5,  # halfway between 2 and 3
+        "latency_p90_s": 3.7,  # position 2.7: 3 + 0.7 x (4 - 3)
+        "latency_p99_s": 3.97,  # position 2.97
+        "ttft_p50_s": 0.25,
+        "ttft_p90_s": 0.37,
+        "ttft_p99_s": 0.397,
+        "retried": 2,  # r2 and r5
+        "cost": 2.0,
+    }
+    summary = summarize(records)
+    assert summary["by_status"] == {"failed": 1, "ok": 4}
+    for name, value in hand.items():
+        if name in summary:
+            assert summary[name] == pytest.approx(value, abs=1e-12), name
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_parquet(records, folder / "records.parquet")
+    metrics = cmp.run_metrics(cmp.load_run(folder))  # records only: no summary.json
+    for name, value in hand.items():
+        assert metrics[name] == pytest.approx(value, abs=1e-12), name
+    # Goodput without a summary: 100 tokens served over the 4 s of arrivals.
+    assert metrics["goodput_tokens_per_s"] == pytest.approx(25.0, abs=1e-12)
+    assert metrics["dead_letters"] == 0
 
 
 def test_metrics_equal_summarize_and_summary(runs: dict[str, Path]) -> None:

@@ -129,7 +129,8 @@ def test_positional_arguments_are_named_too() -> None:
     ],
 )
 def test_valid_configs(kwargs: dict[str, Any]) -> None:
-    BreakerConfig(**kwargs)
+    config = BreakerConfig(**kwargs)
+    assert {name: getattr(config, name) for name in kwargs} == kwargs  # taken as given
 
 
 def test_config_is_frozen_and_pydantic_forbids_extra_keys() -> None:

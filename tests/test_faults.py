@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +10,8 @@ import pytest
 
 from haif.contracts import Dispatch, Submit
 from haif.fleet.scenario import Scenario, load_scenario
+from haif.fleet.targets import scenario_workers
+from haif.seeding import derive_rng
 from haif.sim.driver import SimResult, run_scenario
 from haif.sim.report import served_by_region
 
@@ -142,12 +145,68 @@ def test_gateway_down_clients_fail_over() -> None:
     assert noticed and all(r.finish_s - r.arrival_s >= 1.0 for r in noticed)
 
 
+def failures_by_the_rule(
+    sc: Scenario, per_gpu_hour: float, restart_s: float, end_s: float
+) -> list[tuple[float, str]]:
+    """Random failures written out from the rule, not from the simulator:
+    each (single-GPU) worker fails after an exponential wait at its rate,
+    drawn from its own stream ``random_failures:<worker id>``, stays down
+    ``restart_s``, then waits again."""
+    out = []
+    for wid, _, _ in scenario_workers(sc):
+        rng = derive_rng(sc.seed, f"random_failures:{wid}")
+        t = 0.0
+        while (t := t + rng.expovariate(per_gpu_hour / 3600.0)) < end_s:
+            out.append((t, wid))
+            t += restart_s
+    return sorted(out)
+
+
+def simulated_failures(result: SimResult) -> list[tuple[float, str]]:
+    return sorted(
+        (t0, what.removesuffix(" failed"))
+        for t0, _, what in result.fault_windows
+        if what.endswith(" failed")
+    )
+
+
 def test_random_failures_from_a_per_gpu_hour_rate() -> None:
-    result = run_scenario(scenario([], random_failures={"per_gpu_hour": 30.0, "restart_s": 20}))
-    failures = [w for w in result.fault_windows if w[2].endswith("failed")]
-    # 6 single-GPU workers x 420 s x 30/h ~ 21 failures expected.
-    assert 8 <= len(failures) <= 40
+    sc = scenario([], random_failures={"per_gpu_hour": 30.0, "restart_s": 20})
+    result = run_scenario(sc)
+    got = simulated_failures(result)
+    expected = failures_by_the_rule(sc, 30.0, 20.0, result.end_s)
+    # Exactly these failures, at these times (seeded): 12 in the 301.5 s the
+    # run lasts, where the renewal mean (next test) is 6 x (301.5 / 140 - 0.13) = 12.1.
+    assert result.end_s == 301.5
+    assert [w for _, w in got] == [w for _, w in expected]
+    assert [t for t, _ in got] == pytest.approx([t for t, _ in expected], abs=1e-9)
+    assert len(got) == 12
     assert sum(r.status == "ok" for r in result.records) / len(result.records) > 0.95
+
+
+def test_random_failure_count_is_within_its_statistical_interval() -> None:
+    """An hour on 6 workers: the count against the rate, whatever the seed.
+
+    Failures of one worker are a renewal process whose gaps are ``restart_s``
+    plus an exponential wait of mean 1/rate: mean gap m = 20 + 120 = 140 s,
+    sd s = 120 s. Over t seconds the count has mean t/m + (s^2 - m^2)/(2 m^2)
+    and variance s^2 t / m^3 (renewal theorem); for 6 workers and t ~ 3600 s
+    that is 153.5 +- 10.6, and +-4 sd is [111, 196] (a rate off by 2x gives
+    ~83 or ~270 failures).
+    """
+    sc = scenario(
+        [],
+        duration_s=3600,
+        workload={"kind": "poisson", "rate": 0.2, "origins": {"a": 0.5, "b": 0.5}},
+        random_failures={"per_gpu_hour": 30.0, "restart_s": 20},
+    )
+    result = run_scenario(sc)
+    m, s, t = 140.0, 120.0, result.end_s
+    mean = 6 * (t / m + (s * s - m * m) / (2 * m * m))
+    sd = math.sqrt(6 * s * s * t / m**3)
+    assert 3600 <= t < 3700 and 9.5 < sd < 11
+    count = len(simulated_failures(result))
+    assert abs(count - mean) <= 4 * sd, (count, mean, sd)
 
 
 @pytest.mark.parametrize("resume", [False, True])

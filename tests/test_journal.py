@@ -78,3 +78,14 @@ async def test_earlier_segments_are_kept_until_replayed(tmp_path: Path) -> None:
     await second.append(_settlement(2))
     second.settle(1)  # replayed into the store
     assert sorted(p.name for p in tmp_path.iterdir()) == ["usage-00000002.journal"]
+
+
+async def test_without_fsync_entries_are_written_at_once(tmp_path: Path) -> None:
+    journal = Journal(tmp_path, fsync=False)
+    journal.open()
+    assert await journal.append(_settlement(1)) == 1
+    journal.delivered("r1")
+    # No flush, no close: a crash now (the page cache survives the process) finds both.
+    found = Journal(tmp_path).open()
+    assert [(f.settlement.job_id, f.delivered) for f in found] == [("r1", True)]
+    assert journal.syncs == 0 and journal.appended == 1

@@ -44,6 +44,9 @@ EXPECTED = {
     "dlq_list": {Role.ADMIN},
     "dlq_show": {Role.ADMIN},
     "dlq_replay": {Role.ADMIN},
+    "keys_add": {Role.ADMIN},
+    "keys_list": {Role.ADMIN},
+    "keys_revoke": {Role.ADMIN},
 }
 
 

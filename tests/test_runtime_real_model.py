@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from harness.require import require
 
 from haif.configfile import ConfigError
 from haif.runtime.cluster import free_port, load_cluster
@@ -31,8 +32,8 @@ def test_engine_settings_are_validated(tmp_path: Path) -> None:
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    require("torch")
+    require("transformers")
     env = {
         **os.environ,
         "PYTHONUNBUFFERED": "1",

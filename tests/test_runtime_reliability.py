@@ -35,6 +35,7 @@ from harness.api import MODEL, completion_text, expected_text, post_json, sse_da
 from harness.cluster import LiveCluster, Up, kill, run_haif, running, spawn_worker
 from harness.pg import dsn_for, pg_admin, pg_unavailable
 from multidict import CIMultiDict
+from virtual_loop import run_virtual
 
 from haif.contracts import Dispatch, Finalize, Request, Submit, WorkerGone, WorkerSnapshot
 from haif.control.config import CoreConfig
@@ -475,32 +476,52 @@ async def test_kill_9_of_a_worker_under_load_loses_nothing(
 
 
 async def test_silent_workers_are_counted_stale_then_evicted() -> None:
-    orch = Orchestrator(CoreConfig(), DuckDBStore(":memory:"), evict_after_missed=3)
-    await orch.start()
-    try:
-        assert orch.driver is not None
-        orch.driver.events = []
-        snap = WorkerSnapshot("quiet", "local", "A100-80G", models_warm=(MODEL,), capacity=4)
-        for _ in range(3):  # every 0.3 s
+    """The stale and eviction boundaries, checked 10 ms either side on a virtual
+    clock (its own loop, in a thread of this one).
+
+    Heartbeats every 0.3 s at 0, 0.3 and 0.6 s make the estimated interval
+    0.3 s; a worker is stale after 1.5 intervals of silence (0.45 s, i.e. from
+    1.05 s) and evicted after ``evict_after_missed`` = 3 (0.9 s, at 1.5 s).
+    """
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        orch = Orchestrator(CoreConfig(), DuckDBStore(":memory:"), evict_after_missed=3)
+        await orch.start()
+        try:
+            assert orch.driver is not None
+            orch.driver.events = []
+            snap = WorkerSnapshot("quiet", "local", "A100-80G", models_warm=(MODEL,), capacity=4)
+
+            async def until(t: float) -> dict[str, Any]:
+                await asyncio.sleep(t - loop.time())
+                assert loop.time() == pytest.approx(t, abs=1e-9)
+                return orch.presence()
+
+            for at in (0.0, 0.3, 0.6):
+                await until(at)
+                await orch.rpc_heartbeat(Announce(snap, "http://127.0.0.1:9"))
+            view = await until(1.04)  # 0.44 s of silence: fresh
+            assert view["fresh_workers"] == ["quiet"] and view["stale_workers"] == []
+            view = await until(1.06)  # 0.46 s: a heartbeat missed (> 1.5 x 0.3 s)
+            assert view["stale_workers"] == ["quiet"] and view["evicted_workers"] == []
+            view = await until(1.49)  # 0.89 s: still not evicted (3 x 0.3 s)
+            assert view["stale_workers"] == ["quiet"] and view["evicted_workers"] == []
+            assert [e for _, e in orch.driver.events if isinstance(e, WorkerGone)] == []
+            view = await until(1.51)  # 0.91 s: evicted by the presence timer itself
+            assert view["stale_workers"] == [] and view["evicted_workers"] == ["quiet"]
+            assert view["evictions"] == 1 and "quiet" not in orch.status().outstanding
+            gone = [(t, e) for t, e in orch.driver.events if isinstance(e, WorkerGone)]
+            assert [e for _, e in gone] == [WorkerGone("quiet")]
+            assert gone[0][0] == pytest.approx(1.5, abs=1e-6)  # at its limit, not later
+            # It comes back with its next heartbeat.
             await orch.rpc_heartbeat(Announce(snap, "http://127.0.0.1:9"))
-            await asyncio.sleep(0.3)
-        # 0.65 s of silence: a heartbeat missed (> 1.5 x 0.3 s), not evicted (3 x 0.3 s).
-        await asyncio.sleep(0.35)
-        view = orch.presence()
-        assert view["stale_workers"] == ["quiet"] and view["evicted_workers"] == []
-        await asyncio.sleep(0.6)  # 1.25 s of silence
-        view = orch.presence()
-        assert view["stale_workers"] == [] and view["evicted_workers"] == ["quiet"]
-        assert view["evictions"] == 1 and "quiet" not in orch.status().outstanding
-        assert [e for _, e in orch.driver.events if isinstance(e, WorkerGone)] == [
-            WorkerGone("quiet")
-        ]
-        # It comes back with its next heartbeat.
-        await orch.rpc_heartbeat(Announce(snap, "http://127.0.0.1:9"))
-        assert orch.presence()["evicted_workers"] == []
-        assert orch.status().fresh_workers == ("quiet",)
-    finally:
-        await orch.stop()
+            assert orch.presence()["evicted_workers"] == []
+            assert orch.status().fresh_workers == ("quiet",)
+        finally:
+            await orch.stop()
+
+    await asyncio.to_thread(run_virtual, main)
 
 
 # ------------------------------------------------------------- dead letters

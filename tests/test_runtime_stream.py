@@ -21,6 +21,7 @@ import pytest_asyncio
 from aiohttp import web
 from harness.api import MODEL, completion_text, expected_text, sse_data
 from harness.cluster import LiveCluster, running
+from harness.require import require
 
 from haif.contracts import Dispatch, RetryAt
 from haif.runtime import gateway as gateway_mod
@@ -137,7 +138,7 @@ async def test_refusal_before_the_first_token_is_a_plain_http_error(
 
 
 async def test_openai_sdk_streaming_and_not(cluster: LiveCluster) -> None:
-    openai = pytest.importorskip("openai")
+    openai = require("openai", extra="test")
     key = await cluster.add_key("sdk-tenant")
     client = openai.AsyncOpenAI(base_url=f"{cluster.url}/v1", api_key=key, max_retries=0)
     try:

@@ -18,6 +18,7 @@ import pandas as pd
 import pytest
 import yaml
 from harness.analysis import cli
+from harness.require import require
 
 from haif.analysis import sweep as sw
 from haif.analysis.compare import METRIC_BY_KEY
@@ -458,7 +459,7 @@ def test_sweep_names_a_winner_only_when_the_intervals_separate() -> None:
 def test_ray_executor_gives_the_same_bytes(
     local: tuple[Path, Path, sw.SweepResult], tmp_path: Path
 ) -> None:
-    pytest.importorskip("ray", reason="ray is not installed (pip install 'haif[sweep]')")
+    require("ray", extra="sweep")
     path, out, first = local
     ray_out = tmp_path / "ray"
     result = sw.run_sweep(path, ray_out, executor="ray", workers=2, progress=False)

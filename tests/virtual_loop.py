@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import selectors
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class _JumpingSelector(selectors.DefaultSelector):
@@ -35,3 +38,19 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
         scheduled = self._scheduled  # type: ignore[attr-defined]
         if scheduled:
             self._virtual_now = max(self._virtual_now, scheduled[0].when())
+
+
+def run_virtual(main: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``main()`` to completion on a fresh :class:`VirtualTimeLoop` (starting at 0 s).
+
+    For tests of timing rules: ``asyncio.sleep(0.35)`` then lands exactly
+    0.35 virtual seconds later, however busy the machine is, so a check can
+    sit a millisecond either side of a boundary instead of a wide margin
+    against real sleeps.
+    """
+    loop = VirtualTimeLoop()
+    try:
+        return loop.run_until_complete(main())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -1,66 +1,42 @@
-"""``haif up``: a local cluster of processes on loopback.
+"""``haif up``: a local cluster of processes.
 
-One orchestrator (with its metadata store), synthetic workers and a
-gateway, each its own process started as ``python -m haif <service>``. The
-command waits until every service answers ``/healthz``, prints the gateway
-URL and runs until interrupted; then it stops the services one at a time,
-gateway first (SIGTERM: the gateway stops accepting requests and lets
-in-flight streams finish, then the workers, then the orchestrator, which
-finishes its store writes) and exports the request records to
-``<data-dir>/records.parquet`` in the simulator's schema (from either
-store backend).
+One orchestrator (with its metadata store), workers and a gateway, each its
+own process started as ``python -m haif <service>``, listening on ``host``
+(127.0.0.1 by default). The command waits until every service answers
+``/healthz``, prints the gateway URL and runs until interrupted; then it
+stops the services one at a time, gateway first (SIGTERM: the gateway stops
+accepting requests and lets in-flight streams finish, then the workers, then
+the orchestrator, which finishes its store writes) and exports the request
+records to ``<data-dir>/records.parquet`` in the simulator's schema (from
+either store backend).
 
-Cluster YAML (every key optional)::
+While it runs, ``<data-dir>/cluster.json`` (mode 0600) records where
+everything is: the gateway, the orchestrator, the control endpoint and its
+token, the store and the key directory; ``haif dlq``, ``haif keys`` and
+``haif replay --faults`` find the cluster there.
+``<data-dir>/prometheus-targets.json`` lists every service's ``/metrics``
+for Prometheus's ``file_sd_configs``.
 
-    seed: 0
-    region: local
-    gateway_port: 8080
-    orchestrator_port: 0            # 0: a free port
-    colocate_gateway: false         # true: the gateway runs in the orchestrator's
-                                    # process, calling it directly (no RPC hop)
-    store: postgresql://postgres@127.0.0.1:5432/haif
-                                    # default: <data-dir>/store.duckdb (embedded
-                                    # DuckDB); a plain path is a DuckDB file,
-                                    # relative to this file
-    orchestrator:
-      lease_ttl_s: 30.0             # job lease, renewed every lease_ttl_s / 2
-      reconcile_interval_s: 5.0     # how often leaked reservations are expired
-      evict_after_missed: 3         # heartbeat intervals before a worker is evicted
-      store_linger_ms: 50           # store writes no request waits for commit together
-                                    # this often (default: DuckDB 50, PostgreSQL 0)
-    workers:
-      - {id: w1, region: local, capacity: 8, mean_s: 0.05, ttft_s: 0.01}
-      - {id: w2, region: local, gpu_class: A100-80G, models: [llama-3-8b],
-         timing: profile}            # timed by the simulator's A100 x Llama-3-8B profile
-    policy:                         # haif.control.config.CoreConfig
-      resume_partial: true          # default true here: resume interrupted streams
-      placement: p2c
-    auth:
-      required: false               # true: every request needs credentials
-      key_cache_s: 5.0              # how long the gateway trusts an API-key lookup
-      jwt:                          # optional; accept JWTs from this issuer
-        issuer: https://issuer.example
-        audience: haif
-        key_file: jwt-public.pem    # PEM public key / certificate (relative to
-                                    # this file), or an HMAC secret in the file
-        # secret: "..."             # or an inline HMAC secret (>= 32 bytes)
-        algorithms: [RS256]
-        tenant_claim: tenant
-        leeway_s: 30
+The cluster YAML is :class:`ClusterConfig`; every key is optional and
+documented by its field's description: ``haif up --schema`` prints the
+reference (``clusters/SCHEMA.md``), and ``clusters/`` holds examples.
+``haif up``'s flags (``--host``, ``--port``, ``--orchestrator-port``,
+``--control-port``, ``--worker-port``, ``--store``) override the YAML
+(:class:`UpFlags`).
 
-API keys live in the store as SHA-256 digests: ``haif keys add --tenant T
---store <data-dir>/store.duckdb`` prints a new key once (while the cluster
-is down: DuckDB allows one process per file; a PostgreSQL store can be
-changed at any time).
+API keys live in the store as SHA-256 digests: ``haif keys add --tenant T``
+prints a new key once (see :mod:`haif.runtime.api_keys`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -85,33 +61,78 @@ class _Strict(BaseModel):
 
 
 class WorkerConfig(_Strict):
-    id: str
-    region: str
-    gpu_class: str = "A100-80G"
-    capacity: Annotated[int, Field(ge=1)] = 8
-    models: tuple[str, ...] = ("llama-3-8b",)
-    mean_s: Annotated[float, Field(gt=0)] = 0.05
-    ttft_s: Annotated[float, Field(ge=0)] = 0.01
-    heartbeat_s: Annotated[float, Field(gt=0)] = 0.5
-    port: Port = 0
-    # The engine (see haif.runtime.engines): synthetic (default), transformers,
-    # vllm or openai. Paths are relative to the cluster YAML.
-    engine: Literal["synthetic", "transformers", "vllm", "openai"] = "synthetic"
-    # Synthetic engine: fixed (mean_s / ttft_s), or timed by the simulator's
-    # profile of (gpu_class, model): profile (iteration level) / profile-request.
-    timing: Literal["fixed", "profile", "profile-request"] = "fixed"
-    # Profile timings only (as the simulator's worker groups): batch bound
-    # (default: the profile's), chunked prefill token budget, prefix cache.
-    max_batch: Annotated[int, Field(ge=1)] | None = None
-    chunked_prefill_tokens: Annotated[int, Field(ge=1)] | None = None
-    prefix_cache: bool = False
-    profiles: str | None = None  # profile catalog YAML (default: the packaged one)
-    artifact_store: str | None = None
-    model_ref: str | None = None  # NAME:VERSION in the artifact store
-    keyring: str | None = None  # directory of trusted *.pub signing keys
-    device: str = "auto"
-    upstream_url: str | None = None
-    upstream_model: str | None = None
+    """One worker process: its identity, capacity, engine and timing."""
+
+    id: str = Field(description="the worker's id, unique in the cluster (also its key's name)")
+    region: str = Field(description="the region it announces")
+    gpu_class: str = Field(
+        default="A100-80G",
+        description="the GPU class it announces; profile timings use the simulator's "
+        "profile of this GPU class x the request's model",
+    )
+    capacity: Annotated[int, Field(ge=1)] = Field(
+        default=8,
+        description="requests it runs at once (fixed timing; profile timings batch themselves)",
+    )
+    models: tuple[str, ...] = Field(
+        default=("llama-3-8b",), description="the models it serves; the first is loaded at start"
+    )
+    mean_s: Annotated[float, Field(gt=0)] = Field(
+        default=0.05,
+        description="synthetic engine, fixed timing: mean time per response, in seconds",
+    )
+    ttft_s: Annotated[float, Field(ge=0)] = Field(
+        default=0.01,
+        description="synthetic engine, fixed timing: time to the first token, in seconds",
+    )
+    heartbeat_s: Annotated[float, Field(gt=0)] = Field(
+        default=0.5, description="seconds between its heartbeats to the orchestrator"
+    )
+    port: Port = Field(
+        default=0,
+        description="port it listens on; 0: a free one (or the next of haif up --worker-port)",
+    )
+    engine: Literal["synthetic", "transformers", "vllm", "openai"] = Field(
+        default="synthetic",
+        description="synthetic: deterministic tokens; transformers: PyTorch (haif[torch]); "
+        "vllm: in-process vLLM; openai: an upstream OpenAI-compatible server",
+    )
+    timing: Literal["fixed", "profile", "profile-request"] = Field(
+        default="fixed",
+        description="synthetic engine: fixed (mean_s, ttft_s), or timed by the simulator's "
+        "profile of (gpu_class, model): profile (iteration level) or profile-request",
+    )
+    max_batch: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="profile timings: batch bound (default: the profile's)"
+    )
+    chunked_prefill_tokens: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="profile timings: chunked prefill token budget (default: none)"
+    )
+    prefix_cache: bool = Field(default=False, description="profile timings: model a prefix cache")
+    profiles: str | None = Field(
+        default=None,
+        description="profile timings: a profile catalog YAML (default: the packaged one)",
+    )
+    artifact_store: str | None = Field(
+        default=None,
+        description="transformers / vllm: the signed artifact store directory (relative to "
+        "this file)",
+    )
+    model_ref: str | None = Field(
+        default=None, description="transformers / vllm: the model in the store, NAME:VERSION"
+    )
+    keyring: str | None = Field(
+        default=None,
+        description="transformers / vllm: directory of trusted *.pub keys that sign "
+        "artifacts (relative to this file)",
+    )
+    device: str = Field(
+        default="auto", description="transformers: torch device (auto, cpu, cuda, ...)"
+    )
+    upstream_url: str | None = Field(
+        default=None, description="openai: the upstream server's base URL (with /v1)"
+    )
+    upstream_model: str | None = Field(default=None, description="openai: the model name upstream")
 
     @model_validator(mode="after")
     def _engine_settings(self) -> WorkerConfig:
@@ -159,13 +180,29 @@ _DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
 class JwtSettings(_Strict):
     """Where bearer JWTs come from (see :class:`haif.runtime.security.JwtConfig`)."""
 
-    issuer: Annotated[str, Field(min_length=1)]
-    audience: Annotated[str, Field(min_length=1)]
-    algorithms: tuple[str, ...] = _DEFAULT_ALGORITHMS
-    key_file: str | None = None
-    secret: str | None = Field(default=None, repr=False)
-    tenant_claim: Annotated[str, Field(min_length=1)] = "tenant"
-    leeway_s: Annotated[float, Field(ge=0)] = 30.0
+    issuer: Annotated[str, Field(min_length=1)] = Field(
+        description="the iss claim a token must carry"
+    )
+    audience: Annotated[str, Field(min_length=1)] = Field(
+        description="the aud claim a token must carry"
+    )
+    algorithms: tuple[str, ...] = Field(
+        default=_DEFAULT_ALGORITHMS, description="signature algorithms accepted (never none)"
+    )
+    key_file: str | None = Field(
+        default=None,
+        description="PEM public key or certificate (relative to this file), or a file "
+        "holding an HMAC secret; give this or secret",
+    )
+    secret: str | None = Field(
+        default=None, repr=False, description="an inline HMAC secret (>= 32 bytes)"
+    )
+    tenant_claim: Annotated[str, Field(min_length=1)] = Field(
+        default="tenant", description="the claim that names the request's tenant"
+    )
+    leeway_s: Annotated[float, Field(ge=0)] = Field(
+        default=30.0, description="clock skew allowed on exp and nbf, in seconds"
+    )
 
     @model_validator(mode="after")
     def _one_key(self) -> JwtSettings:
@@ -175,16 +212,24 @@ class JwtSettings(_Strict):
 
 
 class AuthConfig(_Strict):
-    required: bool = False
-    key_cache_s: Annotated[float, Field(ge=0)] = 5.0
-    jwt: JwtSettings | None = None
+    """How the gateway authenticates clients."""
+
+    required: bool = Field(
+        default=False,
+        description="true: every request needs an API key or a JWT; false: requests "
+        "without one act as tenant anonymous (an invalid one is still refused)",
+    )
+    key_cache_s: Annotated[float, Field(ge=0)] = Field(
+        default=5.0, description="how long the gateway trusts an API-key lookup, in seconds"
+    )
+    jwt: JwtSettings | None = Field(default=None, description="accept JWTs from this issuer")
 
 
 class TlsFiles(_Strict):
     """A PEM certificate chain and its private key (relative to the cluster YAML)."""
 
-    cert: Annotated[str, Field(min_length=1)]
-    key: Annotated[str, Field(min_length=1)]
+    cert: Annotated[str, Field(min_length=1)] = Field(description="PEM certificate chain")
+    key: Annotated[str, Field(min_length=1)] = Field(description="PEM private key")
 
     def resolved(self, base_dir: Path | None) -> tuple[str, str]:
         return str(beside(base_dir, self.cert)), str(beside(base_dir, self.key))
@@ -193,36 +238,84 @@ class TlsFiles(_Strict):
 class OrchestratorSettings(_Strict):
     """The orchestrator's upkeep (see :mod:`haif.runtime.orchestrator`)."""
 
-    lease_ttl_s: Annotated[float, Field(gt=0)] = 30.0
-    reconcile_interval_s: Annotated[float, Field(gt=0)] = 5.0
-    evict_after_missed: Annotated[int, Field(ge=1)] = 3
-    #: How long the store writes nobody waits for (job rows of requests without
-    #: an Idempotency-Key, status changes, usage, records) gather before they
-    #: commit together; None: the backend's default (DuckDB 50 ms, PostgreSQL 0).
-    #: Longer costs less CPU per request; a crash loses that much.
-    store_linger_ms: Annotated[float, Field(ge=0, le=10_000)] | None = None
+    lease_ttl_s: Annotated[float, Field(gt=0)] = Field(
+        default=30.0, description="job lease in seconds, renewed every lease_ttl_s / 2"
+    )
+    reconcile_interval_s: Annotated[float, Field(gt=0)] = Field(
+        default=5.0, description="how often reservations leaked by a dead orchestrator are expired"
+    )
+    evict_after_missed: Annotated[int, Field(ge=1)] = Field(
+        default=3, description="heartbeat intervals a worker may miss before it is evicted"
+    )
+    store_linger_ms: Annotated[float, Field(ge=0, le=10_000)] | None = Field(
+        default=None,
+        description="how long store writes no request waits for (job rows without an "
+        "Idempotency-Key, status changes, usage, records) gather to commit together; "
+        "default: DuckDB 50, PostgreSQL 0. Longer costs less CPU; a crash loses that much",
+    )
+    journal_fsync: bool = Field(
+        default=True,
+        description="fsync the usage journal before each answer ends (grouped); false: "
+        "written but not fsynced, which survives the orchestrator's crash but not the "
+        "machine's, and spares each answer the disk's wait",
+    )
+
+
+LOOPBACK = "127.0.0.1"
 
 
 class ClusterConfig(_Strict):
-    seed: int = 0
-    region: str = "local"
-    gateway_port: Port = 8080
-    orchestrator_port: Port = 0
-    store: Annotated[str, Field(min_length=1)] | None = None
-    orchestrator: OrchestratorSettings = OrchestratorSettings()
-    workers: tuple[WorkerConfig, ...] = (
-        WorkerConfig(id="w1", region="local"),
-        WorkerConfig(id="w2", region="local"),
+    """A local cluster: what ``haif up`` starts (every key optional)."""
+
+    seed: int = Field(default=0, description="seed of the orchestrator's placement and retry draws")
+    region: str = Field(
+        default="local", description="the region of the gateway and the orchestrator"
     )
-    # A live cluster resumes interrupted responses on the next worker.
-    policy: CoreConfig = CoreConfig(resume_partial=True)
-    auth: AuthConfig = AuthConfig()
-    #: Serve the gateway over HTTPS (clients must trust the certificate).
-    gateway_tls: TlsFiles | None = None
-    #: Run the gateway inside the orchestrator's process (``haif orchestrator
-    #: --gateway-port``): no RPC hop between them, one process fewer; they
-    #: then fail and restart together.
-    colocate_gateway: bool = False
+    host: Annotated[str, Field(min_length=1)] = Field(
+        default=LOOPBACK,
+        description="address the gateway, orchestrator and workers listen on "
+        "(0.0.0.0: every interface); the control endpoint stays on 127.0.0.1",
+    )
+    gateway_port: Port = Field(default=8080, description="the client API's port")
+    orchestrator_port: Port = Field(
+        default=0, description="the orchestrator's RPC and /metrics port; 0: a free one"
+    )
+    control_port: Port = Field(
+        default=0,
+        description="the control endpoint's port (haif replay --faults, fault injection); "
+        "0: a free one",
+    )
+    store: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="the metadata store: a DuckDB file (relative to this file) or a "
+        "postgresql:// URL; default <data-dir>/store.duckdb",
+    )
+    orchestrator: OrchestratorSettings = Field(
+        default=OrchestratorSettings(), description="the orchestrator's upkeep"
+    )
+    workers: tuple[WorkerConfig, ...] = Field(
+        default=(
+            WorkerConfig(id="w1", region="local"),
+            WorkerConfig(id="w2", region="local"),
+        ),
+        description="the workers; default two synthetic workers w1 and w2 in region local",
+    )
+    policy: CoreConfig = Field(
+        default=CoreConfig(resume_partial=True),
+        description="the control core's settings, as a scenario's policy "
+        "(resume_partial defaults to true here: interrupted streams resume on the next worker)",
+    )
+    auth: AuthConfig = Field(default=AuthConfig(), description="client authentication")
+    gateway_tls: TlsFiles | None = Field(
+        default=None,
+        description="serve the gateway over HTTPS with these files (clients must trust the "
+        "certificate)",
+    )
+    colocate_gateway: bool = Field(
+        default=False,
+        description="run the gateway in the orchestrator's process (no RPC hop, one process "
+        "fewer; the two then fail and restart together)",
+    )
 
     @field_validator("store")
     @classmethod
@@ -353,11 +446,113 @@ def worker_args(w: WorkerConfig, orch_url: str, port: int, base: Path | None) ->
     ]
 
 
-def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) -> int:
+@dataclass(frozen=True)
+class UpFlags:
+    """``haif up``'s flags that override the cluster YAML (None: the YAML's value)."""
+
+    host: str | None = None
+    gateway_port: int | None = None
+    orchestrator_port: int | None = None
+    control_port: int | None = None
+    #: The first worker's port; the next workers take the ports after it.
+    worker_port: int | None = None
+    #: The store (a path here is relative to the working directory, not the YAML).
+    store: str | None = None
+
+
+def with_flags(config: ClusterConfig, flags: UpFlags) -> ClusterConfig:
+    """``config`` with the flags given applied (``ConfigError`` for a bad store URL)."""
+    update: dict[str, Any] = {
+        name: getattr(flags, name)
+        for name in ("host", "gateway_port", "orchestrator_port", "control_port")
+        if getattr(flags, name) is not None
+    }
+    if flags.store is not None:
+        from haif.runtime.store import store_backend
+
+        try:
+            store_backend(flags.store)
+        except ValueError as exc:
+            raise ConfigError(f"--store: {exc}") from None
+        update["store"] = flags.store
+    if flags.worker_port is not None:
+        last = flags.worker_port + len(config.workers) - 1
+        if last > 65535:
+            raise ConfigError(
+                f"--worker-port {flags.worker_port}: the last worker would get {last}"
+            )
+        update["workers"] = tuple(
+            w.model_copy(update={"port": flags.worker_port + i})
+            for i, w in enumerate(config.workers)
+        )
+    return config.model_copy(update=update)
+
+
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})
+
+
+def service_url(host: str, port: int, scheme: str = "http") -> str:
+    """The URL to reach a service listening on ``host`` (a wildcard: via loopback)."""
+    where = LOOPBACK if host in _WILDCARDS else host
+    if ":" in where:
+        where = f"[{where}]"
+    return f"{scheme}://{where}:{port}"
+
+
+def _check_free(host: str, port: int, what: str) -> None:
+    """``ConfigError`` naming ``what`` when ``port`` cannot be listened on."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"{what} {port} on {host}: {exc.strerror}") from None
+
+
+#: File-based service discovery for Prometheus (``file_sd_configs``), in the data dir.
+PROMETHEUS_TARGETS = "prometheus-targets.json"
+
+
+def write_prometheus_targets(path: Path, services: list[dict[str, Any]]) -> None:
+    """One target group per service (``/metrics`` of each), labelled ``component``
+    (gateway, orchestrator, worker), ``service`` (its name) and ``region``."""
+    groups = [
+        {
+            "targets": [row["url"].split("://", 1)[1]],
+            "labels": {
+                "component": row["kind"],
+                "service": row["name"],
+                "region": row["region"],
+                **({"__scheme__": "https"} if row["url"].startswith("https:") else {}),
+            },
+        }
+        for row in services
+    ]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(groups, indent=2) + "\n")
+    tmp.replace(path)  # Prometheus may read it at any time: never half-written
+
+
+def run_cluster(
+    config_path: str | None,
+    *,
+    data_dir: Path,
+    port: int | None = None,
+    flags: UpFlags | None = None,
+) -> int:
+    """``haif up``: start the cluster, run until a signal, stop it; the exit status.
+
+    ``port`` (the gateway's) and ``flags`` override the YAML.
+    """
     from haif.runtime.cluster_keys import cluster_key_args, ensure_cluster_keys
     from haif.runtime.supervisor import ControlServer, Service, Supervisor, write_state
 
+    flags = flags or UpFlags()
+    if port is not None:
+        flags = replace(flags, gateway_port=port)
     config = load_cluster(config_path) if config_path else ClusterConfig()
+    config = with_flags(config, flags)
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = data_dir / "keys"
     try:
@@ -365,10 +560,18 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     except ValueError as exc:
         print(f"error: workers: {exc}", file=sys.stderr, flush=True)
         return 1
-    store = store_url(config, config_path, data_dir)
-    gw_port = port if port is not None else config.gateway_port
+    store = store_url(config, None if flags.store else config_path, data_dir)
+    host = config.host
+    gw_port = config.gateway_port
+    for what, fixed in (
+        ("gateway_port (--port)", gw_port),
+        ("orchestrator_port (--orchestrator-port)", config.orchestrator_port),
+        *((f"workers[{w.id}].port (--worker-port)", w.port) for w in config.workers),
+    ):
+        if fixed:
+            _check_free(host, fixed, what)
     orch_port = config.orchestrator_port or free_port()
-    orch_url = f"http://127.0.0.1:{orch_port}"
+    orch_url = service_url(host, orch_port)
     base = Path(config_path).resolve().parent if config_path else None
     if config.gateway_tls is not None:
         from haif.runtime.services import server_tls
@@ -380,6 +583,12 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
     supervisor = Supervisor(logs)
+    try:
+        control = ControlServer(supervisor, port=config.control_port)
+    except OSError as exc:
+        raise ConfigError(
+            f"control_port (--control-port) {config.control_port}: {exc.strerror}"
+        ) from None
     stop = False
 
     def on_signal(_sig: int, _frame: object) -> None:
@@ -390,15 +599,18 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
     state_file = data_dir / "cluster.json"
+    targets = data_dir / PROMETHEUS_TARGETS
     try:
         scheme = "https" if config.gateway_tls is not None else "http"
-        gw_url = f"{scheme}://127.0.0.1:{gw_port}"
+        gw_url = service_url(host, gw_port, scheme)
         serving = ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
         if config.gateway_tls is not None:
             cert, key = config.gateway_tls.resolved(base)
             serving += ["--tls-cert", cert, "--tls-key", key]
-        orch_args = ["orchestrator", "--port", str(orch_port), "--store", store]
+        orch_args = ["orchestrator", "--host", host, "--port", str(orch_port), "--store", store]
         orch_args += ["--journal", str(data_dir / "journal")]
+        if not config.orchestrator.journal_fsync:
+            orch_args.append("--journal-no-fsync")
         orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
         if config_path:
             orch_args += ["--config", config_path]
@@ -407,23 +619,40 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
         supervisor.add(Service("orchestrator", "orchestrator", config.region, orch_url, orch_args))
         for w in config.workers:
             wport = w.port or free_port()
-            url = f"http://127.0.0.1:{wport}"
-            args = [*worker_args(w, orch_url, wport, base), *cluster_key_args(keys, w.id)]
+            url = service_url(host, wport)
+            args = [*worker_args(w, orch_url, wport, base), "--host", host]
+            args += cluster_key_args(keys, w.id)
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
             supervisor.add(Service(w.id, "worker", w.region, url, args, restart))
+        gateway = Service("gateway", "gateway", config.region, gw_url, [])
         if not config.colocate_gateway:
-            gw_args = ["gateway", "--port", str(gw_port), "--orchestrator", orch_url]
-            gw_args += ["--region", config.region, *serving]
+            gw_args = ["gateway", "--host", host, "--port", str(gw_port)]
+            gw_args += ["--orchestrator", orch_url, "--region", config.region, *serving]
             gw_args += ["--config", config_path] if config_path else []
             gw_args += cluster_key_args(keys, "gateway")
-            supervisor.add(Service("gateway", "gateway", config.region, gw_url, gw_args))
-        with ControlServer(supervisor) as control:
-            write_state(state_file, gateway_url=gw_url, control=control)
+            gateway.args = gw_args
+            supervisor.add(gateway)
+        with control:
+            scraped = supervisor.table()
+            if config.colocate_gateway:  # served by the orchestrator's process, on its port
+                scraped.append(gateway.row())
+            write_prometheus_targets(targets, scraped)
+            write_state(
+                state_file,
+                gateway_url=gw_url,
+                control=control,
+                orchestrator_url=orch_url,
+                store=store,
+                data_dir=str(data_dir.resolve()),
+                keys=str(keys.resolve()),
+                prometheus_targets=str(targets.resolve()),
+            )
             print(
                 f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
                 f"{len(config.workers)} workers); logs in {logs}; "
-                f"control {control.url} (token in {state_file}); Ctrl-C to stop",
+                f"control {control.url} (token in {state_file}); "
+                f"Prometheus targets in {targets}; Ctrl-C to stop",
                 flush=True,
             )
             while not stop:
@@ -442,6 +671,8 @@ def run_cluster(config_path: str | None, *, data_dir: Path, port: int | None) ->
         return_code = 0
     finally:
         state_file.unlink(missing_ok=True)
+        targets.unlink(missing_ok=True)
+        control.close()
         # Gateway first (it drains in-flight streams), then workers, then the
         # orchestrator, so nothing still running loses the service behind it.
         supervisor.shutdown(("gateway", "worker", "orchestrator"), GATEWAY_SHUTDOWN_S + 5)

@@ -4,18 +4,19 @@ A request the control core gave up on (``DeadLetter``: its retries were
 exhausted) is parked in the metadata store with the request as the caller
 sent it and the reason. Commands::
 
-    haif dlq list [--store PATH_OR_URL | --orchestrator URL] [--json]
-    haif dlq show ID [--store PATH_OR_URL | --orchestrator URL] [--json]
-    haif dlq replay ID --orchestrator URL [--timeout-s 300]
+    haif dlq list [--data-dir .haif | --store PATH_OR_URL | --orchestrator URL] [--json]
+    haif dlq show ID [--data-dir .haif | --store PATH_OR_URL | --orchestrator URL] [--json]
+    haif dlq replay ID [--data-dir .haif | --orchestrator URL] [--timeout-s 300]
 
-``list`` and ``show`` read the store directly (``--store``: a DuckDB file or
-a ``postgresql://`` URL; default ``.haif/store.duckdb``) or ask a running
-orchestrator (``--orchestrator``, the URL ``haif up`` prints). DuckDB allows
-one process per file, so while a cluster runs on a DuckDB store, ask its
-orchestrator; a PostgreSQL store can be read at any time. Calls to a keyed
-orchestrator are sealed with ``--cluster-key`` / ``--cluster-keyring``, or by
-default with the ``admin`` key ``haif up --data-dir .haif`` makes
-(``.haif/keys/admin.key``).
+By default they ask the orchestrator of the ``haif up --data-dir .haif``
+that is running (its address is in ``.haif/cluster.json``; calls are sealed
+with the cluster's ``admin`` key, ``.haif/keys/admin.key``), and ``list`` /
+``show`` read ``.haif/store.duckdb`` when no cluster runs
+(:mod:`haif.runtime.cluster_access`). ``--orchestrator URL`` asks another
+orchestrator (sealed with ``--cluster-key`` / ``--cluster-keyring``), and
+``--store`` (a DuckDB file or a ``postgresql://`` URL) reads a store
+directly: DuckDB allows one process per file, so not one a cluster runs
+on; a PostgreSQL store can be read at any time.
 
 ``replay`` asks the orchestrator (RPC ``dlq_replay``) to resubmit the stored
 request through the normal path — same tenant and body, every decision the
@@ -42,16 +43,13 @@ from typing import Any
 
 from haif.configfile import ConfigError
 from haif.contracts import Request
-from haif.runtime.cluster_keys import add_cluster_auth_args, cluster_auth_from_args
+from haif.runtime.cluster_access import Target, add_target_args, call, resolve
 from haif.runtime.messages import SubmitReply
-from haif.runtime.security import Signer
 
 DEFAULT_STORE = ".haif/store.duckdb"
-#: The operator key `haif up --data-dir .haif` makes (see haif.runtime.cluster_keys).
-DEFAULT_ADMIN_KEY = ".haif/keys/admin.key"
 _LOCK_HINT = (
     "DuckDB allows one process per file: while a cluster runs on it, ask its "
-    "orchestrator instead with --orchestrator URL (the URL `haif up` prints)"
+    "orchestrator instead (the default while `haif up --data-dir` runs, or --orchestrator URL)"
 )
 
 
@@ -64,19 +62,8 @@ def add_dlq_commands(subparsers: Any) -> None:
     dlq = subparsers.add_parser("dlq", help="inspect and replay dead-lettered requests")
     sub = dlq.add_subparsers(dest="dlq_command", required=True)
 
-    def source(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--store",
-            default=None,
-            help=f"DuckDB file or postgresql:// URL (default {DEFAULT_STORE})",
-        )
-        p.add_argument(
-            "--orchestrator",
-            default=None,
-            metavar="URL",
-            help="ask a running orchestrator instead of opening the store",
-        )
-        add_cluster_auth_args(p)
+    def source(p: argparse.ArgumentParser, *, store: bool = True) -> None:
+        add_target_args(p, store=store)
 
     lst = sub.add_parser("list", help="list the dead letters, oldest first")
     source(lst)
@@ -91,9 +78,7 @@ def add_dlq_commands(subparsers: Any) -> None:
 
     replay = sub.add_parser("replay", help="resubmit a dead letter; remove it if it succeeds")
     replay.add_argument("request_id")
-    replay.add_argument(
-        "--orchestrator", required=True, metavar="URL", help="the cluster's orchestrator"
-    )
+    source(replay, store=False)
     replay.add_argument(
         "--timeout-s", type=float, default=300.0, help="give up waiting after (default 300)"
     )
@@ -122,12 +107,11 @@ def run_dlq(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------ sources
 
 
-async def _from_store(args: argparse.Namespace, request_id: str | None) -> Any:
+async def _from_store(url: str, request_id: str | None) -> Any:
     from haif.runtime.dead_letters import view
     from haif.runtime.services import store_error
     from haif.runtime.store import open_store, store_backend
 
-    url = args.store or DEFAULT_STORE
     backend, target = store_backend(url) if "://" in url else ("duckdb", url)
     if backend == "duckdb" and target != ":memory:" and not Path(target).exists():
         raise ConfigError(f"no store at {target} (--store: a DuckDB file or postgresql:// URL)")
@@ -146,63 +130,59 @@ async def _from_store(args: argparse.Namespace, request_id: str | None) -> Any:
         await store.close()
 
 
-def _signer(args: argparse.Namespace) -> Signer | None:
-    """The key that seals calls to a keyed orchestrator: the flags, else ``haif up``'s admin key."""
-    auth = cluster_auth_from_args(args)
-    if auth is not None:
-        return auth.signer
-    default = Path(DEFAULT_ADMIN_KEY)
-    return Signer.from_file(default) if default.exists() else None
+async def _call(target: Target, method: str, body: Any, timeout_s: float = 30.0) -> Any:
+    from haif.runtime.rpc import RpcError, RpcUnavailable
 
-
-async def _call(args: argparse.Namespace, method: str, body: Any, timeout_s: float = 30.0) -> Any:
-    import aiohttp
-
-    from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient, RpcError, RpcUnavailable
-
-    url = args.orchestrator
-    signer = _signer(args)
-    async with aiohttp.ClientSession() as session:
-        client = RpcClient(session, url, timeout_s, signer=signer, audience=ORCHESTRATOR_AUDIENCE)
-        try:
-            return await client.call(method, body)
-        except RpcUnavailable as exc:
-            raise ConfigError(f"orchestrator {url} unavailable: {exc}") from None
-        except RpcError as exc:
-            if exc.code == "not_found":
-                raise DlqNotFound(exc.message) from None
-            if exc.code == "unknown_method":
-                raise ConfigError(
-                    f"{url} does not serve the dead-letter queue (not an orchestrator?)"
-                ) from None
-            raise ConfigError(f"orchestrator {url}: {exc}") from None
+    url = target.orchestrator
+    if url is None:
+        raise ConfigError(
+            f"{method.replace('_', ' ')} needs a running orchestrator: start the cluster "
+            "(haif up) or give --orchestrator URL"
+        )
+    try:
+        return await call(target, method, body, timeout_s)
+    except RpcUnavailable as exc:
+        raise ConfigError(f"orchestrator {url} unavailable: {exc}") from None
+    except RpcError as exc:
+        if exc.code == "not_found":
+            raise DlqNotFound(exc.message) from None
+        if exc.code == "unknown_method":
+            raise ConfigError(
+                f"{url} does not serve the dead-letter queue (not an orchestrator?)"
+            ) from None
+        raise ConfigError(f"orchestrator {url}: {exc}") from None
 
 
 async def _list(args: argparse.Namespace) -> list[dict[str, Any]]:
-    if args.orchestrator:
-        rows = await _call(args, "dlq_list", None)
+    target = resolve(args)
+    if target.orchestrator:
+        rows = await _call(target, "dlq_list", None)
         if not isinstance(rows, list):
-            raise ConfigError(f"orchestrator {args.orchestrator}: bad dlq_list reply")
+            raise ConfigError(f"orchestrator {target.orchestrator}: bad dlq_list reply")
         return [r for r in rows if isinstance(r, dict)]
-    rows = await _from_store(args, None)
+    assert target.store is not None
+    rows = await _from_store(target.store, None)
     assert isinstance(rows, list)
     return rows
 
 
 async def _show(args: argparse.Namespace) -> dict[str, Any]:
-    if args.orchestrator:
-        row = await _call(args, "dlq_show", args.request_id)
+    target = resolve(args)
+    if target.orchestrator:
+        row = await _call(target, "dlq_show", args.request_id)
     else:
-        row = await _from_store(args, args.request_id)
+        assert target.store is not None
+        row = await _from_store(target.store, args.request_id)
     if not isinstance(row, dict):
         raise ConfigError("bad dlq_show reply")
     return row
 
 
 async def _replay(args: argparse.Namespace) -> dict[str, Any]:
-    answer = await _call(args, "dlq_replay", args.request_id, args.timeout_s)
+    target = resolve(args)
+    answer = await _call(target, "dlq_replay", args.request_id, args.timeout_s)
     if not isinstance(answer, dict) or not isinstance(answer.get("reply"), SubmitReply):
-        raise ConfigError(f"orchestrator {args.orchestrator}: bad dlq_replay reply")
+        raise ConfigError(f"orchestrator {target.orchestrator}: bad dlq_replay reply")
     return answer
 
 

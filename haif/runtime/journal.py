@@ -96,9 +96,18 @@ class _Segment:
 class Journal:
     """Append settlements durably; forget them once the store has them."""
 
-    def __init__(self, directory: str | Path, *, segment_entries: int = SEGMENT_ENTRIES) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        segment_entries: int = SEGMENT_ENTRIES,
+        fsync: bool = True,
+    ) -> None:
         self.directory = Path(directory)
         self.segment_entries = segment_entries
+        #: False: written (the page cache survives the process's crash, not the
+        #: machine's) but not fsynced: no device wait on the answer's path.
+        self.fsync = fsync
         self._segments: dict[int, _Segment] = {}
         self._active: int | None = None
         self._file: int | None = None  # the active segment's descriptor
@@ -161,12 +170,17 @@ class Journal:
         segment = self._active
         seg = self._segments[segment]
         seg.entries += 1
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(future)
+        future: asyncio.Future[None] | None = None
+        if self.fsync:
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.append(future)
+        else:
+            self.appended += 1  # written at once, in order: nothing to wait for
         self._buffer_entry(settlement)
         if seg.entries >= self.segment_entries:
             self._roll(segment + 1)  # later appends go to the next segment
-        await future
+        if future is not None:
+            await future
         return segment
 
     def delivered(self, job_id: str) -> None:
@@ -175,7 +189,11 @@ class Journal:
 
     def _buffer_entry(self, entry: Settlement | Delivered) -> None:
         body = encode(entry)
-        self._buffer.append(_HEADER.pack(len(body), zlib.crc32(body)) + body)
+        framed = _HEADER.pack(len(body), zlib.crc32(body)) + body
+        if not self.fsync and self._file is not None:
+            _write_sync(self._file, framed, False)  # a write(2): the page cache has it
+            return
+        self._buffer.append(framed)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
@@ -188,7 +206,10 @@ class Journal:
             fd = self._file
             try:
                 assert fd is not None
-                await asyncio.to_thread(_write_sync, fd, data)
+                if self.fsync:
+                    await asyncio.to_thread(_write_sync, fd, data, True)
+                else:
+                    _write_sync(fd, data, False)
             except BaseException as exc:
                 for w in waiters:
                     if not w.done():
@@ -254,12 +275,13 @@ class Journal:
             seg.path.unlink(missing_ok=True)
 
 
-def _write_sync(fd: int, data: bytes) -> None:
+def _write_sync(fd: int, data: bytes, sync: bool) -> None:
     view = memoryview(data)
     while view:
         written = os.write(fd, view)
         view = view[written:]
-    os.fdatasync(fd)
+    if sync:
+        os.fdatasync(fd)
 
 
 def _read(path: Path) -> list[Settlement | Delivered]:

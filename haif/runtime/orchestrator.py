@@ -157,7 +157,7 @@ from haif.control.presence import (
     PresenceConfig,
     Rejoined,
 )
-from haif.runtime import telemetry
+from haif.runtime import api_keys, telemetry
 from haif.runtime.attempts import Attempts
 from haif.runtime.cluster_keys import ClusterAuth
 from haif.runtime.dead_letters import DeadLetters
@@ -752,6 +752,7 @@ def rpc_methods(orch: Orchestrator) -> tuple[dict[str, Handler], dict[str, Strea
         "dlq_list": orch.rpc_dlq_list,
         "dlq_show": orch.rpc_dlq_show,
         "dlq_replay": orch.rpc_dlq_replay,
+        **api_keys.rpc_methods(orch.store),
     }
     return unary, {"submit_stream": orch.rpc_submit_stream}
 

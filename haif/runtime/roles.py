@@ -17,6 +17,7 @@ orchestrator:
 ``heartbeat``          worker (and only as itself: the orchestrator checks the id)
 ``status``             gateway, admin
 ``dlq_*``              admin
+``keys_*``             admin
 worker:
 ``infer``,             orchestrator
 ``infer_stream``
@@ -52,6 +53,9 @@ ORCHESTRATOR_METHODS: Mapping[str, frozenset[Role]] = {
     "dlq_list": frozenset({_ADMIN}),
     "dlq_show": frozenset({_ADMIN}),
     "dlq_replay": frozenset({_ADMIN}),
+    "keys_add": frozenset({_ADMIN}),
+    "keys_list": frozenset({_ADMIN}),
+    "keys_revoke": frozenset({_ADMIN}),
 }
 
 WORKER_METHODS: Mapping[str, frozenset[Role]] = {

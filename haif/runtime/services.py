@@ -10,12 +10,9 @@ seal every RPC a service sends and refuse every RPC it receives that is not
 sealed by a trusted key (:mod:`haif.runtime.cluster_keys`); without them RPC
 is unauthenticated.
 
-``haif keys add --tenant T [--name N] --store PATH`` creates an API key,
-stores only its SHA-256 digest with the tenant and prints the key once;
-``haif keys revoke KEY --store PATH`` revokes it. ``--store`` is the
-orchestrator's store: a DuckDB file (``<data-dir>/store.duckdb`` of
-``haif up``; DuckDB allows one process per file, so run these while the
-cluster is down) or a ``postgresql://`` URL.
+:func:`add_key` and :func:`revoke_key` change API keys straight in a store
+(tests and scripts); ``haif keys`` (:mod:`haif.runtime.api_keys`) also
+reaches a running cluster through its orchestrator.
 """
 
 from __future__ import annotations
@@ -206,7 +203,11 @@ async def _orchestrator_app(
         default_heartbeat_s=max((w.heartbeat_s for w in cluster.workers), default=0.5),
         cluster_auth=cluster_auth,
         region=cluster.region,
-        journal=Journal(args.journal) if getattr(args, "journal", None) else None,
+        journal=(
+            Journal(args.journal, fsync=not getattr(args, "journal_no_fsync", False))
+            if getattr(args, "journal", None)
+            else None
+        ),
     )
     return orchestrator.build_app(orch)
 

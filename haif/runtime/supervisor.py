@@ -211,9 +211,13 @@ class Supervisor:
 
 
 class ControlServer:
-    """The control endpoint of :class:`Supervisor` (a thread serving 127.0.0.1)."""
+    """The control endpoint of :class:`Supervisor` (a thread serving 127.0.0.1).
 
-    def __init__(self, supervisor: Supervisor, token: str | None = None) -> None:
+    It binds ``port`` (0: a free one) when made (``OSError`` if it cannot) and
+    serves from ``with`` (or :meth:`start`) until :meth:`close`.
+    """
+
+    def __init__(self, supervisor: Supervisor, token: str | None = None, port: int = 0) -> None:
         self.supervisor = supervisor
         self.token = token or secrets.token_urlsafe(24)
         server = self
@@ -262,28 +266,44 @@ class ControlServer:
                 else:
                     self._reply(200, row)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._closed = False
+
+    def start(self) -> None:
+        if not self._thread.is_alive() and not self._closed:
+            self._thread.start()
+
+    def close(self) -> None:
+        """Stop serving and release the port (again: nothing)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread.is_alive():
+            self._httpd.shutdown()
+        self._httpd.server_close()
 
     def __enter__(self) -> ControlServer:
-        self._thread.start()
+        self.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self.close()
 
 
-def write_state(path: Path, *, gateway_url: str, control: ControlServer) -> None:
-    """``cluster.json``: where the gateway and the control endpoint are, and its token."""
+def write_state(path: Path, *, gateway_url: str, control: ControlServer, **more: str) -> None:
+    """``cluster.json``: where the gateway and the control endpoint are, and its token;
+    ``more``: what else tools need to find (``haif up`` adds ``orchestrator_url``,
+    ``store``, ``data_dir``, ``keys`` and ``prometheus_targets``)."""
     state = {
         "gateway_url": gateway_url,
         "control_url": control.url,
         "control_token": control.token,
         "pid": os.getpid(),
         "services": control.supervisor.table(),
+        **more,
     }
     path.touch(mode=0o600, exist_ok=True)
     path.chmod(0o600)
@@ -303,4 +323,29 @@ def read_state(data_dir: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read the cluster state: {exc}") from None
     if not isinstance(state, dict) or "control_url" not in state:
         raise ConfigError(f"{path}: not a haif cluster state file")
+    return state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def running_state(data_dir: str | Path) -> dict[str, Any] | None:
+    """The ``cluster.json`` of a ``haif up --data-dir DATA_DIR`` still running, or None
+    (no file, an unreadable one, or one left behind by a ``haif up`` that died)."""
+    if not (Path(data_dir) / STATE_FILE).exists():
+        return None
+    try:
+        state = read_state(data_dir)
+    except ConfigError:
+        return None
+    pid = state.get("pid")
+    if not isinstance(pid, int) or not _alive(pid):
+        return None
     return state

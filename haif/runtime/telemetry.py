@@ -29,17 +29,27 @@ without it the OpenTelemetry API is a no-op and nothing is recorded.
 Metrics
 -------
 Each app has its own ``prometheus_client.CollectorRegistry``, served as
-Prometheus text at ``GET /metrics``.
+Prometheus text at ``GET /metrics``; no ``_created`` series
+(``disable_created_metrics``). ``model`` labels carry only models the core
+answered for (``unknown`` for one it did not know) and ``tenant`` labels the
+credential's tenant, each bounded (:data:`MAX_MODEL_LABELS`,
+:data:`MAX_TENANT_LABELS`; beyond them ``other``), so no client can grow the
+series. ``monitoring/`` has a Grafana dashboard and alert rules over these.
 
 Gateway (:class:`GatewayMetrics`):
 
-- ``haif_gateway_requests_total{route,method,status}`` (counter)
-- ``haif_gateway_request_duration_seconds{route}`` (histogram, until the
-  response is complete, streams included)
-- ``haif_gateway_ttft_seconds{stream}`` (histogram: request arrival to the
-  first token frame from the orchestrator)
-- ``haif_gateway_inter_token_seconds`` (histogram, streaming requests: gap
-  between token frames divided by the tokens in the frame)
+- ``haif_gateway_requests_total{route,method,status,model}`` (counter)
+- ``haif_gateway_request_duration_seconds{route,model}`` (histogram, until
+  the response is complete, streams included)
+- ``haif_gateway_ttft_seconds{model,stream}`` (histogram: request arrival to
+  the first token frame from the orchestrator)
+- ``haif_gateway_inter_token_seconds{model}`` (histogram, streaming
+  requests: gap between token frames divided by the tokens in the frame)
+- ``haif_gateway_completions_total{model,tenant,outcome}`` (counter: the
+  core's answers by the record's status: ok, failed, timeout, rejected,
+  cancelled)
+- ``haif_gateway_prompt_tokens_total{model,tenant}``,
+  ``haif_gateway_completion_tokens_total{model,tenant}`` (counters)
 - ``haif_gateway_in_flight_requests`` (gauge)
 - ``haif_gateway_open_connections`` (gauge: client connections open) and
   ``haif_gateway_connections_refused_total`` (counter: connections refused
@@ -47,11 +57,13 @@ Gateway (:class:`GatewayMetrics`):
 
 Orchestrator (:class:`OrchestratorMetrics`):
 
-- ``haif_orchestrator_decisions_total{type}`` (counter: ``Dispatch``,
+- ``haif_orchestrator_decisions_total{type,model}`` (counter: ``Dispatch``,
   ``Reject``, ``RetryAt``, ``Cancel``, ``DeadLetter``, ``Finalize``)
 - ``haif_orchestrator_retries_total`` (counter: dispatches of attempt > 1)
 - ``haif_orchestrator_dead_letters_total`` (counter)
+- ``haif_orchestrator_cancelled_total`` (counter: every caller left)
 - ``haif_orchestrator_dlq_size`` (gauge, read from the store at scrape time)
+  and ``haif_orchestrator_store_up`` (gauge: 1 when that read succeeded)
 - ``haif_orchestrator_in_flight_requests`` (gauge: admitted, not finalized)
 - ``haif_orchestrator_worker_outstanding{worker}`` (gauge: the core's
   attempts in flight per worker)
@@ -59,6 +71,9 @@ Orchestrator (:class:`OrchestratorMetrics`):
   ``haif_orchestrator_worker_running{worker}`` (gauges: last heartbeat)
 - ``haif_orchestrator_worker_breaker_state{worker}`` (gauge: 0 closed,
   1 half-open, 2 open)
+- ``haif_orchestrator_worker_cpu_percent{worker,scope}``,
+  ``_memory_bytes{worker,kind}``, ``_gpu_utilization_percent{worker,gpu}``,
+  ``_gpu_memory_bytes{worker,gpu,kind}`` (gauges: last heartbeat)
 - ``haif_orchestrator_fresh_workers``, ``haif_orchestrator_stale_workers``
   (gauges), ``haif_orchestrator_evictions_total`` (counter)
 
@@ -66,8 +81,11 @@ Worker (:class:`WorkerMetrics`):
 
 - ``haif_worker_running``, ``haif_worker_waiting``, ``haif_worker_capacity``
   (gauges)
-- ``haif_worker_tokens_generated_total`` (counter)
-- ``haif_worker_generations_total{outcome}`` (counter: ``ok``, ``error``)
+- ``haif_worker_prompt_tokens_total{model}`` and
+  ``haif_worker_generation_tokens_total{model}`` (counters, as vLLM's
+  ``vllm:prompt_tokens_total`` / ``vllm:generation_tokens_total``), and
+  ``haif_worker_tokens_generated_total`` (their sum over models)
+- ``haif_worker_generations_total{outcome,model}`` (counter: ``ok``, ``error``)
 
 Logs
 ----
@@ -78,6 +96,15 @@ Logs
 current, and ``exc_info`` when there is an exception. The default stays the
 text format (``<time> <service> <LEVEL> <logger>: <message>``) so that
 ``haif up`` logs read as before.
+
+The gateway logs one line per request (logger ``haif.gateway.requests``,
+:func:`log_request`) instead of aiohttp's access lines: ``request_id``,
+``method``, ``route``, ``status``, ``tenant``, ``model``, ``stream``,
+``worker``, ``outcome``, ``attempts``, ``ttft_s``, ``latency_s``,
+``prompt_tokens``, ``completion_tokens``, ``error`` and ``trace_id``, those
+known, as logfmt ``key=value`` (a value with spaces or quotes is a JSON
+string) or, in JSON, as keys of the object. Probes and scrapes only at DEBUG.
+aiohttp's access lines appear in every service only at DEBUG.
 
 Environment variables
 ---------------------
@@ -482,6 +509,8 @@ class GatewayMetrics:
             return
         model, tenant = self.model(info), self.tenant_label(info.tenant)
         self.completions.labels(model, tenant, info.outcome).inc()
+        if info.outcome == "rejected":  # refused before it ran: no tokens were processed
+            return
         if info.prompt_tokens:
             self.prompt_tokens.labels(model, tenant).inc(info.prompt_tokens)
         if info.completion_tokens:
@@ -801,6 +830,8 @@ _PLAIN_VALUE = re.compile(r"[\x21-\x7e]{1,200}")
 
 def _logfmt(value: object) -> str:
     """A value as logfmt writes it: bare when it is plain, else a JSON string."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         return f"{value:.6f}".rstrip("0").rstrip(".") if value else "0"
     text = str(value)

@@ -214,6 +214,7 @@ class Worker:
             },
         )
         outcome = "error"
+        self.metrics.prompt_tokens.labels(request.model).inc(request.prompt_tokens)
         try:
             started = loop.time()
             async for chunk in self.engine.stream(request, call.resume_tokens):
@@ -221,7 +222,7 @@ class Worker:
                     first = loop.time()
                     span.add_event("first_token")
                 produced = max(produced, chunk.start + len(chunk.texts))
-                self.metrics.tokens.inc(len(chunk.texts))
+                self.metrics.generated(request.model, len(chunk.texts))
                 yield chunk
             finished = loop.time()
             outcome = "ok"
@@ -229,7 +230,7 @@ class Worker:
             self._running -= 1
             if slots is not None:
                 slots.release()
-            self.metrics.generations.labels(outcome).inc()
+            self.metrics.generations.labels(outcome, request.model).inc()
             span.set_attribute("haif.output_tokens", produced)
             if outcome != "ok":
                 span.set_status(StatusCode.ERROR, "generation did not complete")

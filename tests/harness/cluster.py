@@ -243,6 +243,7 @@ class LiveCluster:
         self.orch_url = ""
         self.url = ""
         self.gateway_runner: web.AppRunner | None = None
+        self.gateway: Gateway | None = None  # the last one added
 
     async def _serve(self, app: web.Application, shutdown_timeout: float = 1.0) -> str:
         runner, url = await serve(app, shutdown_timeout=shutdown_timeout)
@@ -280,6 +281,7 @@ class LiveCluster:
             assert self.orch is not None
             local = LocalClient(*orchestrator_mod.rpc_methods(self.orch), timeout_s=30.0)
         gw = Gateway(self.orch_url, "local", auth=self.auth, idle_timeout_s=5.0, local=local)
+        self.gateway = gw
         url = await self._serve(gateway_mod.build_app(gw), shutdown_timeout)
         self.gateway_runner = self.runners[-1]
         return url

@@ -110,6 +110,17 @@ class DeadLetterRow:
     created_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class ApiKeyRow:
+    """An API key as the store keeps it: its SHA-256 digest, never the key."""
+
+    key_hash: str
+    tenant: str
+    name: str
+    created_s: float
+    revoked: bool
+
+
 class Quota(NamedTuple):
     """A tenant's limits; ``None`` means unlimited."""
 
@@ -443,6 +454,9 @@ SELECT_TENANT_FOR_KEY = "SELECT tenant FROM api_keys WHERE key_hash = $1 AND NOT
 REVOKE_API_KEY = (
     "UPDATE api_keys SET revoked = TRUE WHERE key_hash = $1 AND NOT revoked RETURNING key_hash"
 )
+SELECT_API_KEYS = (
+    "SELECT key_hash, tenant, name, created_s, revoked FROM api_keys ORDER BY created_s, key_hash"
+)
 
 UPSERT_WORKER = (
     "INSERT INTO workers (worker_id, region, gpu_class, url, snapshot, last_seen_s) "
@@ -737,6 +751,10 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def revoke_api_key(self, key_hash: str) -> bool:
         """True if an active key was revoked by this call."""
+
+    async def list_api_keys(self) -> list[ApiKeyRow]:
+        """Every key (its digest, never the key), oldest first, revoked ones included."""
+        raise NotImplementedError(f"{type(self).__name__} cannot list API keys")
 
     # ------------------------------------------------------------ workers
 

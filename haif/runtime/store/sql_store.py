@@ -554,6 +554,12 @@ class SqlStore(MetadataStore):
     async def revoke_api_key(self, key_hash: str) -> bool:
         return await self._fetchrow(base.REVOKE_API_KEY, [key_hash]) is not None
 
+    async def list_api_keys(self) -> list[base.ApiKeyRow]:
+        return [
+            base.ApiKeyRow(str(r[0]), str(r[1]), str(r[2]), float(r[3]), bool(r[4]))
+            for r in await self._fetch(base.SELECT_API_KEYS)
+        ]
+
     # ------------------------------------------------------------ workers
 
     async def upsert_worker(self, snapshot: WorkerSnapshot, url: str, now: float) -> None:

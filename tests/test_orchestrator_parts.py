@@ -290,6 +290,37 @@ async def test_a_request_without_a_key_runs_at_once_and_its_row_follows(
     assert harness.res.job_id("r1") == "r1"
 
 
+async def test_a_reserve_retried_after_its_commit_keeps_its_own_id(harness: Harness) -> None:
+    """The first try commits, then its answer is lost (the connection died)."""
+    real_reserve = harness.store.reserve
+    tries = 0
+
+    async def commit_then_lose(job: JobRow, now: float) -> Any:
+        nonlocal tries
+        tries += 1
+        reservation = await real_reserve(job, now)
+        if tries == 1:
+            raise ConnectionError("connection was closed in the middle of operation")
+        return reservation
+
+    harness.store.reserve = commit_then_lose  # type: ignore[method-assign]
+    harness.writes = harness.res._writes = WriteQueue(retry_first_s=0.001)
+    entered = await harness.res.enter(_request())
+    assert isinstance(entered, Pending)
+    await harness.writes.close(5.0)
+    assert tries == 2 and harness.res.job_id("r1") == "r1"  # its own row, not renamed
+    job = await harness.store.get_job("r1")
+    assert job is not None and job.status == "reserved" and job.tenant == "acme"
+    # A later request reusing the id (same body, no key) still gets a fresh row.
+    del harness.running["r1"]
+    harness.res.forget("r1")
+    harness.clock.t += 1.0
+    again = await harness.res.enter(_request())
+    assert isinstance(again, Pending)
+    await harness.writes.close(5.0)
+    assert harness.res.job_id("r1").startswith("r1~")
+
+
 async def test_a_store_that_is_down_is_an_rpc_error(harness: Harness) -> None:
     await harness.store.close()
     with pytest.raises(RpcError) as err:

@@ -98,6 +98,22 @@ def _held(job: JobRow) -> Held:
     return Held(job.tenant, job.idempotency_key, job.status)
 
 
+def _own_row(row: JobRow, stored: JobRow, stamp: float) -> bool:
+    """Is ``stored`` the row an earlier try of this very reserve wrote?
+
+    Same id, tenant, body and no key, still reserved, stamped with this
+    reserve's own time: a retry after a commit whose answer was lost.
+    """
+    return (
+        stored.request_id == row.request_id
+        and stored.tenant == row.tenant
+        and stored.idempotency_key is None
+        and stored.body_hash == row.body_hash
+        and stored.status == "reserved"
+        and stored.created_s == stamp
+    )
+
+
 class Reservations:
     """Reserve each request's job row; run, attach, replay or wait as :func:`next_step` says."""
 
@@ -233,15 +249,18 @@ class Reservations:
         """
         rid = body.request_id
         claim = Claim(body.tenant, None, digest)
+        # One stamp for every try: a retried write whose first try did commit
+        # (the connection died before its answer) finds its own row by it.
+        stamp = self.wall()
 
         async def reserve() -> None:
             job_id = rid
             for _ in range(_ROUNDS):
-                now = self.wall()
-                row = JobRow(job_id, body.tenant, None, digest, expires_s=now + self.lease_ttl_s)
-                reservation = await self.store.reserve(row, now)
+                expires = self.wall() + self.lease_ttl_s
+                row = JobRow(job_id, body.tenant, None, digest, expires_s=expires)
+                reservation = await self.store.reserve(row, stamp)
                 step = next_step(claim, reservation.outcome, _held(reservation.job), False)
-                if step is Next.RUN:
+                if step is Next.RUN or _own_row(row, reservation.job, stamp):
                     if job_id != rid:
                         self._job_ids[rid] = job_id
                     return

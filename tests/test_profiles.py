@@ -139,7 +139,7 @@ def test_fit_coefficients_reproduces_packaged_numbers(gpu: str) -> None:
 
 
 def test_splitwise_reference_points() -> None:
-    # README example medians: batch 1, prompt 1024 -> A100 154.5 / 45.0 ms, H100 77.9 / 29.7 ms.
+    # Shipped medians: batch 1, prompt 1024 -> A100 154.5 / 45.0 ms, H100 77.9 / 29.7 ms.
     cat = load_catalog()
     for gpu, prompt_ms, token_ms in (("A100-80G", 154.5, 45.0), ("H100-80G", 77.9, 29.7)):
         p = cat.get(gpu, "llama-2-70b")

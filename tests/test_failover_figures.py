@@ -1,8 +1,8 @@
-"""The README's failover tables are what `make sim` computes.
+"""The simulator guide's failover tables are what `make sim` computes.
 
-The figures in "What the failover scenario shows" are typed into the README;
+The figures in "What the failover scenario shows" (docs/simulator.md) are typed in;
 this test reruns the scenario (seed 42, the shipped file) and requires every
-row to match, so a model change that moves them fails here until the README
+row to match, so a model change that moves them fails here until the page
 is updated with the new figures (the failure message prints the rows).
 """
 
@@ -27,7 +27,7 @@ def _ms(s: float) -> str:
 
 
 def _rows(summary: dict[str, Any]) -> list[str]:
-    """The README's rows, formatted from a run's summary."""
+    """The page's rows, formatted from a run's summary."""
     rows = [
         f"| requests / success rate | {summary['requests']:,} / "
         f"{summary['success_rate'] * 100:.2f} % |",
@@ -39,7 +39,7 @@ def _rows(summary: dict[str, Any]) -> list[str]:
         f"| retried / dead-lettered | {summary['retried']} / {summary['dead_letters']} |",
         f"| mean GPU utilization | {summary['gpu_utilization'] * 100:.0f} % |",
     ]
-    dash = "\N{EN DASH}"  # as the README writes ranges
+    dash = "\N{EN DASH}"  # as the page writes ranges
     spans = {"before": f"0{dash}1200 s", "during": f"1200{dash}2100 s", "after": f"2100 s{dash}"}
     for phase, span in spans.items():
         lat = summary["latency_by_phase"][phase]
@@ -52,9 +52,9 @@ def _rows(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
-def test_the_readme_failover_tables_match_a_fresh_run(tmp_path: Path) -> None:
+def test_the_failover_tables_match_a_fresh_run(tmp_path: Path) -> None:
     scenario = load_scenario(ROOT / "scenarios" / "failover.yaml")
     summary = write_report(run_scenario(scenario), tmp_path, plots=False)
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    stale = [row for row in _rows(summary) if row not in readme]
-    assert not stale, "README rows to update:\n" + "\n".join(stale)
+    page = (ROOT / "docs" / "simulator.md").read_text(encoding="utf-8")
+    stale = [row for row in _rows(summary) if row not in page]
+    assert not stale, "docs/simulator.md rows to update:\n" + "\n".join(stale)

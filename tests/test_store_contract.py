@@ -806,3 +806,63 @@ async def test_linger_is_set_per_store_and_by_the_cluster_yaml(
     config.write_text("orchestrator: {store_linger_ms: -1}\n")
     with pytest.raises(ConfigError, match="store_linger_ms"):
         load_cluster(config)
+
+
+# -------------------------------------------------------------- leadership
+
+
+async def test_leadership_lease_and_epochs(store: MetadataStore) -> None:
+    assert await store.leadership("orch") is None
+    assert await store.acquire_leadership("orch", "a", now=0.0, expires_s=2.0) == 1
+    assert await store.acquire_leadership("orch", "b", now=1.0, expires_s=3.0) is None  # a's
+    assert await store.acquire_leadership("orch", "a", now=1.5, expires_s=3.5) == 1  # renewed
+    assert await store.leadership("orch") == ("a", 1, 3.5)
+    assert await store.acquire_leadership("orch", "b", now=3.5, expires_s=5.5) == 2  # lapsed
+    assert await store.acquire_leadership("orch", "a", now=4.0, expires_s=6.0) is None
+    # A clean stop hands over at once, under the next epoch.
+    assert not await store.release_leadership("orch", "a", now=4.0)  # not a's any more
+    assert await store.release_leadership("orch", "b", now=4.0)
+    assert await store.acquire_leadership("orch", "a", now=4.0, expires_s=6.0) == 3
+    assert await store.acquire_leadership("other", "b", now=4.0, expires_s=6.0) == 1
+
+
+async def test_only_one_of_concurrent_claimants_leads(store: MetadataStore) -> None:
+    epochs = await asyncio.gather(
+        *(store.acquire_leadership("orch", f"h{i}", now=0.0, expires_s=5.0) for i in range(6))
+    )
+    assert sorted(e for e in epochs if e is not None) == [1]
+
+
+async def test_a_new_leader_expires_the_open_jobs_of_older_epochs(store: MetadataStore) -> None:
+    await store.reserve(dataclasses.replace(_job("old", key="k1"), epoch=1), now=0.0)
+    await store.reserve(dataclasses.replace(_job("none", key=None), epoch=None), now=0.0)
+    await store.reserve(dataclasses.replace(_job("done", key="k2"), epoch=1), now=0.0)
+    await store.reserve(dataclasses.replace(_job("mine", key="k3"), epoch=2), now=0.0)
+    assert await store.finalize("done", _record("done", 0.0), b"ok", now=0.5)
+    assert await store.expire_jobs_before_epoch(2, now=1.0) == ["none", "old"]
+    assert await store.expire_jobs_before_epoch(2, now=1.0) == []
+    mine = await store.get_job("mine")
+    assert mine is not None and (mine.status, mine.epoch) == ("reserved", 2)
+
+
+async def test_a_resend_takes_its_expired_job_over_under_the_same_id(
+    store: MetadataStore,
+) -> None:
+    """Same id, key and body after an expiry: the job is reserved again (its usage stays
+    unique by its id); another id with the key gets a new row, the old one its key released."""
+    await store.reserve(dataclasses.replace(_job("r", key="k1"), epoch=1), now=0.0)
+    assert await store.set_job_status("r", "running", now=0.5, worker_id="w1")
+    assert await store.expire_jobs_before_epoch(2, now=1.0) == ["r"]
+    again = await store.reserve(dataclasses.replace(_job("r", key="k1"), epoch=2), now=2.0)
+    assert again.outcome == "created"
+    job = again.job
+    assert (job.request_id, job.status, job.epoch, job.worker_id) == ("r", "reserved", 2, None)
+    assert (job.updated_s, job.expires_s) == (2.0, 100.0)
+    assert (await store.reserve(_job("r", key="k1"), now=3.0)).outcome == "existing"
+    # A different body under the key is still a conflict, expired or not.
+    await store.expire_jobs_before_epoch(3, now=4.0)
+    assert (await store.reserve(_job("r", key="k1", body="h2"), now=5.0)).outcome == "conflict"
+    # Settling the revived job bills it once.
+    assert await store.finalize("r", _record("r", 0.0, output=7), b"ok", now=6.0)
+    assert not await store.finalize("r", _record("r", 0.0, output=7), b"ok", now=6.0)
+    assert [u.output_tokens for u in await store.list_usage()] == [7]

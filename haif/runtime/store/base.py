@@ -54,7 +54,9 @@ class JobRow:
     resend carries the same ``(tenant, idempotency_key, body_hash)``.
     ``expires_s`` is the lease: past it, :meth:`MetadataStore.expire_reservations`
     reclaims an open job (``None`` = never expires). ``reserve`` stamps
-    ``created_s``/``updated_s`` with its ``now``.
+    ``created_s``/``updated_s`` with its ``now``. ``epoch``: the fencing epoch
+    of the leader orchestrator that reserved it (``None`` without leadership;
+    see :meth:`MetadataStore.acquire_leadership`).
     """
 
     request_id: str
@@ -67,6 +69,7 @@ class JobRow:
     updated_s: float = 0.0
     expires_s: float | None = None
     result: bytes | None = None
+    epoch: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +258,24 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        2,
+        "leadership lease and fencing epochs",
+        (
+            # One row per leadership (the orchestrators sharing this store): who
+            # holds it, until when (wall clock), and its epoch, which grows by one
+            # at every change of holder.
+            """
+            CREATE TABLE IF NOT EXISTS leadership (
+                name TEXT PRIMARY KEY,
+                holder TEXT NOT NULL,
+                epoch BIGINT NOT NULL,
+                expires_s DOUBLE PRECISION NOT NULL
+            )
+            """,
+            "ALTER TABLE jobs ADD COLUMN IF NOT EXISTS epoch BIGINT",
+        ),
+    ),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 
@@ -323,6 +344,16 @@ JOB_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(JobRow))
 _JOB_COLUMNS = ", ".join(JOB_FIELDS)
 # Releases the key of an expired (leaked, reconciled) reservation so that a
 # resend with the same key can run; the old row stays for the audit trail.
+# A resend of an expired job under its own id, key and body takes the job over
+# (the same id, so usage stays unique by it): reserved again, under the
+# resender's epoch and lease.
+REVIVE_EXPIRED_JOB = (
+    "UPDATE jobs SET status = 'reserved', worker_id = NULL, result = NULL, "
+    "updated_s = $5, expires_s = $6, epoch = $7 "
+    "WHERE request_id = $1 AND tenant = $2 AND idempotency_key = $3 AND body_hash = $4 "
+    "AND status = 'expired' "
+    f"RETURNING {_JOB_COLUMNS}"
+)
 RELEASE_EXPIRED_KEY = (
     "UPDATE jobs SET idempotency_key = NULL "
     "WHERE tenant = $1 AND idempotency_key = $2 AND status = 'expired'"
@@ -398,6 +429,28 @@ def finish_jobs_sql(source: str) -> str:
         "WHERE jobs.request_id = v.request_id"
     )
 
+
+#: Jobs left open by leaders of an older epoch (or none): the new leader's takeover.
+EXPIRE_JOBS_BEFORE_EPOCH = (
+    "UPDATE jobs SET status = 'expired', updated_s = $2 "
+    f"WHERE status IN ({_OPEN_LIST}) AND (epoch IS NULL OR epoch < $1) "
+    "RETURNING request_id"
+)
+#: Take or renew a leadership: only if free, lapsed or already ours; a new holder
+#: gets the next epoch. Returns the epoch, or no row when another holds it.
+ACQUIRE_LEADERSHIP = (
+    "INSERT INTO leadership (name, holder, epoch, expires_s) VALUES ($1, $2, 1, $4) "
+    "ON CONFLICT (name) DO UPDATE SET "
+    "epoch = CASE WHEN leadership.holder = EXCLUDED.holder "
+    "THEN leadership.epoch ELSE leadership.epoch + 1 END, "
+    "holder = EXCLUDED.holder, expires_s = EXCLUDED.expires_s "
+    "WHERE leadership.holder = EXCLUDED.holder OR leadership.expires_s <= $3 "
+    "RETURNING epoch"
+)
+RELEASE_LEADERSHIP = (
+    "UPDATE leadership SET expires_s = $3 WHERE name = $1 AND holder = $2 RETURNING epoch"
+)
+SELECT_LEADERSHIP = "SELECT holder, epoch, expires_s FROM leadership WHERE name = $1"
 
 EXPIRE_JOBS = (
     "UPDATE jobs SET status = 'expired', updated_s = $1 "
@@ -713,6 +766,32 @@ class MetadataStore(abc.ABC):
     @abc.abstractmethod
     async def expire_reservations(self, now: float) -> list[str]:
         """Expire open jobs whose lease ended (``expires_s <= now``); return their ids."""
+
+    # ---------------------------------------------------------- leadership
+
+    @abc.abstractmethod
+    async def acquire_leadership(
+        self, name: str, holder: str, now: float, expires_s: float
+    ) -> int | None:
+        """Take or renew the leadership ``name`` for ``holder`` until ``expires_s``.
+
+        Succeeds when nobody holds it, its lease lapsed (``expires_s <= now``)
+        or ``holder`` holds it already; returns the fencing epoch (the same on a
+        renewal, one more than the last at a change of holder), or ``None``
+        while another holder's lease runs.
+        """
+
+    @abc.abstractmethod
+    async def release_leadership(self, name: str, holder: str, now: float) -> bool:
+        """End ``holder``'s lease now (a clean stop: the standby need not wait it out)."""
+
+    @abc.abstractmethod
+    async def leadership(self, name: str) -> tuple[str, int, float] | None:
+        """``(holder, epoch, expires_s)`` of the leadership ``name``, if ever taken."""
+
+    @abc.abstractmethod
+    async def expire_jobs_before_epoch(self, epoch: int, now: float) -> list[str]:
+        """Expire the open jobs of older epochs (or none): a new leader's takeover."""
 
     # -------------------------------------------------------------- usage
 

@@ -148,6 +148,9 @@ async def _reserve_one(tx: Tx, op: _Reserve) -> Reservation:
     job = op.job
     for _ in range(_RESERVE_TRIES):
         if job.idempotency_key is not None:
+            revived = await tx.fetchrow(base.REVIVE_EXPIRED_JOB, _revive_params(op))
+            if revived is not None:
+                return Reservation("created", base.job_from_row(revived))
             await tx.fetch(base.RELEASE_EXPIRED_KEY, [job.tenant, job.idempotency_key])
         inserted = await tx.fetchrow(base.INSERT_JOB_IF_ABSENT, op.params)
         if inserted is not None:
@@ -161,6 +164,14 @@ async def _reserve_one(tx: Tx, op: _Reserve) -> Reservation:
             return base.classify(job, base.job_from_row(existing))
         # The row that blocked us vanished before we read it: try again.
     raise RuntimeError(f"could not reserve job {job.request_id!r}")
+
+
+def _revive_params(op: _Reserve) -> list[Any]:
+    job, now = op.job, op.params[base.JOB_FIELDS.index("updated_s")]
+    return [
+        *(job.request_id, job.tenant, job.idempotency_key, job.body_hash),
+        *(now, op.params[base.JOB_FIELDS.index("expires_s")], job.epoch),
+    ]
 
 
 def _insert_groups(ops: Sequence[_Reserve], leaders: list[int]) -> list[list[int]]:
@@ -510,6 +521,31 @@ class SqlStore(MetadataStore):
     async def expire_reservations(self, now: float) -> list[str]:
         async with self._transaction() as tx:
             rows = await tx.fetch(base.EXPIRE_JOBS, [float(now)])
+        return sorted(str(row[0]) for row in rows)
+
+    # ---------------------------------------------------------- leadership
+
+    async def acquire_leadership(
+        self, name: str, holder: str, now: float, expires_s: float
+    ) -> int | None:
+        async with self._transaction() as tx:
+            row = await tx.fetchrow(
+                base.ACQUIRE_LEADERSHIP, [name, holder, float(now), float(expires_s)]
+            )
+        return None if row is None else int(row[0])
+
+    async def release_leadership(self, name: str, holder: str, now: float) -> bool:
+        async with self._transaction() as tx:
+            row = await tx.fetchrow(base.RELEASE_LEADERSHIP, [name, holder, float(now)])
+        return row is not None
+
+    async def leadership(self, name: str) -> tuple[str, int, float] | None:
+        row = await self._fetchrow(base.SELECT_LEADERSHIP, [name])
+        return None if row is None else (str(row[0]), int(row[1]), float(row[2]))
+
+    async def expire_jobs_before_epoch(self, epoch: int, now: float) -> list[str]:
+        async with self._transaction() as tx:
+            rows = await tx.fetch(base.EXPIRE_JOBS_BEFORE_EPOCH, [int(epoch), float(now)])
         return sorted(str(row[0]) for row in rows)
 
     # -------------------------------------------------------------- usage

@@ -409,6 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail an attempt when its worker sends nothing for this long (default 10)",
     )
     orch.add_argument(
+        "--leader-lease-s",
+        type=float,
+        metavar="S",
+        help="one of a standby pair sharing a PostgreSQL store: take requests only while "
+        "holding the store's leader lease of S seconds (default: the only orchestrator)",
+    )
+    orch.add_argument(
         "--gateway-port",
         type=int,
         help="also serve the client API (the gateway) on this port, in this process: "
@@ -437,6 +444,12 @@ def build_parser() -> argparse.ArgumentParser:
     gw.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     gw.add_argument("--port", type=int, required=True, help="port to listen on")
     gw.add_argument("--orchestrator", required=True, help="orchestrator base URL")
+    gw.add_argument(
+        "--standby",
+        metavar="URL",
+        help="the standby orchestrator's base URL: requests turn to it when the other "
+        "is down or no longer leads",
+    )
     gw.add_argument(
         "--region", default="local", help="the region this gateway serves (default local)"
     )

@@ -495,6 +495,7 @@ def test_commands_run_for_real(
         argv = shlex.split(command)[1:]
         if argv[0] == "sim" and "--help" not in argv:
             argv += SHORT_SIM
+        code: object
         try:
             code = main(argv)
         except SystemExit as exc:
@@ -633,9 +634,10 @@ def expected_rows(title: str) -> dict[str, tuple[str, str]]:
             rows[name] = (type_name(hints[name]), "*required*" if info.is_required() else default)
     else:
         base = instance if instance is not None else cls()
+        assert dataclasses.is_dataclass(base), title
         rows = {
             f.name: (type_name(hints[f.name]), getattr(base, f.name))
-            for f in dataclasses.fields(cls)
+            for f in dataclasses.fields(base)
         }
     return {
         name: (TYPES.get((title, name), kind), d if d == "*required*" else _shown(d))

@@ -253,6 +253,11 @@ class OrchestratorSettings(_Strict):
         "Idempotency-Key, status changes, usage, records) gather to commit together; "
         "default: DuckDB 50, PostgreSQL 0. Longer costs less CPU; a crash loses that much",
     )
+    leader_lease_s: Annotated[float, Field(gt=0, le=60)] = Field(
+        default=2.0,
+        description="with orchestrators: 2, the leader lease in seconds (renewed every "
+        "quarter of it): a dead leader's requests go to the standby within about this long",
+    )
     journal_fsync: bool = Field(
         default=True,
         description="fsync the usage journal before each answer ends (grouped); false: "
@@ -316,6 +321,25 @@ class ClusterConfig(_Strict):
         description="run the gateway in the orchestrator's process (no RPC hop, one process "
         "fewer; the two then fail and restart together)",
     )
+    orchestrators: Annotated[int, Field(ge=1, le=2)] = Field(
+        default=1,
+        description="2: a leader and a standby sharing the PostgreSQL store; the gateway and "
+        "the workers know both, and the standby takes over when the leader's lease lapses",
+    )
+
+    @model_validator(mode="after")
+    def _standby_needs_a_shared_store(self) -> ClusterConfig:
+        if self.orchestrators == 2:
+            if self.store is None or not self.store.startswith(("postgresql:", "postgres:")):
+                raise ValueError(
+                    "orchestrators: 2 needs a shared store: set store to a postgresql:// URL"
+                )
+            if self.colocate_gateway:
+                raise ValueError(
+                    "orchestrators: 2 and colocate_gateway: true do not go together "
+                    "(a gateway inside one orchestrator dies with it)"
+                )
+        return self
 
     @field_validator("store")
     @classmethod
@@ -418,7 +442,9 @@ def free_port() -> int:
         return port
 
 
-def worker_args(w: WorkerConfig, orch_url: str, port: int, base: Path | None) -> list[str]:
+def worker_args(
+    w: WorkerConfig, orch_url: str, port: int, base: Path | None, standby_url: str | None = None
+) -> list[str]:
     """The ``haif worker`` command line of one worker entry."""
     return [
         "worker",
@@ -442,6 +468,7 @@ def worker_args(w: WorkerConfig, orch_url: str, port: int, base: Path | None) ->
         str(w.ttft_s),
         "--heartbeat-s",
         str(w.heartbeat_s),
+        *(["--standby", standby_url] if standby_url else []),
         *w.engine_args(base),
     ]
 
@@ -572,6 +599,11 @@ def run_cluster(
             _check_free(host, fixed, what)
     orch_port = config.orchestrator_port or free_port()
     orch_url = service_url(host, orch_port)
+    standby_port: int | None = None
+    if config.orchestrators == 2:
+        standby_port = orch_port + 1 if config.orchestrator_port else free_port()
+        _check_free(host, standby_port, "the standby orchestrator's port")
+    standby_url = service_url(host, standby_port) if standby_port is not None else None
     base = Path(config_path).resolve().parent if config_path else None
     if config.gateway_tls is not None:
         from haif.runtime.services import server_tls
@@ -607,20 +639,28 @@ def run_cluster(
         if config.gateway_tls is not None:
             cert, key = config.gateway_tls.resolved(base)
             serving += ["--tls-cert", cert, "--tls-key", key]
-        orch_args = ["orchestrator", "--host", host, "--port", str(orch_port), "--store", store]
-        orch_args += ["--journal", str(data_dir / "journal")]
-        if not config.orchestrator.journal_fsync:
-            orch_args.append("--journal-no-fsync")
-        orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
-        if config_path:
-            orch_args += ["--config", config_path]
-        if config.colocate_gateway:
-            orch_args += ["--gateway-port", str(gw_port), *serving]
-        supervisor.add(Service("orchestrator", "orchestrator", config.region, orch_url, orch_args))
+        settings = config.orchestrator
+        pair = [("orchestrator", orch_port, "journal")]
+        if standby_port is not None:
+            pair.append(("orchestrator2", standby_port, "journal2"))
+        for name, port, journal in pair:
+            orch_args = ["orchestrator", "--host", host, "--port", str(port), "--store", store]
+            orch_args += ["--journal", str(data_dir / journal)]
+            if not settings.journal_fsync:
+                orch_args.append("--journal-no-fsync")
+            orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
+            if config_path:
+                orch_args += ["--config", config_path]
+            if config.colocate_gateway:
+                orch_args += ["--gateway-port", str(gw_port), *serving]
+            if standby_port is not None:
+                orch_args += ["--leader-lease-s", str(settings.leader_lease_s)]
+            url = service_url(host, port)
+            supervisor.add(Service(name, "orchestrator", config.region, url, orch_args))
         for w in config.workers:
             wport = w.port or free_port()
             url = service_url(host, wport)
-            args = [*worker_args(w, orch_url, wport, base), "--host", host]
+            args = [*worker_args(w, orch_url, wport, base, standby_url), "--host", host]
             args += cluster_key_args(keys, w.id)
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
@@ -629,6 +669,7 @@ def run_cluster(
         if not config.colocate_gateway:
             gw_args = ["gateway", "--host", host, "--port", str(gw_port)]
             gw_args += ["--orchestrator", orch_url, "--region", config.region, *serving]
+            gw_args += ["--standby", standby_url] if standby_url else []
             gw_args += ["--config", config_path] if config_path else []
             gw_args += cluster_key_args(keys, "gateway")
             gateway.args = gw_args
@@ -643,13 +684,15 @@ def run_cluster(
                 gateway_url=gw_url,
                 control=control,
                 orchestrator_url=orch_url,
+                **({"standby_url": standby_url} if standby_url else {}),
                 store=store,
                 data_dir=str(data_dir.resolve()),
                 keys=str(keys.resolve()),
                 prometheus_targets=str(targets.resolve()),
             )
             print(
-                f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}, "
+                f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}"
+                f"{f', standby {standby_url}' if standby_url else ''}, "
                 f"{len(config.workers)} workers); logs in {logs}; "
                 f"control {control.url} (token in {state_file}); "
                 f"Prometheus targets in {targets}; Ctrl-C to stop",

@@ -40,6 +40,7 @@ class Target:
     signer: Signer | None = None  # sealing those calls
     store: str | None = None  # or open this store (and the fallback of a running cluster)
     running: bool = False  # found through a running `haif up`'s cluster.json
+    standby: str | None = None  # the other orchestrator of a pair: asked if this one is not
 
     @property
     def store_is_shared(self) -> bool:
@@ -103,8 +104,10 @@ def resolve(args: argparse.Namespace) -> Target:
     if state is not None and isinstance(state.get("orchestrator_url"), str):
         keys = Path(str(state.get("keys") or data_dir / "keys"))
         recorded = state.get("store")
+        standby = state.get("standby_url")
         return Target(
             orchestrator=state["orchestrator_url"],
+            standby=standby if isinstance(standby, str) else None,
             signer=admin_signer(args, keys),
             store=recorded if isinstance(recorded, str) else None,
             running=True,
@@ -113,21 +116,26 @@ def resolve(args: argparse.Namespace) -> Target:
 
 
 async def call(target: Target, method: str, body: Any, timeout_s: float = 30.0) -> Any:
-    """``method`` on the target's orchestrator; ``RpcError`` / ``RpcUnavailable`` as raised."""
+    """``method`` on the target's orchestrator (with a standby: on the one that leads);
+    ``RpcError`` / ``RpcUnavailable`` as raised."""
     import aiohttp
 
-    from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient
+    from haif.runtime.rpc import ORCHESTRATOR_AUDIENCE, RpcClient, RpcError, RpcUnavailable
 
     assert target.orchestrator is not None
+    urls = [target.orchestrator, *([target.standby] if target.standby else [])]
     async with aiohttp.ClientSession() as session:
-        client = RpcClient(
-            session,
-            target.orchestrator,
-            timeout_s,
-            signer=target.signer,
-            audience=ORCHESTRATOR_AUDIENCE,
-        )
-        return await client.call(method, body)
+        for i, url in enumerate(urls):
+            client = RpcClient(
+                session, url, timeout_s, signer=target.signer, audience=ORCHESTRATOR_AUDIENCE
+            )
+            try:
+                return await client.call(method, body)
+            except (RpcError, RpcUnavailable) as exc:
+                last = i == len(urls) - 1
+                if last or (isinstance(exc, RpcError) and exc.code != "not_leader"):
+                    raise
+        raise AssertionError("unreachable")
 
 
 def not_served(code: str | None) -> bool:

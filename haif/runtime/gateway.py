@@ -72,6 +72,23 @@ the same key and body attaches to the running request or replays its stored
 result instead of running it again; the same key with a different body is
 answered 409 ``idempotency_conflict`` (see :mod:`haif.runtime.orchestrator`).
 
+A standby orchestrator
+----------------------
+With a standby (``standby_url``: a pair sharing PostgreSQL, see
+:mod:`haif.runtime.leadership`), the gateway sends to the one it last found
+leading and turns to the other when a call cannot reach it, breaks, or is
+answered 503 ``not_leader``, retrying for up to ``failover_s`` (backoff
+50-500 ms) while the standby takes the lease over. So that a request the
+dead leader left unanswered can be sent again safely, every request then
+carries an ``Idempotency-Key`` (the client's, else one the gateway makes
+up): its resend takes its job over under the same id, and it is billed once
+whichever orchestrator settles it. Text the client already has is not sent
+twice: the resend's frames are skipped up to the characters passed on
+before. (This continues the same text where generation is deterministic —
+the synthetic engine, greedy or seeded sampling; sampled text may differ
+after the cut, so the client sees the start of one answer and the end of
+another, and the usage is the new answer's.)
+
 The edge
 --------
 Everything a client sends is hostile until parsed (:class:`GatewayLimits`):
@@ -122,6 +139,7 @@ import math
 import re
 import time
 import uuid
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -135,6 +153,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from haif.contracts import Reject, Request, RequestRecord
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
+from haif.runtime.relay import Frame
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     LocalClient,
@@ -638,6 +657,22 @@ class _SseStream:
         await self.resp.write_eof()
 
 
+def _skip_text(chunk: TokenChunk, skip: int, seen: int) -> tuple[TokenChunk, int]:
+    """``chunk`` less its first ``skip`` characters (text a client has already), and the
+    characters seen once they are skipped (``seen`` before)."""
+    texts = list(chunk.texts)
+    start = chunk.start
+    while texts and skip >= len(texts[0]):
+        skip -= len(texts[0])
+        seen += len(texts[0])
+        texts.pop(0)
+        start += 1
+    if texts and skip:
+        texts[0] = texts[0][skip:]
+        seen += skip
+    return TokenChunk(start, tuple(texts)), seen
+
+
 def _usage(record: RequestRecord) -> dict[str, int]:
     return {
         "prompt_tokens": record.prompt_tokens,
@@ -658,11 +693,21 @@ class Gateway:
         signer: Signer | None = None,
         local: LocalClient | None = None,
         limits: GatewayLimits | None = None,
+        standby_url: str | None = None,
+        failover_s: float = 15.0,
     ) -> None:
         """``local``: the orchestrator runs in this process; call it directly, not at
         ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`).
-        ``limits``: the edge's deadlines and caps (see "The edge" above)."""
-        self.orchestrator_url = orchestrator_url
+        ``limits``: the edge's deadlines and caps (see "The edge" above).
+        ``standby_url``, ``failover_s``: see "A standby orchestrator" above."""
+        if local is not None and standby_url is not None:
+            raise ValueError("a gateway in the orchestrator's process has no standby")
+        self.orchestrator_urls: tuple[str, ...] = (
+            orchestrator_url,
+            *((standby_url,) if standby_url else ()),
+        )
+        self._leader = 0  # index of the orchestrator last found leading
+        self.failover_s = failover_s
         self.limits = limits or GatewayLimits()
         self.local = local
         self.signer = signer  # cluster key: seals every RPC to the orchestrator
@@ -683,6 +728,11 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
 
+    @property
+    def orchestrator_url(self) -> str:
+        """The orchestrator calls go to (the leader, as last found)."""
+        return self.orchestrator_urls[self._leader]
+
     def _client(self) -> RpcClient | LocalClient:
         if self.local is not None:
             return self.local
@@ -695,6 +745,65 @@ class Gateway:
             audience=ORCHESTRATOR_AUDIENCE,
         )
 
+    # ---------------------------------------------------------- orchestrators
+
+    def _failed_over(self, exc: Exception, failed: str) -> bool:
+        """Turn to the other orchestrator after ``exc`` from the one at ``failed``?"""
+        if len(self.orchestrator_urls) < 2:
+            return False
+        if isinstance(exc, RpcError) and exc.code != "not_leader":
+            return False
+        if self.orchestrator_url == failed:  # no concurrent call turned already
+            self._leader = (self._leader + 1) % len(self.orchestrator_urls)
+            log.info("orchestrator %s: %s; turning to %s", failed, exc, self.orchestrator_url)
+        return True
+
+    async def _call(self, method: str, body: object, *, timeout_s: float) -> object:
+        """A unary call to the orchestrator; with a standby, to the other if this one is
+        unreachable (either answers reads: both share the store)."""
+        for _ in self.orchestrator_urls:
+            url = self.orchestrator_url
+            try:
+                return await self._client().call(method, body, timeout_s=timeout_s)
+            except RpcUnavailable as exc:
+                if not self._failed_over(exc, url):
+                    raise
+                error = exc
+        raise error
+
+    async def _frames(self, req: Request) -> AsyncGenerator[Frame, None]:
+        """The frames of ``req`` from the leader; after a failover, the same request
+        again from the new one, the text already passed on left out."""
+        loop = asyncio.get_running_loop()
+        passed = 0  # characters of response text passed on
+        give_up: float | None = None
+        backoff = 0.05
+        while True:
+            url = self.orchestrator_url
+            frames = self._client().stream("submit_stream", req, idle_timeout_s=self.idle_timeout_s)
+            seen = 0  # characters of this stream's text so far
+            try:
+                async with contextlib.aclosing(frames):
+                    async for frame in frames:
+                        if isinstance(frame, TokenChunk) and seen < passed:
+                            frame, seen = _skip_text(frame, passed - seen, seen)
+                            if not frame.texts:
+                                continue
+                        if isinstance(frame, TokenChunk):
+                            seen += sum(map(len, frame.texts))
+                            passed = max(passed, seen)
+                        yield frame
+                return
+            except (RpcUnavailable, RpcError) as exc:
+                if not self._failed_over(exc, url):
+                    raise
+                give_up = give_up if give_up is not None else loop.time() + self.failover_s
+                if loop.time() >= give_up:
+                    raise
+                log.warning("request %s: sending it again after %s", req.request_id, exc)
+            await asyncio.sleep(backoff)
+            backoff = min(0.5, backoff * 2)
+
     # ------------------------------------------------------------------ auth
 
     async def _lookup_key(self, key_hash: str) -> str | None:
@@ -702,7 +811,7 @@ class Gateway:
         cached = self._key_cache.get(key_hash)
         if cached is not None and cached[1] > now:
             return cached[0]
-        answer = await self._client().call("auth_key", key_hash, timeout_s=5.0)
+        answer = await self._call("auth_key", key_hash, timeout_s=5.0)
         if answer is not None and not isinstance(answer, str):
             raise RpcError("bad_reply", "auth_key did not return a tenant")
         tenant: str | None = answer
@@ -886,7 +995,10 @@ class Gateway:
             priority=parsed.priority,
             stream=parsed.stream,
             prompt=prompt,
-            idempotency_key=key,
+            # With a standby, every request can be resent after a failover (see above).
+            idempotency_key=key
+            if key is not None or len(self.orchestrator_urls) < 2
+            else f"haif-{uuid.uuid4().hex}",
         )
         return await self._run(request, req, parsed, chat, arrived=arrived)
 
@@ -918,7 +1030,7 @@ class Gateway:
         sse: _SseStream | None = None
         pieces: list[str] = []
         final: SubmitReply | None = None
-        frames = self._client().stream("submit_stream", req, idle_timeout_s=self.idle_timeout_s)
+        frames = self._frames(req)
         try:
             async with contextlib.aclosing(frames):
                 async for frame in frames:
@@ -1072,7 +1184,7 @@ class Gateway:
     # ------------------------------------------------------------ status
 
     async def _status(self) -> OrchestratorStatus:
-        status = await self._client().call("status", None, timeout_s=2.0)
+        status = await self._call("status", None, timeout_s=2.0)
         if not isinstance(status, OrchestratorStatus):
             raise RpcError("bad_reply", "status did not return an OrchestratorStatus")
         return status

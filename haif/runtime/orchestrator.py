@@ -56,6 +56,9 @@ processes — leases, row times — is the wall clock, ``time.time()``):
 - :mod:`haif.runtime.dead_letters`: the dead-letter queue and its replay.
 - :mod:`haif.runtime.reconciler`: lease renewal and expiry of leaked
   reservations.
+- :mod:`haif.runtime.leadership`: with a standby (``leader_lease_s``), the
+  leader lease and its fencing epoch; a standby answers submits with 503
+  ``not_leader`` and takes over when the leader's lease lapses.
 
 Idempotent reservations
 -----------------------
@@ -163,6 +166,7 @@ from haif.runtime.cluster_keys import ClusterAuth
 from haif.runtime.dead_letters import DeadLetters
 from haif.runtime.drivers import LoopDriver, LoopPresence
 from haif.runtime.journal import Found, Journal, Settlement
+from haif.runtime.leadership import Leadership, holder_id
 from haif.runtime.messages import Announce, OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.reconciler import Reconciler
 from haif.runtime.relay import Frame, Pending
@@ -216,7 +220,12 @@ class Orchestrator:
         wall: Callable[[], float] = time.time,
         journal: Journal | None = None,
         shutdown_grace_s: float = 5.0,
+        leader_lease_s: float | None = None,
+        name: str = "orchestrator",
     ) -> None:
+        """``leader_lease_s``: one of a standby pair sharing the store, leading while it
+        holds the store's leader lease of this length (:mod:`haif.runtime.leadership`);
+        ``None``: the only orchestrator, always serving."""
         from haif.seeding import derive_rng
 
         self.config = config
@@ -256,6 +265,17 @@ class Orchestrator:
             wall=wall,
         )
         self.lease_ttl_s = lease_ttl_s
+        self.leadership = (
+            Leadership(
+                store,
+                holder_id(name),
+                ttl_s=leader_lease_s,
+                wall=wall,
+                on_elected=self._take_over,
+            )
+            if leader_lease_s is not None
+            else None
+        )
         self._writes = WriteQueue(on_drained=self._drained)
         #: Where settlements are durable before the answer ends (None: the store is).
         self.journal = journal
@@ -268,6 +288,7 @@ class Orchestrator:
             lease_ttl_s=lease_ttl_s,
             wait_limit_s=rpc_timeout_s,
             wall=wall,
+            epoch=self._epoch,
         )
         self.dead_letters = DeadLetters(
             store, self._writes, self._job_id, self._resubmit, wall=wall
@@ -306,6 +327,8 @@ class Orchestrator:
                     functools.partial(self._replay_settlement, found),
                 )
         self._loops.extend(asyncio.create_task(c) for c in self.reconciler.loops())
+        if self.leadership is not None:
+            self._loops.append(asyncio.create_task(self.leadership.run()))
         log.info(
             "orchestrator started: placement %s, store %s%s",
             self.config.placement,
@@ -314,6 +337,8 @@ class Orchestrator:
         )
 
     async def stop(self) -> None:
+        if self.leadership is not None:
+            await self.leadership.release()  # the standby takes new requests at once
         if self._presence_driver is not None:
             self._presence_driver.close()
         for task in self._loops:
@@ -349,6 +374,25 @@ class Orchestrator:
     def _job_id(self, rid: str) -> str:
         return self.reservations.job_id(rid)
 
+    def _epoch(self) -> int | None:
+        return self.leadership.epoch if self.leadership is not None else None
+
+    @property
+    def leading(self) -> bool:
+        """Does this orchestrator take requests (always, without a standby)?"""
+        return self.leadership is None or self.leadership.leading
+
+    async def _take_over(self, epoch: int) -> None:
+        """Elected under ``epoch``: expire what older leaders left open, before serving."""
+        expired = await self.store.expire_jobs_before_epoch(epoch, self.wall())
+        self.metrics.leader_epoch.set(epoch)
+        log.warning(
+            "taking over as leader (epoch %d): expired %d open job(s) of older epochs%s",
+            epoch,
+            len(expired),
+            f": {', '.join(expired[:20])}" if expired else "",
+        )
+
     def _drained(self, rid: str) -> None:
         if rid not in self._pending:  # its last write is done
             self.reservations.forget(rid)
@@ -360,6 +404,8 @@ class Orchestrator:
     ) -> Pending | SubmitReply:
         if not isinstance(body, Request):
             raise RpcError("bad_request", "submit expects a Request")
+        if not self.leading:
+            raise RpcError("not_leader", "this orchestrator is the standby", 503)
         return await self.reservations.enter(body, replay_of=replay_of)
 
     def _admit(self, body: Request, rid: str, replay_of: DeadLetterRow | None) -> Pending:
@@ -506,7 +552,9 @@ class Orchestrator:
     def presence(self) -> dict[str, Any]:
         status = self.status()
         return {
-            "ready": status.ready,
+            "ready": status.ready and self.leading,
+            "leader": self.leading,
+            "epoch": self._epoch(),
             "fresh_workers": list(status.fresh_workers),
             "stale_workers": self.stale_workers(),
             "evicted_workers": self._presence.evicted(),
@@ -560,6 +608,7 @@ class Orchestrator:
             return
         core, now, m = self.driver.core, self.driver.now(), self.metrics
         m.in_flight.set(core.in_flight())
+        m.leader.set(1 if self.leading else 0)
         m.set_workers(
             (
                 wid,

@@ -127,8 +127,11 @@ class Reservations:
         lease_ttl_s: float,
         wait_limit_s: float,
         wall: Callable[[], float] = time.time,
+        epoch: Callable[[], int | None] = lambda: None,
     ) -> None:
+        """``epoch``: the fencing epoch new job rows carry (:mod:`haif.runtime.leadership`)."""
         self.store = store
+        self.epoch = epoch
         self._running = running  # internal id -> the request running here
         self._admit = admit
         self._writes = writes
@@ -219,6 +222,7 @@ class Reservations:
             claim.idempotency_key,
             claim.body_hash,
             expires_s=now + self.lease_ttl_s,
+            epoch=self.epoch(),
         )
         reservation = await self._store_call("reserve", self.store.reserve(row, now))
         job = reservation.job
@@ -257,7 +261,9 @@ class Reservations:
             job_id = rid
             for _ in range(_ROUNDS):
                 expires = self.wall() + self.lease_ttl_s
-                row = JobRow(job_id, body.tenant, None, digest, expires_s=expires)
+                row = JobRow(
+                    job_id, body.tenant, None, digest, expires_s=expires, epoch=self.epoch()
+                )
                 reservation = await self.store.reserve(row, stamp)
                 step = next_step(claim, reservation.outcome, _held(reservation.job), False)
                 if step is Next.RUN or _own_row(row, reservation.job, stamp):

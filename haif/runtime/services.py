@@ -102,6 +102,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             idle_timeout_s=args.idle_timeout_s,
             signer=keys.signer if keys is not None else None,
             limits=gateway.edge_limits(args),
+            standby_url=args.standby,
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
@@ -190,6 +191,12 @@ async def _orchestrator_app(
             "command: DuckDB allows one process per file; use PostgreSQL to share a store"
         )
         raise ConfigError(store_error(args.store, exc, hint)) from None
+    lease_s = getattr(args, "leader_lease_s", None)
+    if lease_s is not None and (lease_s <= 0 or not args.store.startswith("postgres")):
+        raise ConfigError(
+            f"--leader-lease-s {lease_s}: a standby pair shares a PostgreSQL store "
+            "(a postgresql:// --store) and needs a lease > 0 s"
+        )
     orch = orchestrator.Orchestrator(
         cluster.policy,
         store,
@@ -208,6 +215,8 @@ async def _orchestrator_app(
             if getattr(args, "journal", None)
             else None
         ),
+        leader_lease_s=lease_s,
+        name=f"orchestrator:{args.port}",
     )
     return orchestrator.build_app(orch)
 

@@ -76,6 +76,8 @@ Orchestrator (:class:`OrchestratorMetrics`):
   ``_gpu_memory_bytes{worker,gpu,kind}`` (gauges: last heartbeat)
 - ``haif_orchestrator_fresh_workers``, ``haif_orchestrator_stale_workers``
   (gauges), ``haif_orchestrator_evictions_total`` (counter)
+- ``haif_orchestrator_leader`` (gauge: 1 while it takes requests; a standby
+  0) and ``haif_orchestrator_leader_epoch`` (gauge: the fencing epoch)
 
 Worker (:class:`WorkerMetrics`):
 
@@ -636,6 +638,16 @@ class OrchestratorMetrics:
         )
         self.evictions = Counter(
             "haif_orchestrator_evictions", "Workers evicted for missed heartbeats", registry=r
+        )
+        self.leader = Gauge(
+            "haif_orchestrator_leader",
+            "1 while this orchestrator takes requests (always without a standby), else 0",
+            registry=r,
+        )
+        self.leader_epoch = Gauge(
+            "haif_orchestrator_leader_epoch",
+            "The leader lease's fencing epoch this orchestrator last led under (0: never)",
+            registry=r,
         )
 
     def count_decision(self, decision: Any, pending: Mapping[str, Any]) -> None:

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import sys
@@ -118,6 +117,13 @@ class WorkerSpec:
     ttft_s: float = 0.01
     heartbeat_s: float = 0.5
     price_per_hour: float = 2.21
+    #: The standby orchestrator of a pair: announced to as well, so it knows the
+    #: fleet the moment it takes over.
+    standby_url: str | None = None
+
+    @property
+    def orchestrator_urls(self) -> tuple[str, ...]:
+        return (self.orchestrator_url, *((self.standby_url,) if self.standby_url else ()))
 
 
 class Worker:
@@ -135,7 +141,7 @@ class Worker:
         self._waiting = 0
         self._running = 0
         self._session: aiohttp.ClientSession | None = None
-        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._heartbeat_tasks: list[asyncio.Task[None]] = []
         self.resources = ResourceMonitor()
         self.ready = False
         self.metrics = telemetry.WorkerMetrics(
@@ -262,12 +268,13 @@ class Worker:
             cost=end.cost,
         )
 
-    async def _heartbeats(self) -> None:
+    async def _heartbeats(self, url: str) -> None:
+        """Announce this worker to the orchestrator at ``url`` every ``heartbeat_s``."""
         assert self._session is not None
         signer = self.cluster_auth.signer if self.cluster_auth is not None else None
         client = RpcClient(
             self._session,
-            self.spec.orchestrator_url,
+            url,
             timeout_s=2.0,
             signer=signer,
             audience=ORCHESTRATOR_AUDIENCE,
@@ -277,7 +284,7 @@ class Worker:
                 announce = Announce(self.snapshot(), self.spec.url, self.resources.sample())
                 await client.call("heartbeat", announce)
             except (RpcUnavailable, RpcError) as exc:
-                log.warning("heartbeat to %s failed: %s", self.spec.orchestrator_url, exc)
+                log.warning("heartbeat to %s failed: %s", url, exc)
             await asyncio.sleep(self.spec.heartbeat_s)
 
     async def start(self) -> None:
@@ -298,7 +305,10 @@ class Worker:
                 raise
         self.ready = True
         self._session = aiohttp.ClientSession()
-        self._heartbeat_task = asyncio.create_task(self._heartbeats())
+        # One loop per orchestrator: one that is down delays no other's heartbeats.
+        self._heartbeat_tasks = [
+            asyncio.create_task(self._heartbeats(url)) for url in self.spec.orchestrator_urls
+        ]
         spec = self.spec
         log.info(
             "worker %s (%s, %s) serves %s on %s (engine %s); announcing to %s",
@@ -308,16 +318,15 @@ class Worker:
             ",".join(spec.models),
             spec.url,
             type(self.engine).__name__,
-            spec.orchestrator_url,
+            " and ".join(spec.orchestrator_urls),
         )
 
     async def stop(self) -> None:
         self.ready = False
         log.info("worker %s stopping", self.spec.worker_id)
-        if self._heartbeat_task is not None:
-            self._heartbeat_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat_task
+        for task in self._heartbeat_tasks:
+            task.cancel()
+        await asyncio.gather(*self._heartbeat_tasks, return_exceptions=True)
         if self._session is not None:
             await self._session.close()
         self.resources.close()
@@ -373,6 +382,7 @@ def worker_from_args(args: argparse.Namespace) -> Worker:
         region=args.region,
         url=f"http://{args.host}:{args.port}",
         orchestrator_url=args.orchestrator,
+        standby_url=args.standby,
         gpu_class=args.gpu_class,
         capacity=args.capacity,
         models=tuple(m for m in args.models.split(",") if m),
@@ -415,6 +425,9 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--id", required=True, dest="worker_id")
     parser.add_argument("--region", required=True)
     parser.add_argument("--orchestrator", required=True, help="orchestrator base URL")
+    parser.add_argument(
+        "--standby", metavar="URL", help="the standby orchestrator's base URL (also announced to)"
+    )
     parser.add_argument("--gpu-class", default="A100-80G")
     parser.add_argument("--capacity", type=int, default=8)
     parser.add_argument("--models", default="llama-3-8b", help="comma-separated")

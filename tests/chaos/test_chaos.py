@@ -7,7 +7,10 @@ for 30 s (open loop; a third of them streaming), and puts one fault in the
 middle: a worker killed with SIGKILL, the orchestrator killed with SIGKILL
 (both started again 2 s later through the cluster's control endpoint), the
 PostgreSQL server stopped for 10 s (immediate mode, as a crash), or every
-usage write slowed by 50 ms for 10 s (a trigger that sleeps).
+usage write slowed by 50 ms for 10 s (a trigger that sleeps). One more
+cluster runs a standby pair (``orchestrators: 2``) at 150 requests per
+second and has its leader killed with SIGKILL (started again 2 s later, as
+the standby): at most 1 % of requests may fail.
 
 From the client's log and the store it then asserts: every request was
 answered — a 200, or a definitive error (an HTTP error status, or an error
@@ -75,29 +78,46 @@ class Chaos:
     outcomes: list[Outcome] = field(default_factory=list)
 
 
-def _config(path: Path, dsn: str) -> Path:
+def _config(path: Path, dsn: str, orchestrators: int = 1) -> Path:
     workers = [
         {"id": f"w{i}", "region": "local", "capacity": 16, "mean_s": 0.2, "ttft_s": 0.02}
         for i in (1, 2, 3)
     ]
-    config = {"store": dsn, "colocate_gateway": False, "workers": workers}
+    config = {
+        "store": dsn,
+        "colocate_gateway": False,
+        "orchestrators": orchestrators,
+        "workers": workers,
+    }
     path.write_text(json.dumps(config))  # JSON is YAML
     return path
 
 
-@pytest.fixture
-async def chaos(tmp_path: Path) -> AsyncIterator[Chaos]:
+async def _cluster(tmp_path: Path, orchestrators: int) -> AsyncIterator[Chaos]:
     pg = OwnPostgres()
     up: Up | None = None
     try:
         pg.start()
-        up = Up(tmp_path / "data", _config(tmp_path / "cluster.yaml", pg.dsn))
+        up = Up(tmp_path / "data", _config(tmp_path / "cluster.yaml", pg.dsn, orchestrators))
         up.wait_ready(30)
         yield Chaos(pg, up)
     finally:
         if up is not None:
             print(up.stop()[-3000:])
         pg.close()
+
+
+@pytest.fixture
+async def chaos(tmp_path: Path) -> AsyncIterator[Chaos]:
+    async for cluster in _cluster(tmp_path, 1):
+        yield cluster
+
+
+@pytest.fixture
+async def chaos_pair(tmp_path: Path) -> AsyncIterator[Chaos]:
+    """The cluster with a standby orchestrator."""
+    async for cluster in _cluster(tmp_path, 2):
+        yield cluster
 
 
 async def _one(session: aiohttp.ClientSession, url: str, out: Outcome, max_tokens: int) -> None:
@@ -137,7 +157,9 @@ async def _one(session: aiohttp.ClientSession, url: str, out: Outcome, max_token
     out.done_s = time.monotonic()
 
 
-async def _load(url: str, fault: Fault, seed: int) -> tuple[list[Outcome], float]:
+async def _load(
+    url: str, fault: Fault, seed: int, rate: float = RATE
+) -> tuple[list[Outcome], float]:
     """Open-loop load for DURATION_S with ``fault`` at FAULT_AT_S; (outcomes, fault time)."""
     rng = random.Random(seed)
     timeout = aiohttp.ClientTimeout(total=HANG_S)
@@ -150,7 +172,7 @@ async def _load(url: str, fault: Fault, seed: int) -> tuple[list[Outcome], float
         fault_task: asyncio.Task[None] | None = None
         n = 0
         while (now := time.monotonic()) < start + DURATION_S:
-            due = start + n / RATE
+            due = start + n / rate
             if due > now:
                 await asyncio.sleep(due - now)
             if fault_task is None and time.monotonic() >= fault_s:
@@ -184,6 +206,8 @@ def _check(
     billed: dict[str, list[int]],
     fault_s: float,
     lost_answers: int = 0,
+    rate: float = RATE,
+    max_failed: float = 1.0,
 ) -> None:
     hung = [o for o in outcomes if o.hung]
     ok = [o for o in outcomes if o.ok]
@@ -213,7 +237,8 @@ def _check(
     for o in failed[:3]:
         print(f"  failed {o.request_id} status {o.status}: {o.error}")
     assert not hung, f"{len(hung)} request(s) hung"
-    assert len(outcomes) >= 0.9 * RATE * DURATION_S
+    assert len(outcomes) >= 0.9 * rate * DURATION_S
+    assert len(failed) <= max_failed * len(outcomes), f"{len(failed)} failed"
     assert not unbilled, f"served but never billed: {unbilled[:10]}"
     assert not twice, f"billed twice: {twice[:10]}"
     assert not wrong, f"billed tokens differ from delivered: {wrong[:10]}"
@@ -246,9 +271,18 @@ async def _control(up: Up, path: str) -> None:
     assert status == 200, body
 
 
-async def _run(chaos: Chaos, name: str, fault: Fault, lost_answers: int = 0) -> None:
-    outcomes, fault_s = await _load(chaos.up.url, fault, seed=hash(name) & 0xFFFF)
-    _check(name, outcomes, await _settled(chaos, outcomes), fault_s, lost_answers)
+async def _run(
+    chaos: Chaos,
+    name: str,
+    fault: Fault,
+    lost_answers: int = 0,
+    *,
+    rate: float = RATE,
+    max_failed: float = 1.0,
+) -> None:
+    outcomes, fault_s = await _load(chaos.up.url, fault, seed=hash(name) & 0xFFFF, rate=rate)
+    billed = await _settled(chaos, outcomes)
+    _check(name, outcomes, billed, fault_s, lost_answers, rate, max_failed)
 
 
 async def test_worker_kill_9(chaos: Chaos) -> None:
@@ -267,6 +301,38 @@ async def test_orchestrator_kill_9(chaos: Chaos) -> None:
         await _control(chaos.up, "/services/orchestrator/start")
 
     await _run(chaos, "orchestrator kill -9", fault, lost_answers=10)
+
+
+async def _leader(up: Up) -> str:
+    """The name of the orchestrator that leads now (its ``/status`` says so)."""
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for service in up.state["services"]:
+            if service["kind"] != "orchestrator":
+                continue
+            async with session.get(f"{service['url']}/status") as resp:
+                if (await resp.json())["leader"]:
+                    return str(service["name"])
+    raise AssertionError("no orchestrator leads")
+
+
+async def test_leader_orchestrator_kill_9(chaos_pair: Chaos) -> None:
+    """The standby takes over; the gateway resends what the dead leader left unanswered."""
+
+    async def fault() -> None:
+        leader = await _leader(chaos_pair.up)
+        await _control(chaos_pair.up, f"/services/{leader}/kill")
+        await asyncio.sleep(2)
+        await _control(chaos_pair.up, f"/services/{leader}/start")
+        assert await _leader(chaos_pair.up) != leader
+
+    await _run(
+        chaos_pair,
+        "leader orchestrator kill -9, standby takes over",
+        fault,
+        lost_answers=10,
+        rate=150.0,
+        max_failed=0.01,
+    )
 
 
 async def test_postgresql_stopped_10_s(chaos: Chaos) -> None:

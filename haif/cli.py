@@ -97,6 +97,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         host=args.host,
         gateway_port=args.port,
         orchestrator_port=args.orchestrator_port,
+        standby_port=args.standby_port,
         control_port=args.control_port,
         worker_port=args.worker_port,
         store=args.store,
@@ -342,6 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         default=None,
         help="the orchestrator's RPC and /metrics port (default: the YAML's, else a free one)",
+    )
+    up.add_argument(
+        "--standby-port",
+        type=_port,
+        default=None,
+        help="with orchestrators: 2, the standby's port (default: the YAML's, else a free one)",
     )
     up.add_argument(
         "--control-port",

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,7 @@ def test_examples_are_valid_and_listed() -> None:
         "colocated.yaml",
         "postgresql.yaml",
         "single-region.yaml",
+        "standby.yaml",
         "tiny-model.yaml",
     ]
     for path in EXAMPLES:
@@ -111,7 +113,7 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ started for real
 
 
-def _check_started(up: UpCli, workers: int) -> None:
+def _check_started(up: UpCli, workers: int, orchestrators: int = 1) -> None:
     """The flags decided every address, and cluster.json / the targets file say so."""
     state = up.state
     assert state["gateway_url"] == up.url
@@ -121,7 +123,8 @@ def _check_started(up: UpCli, workers: int) -> None:
     assert worker_urls == [f"http://127.0.0.1:{up.worker_port + i}" for i in range(workers)]
     targets = json.loads(Path(state["prometheus_targets"]).read_text())
     components = sorted(t["labels"]["component"] for t in targets)
-    assert components == sorted(["gateway", "orchestrator", *["worker"] * workers])
+    expected = ["gateway", *["orchestrator"] * orchestrators, *["worker"] * workers]
+    assert components == sorted(expected)
 
 
 def _stopped(up: UpCli) -> list[str]:
@@ -188,6 +191,35 @@ def test_postgresql_example_with_keys_while_it_runs(tmp_path: Path, pg_database:
     finally:
         records = _stopped(up)
     assert "ex-pg" in records
+
+
+@pytest.mark.cluster
+@pytest.mark.postgres
+def test_standby_example_leads_with_one_and_answers_admin_tools(
+    tmp_path: Path, pg_database: str
+) -> None:
+    """The standby pair: one of the two leads; `haif dlq list` finds the leader through
+    cluster.json, whichever it is."""
+    path = CLUSTERS / "standby.yaml"
+    assert load_cluster(path).orchestrators == 2
+    data = tmp_path / "d"
+    up = UpCli(data, path, extra=("--store", pg_database))
+    try:
+        _check_started(up, 2, orchestrators=2)
+        assert up.state["standby_url"] == f"http://127.0.0.1:{up.standby_port}"
+        answer = up.complete(headers={"x-request-id": "ex-standby"})
+        assert answer["usage"]["completion_tokens"] == 4
+        leaders = []
+        for port in (up.orchestrator_port, up.standby_port):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as resp:
+                leaders.append(json.loads(resp.read())["leader"])
+        assert sorted(leaders) == [False, True]
+        listed = run_haif("dlq", "list", "--json", "--data-dir", str(data))
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout) == []
+    finally:
+        records = _stopped(up)
+    assert "ex-standby" in records
 
 
 @pytest.mark.cluster

@@ -277,6 +277,17 @@ class EligibilityIndex:
         wid = snapshot.worker_id
         fresh = not now < self._oldest
         worker = self._workers.get(wid)
+        if worker is not None and worker.snapshot is snapshot and fresh and worker.fresh:
+            # The very report it last sent (a shell that keeps an unchanged
+            # snapshot sends the same object), fresh then and now: only its
+            # receipt time moves; what it is eligible for and its load stay.
+            worker.last_seen = now
+            seen = self._seen
+            if seen and now < seen[-1][0]:
+                heapq.heappush(self._seen_late, (now, wid))
+            else:
+                seen.append((now, wid))
+            return
         if worker is None:
             worker = self._workers[wid] = _Worker(snapshot, now, fresh)
             self._by_region.setdefault(snapshot.region, set()).add(wid)

@@ -21,7 +21,7 @@ The cluster YAML is :class:`ClusterConfig`; every key is optional and
 documented by its field's description: ``haif up --schema`` prints the
 reference (``clusters/SCHEMA.md``), and ``clusters/`` holds examples.
 ``haif up``'s flags (``--host``, ``--port``, ``--orchestrator-port``,
-``--control-port``, ``--worker-port``, ``--store``) override the YAML
+``--standby-port``, ``--control-port``, ``--worker-port``, ``--store``) override the YAML
 (:class:`UpFlags`).
 
 API keys live in the store as SHA-256 digests: ``haif keys add --tenant T``
@@ -285,6 +285,10 @@ class ClusterConfig(_Strict):
     orchestrator_port: Port = Field(
         default=0, description="the orchestrator's RPC and /metrics port; 0: a free one"
     )
+    standby_port: Port = Field(
+        default=0,
+        description="with orchestrators: 2, the standby orchestrator's port; 0: a free one",
+    )
     control_port: Port = Field(
         default=0,
         description="the control endpoint's port (haif replay --faults, fault injection); "
@@ -480,6 +484,7 @@ class UpFlags:
     host: str | None = None
     gateway_port: int | None = None
     orchestrator_port: int | None = None
+    standby_port: int | None = None
     control_port: int | None = None
     #: The first worker's port; the next workers take the ports after it.
     worker_port: int | None = None
@@ -491,7 +496,7 @@ def with_flags(config: ClusterConfig, flags: UpFlags) -> ClusterConfig:
     """``config`` with the flags given applied (``ConfigError`` for a bad store URL)."""
     update: dict[str, Any] = {
         name: getattr(flags, name)
-        for name in ("host", "gateway_port", "orchestrator_port", "control_port")
+        for name in ("host", "gateway_port", "orchestrator_port", "standby_port", "control_port")
         if getattr(flags, name) is not None
     }
     if flags.store is not None:
@@ -601,8 +606,9 @@ def run_cluster(
     orch_url = service_url(host, orch_port)
     standby_port: int | None = None
     if config.orchestrators == 2:
-        standby_port = orch_port + 1 if config.orchestrator_port else free_port()
-        _check_free(host, standby_port, "the standby orchestrator's port")
+        standby_port = config.standby_port or free_port()
+        if config.standby_port:
+            _check_free(host, standby_port, "standby_port (--standby-port)")
     standby_url = service_url(host, standby_port) if standby_port is not None else None
     base = Path(config_path).resolve().parent if config_path else None
     if config.gateway_tls is not None:

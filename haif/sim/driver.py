@@ -52,6 +52,7 @@ from haif.fleet.workload import build_requests
 from haif.seeding import derive_rng
 from haif.sim.engine import BatchingWorker, PrefixHits, RequestLevelWorker, prefix_hits
 from haif.sim.fleet import AbstractWorker, BaseWorker, Network
+from haif.sim.heartbeats import Environment
 
 Progress = Callable[[float, float], None]  # (sim time, end time)
 _ON_WORKERS = ("down", "slow")
@@ -189,7 +190,7 @@ class SimCluster:
 
     def __init__(self, scenario: Scenario, *, keep_log: bool = False) -> None:
         self.scenario = sc = scenario
-        self.env = simpy.Environment()
+        self.env = Environment()
         self.net = Network(
             sc.policy.rtt,
             sc.network.connect_timeout_s,
@@ -225,8 +226,9 @@ class SimCluster:
             self.workers[wid] = self._make_worker(wid, group, catalog)
         self._arrivals = build_requests(sc)
         hb = sc.heartbeat
+        beats = self.env.heartbeats
         for w in self.workers.values():
-            self.env.process(w.heartbeats(sc.control, hb.interval_s, hb.loss))
+            w.beat_on(beats, sc.control, hb.interval_s, hb.loss, self._post_beat)
         fleet = [(wid, w.region) for wid, w in self.workers.items()]
         # A simulated region's gateway is named by its region.
         for window in plan_faults(sc, fleet, [(r, r) for r in sc.control]):
@@ -314,6 +316,18 @@ class SimCluster:
             return
         timeout = self.env.timeout(one_way)
         timeout.callbacks.append(lambda _ev: driver.feed(event))
+
+    def _post_beat(self, src: str, dst: str, sent_s: float, beat: Heartbeat) -> None:
+        """A heartbeat sent at ``sent_s`` (:mod:`haif.sim.heartbeats`): queued as :meth:`send`
+        queues one sent now."""
+        try:
+            driver, one_way = self._routes[src][dst]
+        except KeyError:
+            driver, one_way = self._route(src, dst)
+        net = self.net
+        if driver is None or (net.cuts and not net.reachable(src, dst)):
+            return
+        heappush(driver.inbox, (sent_s + one_way, next(driver.arrivals), beat))
 
     def _route(self, src: str, dst: str) -> tuple[SimDriver | None, float]:
         """(orchestrator of ``dst``, one-way delay from ``src``), remembered."""

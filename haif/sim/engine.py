@@ -52,8 +52,8 @@ class EngineWorker(BaseWorker):
 
     # -------------------------------------------------------- BaseWorker hooks
 
-    def warm_models(self) -> tuple[str, ...]:
-        return self.engine.warm_models(self.env.now)
+    def warm_models(self, now: float | None = None) -> tuple[str, ...]:
+        return self.engine.warm_models(self.env.now if now is None else now)
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth()

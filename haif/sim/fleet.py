@@ -25,9 +25,12 @@ import simpy
 
 from haif.contracts import AttemptResult, ErrorKind, Event, Heartbeat, Request, WorkerSnapshot
 from haif.fleet.engine import Seq
+from haif.sim.heartbeats import HeartbeatClock
 
 # (source region, destination region, event) -> None; the network applies delay and loss.
 Send = Callable[[str, str, Event], None]
+# (source region, destination region, time sent, heartbeat) -> None: a beat sent at that time.
+PostBeat = Callable[[str, str, float, Heartbeat], None]
 
 
 class Job(Seq):
@@ -112,6 +115,10 @@ class BaseWorker(ABC):
         self._orchestrators: tuple[str, ...] = ()  # whom heartbeats go to
         self._beat_every: tuple[float, float] | None = None  # (interval_s, loss) once beating
         self._cadence = 0  # the current heartbeat loop (a restart starts a new one)
+        # Beating on the fleet's clock (beat_on) rather than with a process of its own.
+        self._clock: HeartbeatClock | None = None
+        self._post: PostBeat = self._send_now
+        self._beat_msg: Heartbeat | None = None  # the last beat sent (reused while unchanged)
         self.slow = 1.0  # gray failure factor
         self.served = 0
         self.jobs: dict[tuple[str, int], Job] = {}
@@ -134,7 +141,8 @@ class BaseWorker(ABC):
     def busy_fraction_now(self) -> float:
         """Busy fraction right now (for the utilization integral)."""
 
-    def warm_models(self) -> tuple[str, ...]:
+    def warm_models(self, now: float | None = None) -> tuple[str, ...]:
+        """The models loaded at ``now`` (default: the environment's time)."""
         return self.models
 
     def queue_depth(self) -> int:
@@ -225,7 +233,11 @@ class BaseWorker(ABC):
         self._account()
         self.up = True
         self.on_restart(elapsed_s)
-        if self._beat_every is not None:
+        if self._beat_every is None:
+            return
+        if self._clock is not None:
+            self._clock.add(self.env.now + self._new_cadence(), self, self._cadence)
+        else:
             self.env.process(self._beating())
 
     def complete(self, job: Job) -> None:
@@ -258,8 +270,14 @@ class BaseWorker(ABC):
 
     # -------------------------------------------------------- telemetry
 
-    def snapshot(self) -> WorkerSnapshot:
-        state = (self.warm_models(), self.queue_depth(), self.running(), self.free_kv_tokens())
+    def snapshot(self, now: float | None = None) -> WorkerSnapshot:
+        """What a heartbeat sent at ``now`` (default: the environment's time) says."""
+        state = (
+            self.warm_models(now),
+            self.queue_depth(),
+            self.running(),
+            self.free_kv_tokens(),
+        )
         if state != self._snapshot_state or self._snapshot is None:
             # Rebuilt only when something changed since the last beat (it is immutable).
             self._snapshot_state = state
@@ -290,31 +308,76 @@ class BaseWorker(ABC):
         gaps (:mod:`haif.control.presence`), so none may be shorter than
         ``interval_s``. A restart announces anew and starts a new cadence
         (:meth:`_booted`).
+
+        This is the worker's own process (one event per beat); a fleet beats
+        on one clock instead (:meth:`beat_on`), with the same beats.
         """
         self._orchestrators = orchestrators
         self._beat_every = (interval_s, loss)
         return self._beating()
 
-    def _beating(self) -> simpy.events.ProcessGenerator:
+    def beat_on(
+        self,
+        clock: HeartbeatClock,
+        orchestrators: tuple[str, ...],
+        interval_s: float,
+        loss: float,
+        post: PostBeat,
+    ) -> None:
+        """Announce now, then beat as :meth:`heartbeats` does, on the fleet's ``clock``
+        (:mod:`haif.sim.heartbeats`); ``post(src, dst, sent_at, beat)`` sends each beat."""
+        self._orchestrators = orchestrators
+        self._beat_every = (interval_s, loss)
+        self._clock = clock
+        self._post = post
+        clock.add(self.env.now + self._new_cadence(), self, self._cadence)
+
+    def _new_cadence(self) -> float:
+        """Start a cadence now: announce; how long until its first tick."""
         assert self._beat_every is not None
-        interval_s, loss = self._beat_every
+        interval_s = self._beat_every[0]
         self._cadence += 1
-        cadence = self._cadence
         self._announce()
-        yield self.env.timeout(interval_s + self.rng.uniform(0, interval_s))
-        while cadence == self._cadence:  # a restart started a new one
-            if self.up:
-                beat = Heartbeat(self.snapshot())
-                for region in self._orchestrators:
-                    if self.rng.random() >= loss:
-                        self._send(self.region, region, beat)
+        return interval_s + self.rng.uniform(0, interval_s)
+
+    def _beating(self) -> simpy.events.ProcessGenerator:
+        first = self._new_cadence()
+        cadence = self._cadence
+        yield self.env.timeout(first)
+        assert self._beat_every is not None
+        interval_s = self._beat_every[0]
+        while self.beat(self.env.now, cadence) is not None:
             yield self.env.timeout(interval_s)
+
+    def beat(self, at: float, cadence: int) -> float | None:
+        """One tick of heartbeat cadence ``cadence`` at ``at``: a beat to every
+        orchestrator if up (each lost with probability ``loss``); when the next
+        tick is due, or None if a restart started a new cadence since."""
+        if cadence != self._cadence:
+            return None
+        every = self._beat_every
+        assert every is not None
+        interval_s, loss = every
+        if self.up:
+            snapshot = self.snapshot(at)
+            msg = self._beat_msg
+            if msg is None or msg.snapshot is not snapshot:
+                msg = self._beat_msg = Heartbeat(snapshot)
+            post, src, draw = self._post, self.region, self.rng.random
+            for region in self._orchestrators:
+                if draw() >= loss:
+                    post(src, region, at, msg)
+        return at + interval_s
+
+    def _send_now(self, src: str, dst: str, _at: float, event: Event) -> None:
+        self._send(src, dst, event)
 
     def _announce(self) -> None:
         """A heartbeat to every orchestrator, never lost."""
-        beat = Heartbeat(self.snapshot())
+        now = self.env.now
+        beat = Heartbeat(self.snapshot(now))
         for region in self._orchestrators:
-            self._send(self.region, region, beat)
+            self._post(self.region, region, now, beat)
 
     def _account(self) -> None:
         """Integrate the busy fraction up to now (call before any change)."""

@@ -43,7 +43,8 @@ def free_ports(n: int, host: str = "127.0.0.1") -> int:
 
 
 class UpCli:
-    """``haif up`` with a port block of its own: gateway, orchestrator, control, workers."""
+    """``haif up`` with a port block of its own: gateway, orchestrator, control, standby,
+    workers."""
 
     def __init__(
         self,
@@ -57,12 +58,13 @@ class UpCli:
         timeout_s: float = 120.0,
     ) -> None:
         self.data = data
-        base = free_ports(3 + workers)
+        base = free_ports(4 + workers)
         self.gateway_port, self.orchestrator_port, self.control_port = base, base + 1, base + 2
-        self.worker_port = base + 3
+        self.standby_port, self.worker_port = base + 3, base + 4
         self.url = f"http://127.0.0.1:{self.gateway_port}"
         args = ["--port", str(base), "--orchestrator-port", str(base + 1)]
-        args += ["--control-port", str(base + 2), "--worker-port", str(base + 3)]
+        args += ["--control-port", str(base + 2), "--standby-port", str(base + 3)]
+        args += ["--worker-port", str(base + 4)]
         cmd = [sys.executable, "-m", "haif", "up", *([str(config)] if config else [])]
         self.proc = subprocess.Popen(
             [*cmd, *args, "--data-dir", str(data), *extra],

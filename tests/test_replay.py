@@ -28,6 +28,7 @@ from haif.runtime import replay as replay_mod
 from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.faults import live_plan
 from haif.runtime.replay import load_workload, prompt_text, replay_with_faults
+from haif.seeding import derive_rng
 from haif.sim.driver import SimCluster
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -232,11 +233,20 @@ def test_live_faults_pick_the_simulators_victims() -> None:
     outage, crash, gray, gateway = plan
     assert set(outage.targets) == {w for w in sim.workers if w.startswith("us-east/")}
     assert (outage.start_s, outage.end_s) == (1200, 2100)
-    assert len(crash.targets) == 3
     assert (crash.start_s, crash.end_s) == (10, 130)
-    assert len(gray.targets) == 1 and gray.targets[0].startswith("us-west/")
     assert gray.factor == 4
     assert gateway.targets == ("gateway",)
+    # The victims by the documented rule, written here rather than through
+    # pick_workers (which both the live plan and the simulator call): fault i's
+    # own generator derive_rng(seed, "fault:<i>") samples `count` ids from the
+    # fleet (or the fault's region) in scenario order. Seeded, so also pinned.
+    assert scenario.seed == 42  # failover.yaml's
+    fleet = [(wid, region) for wid, region, _ in scenario_workers(scenario)]
+    crash_rule = derive_rng(42, "fault:1").sample([w for w, _ in fleet], 3)
+    gray_rule = derive_rng(42, "fault:2").sample([w for w, r in fleet if r == "us-west"], 1)
+    pinned = ("us-west/RTX4090-24G/4.0", "us-east/RTX4090-24G/2.0", "us-east/H100-80G/0.1")
+    assert crash.targets == tuple(crash_rule) == pinned
+    assert gray.targets == tuple(gray_rule) == ("us-west/A100-80G/3.0",)
 
     # What the simulator does, watched as it runs (not its plan recomputed):
     # the workers it slows down and takes down are the live plan's victims.

@@ -249,7 +249,13 @@ def test_length_files_and_sampler() -> None:
     pool = set(share)
     assert all(d in pool for d in draws)
     assert len(set(draws)) > 1_000  # with replacement, but spread over the file
-    assert np.mean([p for p, _ in draws]) == pytest.approx(2_340, rel=0.1)
+    # Draws with replacement: the mean of 2,000 has the file's mean (2,340) and
+    # sd (2,089 tokens) / sqrt(2,000) = 46.7; within 4 sd (+-8 %). Seeded: exact.
+    prompts = np.array([p for p, _ in share], dtype=float)
+    drawn = [p for p, _ in draws]
+    assert prompts.std() == pytest.approx(2_089, abs=1)
+    assert abs(np.mean(drawn) - prompts.mean()) <= 4 * prompts.std() / math.sqrt(len(drawn))
+    assert sum(drawn) == 4_649_984
     with pytest.raises(ValueError):
         LengthSampler([], 0)
 
@@ -311,12 +317,22 @@ def test_servegen_weibull_keeps_shape_and_sets_mean_from_rate() -> None:
     ]
     assert wins[0].fitted_mean_iat() == pytest.approx(3.0 * unit_mean)
     arr = [t for t, _ in servegen_arrivals(wins, 3)]
-    assert len(arr) / (100 * SERVEGEN_WINDOW_S) == pytest.approx(2.0, rel=0.05)
+    # The count of a stationary renewal process: mean rate x T, variance about
+    # cv^2 x rate x T, here cv = 1.758 (Weibull c = 0.6): 120,000 +- 609, so
+    # within 4 sd (+-2 %; the published scale, a mean gap of 4.5 s, would give
+    # a ninth of that).
+    cv = wins[0].fitted_cv()
+    assert cv == pytest.approx(math.sqrt(math.gamma(1 + 2 / c) / unit_mean**2 - 1))
+    mean = 2.0 * 100 * SERVEGEN_WINDOW_S
+    assert abs(len(arr) - mean) <= 4 * cv * math.sqrt(mean), (len(arr), mean)
     assert _cv(arr) == pytest.approx(wins[0].fitted_cv(), rel=0.1)
     # start_s / duration_s select and re-base; rate_scale multiplies the rate.
     part = servegen_arrivals(wins, 3, start_s=900.0, duration_s=1_200.0, rate_scale=0.5)
     assert all(0 <= t < 1_200 for t, _ in part)
-    assert len(part) == pytest.approx(1_200, rel=0.25)
+    # Rate 2 x 0.5 over 1,200 s: 1,200 +- 4 x 1.758 x sqrt(1,200) = +-244 (20 %);
+    # unscaled (2,400) falls outside.
+    assert abs(len(part) - 1_200) <= 4 * cv * math.sqrt(1_200), len(part)
+    assert (len(arr), len(part)) == (121_198, 1_213)  # seeded: exact
 
 
 # ------------------------------------------------------------------ synthetic
@@ -335,7 +351,12 @@ def test_poisson_rate_and_cv() -> None:
 def test_gamma_rate_and_cv(cv: float) -> None:
     t = gamma_arrivals(10.0, cv, 20_000.0, random.Random(2))
     assert t == sorted(t) and t[0] >= 0 and t[-1] < 20_000
-    assert len(t) / 20_000 == pytest.approx(10.0, rel=0.05)
+    # A stationary renewal process's count over T has mean rate x T and, for
+    # long T, variance cv^2 x rate x T (renewal CLT): 200,000 +- 224 / 447 / 1342
+    # for cv 0.5 / 1 / 3; within 4 sd, that is +-0.45 % / 0.9 % / 2.7 %.
+    mean = 10.0 * 20_000
+    assert abs(len(t) - mean) <= 4 * cv * math.sqrt(mean), (len(t), mean)
+    assert len(t) == {0.5: 200_061, 1.0: 200_406, 3.0: 201_815}[cv]  # seeded: exact
     assert _cv(t) == pytest.approx(cv, abs=0.1 * cv)
 
 
@@ -364,8 +385,19 @@ def test_diurnal_peak_trough_and_mean() -> None:
     q_trough = np.sum((phase >= 0.625) & (phase < 0.875))  # sin troughs at 3/4
     assert q_peak > q_rise > q_trough
     assert q_peak > q_fall > q_trough
-    # Expected peak/trough quarter ratio: (1 + 0.8 * 0.9003) / (1 - 0.8 * 0.9003).
-    assert q_peak / q_trough == pytest.approx(1.7203 / 0.2797, rel=0.15)
+    # The rate averaged over the peak quarter is 20 x (1 + 0.8 x 0.9003) and over
+    # the trough quarter 20 x (1 - 0.8 x 0.9003), where 0.9003 = 2 sqrt(2) / pi is
+    # the mean of sin over [pi/4, 3pi/4]: Poisson counts of mean 43,006 and 6,994
+    # over the 5 periods, a ratio 6.149. The quarters' counts are independent
+    # Poisson, so the ratio's sd is ratio x sqrt(1/43006 + 1/6994) = 0.080 (1.3 %);
+    # within 4 sd (an amplitude of 0.77 instead of 0.8, ratio 5.5, falls outside).
+    lift = 0.8 * 2 * math.sqrt(2) / math.pi
+    peak, trough = (20.0 * 5 * period / 4 * (1 + sign * lift) for sign in (1, -1))
+    ratio = peak / trough
+    assert ratio == pytest.approx(6.1493, abs=1e-4)
+    sd = ratio * math.sqrt(1 / peak + 1 / trough)
+    assert abs(q_peak / q_trough - ratio) <= 4 * sd, (q_peak, q_trough)
+    assert (len(t), int(q_peak), int(q_trough)) == (99_955, 43_020, 6_971)  # seeded: exact
     # phase_s shifts the peak: with phase period/2 the first half is the trough.
     s = np.asarray(diurnal_arrivals(20.0, 1.0, period, period, 3, phase_s=period / 2))
     assert np.sum(s < period / 2) < np.sum(s >= period / 2)

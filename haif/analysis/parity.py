@@ -20,7 +20,18 @@ such a scenario, scaled to what a 2-core machine serves.
 
 Exit status 1 when an error exceeds its bound (default 5 % at p50 and p90,
 10 % at p99, for TTFT and end-to-end latency alike; ``--bound ttft.p90=0.2``
-sets one), so CI can run it as a check.
+sets one), so CI can run it as a check. The check reads the point estimate
+only; next to it each error has a 95 % bootstrap interval and a verdict on
+whether the interval supports the bound (``supported``, ``within, interval
+too wide``, ``outside``; :func:`haif.analysis.stats.bound_verdict`), and each
+latency a Kolmogorov-Smirnov distance between the two runs' distributions.
+The bootstrap is paired by default: the same requests are drawn from both
+runs, since both shells serve the same requests (``--bootstrap independent``
+resamples each side on its own). ``--repeat N`` plays the scenario N times in
+both shells, seeds ``seed``, ``seed + 1``, ... (repeat i has one seed, so one
+set of requests, in both; a fresh cluster each time, as faults and warm state
+must not carry over), pools the requests for the point estimates and resamples
+the runs, then the requests within them, for the intervals.
 """
 
 from __future__ import annotations
@@ -44,6 +55,13 @@ import numpy as np
 import yaml
 from pydantic import TypeAdapter
 
+from haif.analysis.stats import (
+    DEFAULT_RESAMPLES,
+    bound_verdict,
+    ks_critical_95,
+    ks_distance,
+    quantile_errors,
+)
 from haif.configfile import ConfigError
 from haif.contracts import RequestRecord
 from haif.control.config import CoreConfig
@@ -57,6 +75,9 @@ METRICS = ("ttft", "e2e")
 DEFAULT_BOUNDS = {
     f"{m}.p{q}": bound for m in METRICS for q, bound in ((50, 0.05), (90, 0.05), (99, 0.10))
 }
+#: Coverage of the bootstrap interval reported next to each error.
+LEVEL = 0.95
+BOOTSTRAPS = ("paired", "independent")
 
 
 def cluster_config(scenario: Scenario, *, timing: str = "profile") -> dict[str, Any]:
@@ -120,15 +141,30 @@ class Comparison:
     same_worker: float = float("nan")
     #: The requests whose TTFT differs most between the runs (a failed check's first lead).
     outliers: list[dict[str, Any]] = field(default_factory=list)
+    #: Per latency metric: the Kolmogorov-Smirnov distance and its 5 % critical value.
+    distances: list[dict[str, Any]] = field(default_factory=list)
+    #: Runs per side (``--repeat``), pooled for the point estimates.
+    repeats: int = 1
+    #: How the intervals were drawn: design, resamples, level.
+    bootstrap: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {
             "metrics": self.metrics,
+            "distances": self.distances,
+            "repeats": self.repeats,
+            "bootstrap": self.bootstrap,
             "placement": self.placement,
             "same_worker": self.same_worker,
             "ttft_outliers": self.outliers,
             "passed": self.passed,
         }
+
+    def too_wide(self) -> list[str]:
+        """The metrics within their bound whose interval crosses it."""
+        return [
+            m["metric"] for m in self.metrics if m.get("verdict") == "within, interval too wide"
+        ]
 
 
 def _latencies(records: Sequence[RequestRecord]) -> dict[str, np.ndarray]:
@@ -136,6 +172,44 @@ def _latencies(records: Sequence[RequestRecord]) -> dict[str, np.ndarray]:
     return {
         "ttft": np.array([r.first_token_s - r.arrival_s for r in ok if r.first_token_s]),
         "e2e": np.array([r.finish_s - r.arrival_s for r in ok]),
+    }
+
+
+def _request_keys(records: Sequence[RequestRecord]) -> list[tuple[str, int]]:
+    """Each record's request id with its occurrence number (a repeated id stays apart)."""
+    seen: Counter[str] = Counter()
+    keys = []
+    for r in records:
+        keys.append((r.request_id, seen[r.request_id]))
+        seen[r.request_id] += 1
+    return keys
+
+
+def _aligned(
+    sim: Sequence[RequestRecord], live: Sequence[RequestRecord]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per latency metric, the sim and live values of one run's requests by request id
+    (their union, sorted, so the records' order does not matter), nan where a side has
+    none: the values :func:`_latencies` takes, paired for the bootstrap."""
+
+    def values(records: Sequence[RequestRecord]) -> dict[tuple[str, int], tuple[float, float]]:
+        nan = float("nan")
+        out = {}
+        for key, r in zip(_request_keys(records), records, strict=True):
+            if r.status == "ok" and r.first_token_s is not None:
+                ttft = r.first_token_s - r.arrival_s if r.first_token_s else nan
+                out[key] = (ttft, r.finish_s - r.arrival_s)
+        return out
+
+    s, lv = values(sim), values(live)
+    keys = sorted(set(s) | set(lv))
+    missing = (float("nan"), float("nan"))
+    return {
+        name: (
+            np.array([s.get(k, missing)[i] for k in keys]),
+            np.array([lv.get(k, missing)[i] for k in keys]),
+        )
+        for i, name in enumerate(METRICS)
     }
 
 
@@ -147,34 +221,103 @@ def compare(
     sim: Sequence[RequestRecord],
     live: Sequence[RequestRecord],
     bounds: dict[str, float] | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+    bootstrap: str = "paired",
+    resamples: int = DEFAULT_RESAMPLES,
 ) -> Comparison:
-    """Side by side: latency quantiles with relative error, rates, placement shares."""
+    """Side by side: latency quantiles with relative error, its interval and verdict,
+    KS distances, rates, placement shares (one run per side; :func:`compare_runs`)."""
+    return compare_runs([sim], [live], bounds, rng=rng, bootstrap=bootstrap, resamples=resamples)
+
+
+def compare_runs(
+    sim_runs: Sequence[Sequence[RequestRecord]],
+    live_runs: Sequence[Sequence[RequestRecord]],
+    bounds: dict[str, float] | None = None,
+    *,
+    rng: np.random.Generator | None = None,
+    bootstrap: str = "paired",
+    resamples: int = DEFAULT_RESAMPLES,
+) -> Comparison:
+    """:func:`compare` over repeated runs: run i of ``sim_runs`` and of ``live_runs`` played
+    one seed. Point estimates, rates and shares pool the runs' requests; the bootstrap
+    (``paired`` by request id, or ``independent`` sides) resamples the runs, then the
+    requests within them, from ``rng`` (None: a generator seeded with 0, so a report is
+    reproducible). The check passes when every point estimate is within its bound."""
+    if len(sim_runs) != len(live_runs) or not sim_runs:
+        raise ValueError("compare_runs needs one live run per simulated run")
+    if bootstrap not in BOOTSTRAPS:
+        raise ValueError(f"bootstrap must be one of {BOOTSTRAPS}, got {bootstrap!r}")
     bounds = bounds or DEFAULT_BOUNDS
-    s, lv = _latencies(sim), _latencies(live)
+    rng = np.random.default_rng(0) if rng is None else rng
+    sim = [r for run in sim_runs for r in run]
+    live = [r for run in live_runs for r in run]
+    if bootstrap == "paired":
+        aligned = [_aligned(a, b) for a, b in zip(sim_runs, live_runs, strict=True)]
+        samples = {
+            name: ([a[name][0] for a in aligned], [a[name][1] for a in aligned]) for name in METRICS
+        }
+    else:
+        per_run = [(_latencies(a), _latencies(b)) for a, b in zip(sim_runs, live_runs, strict=True)]
+        # Sorted, so the records' order does not matter.
+        samples = {
+            name: ([np.sort(a[name]) for a, _ in per_run], [np.sort(b[name]) for _, b in per_run])
+            for name in METRICS
+        }
     metrics: list[dict[str, Any]] = []
+    distances: list[dict[str, Any]] = []
     passed = True
     for name in METRICS:
-        for q in QUANTILES:
+        s_runs, l_runs = samples[name]
+        errors = quantile_errors(
+            s_runs,
+            l_runs,
+            QUANTILES,
+            rng,
+            paired=bootstrap == "paired",
+            resamples=resamples,
+            level=LEVEL,
+        )
+        for q, e in zip(QUANTILES, errors, strict=True):
             bound = bounds[f"{name}.p{q}"]
-            if not len(s[name]) or not len(lv[name]):
-                metrics.append({"metric": f"{name} p{q}", "sim": None, "live": None})
+            if not e.n_sim or not e.n_live:
+                metrics.append(
+                    {"metric": f"{name} p{q}", "sim": None, "live": None, "verdict": "no data"}
+                )
                 passed = False
                 continue
-            a, b = float(np.percentile(s[name], q)), float(np.percentile(lv[name], q))
-            error = (b - a) / a if a > 0 else float("inf")
-            ok = abs(error) <= bound
+            ok = abs(e.error) <= bound
             passed &= ok
             metrics.append(
                 {
                     "metric": f"{name} p{q}",
                     "unit": "s",
-                    "sim": a,
-                    "live": b,
-                    "error": error,
+                    "sim": e.sim,
+                    "live": e.live,
+                    "error": e.error,
                     "bound": bound,
                     "ok": ok,
+                    "interval": [e.low, e.high],
+                    "verdict": bound_verdict(e.error, e.low, e.high, bound),
+                    "n_sim": e.n_sim,
+                    "n_live": e.n_live,
                 }
             )
+        a_all = np.concatenate([*s_runs, np.empty(0)])
+        b_all = np.concatenate([*l_runs, np.empty(0)])
+        a_all, b_all = a_all[~np.isnan(a_all)], b_all[~np.isnan(b_all)]
+        distance, critical = ks_distance(a_all, b_all), ks_critical_95(a_all.size, b_all.size)
+        distances.append(
+            {
+                "metric": name,
+                "ks": distance,
+                "ks_critical_95": critical,
+                "n_sim": int(a_all.size),
+                "n_live": int(b_all.size),
+                "verdict": _ks_verdict(distance, critical),
+            }
+        )
     for label, pred in (
         ("success rate", lambda r: r.status == "ok"),
         ("retried", lambda r: r.attempts > 1),
@@ -193,31 +336,54 @@ def compare(
         placement.append(
             {"region": key[0], "gpu_class": key[1], "sim": a, "live": b, "difference": b - a}
         )
-    same, outliers = _paired(sim, live)
-    return Comparison(metrics, placement, passed, same, outliers)
+    same, outliers = _paired_runs(sim_runs, live_runs)
+    return Comparison(
+        metrics,
+        placement,
+        passed,
+        same,
+        outliers,
+        distances=distances,
+        repeats=len(sim_runs),
+        bootstrap={"design": bootstrap, "resamples": resamples, "level": LEVEL},
+    )
+
+
+def _ks_verdict(distance: float, critical: float) -> str:
+    if np.isnan(distance):
+        return "no data"
+    return "differ at 5 %" if distance > critical else "none detected at 5 %"
 
 
 def _ttft(r: RequestRecord) -> float | None:
     return None if r.first_token_s is None else r.first_token_s - r.arrival_s
 
 
-def _paired(
-    sim: Sequence[RequestRecord], live: Sequence[RequestRecord], top: int = 5
+def _paired_runs(
+    sim_runs: Sequence[Sequence[RequestRecord]],
+    live_runs: Sequence[Sequence[RequestRecord]],
+    top: int = 5,
 ) -> tuple[float, list[dict[str, Any]]]:
-    """Request by request: how often both ran on one worker; the largest TTFT differences."""
-    by_id = {r.request_id: r for r in live if r.status == "ok"}
-    pairs = [(s, by_id[s.request_id]) for s in sim if s.status == "ok" and s.request_id in by_id]
+    """Request by request within each run pair: how often both ran on one worker; the
+    largest TTFT differences (with the repeat they came from when there are several)."""
+    pairs = []
+    for i, (sim, live) in enumerate(zip(sim_runs, live_runs, strict=True)):
+        by_id = {r.request_id: r for r in live if r.status == "ok"}
+        pairs += [
+            (i, s, by_id[s.request_id]) for s in sim if s.status == "ok" and s.request_id in by_id
+        ]
     if not pairs:
         return float("nan"), []
-    same = sum(s.worker_id == lv.worker_id for s, lv in pairs) / len(pairs)
+    same = sum(s.worker_id == lv.worker_id for _, s, lv in pairs) / len(pairs)
     diffs = []
-    for s, lv in pairs:
+    for i, s, lv in pairs:
         a, b = _ttft(s), _ttft(lv)
         if a is not None and b is not None:
-            diffs.append((b - a, s, lv, a, b))
+            diffs.append((b - a, i, s, lv, a, b))
     diffs.sort(key=lambda d: -abs(d[0]))
-    outliers = [
-        {
+    outliers = []
+    for _, i, s, lv, a, b in diffs[:top]:
+        outlier: dict[str, Any] = {
             "request_id": s.request_id,
             "arrival_s": s.arrival_s,
             "sim_worker": s.worker_id,
@@ -225,8 +391,9 @@ def _paired(
             "sim_ttft": a,
             "live_ttft": b,
         }
-        for _, s, lv, a, b in diffs[:top]
-    ]
+        if len(sim_runs) > 1:
+            outlier["repeat"] = i + 1
+        outliers.append(outlier)
     return same, outliers
 
 
@@ -331,24 +498,100 @@ def _fmt(value: Any, unit: str | None) -> str:
     return f"{value * 1000:.1f} ms" if unit == "s" else f"{value:.2%}"
 
 
-def write_report(comparison: Comparison, scenario: Scenario, out: Path) -> None:
-    (out / "parity.json").write_text(
-        json.dumps({"scenario": scenario.name, **comparison.to_json()}, indent=2) + "\n"
-    )
-    lines = [
-        f"# Parity: {scenario.name} (seed {scenario.seed})",
-        "",
-        "| metric | sim | live | error | bound |",
-        "|---|---:|---:|---:|---:|",
-    ]
+#: The columns of the metrics table (terminal and parity.md).
+COLUMNS = ("metric", "sim", "live", "error", "95 % interval", "bound", "verdict")
+
+
+def table_rows(comparison: Comparison) -> list[tuple[tuple[str, ...], str | None]]:
+    """The metrics table's rows as text, each with a style for the terminal (red: outside
+    its bound; yellow: within, interval too wide): each latency's quantiles, then its
+    KS distance (error column: D; bound column: the 5 % critical value), then the rates."""
+    rows: list[tuple[tuple[str, ...], str | None]] = []
+    ks = {d["metric"]: d for d in comparison.distances}
+    style = {"outside": "red", "no data": "red", "within, interval too wide": "yellow"}
     for m in comparison.metrics:
-        error = f"{m['error']:+.1%}" if m.get("error") is not None else ""
-        bound = f"{m['bound']:.0%}" if m.get("bound") is not None else ""
         unit = m.get("unit")
-        lines.append(
-            f"| {m['metric']} | {_fmt(m['sim'], unit)} | {_fmt(m['live'], unit)} "
-            f"| {error} | {bound} |"
-        )
+        error = f"{m['error']:+.1%}" if m.get("error") is not None else ""
+        interval = m.get("interval")
+        span = f"{interval[0]:+.1%} .. {interval[1]:+.1%}" if interval else ""
+        bound = f"{m['bound']:.0%}" if m.get("bound") is not None else ""
+        verdict = m.get("verdict", "")
+        cells = (m["metric"], _fmt(m["sim"], unit), _fmt(m["live"], unit), error, span, bound)
+        rows.append(((*cells, verdict), style.get(verdict)))
+        name, _, q = m["metric"].partition(" p")
+        if name in ks and q == str(QUANTILES[-1]):
+            d = ks[name]
+            rows.append(
+                (
+                    (
+                        f"{name} KS distance",
+                        f"n={d['n_sim']}",
+                        f"n={d['n_live']}",
+                        "n/a" if np.isnan(d["ks"]) else f"{d['ks']:.3f}",
+                        "",
+                        "n/a" if np.isnan(d["ks_critical_95"]) else f"{d['ks_critical_95']:.3f}",
+                        d["verdict"],
+                    ),
+                    None,
+                )
+            )
+    return rows
+
+
+def method_note(comparison: Comparison, seeds: Sequence[int]) -> str:
+    """One paragraph: what the error, the interval, the verdict and the KS row mean."""
+    b = comparison.bootstrap
+    runs = (
+        f"{comparison.repeats} runs per side (seeds {', '.join(map(str, seeds))}), "
+        "their requests pooled"
+        if comparison.repeats > 1
+        else "one run per side"
+    )
+    design = (
+        "the same requests drawn from both sides"
+        if b.get("design") == "paired"
+        else "each side drawn on its own"
+    )
+    over = "the runs, then the requests within them" if comparison.repeats > 1 else "the requests"
+    return (
+        f"Error: live / sim - 1, {runs}. Interval: {b.get('level', LEVEL) * 100:.0f} % "
+        f"bootstrap percentile interval of the error, {b.get('resamples')} resamples of "
+        f"{over} ({design}). Verdict: *supported* (the whole interval within the bound), "
+        "*within, interval too wide* (the error within, the interval crossing the bound: "
+        "the runs cannot support the claim), *outside* (the error outside). PASS / FAIL "
+        "reads the errors only. KS distance: the largest gap between the two empirical "
+        "distributions; the bound column holds its 5 % critical value for independent "
+        "samples of these sizes."
+    )
+
+
+def write_report(
+    comparison: Comparison, scenario: Scenario, out: Path, *, seeds: Sequence[int] = ()
+) -> None:
+    """``parity.json`` and ``parity.md`` in ``out``; ``seeds``: the runs' seeds (default:
+    the scenario's)."""
+    seeds = list(seeds) or [scenario.seed]
+    (out / "parity.json").write_text(
+        json.dumps({"scenario": scenario.name, "seeds": seeds, **comparison.to_json()}, indent=2)
+        + "\n"
+    )
+    title = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"
+    lines = [
+        f"# Parity: {scenario.name} ({title})",
+        "",
+        method_note(comparison, seeds),
+        "",
+        "| " + " | ".join(COLUMNS) + " |",
+        "|---|" + "---:|" * (len(COLUMNS) - 2) + "---|",
+    ]
+    for cells, _ in table_rows(comparison):
+        lines.append("| " + " | ".join(cells) + " |")
+    wide = comparison.too_wide()
+    if wide:
+        lines += [
+            "",
+            f"Within the bound, but the interval too wide to support it: {', '.join(wide)}.",
+        ]
     lines += [
         "",
         "| region | GPU class | sim share | live share | difference |",
@@ -367,8 +610,9 @@ def write_report(comparison: Comparison, scenario: Scenario, out: Path) -> None:
         "|---|---:|---|---|---:|---:|",
     ]
     for o in comparison.outliers:
+        request = o["request_id"] + (f" (repeat {o['repeat']})" if "repeat" in o else "")
         lines.append(
-            f"| {o['request_id']} | {o['arrival_s']:.3f} s | {o['sim_worker']} "
+            f"| {request} | {o['arrival_s']:.3f} s | {o['sim_worker']} "
             f"| {o['live_worker']} | {_fmt(o['sim_ttft'], 's')} | {_fmt(o['live_ttft'], 's')} |"
         )
     lines += ["", f"**{'PASS' if comparison.passed else 'FAIL'}**", ""]
@@ -403,6 +647,15 @@ the relative error), success rate, retries and where requests ran (share per
 region and GPU class). Writes parity.md and parity.json next to both runs'
 records, and exits 1 when an error exceeds its bound (5 % at p50 and p90,
 10 % at p99 unless --bound says otherwise), so CI can run it as a check.
+
+Each error comes with a 95 % bootstrap interval (2000 resamples; paired: the
+same requests drawn from both runs, unless --bootstrap independent) and a
+verdict: supported (the interval within the bound), "within, interval too
+wide" (the error within, the interval not), or outside; the exit status
+reads the error alone. A Kolmogorov-Smirnov distance per latency follows its
+quantiles. --repeat N plays the scenario N times in both shells (seeds seed,
+seed+1, ...; a fresh cluster each time), pools the requests for the errors
+and resamples the runs, then their requests, for the intervals.
 
 The scenario needs a single control region and GPU-profiled workers only;
 scenarios/parity.yaml is one, scaled to a 2-core machine.
@@ -440,8 +693,47 @@ def add_parity_command(sub: Any) -> None:
         help="bound on |relative error|, e.g. ttft.p90=0.2 (default 0.05 at p50 and p90, "
         "0.10 at p99)",
     )
+    p.add_argument(
+        "--repeat",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="play the scenario N times in both shells, seeds seed..seed+N-1 (default 1)",
+    )
+    p.add_argument(
+        "--bootstrap",
+        default="paired",
+        choices=BOOTSTRAPS,
+        help="resample the same requests from both runs (paired; default) or each on its own",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output or table")
     p.set_defaults(func=_cmd_parity)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _point_errors(sim: Sequence[RequestRecord], live: Sequence[RequestRecord]) -> str:
+    """One repeat's errors at p50 / p90 / p99 per latency, for the progress output."""
+    s, lv = _latencies(sim), _latencies(live)
+    parts = []
+    for name in METRICS:
+        if not len(s[name]) or not len(lv[name]):
+            parts.append(f"{name} n/a")
+            continue
+        errors = [
+            (float(np.percentile(lv[name], q)) / float(np.percentile(s[name], q)) - 1) * 100
+            for q in QUANTILES
+        ]
+        parts.append(f"{name} " + " / ".join(f"{e:+.1f}" for e in errors) + " %")
+    return ", ".join(parts)
 
 
 def _cmd_parity(args: argparse.Namespace) -> int:
@@ -458,41 +750,63 @@ def _cmd_parity(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.scenario, overrides)
     bounds = parse_bounds(args.bound)
     cluster_config(scenario, timing=args.timing)  # refuse early what cannot run live
+    repeat = int(args.repeat)
+    scenarios = [scenario] + [
+        load_scenario(args.scenario, [*overrides, f"seed={scenario.seed + i}"])
+        for i in range(1, repeat)
+    ]
     out = Path(args.out or f"reports/parity-{scenario.name}")
     out.mkdir(parents=True, exist_ok=True)
     console = Console(stderr=True)
-    sim = run_scenario(scenario).records
-    write_parquet(sim, out / "sim.parquet")
-    with Progress(
-        TextColumn("live"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        console=console,
-        transient=True,
-        disable=args.quiet,
-    ) as progress:
-        task = progress.add_task("live", total=len(sim))
-        live = run_live(
-            scenario, out, timing=args.timing, on_event=lambda _r: progress.advance(task)
-        )
-    write_parquet(live, out / "live.parquet")
-    comparison = compare(sim, live, bounds)
-    write_report(comparison, scenario, out)
-    if not args.quiet:
-        table = Table(title=f"parity: {scenario.name}")
-        for column in ("metric", "sim", "live", "error", "bound"):
-            table.add_column(column, justify="left" if column == "metric" else "right")
-        for m in comparison.metrics:
-            unit = m.get("unit")
-            table.add_row(
-                m["metric"],
-                _fmt(m["sim"], unit),
-                _fmt(m["live"], unit),
-                f"{m['error']:+.1%}" if m.get("error") is not None else "",
-                f"{m['bound']:.0%}" if m.get("bound") is not None else "",
-                style=None if m.get("ok", True) else "red",
+    sim_runs, live_runs = [], []
+    for i, run in enumerate(scenarios):
+        # One run keeps today's layout; repeats get a folder each.
+        run_out = out if repeat == 1 else out / f"repeat-{i + 1}"
+        run_out.mkdir(parents=True, exist_ok=True)
+        label = "live" if repeat == 1 else f"repeat {i + 1}/{repeat} (seed {run.seed})"
+        if repeat > 1 and not args.quiet:
+            console.print(f"{label}: simulating")
+        sim = run_scenario(run).records
+        write_parquet(sim, run_out / "sim.parquet")
+        with Progress(
+            TextColumn("live" if repeat == 1 else f"{label}: live"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            console=console,
+            transient=True,
+            disable=args.quiet,
+        ) as progress:
+            task = progress.add_task("live", total=len(sim))
+            live = run_live(
+                run, run_out, timing=args.timing, on_event=lambda _r, t=task: progress.advance(t)
             )
+        write_parquet(live, run_out / "live.parquet")
+        if repeat > 1 and not args.quiet:
+            console.print(f"{label}: p50 / p90 / p99 error {_point_errors(sim, live)}")
+        sim_runs.append(sim)
+        live_runs.append(live)
+    comparison = compare_runs(
+        sim_runs,
+        live_runs,
+        bounds,
+        rng=np.random.default_rng(scenario.seed),
+        bootstrap=args.bootstrap,
+    )
+    seeds = [run.seed for run in scenarios]
+    write_report(comparison, scenario, out, seeds=seeds)
+    if not args.quiet:
+        runs = f", {repeat} runs" if repeat > 1 else ""
+        table = Table(title=f"parity: {scenario.name}{runs}")
+        for column in COLUMNS:
+            table.add_column(column, justify="left" if column in ("metric", "verdict") else "right")
+        for cells, style in table_rows(comparison):
+            table.add_row(*cells, style=style)
         console.print(table)
+        wide = comparison.too_wide()
+        if wide:
+            console.print(
+                "within the bound, but the interval too wide to support it: " + ", ".join(wide)
+            )
         console.print(f"same worker in both runs: {comparison.same_worker:.1%}")
         if not comparison.passed:
             worst = ", ".join(

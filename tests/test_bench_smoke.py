@@ -72,7 +72,7 @@ def test_main_reports_speed_results_and_disagreement(
         assert sp["total_best_s"] >= sp["wall_best_s"]
         assert sp["req_per_s_best"] == pytest.approx(sp["requests"] / sp["wall_best_s"])
         assert sp["events_per_request"] > 1
-        assert lv["bar_req_per_s"] == {"iteration": 2000.0, "request": 5000.0}[level]
+        assert lv["bar_req_per_s"] == {"iteration": 10000.0, "request": 20000.0}[level]
         res = lv["results"]
         assert res["requests"] == sp["requests"]
         assert 0.9 <= res["success_rate"] <= 1.0

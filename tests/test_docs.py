@@ -131,6 +131,9 @@ BENCH: dict[str, tuple[str, ...] | str] = {
         "tests/test_bench_smoke.py::test_store_writes_reports_cpu_and_batches",
     ),
     "bench/core_decisions.py": ("tests/test_docs.py::test_commands_run_for_real",),
+    "bench/sim_scale.py": (
+        "tests/test_sim_scale.py::test_sim_scale_bench_reports_time_speed_and_memory",
+    ),
     "bench/runtime_overhead.py": "by hand: a live cluster under load for minutes",
     "bench/hop_latency.py": "by hand: a live cluster, 200 requests one at a time",
     "bench/worker_boot.py": "by hand: restarts a live cluster's workers",

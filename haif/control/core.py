@@ -224,6 +224,10 @@ class ControlCore:
         """Refresh the discovery snapshot, stamped with the receiver's clock."""
         self._index.heartbeat(snapshot, now)
 
+    def on_heartbeats(self, reports: Iterable[tuple[WorkerSnapshot, float]]) -> None:
+        """:meth:`on_heartbeat` for each ``(snapshot, received at)``, in order."""
+        self._index.heartbeats(reports)
+
     def on_worker_gone(self, worker_id: str) -> None:
         """Forget a departed worker; its in-flight attempts fail via results."""
         self._index.gone(worker_id)
@@ -263,7 +267,9 @@ class ControlCore:
             return self._refuse(request, now, Reject(rid, 404, "model_not_found", 0.0))
         if self._shedder.should_shed(request.priority, self.utilization(now)):
             return self._refuse(request, now, Reject(rid, 529, "overloaded", _OVERLOAD_RETRY_S))
-        if self._throttle.should_reject(now, self._rng_for("throttle", rid, 0)):
+        # AdaptiveThrottle.should_reject, with the stream made only when it is drawn from.
+        p = self._throttle.reject_probability(now)
+        if p > 0.0 and self._rng_for("throttle", rid, 0).random() < p:
             return self._refuse(request, now, Reject(rid, 529, "throttled", _OVERLOAD_RETRY_S))
         quota = self._quotas.admit(request.tenant, request.prompt_tokens + request.max_tokens, now)
         if not quota.allowed:

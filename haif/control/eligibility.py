@@ -273,21 +273,54 @@ class EligibilityIndex:
 
     def heartbeat(self, snapshot: WorkerSnapshot, now: float) -> None:
         """A worker's heartbeat, received at ``now``."""
-        self._expire_stale(now)  # also keeps the queue of receipt times short
+        self.heartbeats(((snapshot, now),))
+
+    def heartbeats(self, reports: Iterable[tuple[WorkerSnapshot, float]]) -> None:
+        """:meth:`heartbeat` for each ``(snapshot, received at)``, in order.
+
+        A report that is the very object the worker last sent (a shell that
+        keeps an unchanged snapshot sends the same one), from a worker fresh
+        then and now, only moves its receipt time: what it is eligible for
+        and its load stay as they are, so it is not judged again.
+
+        The workers that went stale meanwhile are expired once, after the
+        batch, at its latest time: the same state as expiring them before each
+        report (eligibility is a function of each worker's latest report and
+        of the freshness bound; a worker that reports in the batch is fresh
+        either way), at one pass instead of one per report.
+        """
+        workers, seen, late = self._workers, self._seen, self._seen_late
+        stale_after = self._stale_after_s
+        latest = -math.inf
+        for snapshot, now in reports:
+            if now > latest:
+                latest = now
+            oldest = now - stale_after
+            if oldest > self._oldest:
+                self._oldest = oldest  # the freshness bound, as _expire_stale(now) sets it
+            worker = workers.get(snapshot.worker_id)
+            if (
+                worker is None
+                or worker.snapshot is not snapshot
+                or not worker.fresh
+                or now < self._oldest  # stamped before the freshness bound: stale now
+            ):
+                self._report(snapshot, now)
+            else:
+                worker.last_seen = now
+                if seen and now < seen[-1][0]:
+                    heapq.heappush(late, (now, snapshot.worker_id))
+                else:
+                    seen.append((now, snapshot.worker_id))
+        if latest > -math.inf:
+            self._expire_stale(latest)  # also keeps the queue of receipt times short
+
+    def _report(self, snapshot: WorkerSnapshot, now: float) -> None:
+        """A heartbeat that may change what the worker is eligible for (stale ones expired)."""
         wid = snapshot.worker_id
         fresh = not now < self._oldest
         worker = self._workers.get(wid)
-        if worker is not None and worker.snapshot is snapshot and fresh and worker.fresh:
-            # The very report it last sent (a shell that keeps an unchanged
-            # snapshot sends the same object), fresh then and now: only its
-            # receipt time moves; what it is eligible for and its load stay.
-            worker.last_seen = now
-            seen = self._seen
-            if seen and now < seen[-1][0]:
-                heapq.heappush(self._seen_late, (now, wid))
-            else:
-                seen.append((now, wid))
-            return
+        same = False
         if worker is None:
             worker = self._workers[wid] = _Worker(snapshot, now, fresh)
             self._by_region.setdefault(snapshot.region, set()).add(wid)
@@ -296,17 +329,28 @@ class EligibilityIndex:
             self._outstanding.setdefault(wid, 0)
         else:
             old = worker.snapshot
+            # Whether anything _judge reads may change: the models it lists, its
+            # region, health, capacity, reported load and freshness.
+            same = (
+                worker.fresh == fresh
+                and old.healthy == snapshot.healthy
+                and old.capacity == snapshot.capacity
+                and old.queue_depth + old.running == snapshot.queue_depth + snapshot.running
+            )
             if (
                 old.models_warm != snapshot.models_warm
                 or old.models_loadable != snapshot.models_loadable
             ):
                 models = frozenset(snapshot.models_warm) | frozenset(snapshot.models_loadable)
+                if models != worker.models:
+                    same = False
                 for model in worker.models - models:
                     self._capable[model] -= 1
                 for model in models - worker.models:
                     self._capable[model] = self._capable.get(model, 0) + 1
                 worker.models = models
             if old.region != snapshot.region:
+                same = False
                 self._by_region[old.region].discard(wid)
                 self._by_region.setdefault(snapshot.region, set()).add(wid)
             worker.snapshot = snapshot
@@ -317,6 +361,8 @@ class EligibilityIndex:
             heapq.heappush(self._seen_late, (now, wid))
         else:
             seen.append((now, wid))
+        if same:
+            return  # a new report that changes nothing it is judged by
         self._judge(wid, worker)
 
     def gone(self, worker_id: str) -> None:

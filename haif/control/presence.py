@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from haif.contracts import WorkerGone
@@ -180,6 +181,29 @@ class Presence:
         if limit < beat.queued:  # earlier than its heap entry: it needs its own
             self._push((limit, worker_id, beat))
         return None
+
+    def heartbeats(self, beats: Iterable[tuple[str, float]]) -> list[Rejoined]:
+        """:meth:`heartbeat` for each ``(worker, arrived at)``, in order; the rejoin notices.
+
+        One call for a batch (a shell that queues heartbeats feeds them so);
+        the usual case, a gap no shorter than the estimate, is done here.
+        """
+        live = self._live
+        out: list[Rejoined] = []
+        for worker_id, now in beats:
+            beat = live.get(worker_id)
+            if beat is not None:
+                est = beat.estimate
+                gap = now - beat.seen
+                if est is not None and gap >= est:  # heartbeat()'s hot path
+                    beat.seen = now
+                    cap = est + est
+                    beat.estimate = 0.7 * est + 0.3 * (gap if gap < cap else cap)
+                    continue
+            notice = self.heartbeat(worker_id, now)
+            if notice is not None:
+                out.append(notice)
+        return out
 
     def _join(self, worker_id: str, now: float) -> Rejoined | None:
         limit = now + self._missed * self._first

@@ -108,7 +108,12 @@ class Workload(_Strict):
     (arrivals and lengths from ``path``), ``servegen`` (per-client windows from
     ``path``, lengths as for synthetic). ``rate_scale`` compresses time
     (2 = twice the rate); ``start_s`` skips into the trace; ``region_shift_s``
-    shifts each origin region's clients in time (wrapping around).
+    shifts each origin region's clients in time (wrapping around). ``repeat``
+    replays a trace (``azure``, ``mooncake``) that many times back to back,
+    before ``rate_scale``: each copy starts one period after the previous one,
+    the period being the trace's span (from ``start_s``) plus its mean gap
+    between arrivals, so a trace of one hour becomes ``repeat`` hours of the
+    same arrivals and lengths.
     """
 
     kind: Literal["poisson", "gamma", "diurnal", "azure", "mooncake", "servegen"] = "poisson"
@@ -120,6 +125,7 @@ class Workload(_Strict):
     lengths: str | None = None
     servegen_model: str | None = None
     rate_scale: PositiveFloat = 1.0
+    repeat: Count = 1
     start_s: NonNegFloat = 0.0
     tenants: dict[str, PositiveFloat] = Field(default_factory=lambda: {"default": 1.0})
     models: dict[str, PositiveFloat] = Field(default_factory=lambda: {"llama-3-8b": 1.0})
@@ -135,6 +141,10 @@ class Workload(_Strict):
     def _check(self) -> Workload:
         if self.kind in ("azure", "mooncake", "servegen") and not self.path:
             raise ValueError(f"path: workload kind {self.kind!r} replays a trace file; give it")
+        if self.repeat > 1 and self.kind not in ("azure", "mooncake"):
+            raise ValueError(
+                f"repeat: only a trace of arrivals (azure, mooncake) is repeated, not {self.kind!r}"
+            )
         for p in self.priorities:
             if p < 0:
                 raise ValueError(f"priorities.{p}: priority must be >= 0 (0 = most important)")

@@ -91,6 +91,7 @@ __all__ = [
     "poisson_arrivals",
     "prefix_reuse",
     "prefix_reuse_tokens",
+    "repeat",
     "scale_rate",
     "servegen_arrivals",
     "shift",
@@ -500,7 +501,42 @@ def scale_rate(reqs: Sequence[TraceRequest], factor: float) -> list[TraceRequest
     """Compress time by ``factor`` (arrival / factor): ``factor = 2`` doubles the rate."""
     if factor <= 0:
         raise ValueError("factor must be > 0")
-    return [replace(r, arrival_s=r.arrival_s / factor) for r in reqs]
+    return [
+        TraceRequest(r.arrival_s / factor, r.prompt_tokens, r.output_tokens, r.hash_ids, r.client)
+        for r in reqs
+    ]
+
+
+def repeat(
+    reqs: Sequence[TraceRequest], times: int, until_s: float = math.inf
+) -> list[TraceRequest]:
+    """The trace ``times`` times back to back (``times = 1``: unchanged).
+
+    Copy ``k`` (from 0) arrives ``k * period`` later than the trace, where the
+    period is the last arrival plus the mean gap between arrivals (so the seam
+    looks like any other gap); requests are otherwise unchanged and stay sorted.
+    Copies that would begin after ``until_s`` are left out (a caller that keeps
+    only the arrivals before some time need not build the others).
+    """
+    if times < 1:
+        raise ValueError("times must be >= 1")
+    if times == 1 or not reqs:
+        return list(reqs)
+    first, last = reqs[0].arrival_s, reqs[-1].arrival_s
+    gap = (last - first) / (len(reqs) - 1) if len(reqs) > 1 else 1.0
+    period = last + (gap if gap > 0 else 1.0)
+    out = list(reqs)
+    for k in range(1, times):
+        offset = k * period
+        if first + offset > until_s:
+            break
+        out.extend(
+            TraceRequest(
+                r.arrival_s + offset, r.prompt_tokens, r.output_tokens, r.hash_ids, r.client
+            )
+            for r in reqs
+        )
+    return out
 
 
 def time_window(

@@ -65,6 +65,8 @@ def _arrivals(
         path = resolve_path(w.path, base_dir, "workload.path")
         rows = traces.load_azure(path) if w.kind == "azure" else traces.load_mooncake(path, rng)
         rows = traces.time_window(rows, w.start_s, math.inf)
+        # Copies starting after the window are not built (with a margin for rounding).
+        rows = traces.repeat(rows, w.repeat, until_s=duration_s * w.rate_scale * (1 + 1e-9) + 1.0)
         rows = traces.scale_rate(rows, w.rate_scale)
         return [r for r in rows if r.arrival_s < duration_s]
     if w.kind == "servegen":

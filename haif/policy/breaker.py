@@ -340,6 +340,7 @@ class CircuitBreaker:
         "_entered_at",
         "_generation",
         "_open_s",
+        "_permit",
         "_probes",
         "_reopen_count",
         "_state",
@@ -355,6 +356,7 @@ class CircuitBreaker:
         self._reopen_count = 0  # k: consecutive re-opens since last closed
         self._open_s = 0.0  # duration of the current open period
         self._probes = _Probes()
+        self._permit = Permit(0)  # the closed state's permit of this generation (immutable)
         self._window: _CountWindow | _TimeWindow = (
             _CountWindow(int(config.window_size))
             if config.window == "count"
@@ -421,7 +423,10 @@ class CircuitBreaker:
         self._advance(now)
         match self._state:
             case "closed":
-                return Permit(self._generation)
+                permit = self._permit
+                if permit.generation != self._generation:
+                    permit = self._permit = Permit(self._generation)
+                return permit
             case "open":
                 return Rejection(self._retry_after(self._entered_at + self._open_s, now), OPEN)
             case "half_open":
@@ -494,6 +499,9 @@ class CircuitBreaker:
         """Fire the time-driven events due by ``now``, each at its own deadline."""
         if not math.isfinite(now):
             raise ValueError(f"now must be a finite number of seconds, got {now!r}")
+        if self._state == CLOSED:  # time never moves a closed breaker; only its window ages
+            self._window.prune(now)
+            return
         for step in range(_MAX_CATCH_UP_STEPS):
             deadline = self.next_deadline()
             if deadline is None or now < deadline:
@@ -509,8 +517,7 @@ class CircuitBreaker:
                 # this magnitude: cycling could never advance time, so stay
                 # half-open (probes can still settle it).
                 break
-        if self._state == CLOSED:
-            self._window.prune(now)
+        # (Time alone never closes a breaker: only probes passing do, in record().)
 
     def _skip_cycles(self, now: float) -> bool:
         """Jump over whole open -> half-open -> timeout cycles that ended by ``now``.

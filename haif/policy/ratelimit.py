@@ -242,6 +242,10 @@ class QuotaDecision:
     reset_tokens: float | None = None
 
 
+_ADMITTED_UNLIMITED = QuotaDecision(True)
+"""What :meth:`QuotaManager.admit` says when neither the tenant nor the fleet has a limit."""
+
+
 @dataclass(slots=True)
 class _Scope:
     """Mutable limiter state of one tenant or of the fleet."""
@@ -327,6 +331,10 @@ class QuotaManager:
         _finite("now", now)
         cost = float(tokens)
         t, g = self._scope(tenant, now), self._global
+        if t.unlimited and g.unlimited:  # nothing to check or charge (the usual case)
+            t.in_flight += 1
+            g.in_flight += 1
+            return _ADMITTED_UNLIMITED
         buckets: tuple[tuple[str, TokenBucket | None, float], ...] = (
             ("tenant_requests_per_min", t.requests, 1.0),
             ("tenant_tokens_per_min", t.tokens, cost),

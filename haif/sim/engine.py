@@ -30,6 +30,7 @@ from collections.abc import Iterable, Mapping
 from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine, Seq
 from haif.fleet.profiles import PerfProfile
 from haif.sim.fleet import BaseWorker, Job
+from haif.sim.heartbeats import call_in
 
 PrefixHits = dict[tuple[str, int], int]
 """(request id, attempt) -> prompt tokens the worker's prefix cache held for it."""
@@ -54,6 +55,15 @@ class EngineWorker(BaseWorker):
 
     def warm_models(self, now: float | None = None) -> tuple[str, ...]:
         return self.engine.warm_models(self.env.now if now is None else now)
+
+    def _state(self, now: float) -> tuple[tuple[str, ...], int, int, int]:
+        engine = self.engine  # the four hooks below, read at once for a heartbeat
+        return (
+            engine.warm_models(now),
+            engine.queue_depth(),
+            engine.running(),
+            engine.free_kv_tokens(),
+        )
 
     def queue_depth(self) -> int:
         return self.engine.queue_depth()
@@ -98,8 +108,7 @@ class EngineWorker(BaseWorker):
         self._armed = deadline
         self._timer += 1
         timer = self._timer
-        timeout = self.env.timeout(max(0.0, deadline - self.env.now))
-        timeout.callbacks.append(lambda _ev: self._fire(timer))
+        call_in(self.env, max(0.0, deadline - self.env.now), lambda _ev: self._fire(timer))
 
     def _fire(self, timer: int) -> None:
         if timer != self._timer or not self.up:

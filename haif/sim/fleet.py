@@ -25,12 +25,13 @@ import simpy
 
 from haif.contracts import AttemptResult, ErrorKind, Event, Heartbeat, Request, WorkerSnapshot
 from haif.fleet.engine import Seq
-from haif.sim.heartbeats import HeartbeatClock
+from haif.sim.heartbeats import HeartbeatClock, call_in
 
 # (source region, destination region, event) -> None; the network applies delay and loss.
 Send = Callable[[str, str, Event], None]
-# (source region, destination region, time sent, heartbeat) -> None: a beat sent at that time.
-PostBeat = Callable[[str, str, float, Heartbeat], None]
+# (time sent, heartbeat, draw, loss) -> None: send one beat to every orchestrator, in
+# order, each lost when draw() < loss (draw None: none lost, nothing drawn).
+PostBeat = Callable[[float, Heartbeat, Callable[[], float] | None, float], None]
 
 
 class Job(Seq):
@@ -117,7 +118,7 @@ class BaseWorker(ABC):
         self._cadence = 0  # the current heartbeat loop (a restart starts a new one)
         # Beating on the fleet's clock (beat_on) rather than with a process of its own.
         self._clock: HeartbeatClock | None = None
-        self._post: PostBeat = self._send_now
+        self._post: PostBeat = self._send_each
         self._beat_msg: Heartbeat | None = None  # the last beat sent (reused while unchanged)
         self.slow = 1.0  # gray failure factor
         self.served = 0
@@ -174,11 +175,11 @@ class BaseWorker(ABC):
                 wait = self.net.one_way_s(orchestrator, self.region)
             else:
                 wait = self.net.connect_timeout_s
-            timeout = self.env.timeout(wait)
-            timeout.callbacks.append(lambda _ev: self._fail_unreached(job))
+            call_in(self.env, wait, lambda _ev: self._fail_unreached(job))
             return
-        timeout = self.env.timeout(self.net.one_way_s(orchestrator, self.region))
-        timeout.callbacks.append(lambda _ev: self._arrive(job))
+        call_in(
+            self.env, self.net.one_way_s(orchestrator, self.region), lambda _ev: self._arrive(job)
+        )
 
     def _arrive(self, job: Job) -> None:
         if not self.up:  # crashed while the request was on the wire
@@ -226,8 +227,7 @@ class BaseWorker(ABC):
         if boot_s <= 0:
             self._booted(0.0)
             return
-        timeout = self.env.timeout(boot_s)
-        timeout.callbacks.append(lambda _ev: self._booted(boot_s))
+        call_in(self.env, boot_s, lambda _ev: self._booted(boot_s))
 
     def _booted(self, elapsed_s: float) -> None:
         self._account()
@@ -270,14 +270,13 @@ class BaseWorker(ABC):
 
     # -------------------------------------------------------- telemetry
 
+    def _state(self, now: float) -> tuple[tuple[str, ...], int, int, int]:
+        """(warm models, queue depth, running, free KV tokens) at ``now``."""
+        return (self.warm_models(now), self.queue_depth(), self.running(), self.free_kv_tokens())
+
     def snapshot(self, now: float | None = None) -> WorkerSnapshot:
         """What a heartbeat sent at ``now`` (default: the environment's time) says."""
-        state = (
-            self.warm_models(now),
-            self.queue_depth(),
-            self.running(),
-            self.free_kv_tokens(),
-        )
+        state = self._state(self.env.now if now is None else now)
         if state != self._snapshot_state or self._snapshot is None:
             # Rebuilt only when something changed since the last beat (it is immutable).
             self._snapshot_state = state
@@ -325,7 +324,7 @@ class BaseWorker(ABC):
         post: PostBeat,
     ) -> None:
         """Announce now, then beat as :meth:`heartbeats` does, on the fleet's ``clock``
-        (:mod:`haif.sim.heartbeats`); ``post(src, dst, sent_at, beat)`` sends each beat."""
+        (:mod:`haif.sim.heartbeats`); ``post`` sends each beat to ``orchestrators``."""
         self._orchestrators = orchestrators
         self._beat_every = (interval_s, loss)
         self._clock = clock
@@ -363,21 +362,21 @@ class BaseWorker(ABC):
             msg = self._beat_msg
             if msg is None or msg.snapshot is not snapshot:
                 msg = self._beat_msg = Heartbeat(snapshot)
-            post, src, draw = self._post, self.region, self.rng.random
-            for region in self._orchestrators:
-                if draw() >= loss:
-                    post(src, region, at, msg)
+            self._post(at, msg, self.rng.random, loss)
         return at + interval_s
 
-    def _send_now(self, src: str, dst: str, _at: float, event: Event) -> None:
-        self._send(src, dst, event)
+    def _send_each(
+        self, _at: float, beat: Heartbeat, draw: Callable[[], float] | None, loss: float
+    ) -> None:
+        """:data:`PostBeat` through ``send``, now (the worker's own process)."""
+        for region in self._orchestrators:
+            if draw is None or draw() >= loss:
+                self._send(self.region, region, beat)
 
     def _announce(self) -> None:
         """A heartbeat to every orchestrator, never lost."""
         now = self.env.now
-        beat = Heartbeat(self.snapshot(now))
-        for region in self._orchestrators:
-            self._post(self.region, region, now, beat)
+        self._post(now, Heartbeat(self.snapshot(now)), None, 0.0)
 
     def _account(self) -> None:
         """Integrate the busy fraction up to now (call before any change)."""
@@ -388,8 +387,12 @@ class BaseWorker(ABC):
 
     def take_busy_s(self) -> float:
         """Busy seconds since the last call (for per-second utilization)."""
-        self._account()
-        busy, self._busy_s = self._busy_s, 0.0
+        now = self.env.now  # _account(), inlined: it is called for every worker every second
+        busy = self._busy_s
+        if self.up:
+            busy += self.busy_fraction_now() * (now - self._sampled_at)
+        self._sampled_at = now
+        self._busy_s = 0.0
         return busy
 
 

@@ -216,7 +216,7 @@ async def _orchestrator_app(
             else None
         ),
         leader_lease_s=lease_s,
-        name=f"orchestrator:{args.port}",
+        name=f"orchestrator:{getattr(args, 'port', '')}",
     )
     return orchestrator.build_app(orch)
 

@@ -135,6 +135,7 @@ BENCH: dict[str, tuple[str, ...] | str] = {
         "tests/test_sim_scale.py::test_sim_scale_bench_reports_time_speed_and_memory",
     ),
     "bench/runtime_overhead.py": "by hand: a live cluster under load for minutes",
+    "bench/orchestrator_fleet.py": "by hand: an orchestrator watching 1,000 workers for minutes",
     "bench/hop_latency.py": "by hand: a live cluster, 200 requests one at a time",
     "bench/worker_boot.py": "by hand: restarts a live cluster's workers",
 }

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from harness.records import timed_record
 
 from haif.analysis import parity
 from haif.analysis.parity import (
@@ -244,34 +245,10 @@ def test_ks_critical_value() -> None:
 # ------------------------------------------------------------------ compare and the report
 
 
-def _rec(i: int, ttft: float, e2e: float, **kw: Any) -> RequestRecord:
-    base: dict[str, Any] = {
-        "request_id": f"r{i}",
-        "tenant": "t",
-        "model": "m",
-        "origin_region": "a",
-        "served_region": "a",
-        "worker_id": "w",
-        "gpu_class": "g",
-        "arrival_s": float(i),
-        "admitted_s": None,
-        "first_token_s": i + ttft,
-        "finish_s": i + e2e,
-        "prompt_tokens": 1,
-        "output_tokens": 1,
-        "attempts": 1,
-        "status": "ok",
-        "reason": None,
-        "cold_start": False,
-        "cost": 0.0,
-    }
-    return RequestRecord(**{**base, **kw})
-
-
 def _records(n: int, scale: float = 1.0, seed: int = 0) -> list[RequestRecord]:
     data = _rng(seed)
     ttft, e2e = data.lognormal(-2.5, 0.6, n), data.lognormal(0.0, 0.4, n)
-    return [_rec(i, ttft[i] * scale, (ttft[i] + e2e[i]) * scale) for i in range(n)]
+    return [timed_record(i, ttft[i] * scale, (ttft[i] + e2e[i]) * scale) for i in range(n)]
 
 
 def _by_metric(result: parity.Comparison) -> dict[str, dict[str, Any]]:
@@ -320,7 +297,7 @@ def test_the_gate_reads_the_point_estimate_only() -> None:
     shuffled = _rng(2).permutation(40)
     ttft = [r.first_token_s - r.arrival_s for r in sim if r.first_token_s is not None]
     e2e = [r.finish_s - r.arrival_s for r in sim]
-    live = [_rec(i, ttft[j], e2e[j]) for i, j in enumerate(shuffled)]
+    live = [timed_record(i, ttft[j], e2e[j]) for i, j in enumerate(shuffled)]
     result = compare(sim, live, rng=_rng())
     assert result.passed
     assert all(abs(m["error"]) < 1e-9 for m in result.metrics if "interval" in m)
@@ -365,7 +342,7 @@ def _scenario() -> Scenario:
 
 def test_table_report_and_json_carry_intervals_verdicts_and_ks(tmp_path: Path) -> None:
     sim, live = _records(200), _records(200, scale=1.03)
-    live[5] = _rec(5, 2.0, 3.0)  # one request much slower live
+    live[5] = timed_record(5, 2.0, 3.0)  # one request much slower live
     result = compare(sim, live, rng=_rng())
     rows = table_rows(result)
     assert all(len(cells) == len(COLUMNS) for cells, _ in rows)

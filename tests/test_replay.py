@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import yaml
 from harness.cluster import Up, run_haif
+from harness.records import timed_record
 from virtual_loop import run_virtual
 
 from haif.analysis.parity import DEFAULT_BOUNDS, cluster_config, compare, parse_bounds
@@ -358,51 +359,30 @@ def test_parity_refuses_what_a_live_cluster_cannot_play(
         cluster_config(Scenario.model_validate(raw))
 
 
-def _rec(i: int, ttft: float, e2e: float, **kw: Any) -> RequestRecord:
-    base: dict[str, Any] = {
-        "request_id": f"r{i}",
-        "tenant": "t",
-        "model": "m",
-        "origin_region": "a",
-        "served_region": "a",
-        "worker_id": "w",
-        "gpu_class": "g",
-        "arrival_s": float(i),
-        "admitted_s": None,
-        "first_token_s": i + ttft,
-        "finish_s": i + e2e,
-        "prompt_tokens": 1,
-        "output_tokens": 1,
-        "attempts": 1,
-        "status": "ok",
-        "reason": None,
-        "cold_start": False,
-        "cost": 0.0,
-    }
-    return RequestRecord(**{**base, **kw})
-
-
 def test_compare_reports_relative_errors_and_fails_past_the_bounds() -> None:
-    sim = [_rec(i, 0.1, 1.0 + i / 100) for i in range(100)]
+    sim = [timed_record(i, 0.1, 1.0 + i / 100) for i in range(100)]
     same = compare(sim, sim)
     assert same.passed and all(m.get("error", 0) == 0 for m in same.metrics)
-    slower = [_rec(i, 0.1, (1.0 + i / 100) * 1.08) for i in range(100)]
+    slower = [timed_record(i, 0.1, (1.0 + i / 100) * 1.08) for i in range(100)]
     result = compare(sim, slower)
     e2e = {m["metric"]: m for m in result.metrics if m["metric"].startswith("e2e")}
     assert e2e["e2e p50"]["error"] == pytest.approx(0.08)
     assert not e2e["e2e p50"]["ok"] and e2e["e2e p99"]["ok"]  # 8 % > 5 %, < 10 %
     assert not result.passed
-    moved = [_rec(i, 0.1, 1.0 + i / 100, served_region="b" if i < 25 else "a") for i in range(100)]
+    moved = [
+        timed_record(i, 0.1, 1.0 + i / 100, served_region="b" if i < 25 else "a")
+        for i in range(100)
+    ]
     shares = {p["region"]: p["difference"] for p in compare(sim, moved).placement}
     assert shares == {"a": pytest.approx(-0.25), "b": pytest.approx(0.25)}
 
 
 def test_compare_pairs_requests_by_id_for_same_worker_share_and_outliers() -> None:
-    sim = [_rec(i, 0.1, 1.0) for i in range(10)]
-    live = [_rec(i, 0.1, 1.0, worker_id="w" if i < 6 else "x") for i in range(10)]
-    live[3] = _rec(3, 0.5, 1.0)  # 400 ms late on its first token
-    live[7] = _rec(7, 0.05, 1.0, worker_id="x")
-    live[9] = _rec(9, 0.1, 1.0, status="error", first_token_s=None)  # not paired
+    sim = [timed_record(i, 0.1, 1.0) for i in range(10)]
+    live = [timed_record(i, 0.1, 1.0, worker_id="w" if i < 6 else "x") for i in range(10)]
+    live[3] = timed_record(3, 0.5, 1.0)  # 400 ms late on its first token
+    live[7] = timed_record(7, 0.05, 1.0, worker_id="x")
+    live[9] = timed_record(9, 0.1, 1.0, status="error", first_token_s=None)  # not paired
     result = compare(sim, live)
     assert result.same_worker == pytest.approx(6 / 9)
     worst = result.outliers[0]
@@ -442,8 +422,8 @@ def test_bounds_can_be_set_per_metric_and_bad_ones_are_named() -> None:
     bounds = parse_bounds(["ttft.p90=0.2", "e2e.p99=0"])
     assert bounds["ttft.p90"] == 0.2 and bounds["e2e.p99"] == 0.0
     assert bounds["ttft.p50"] == 0.05  # the others keep the targets
-    sim = [_rec(i, 0.1 * (1 + i / 100), 1.0) for i in range(100)]
-    live = [_rec(i, 0.1 * (1 + i / 100) * 1.08, 1.0) for i in range(100)]
+    sim = [timed_record(i, 0.1 * (1 + i / 100), 1.0) for i in range(100)]
+    live = [timed_record(i, 0.1 * (1 + i / 100) * 1.08, 1.0) for i in range(100)]
     assert not compare(sim, live).passed
     loose = {**DEFAULT_BOUNDS, "ttft.p50": 0.1, "ttft.p90": 0.1}
     assert compare(sim, live, loose).passed

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
-import secrets
 import subprocess
 import sys
 import time
@@ -33,7 +31,7 @@ import pytest_asyncio
 from aiohttp import web
 from harness.api import MODEL, completion_text, expected_text, post_json, sse_data
 from harness.cluster import LiveCluster, Up, kill, run_haif, running, spawn_worker
-from harness.pg import dsn_for, pg_admin, pg_unavailable
+from harness.pg import fresh_database
 from multidict import CIMultiDict
 from virtual_loop import run_virtual
 
@@ -711,15 +709,8 @@ async def test_reconciler_expires_a_reservation_leaked_by_a_killed_orchestrator(
 
 @pytest_asyncio.fixture(loop_scope="module")
 async def pg_dsn() -> AsyncIterator[str]:
-    name = f"haif_reliability_{os.getpid()}_{secrets.token_hex(4)}"
-    try:
-        await pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # refused, timed out, auth: no server to test against
-        pg_unavailable(f"{type(exc).__name__}: {exc}")
-    try:
-        yield dsn_for(name)
-    finally:
-        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with fresh_database("haif_reliability") as dsn:
+        yield dsn
 
 
 @pytest.fixture

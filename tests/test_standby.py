@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -23,7 +21,7 @@ import pytest
 import pytest_asyncio
 from harness.api import MODEL, expected_text, sse_data
 from harness.cluster import Up
-from harness.pg import dsn_for, pg_admin, pg_unavailable
+from harness.pg import fresh_database
 
 from haif.contracts import Request
 from haif.control.config import CoreConfig
@@ -70,15 +68,8 @@ def test_a_standby_pair_needs_postgresql_and_its_own_gateway() -> None:
 
 @pytest_asyncio.fixture
 async def pg_dsn() -> AsyncIterator[str]:
-    name = f"haif_standby_{os.getpid()}_{secrets.token_hex(4)}"
-    try:
-        await pg_admin(f'CREATE DATABASE "{name}"')
-    except Exception as exc:  # refused, timed out, auth: no server to test against
-        pg_unavailable(f"{type(exc).__name__}: {exc}")
-    try:
-        yield dsn_for(name)
-    finally:
-        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    async with fresh_database("haif_standby") as dsn:
+        yield dsn
 
 
 LEASE_S = 0.4

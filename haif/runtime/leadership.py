@@ -79,7 +79,6 @@ class Leadership:
         self.epoch: int | None = None
         self._until = -1.0  # event-loop time this process may lead until
         self._serving = False  # elected and its takeover done
-        self.elections = 0
 
     @property
     def leading(self) -> bool:
@@ -110,7 +109,6 @@ class Leadership:
         if self._on_elected is not None:
             await self._on_elected(epoch)  # raises: not serving yet, the next step tries again
         self.epoch, self._serving = epoch, True
-        self.elections += 1
         log.warning("leadership: this orchestrator (%s) leads, epoch %d", self.holder, epoch)
 
     def _depose(self, why: str) -> None:

@@ -7,7 +7,10 @@ Override with ``HAIF_TEST_PG_ADMIN_DSN``. Tests that need it carry the
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+from collections.abc import AsyncIterator
 from typing import NoReturn
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,3 +43,17 @@ async def pg_admin(sql: str) -> None:
         await con.execute(sql)
     finally:
         await con.close()
+
+
+@contextlib.asynccontextmanager
+async def fresh_database(prefix: str) -> AsyncIterator[str]:
+    """A new, uniquely named database on the server (its DSN), dropped afterwards."""
+    name = f"{prefix}_{os.getpid()}_{secrets.token_hex(4)}"
+    try:
+        await pg_admin(f'CREATE DATABASE "{name}"')
+    except Exception as exc:  # refused, timed out, auth: no server to test against
+        pg_unavailable(f"{type(exc).__name__}: {exc}")
+    try:
+        yield dsn_for(name)
+    finally:
+        await pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -30,3 +30,28 @@ def ok_record(request_id: str, **overrides: Any) -> RequestRecord:
         "cost": 0.1,
     }
     return RequestRecord(**{**fields, **overrides})
+
+
+def timed_record(i: int, ttft: float, e2e: float, **overrides: Any) -> RequestRecord:
+    """Request ``r{i}``, arrived at ``i`` s, first token ``ttft`` and end ``e2e`` s later."""
+    fields: dict[str, Any] = {
+        "request_id": f"r{i}",
+        "tenant": "t",
+        "model": "m",
+        "origin_region": "a",
+        "served_region": "a",
+        "worker_id": "w",
+        "gpu_class": "g",
+        "arrival_s": float(i),
+        "admitted_s": None,
+        "first_token_s": i + ttft,
+        "finish_s": i + e2e,
+        "prompt_tokens": 1,
+        "output_tokens": 1,
+        "attempts": 1,
+        "status": "ok",
+        "reason": None,
+        "cold_start": False,
+        "cost": 0.0,
+    }
+    return RequestRecord(**{**fields, **overrides})

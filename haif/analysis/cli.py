@@ -1,4 +1,4 @@
-"""The ``compare``, ``query``, ``regress``, ``sweep`` and ``calibrate`` subcommands of ``haif``.
+"""The ``compare``, ``query``, ``regress``, ``sweep``, ``validate`` and ``calibrate`` subcommands.
 
 :func:`add_analysis_commands` registers them on the main parser's
 subparsers object; each sets ``func`` to a function taking the parsed
@@ -16,6 +16,7 @@ are imported when a command runs, so ``haif --help`` stays fast.
     haif regress --refresh-baseline [--baseline DIR] [--canonical YAML]
     haif sweep SWEEP.yaml [--out DIR] [--executor local|ray] [--address ADDR]
                [--workers N] [--resume/--no-resume]
+    haif validate [--out DIR] [--quick] [--no-queueing]
     haif calibrate RECORDS [--out YAML] [--gpu G] [--model M] [--as-gpu NAME]
                    [--as-model NAME] [--base GPU] [--catalog YAML] [--overhead S]
 """
@@ -162,6 +163,40 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if result.failed else 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from haif.analysis.validation import all_checks, write_validation
+
+    console = _console()
+    with console.status("validating") as status:
+        checks = all_checks(
+            queueing=args.queueing,
+            quick=args.quick,
+            progress=lambda text: status.update(f"validating: {text}"),
+        )
+    table = Table(title="How far to trust the simulator")
+    for column in ("check", "compared", "worst error", "mean abs.", "sample", "within bound"):
+        table.add_column(
+            column,
+            justify="right" if column in ("compared", "worst error", "mean abs.") else "left",
+            overflow="fold",
+        )
+    for c in checks:
+        table.add_row(
+            f"{c.group}: {c.name}",
+            str(c.figures),
+            f"{c.error:+.1%}",
+            f"{c.mean_abs:.1%}",
+            "in sample" if c.in_sample else "out of sample",
+            "yes" if c.within else f"[red]no[/red]: {c.note}",
+        )
+    console.print(table)
+    md, js = write_validation(checks, args.out)
+    console.print(f"written: {md}, {js}", highlight=False)
+    return 0
+
+
 def add_analysis_commands(subparsers: Any) -> None:
     """Register ``compare``, ``query``, ``regress`` and ``sweep`` on an argparse subparsers
     object."""
@@ -290,6 +325,31 @@ def add_analysis_commands(subparsers: Any) -> None:
         help="skip cells whose summary.json exists with the same settings (default: on)",
     )
     swp.set_defaults(func=_cmd_sweep)
+
+    val = subparsers.add_parser(
+        "validate",
+        help="every check of the simulator against published figures and queueing theory",
+        description="Compare the simulator with numbers no one here chose: LambdaLabs' vLLM "
+        "benchmarks replayed through the batching engine, Splitwise's Llama-2-70B step times "
+        "(the packaged fit, and a fit on half the cells against the other half), the prefix "
+        "cache against an exact LRU replay of the Mooncake trace, and M/M/c and M/D/1 queues "
+        "against their closed forms. Prints one table (worst and mean error, in or out of "
+        "sample, and why a row is outside its bound) and writes validation.md and "
+        "validation.json to --out.",
+    )
+    val.add_argument("--out", default="reports/validation", help="output folder")
+    val.add_argument(
+        "--quick",
+        action="store_true",
+        help="the queueing checks on their quick subset (about a minute instead of several)",
+    )
+    val.add_argument(
+        "--queueing",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the queueing-theory simulations (default: on)",
+    )
+    val.set_defaults(func=_cmd_validate)
 
     from haif.analysis.calibrate import add_calibrate_command
 

@@ -12,14 +12,17 @@ engine with a cheap closed form. Per step let
 Then, all in seconds::
 
     prefill = a + b*N + e*S + b2*max(0, N - knee)     (only when N > 0)
-    t_step  = max(floor, prefill) + c*C + d*B
+    t_step  = overhead + max(floor, prefill) + c*C + d*B
 
 ``floor`` is the memory-bound cost of a pass over the weights (a decode step
 at small batch), ``a + b*N`` the compute-bound prefill roofline (REFERENCE.md
 "GPU / model performance" form ``max(floor, a + b*N) + c*C + d*B``), ``e*S``
 the attention FLOPs growing with the square of each prompt chunk, ``c*C``
 reading the KV cache, ``d*B`` the per-sequence cost (sampling, bookkeeping,
-one more token of GEMM work per decoding sequence).
+one more token of GEMM work per decoding sequence), ``overhead`` what every
+step costs besides the GPU work (scheduling, sampling, kernel launches: BLIS's
+126 us + 32 us per layer, REFERENCE.md; 0 where a fit to end-to-end step times
+absorbs it into ``floor`` and ``a``).
 
 Two refinements of the REFERENCE form, both needed to reproduce the Splitwise
 Llama-2-70B measurements within 15% and both inert for the default profiles:
@@ -39,11 +42,11 @@ Where the numbers come from (each number in ``haif/fleet/data/profiles.yaml``
 carries its own ``sources`` entry):
 
 * **Llama-3-8B on H100-80G / A100-80G**: REFERENCE.md (Vidur operator profiles:
-  floor, a, b, c), except H100's ``b``: Vidur ships no H100 profile for
-  Meta-Llama-3-8B and REFERENCE's 21 us/token implies 76% MFU, so ``b`` is the
-  BLIS roofline value ``2*params / (989.5 TFLOP/s * MFU 0.45)`` = 36.1 us
-  (H100:A100 prefill ratio then 1.9x, matching Splitwise's measured ~2x, not the
-  3.2x peak ratio). ``d``: BLIS fitted per-decode-token coefficient for
+  floor, a, c; BLIS per-step overhead), except ``b``, which
+  :func:`fit_prefill_b` fits to LambdaLabs' measured TTFT of 10 prompts on the
+  same GPU (``haif/fleet/data/published.yaml``; that TTFT is therefore
+  in-sample, the decode step and every Mistral-7B figure are not).
+  ``d``: BLIS fitted per-decode-token coefficient for
   llama-3.1-8b TP1 (6.0 us H100, 18.2 us A100; inference-sim coefficients.yaml).
 * **Llama-2-7B on H100-80G / A100-80G**: REFERENCE "as above, 4x c" (MHA, 512 KiB
   of KV per token instead of 128 KiB).
@@ -113,12 +116,15 @@ __all__ = [
     "StepCoefficients",
     "UnknownProfileError",
     "attention_e",
+    "fit_cells",
     "fit_coefficients",
+    "fit_prefill_b",
     "kv_capacity_tokens",
     "load_catalog",
     "roofline_scale",
     "splitwise_cells",
     "splitwise_errors",
+    "splitwise_halves",
 ]
 
 
@@ -197,10 +203,11 @@ class StepCoefficients:
     source: str
     knee_tokens: int = 0
     b2_s: float = 0.0
+    overhead_s: float = 0.0  # every step: the engine's CPU work and kernel launches
 
     def __post_init__(self) -> None:
         _require_positive("floor_s", self.floor_s)
-        for name in ("a_s", "b_s", "c_s", "d_s", "e_s", "b2_s"):
+        for name in ("a_s", "b_s", "c_s", "d_s", "e_s", "b2_s", "overhead_s"):
             _require_non_negative(name, getattr(self, name))
         if self.knee_tokens < 0:
             raise ValueError("knee_tokens must be >= 0")
@@ -222,7 +229,7 @@ class StepCoefficients:
             if self.b2_s and prefill_tokens > self.knee_tokens:
                 compute += self.b2_s * (prefill_tokens - self.knee_tokens)
             t = max(t, compute)
-        return t + self.c_s * context_tokens + self.d_s * batch
+        return self.overhead_s + t + self.c_s * context_tokens + self.d_s * batch
 
 
 def _require_positive(what: str, value: float) -> None:
@@ -334,8 +341,8 @@ def roofline_scale(
 ) -> StepCoefficients:
     """Coefficients for ``model`` on ``gpu`` scaled from a measured reference pair.
 
-    * floor, a (weight streaming): x (weights/tp) / (ref weights/ref tp) x ref BW / BW,
-      with floor at least ``step_overhead_s + per_layer_overhead_s * n_layers``;
+    * floor, a (weight streaming): x (weights/tp) / (ref weights/ref tp) x ref BW / BW;
+    * overhead: ``step_overhead_s + per_layer_overhead_s * n_layers`` (BLIS), per step;
     * c (KV reads): x (KV bytes/token/tp) / (ref ...) x ref BW / BW;
     * b, d (compute): x (params/tp) / (ref ...) x (ref peak * ref MFU) / (peak * MFU),
       with d at least ``min_per_seq_s``;
@@ -359,25 +366,53 @@ def roofline_scale(
         / (gpu.tflops * gpu.mfu_prefill)
     )
     overhead = step_overhead_s + per_layer_overhead_s * model.n_layers
-    floor = max(ref.floor_s * k_mem, overhead)
     b = ref.b_s * k_cmp
     source = (
         f"derived by roofline_scale() from {ref_model.name} on {ref_gpu.name}: "
-        f"floor,a x{k_mem:.4g} (weight bytes per device / memory bandwidth"
-        f"{', floor raised to the per-step overhead' if floor > ref.floor_s * k_mem else ''}); "
+        f"floor,a x{k_mem:.4g} (weight bytes per device / memory bandwidth); "
+        f"overhead {overhead * 1e3:.4g} ms per step (BLIS: step + per-layer overhead); "
         f"c x{k_kv:.4g} (KV bytes per token / bandwidth); b,d x{k_cmp:.4g} "
         f"(params / (peak TFLOP/s x prefill MFU)); e = b*n_layers*hidden/params "
         f"(attention FLOPs); reference: [{ref.source}]"
     )
     return StepCoefficients(
-        floor_s=floor,
+        floor_s=ref.floor_s * k_mem,
         a_s=ref.a_s * k_mem,
         b_s=b,
         c_s=ref.c_s * k_kv,
         d_s=max(ref.d_s * k_cmp, min_per_seq_s),
         e_s=attention_e(b, model),
         source=source,
+        overhead_s=overhead,
     )
+
+
+def fit_prefill_b(
+    coeffs: StepCoefficients,
+    model: ModelSpec,
+    prompts: Sequence[int],
+    ttft_s: float,
+    api_overhead_s: float,
+) -> float:
+    """The per-token prefill cost ``b`` that makes one step prefilling ``prompts``
+    together, after the API overhead, last ``ttft_s`` (``e`` follows ``b`` as in
+    :func:`attention_e`, ``coeffs.b_s`` and ``coeffs.e_s`` are ignored; no knee).
+
+    Raises ``ValueError`` when the measured time leaves nothing for the prefill or
+    the fitted prefill would sit below the step's floor (``b`` then means nothing).
+    """
+    n = sum(prompts)
+    square = float(sum(p * p for p in prompts))
+    fixed = api_overhead_s + coeffs.overhead_s + coeffs.a_s + coeffs.d_s * len(prompts)
+    if n <= 0 or ttft_s <= fixed:
+        raise ValueError(
+            f"cannot fit b: TTFT {ttft_s * 1e3:.2f} ms leaves no prefill time after "
+            f"{fixed * 1e3:.2f} ms of fixed costs, or the prompts are empty"
+        )
+    b = (ttft_s - fixed) / (n + square * attention_e(1.0, model))
+    if coeffs.a_s + b * n <= coeffs.floor_s:
+        raise ValueError("cannot fit b: the prefill would be below the step's floor")
+    return b
 
 
 # -------------------------------------------------------------- Splitwise fit
@@ -435,6 +470,50 @@ def splitwise_cells(rows: Iterable[Mapping[str, Any]]) -> list[SplitwiseCell]:
         SplitwiseCell(p, b, t, statistics.median(pt), statistics.median(tt))
         for (p, b, t), (pt, tt) in sorted(groups.items())
     ]
+
+
+def splitwise_halves(
+    cells: Sequence[SplitwiseCell],
+) -> tuple[list[SplitwiseCell], list[SplitwiseCell]]:
+    """(fit half, held-out half) of Splitwise's three sweeps, by a rule fixed
+    before any error was looked at: the cells cross at one centre cell (the most
+    common prompt, batch and token size); along each sweep (prompt sizes, batch
+    sizes, token sizes, each sorted) the values alternate fit, held out, fit, ...
+    from the smallest, and the centre cell is fitted. Raises ``ValueError`` when
+    the cells are not three sweeps through one centre."""
+
+    def mode(values: list[int]) -> int:
+        return max(set(values), key=values.count)
+
+    centre = (
+        mode([c.prompt_size for c in cells]),
+        mode([c.batch_size for c in cells]),
+        mode([c.token_size for c in cells]),
+    )
+    fit: list[SplitwiseCell] = []
+    held_out: list[SplitwiseCell] = []
+    for cell in cells:
+        key = (cell.prompt_size, cell.batch_size, cell.token_size)
+        off = [i for i in range(3) if key[i] != centre[i]]
+        if len(off) > 1:
+            raise ValueError(f"cell {key} is on no sweep through the centre {centre}")
+        if not off:
+            fit.append(cell)
+            continue
+        axis = off[0]
+        sweep = sorted(
+            {
+                (c.prompt_size, c.batch_size, c.token_size)[axis]
+                for c in cells
+                if all(
+                    (c.prompt_size, c.batch_size, c.token_size)[j] == centre[j]
+                    for j in range(3)
+                    if j != axis
+                )
+            }
+        )
+        (fit if sweep.index(key[axis]) % 2 == 0 else held_out).append(cell)
+    return fit, held_out
 
 
 def splitwise_errors(
@@ -518,11 +597,17 @@ def fit_coefficients(rows: Iterable[Mapping[str, Any]], knee_step: int = 256) ->
     the max and mean relative error of the rounded coefficients.
     """
     row_list = list(rows)
-    cells = splitwise_cells(row_list)
-    if len(cells) < 6:
-        raise ValueError(f"need at least 6 cells to fit, got {len(cells)}")
+    if not row_list:
+        raise ValueError("no rows to fit")
     first = row_list[0]
     label = f"{first['model']}, {first['hardware']}, TP{first['tensor_parallel']}"
+    return fit_cells(splitwise_cells(row_list), label, knee_step)
+
+
+def fit_cells(cells: Sequence[SplitwiseCell], label: str, knee_step: int = 256) -> StepCoefficients:
+    """:func:`fit_coefficients` on cells already grouped (e.g. one half of them)."""
+    if len(cells) < 6:
+        raise ValueError(f"need at least 6 cells to fit, got {len(cells)}")
     n = np.array([c.prefill_tokens for c in cells], dtype=float)
     s = np.array([c.prefill_sq for c in cells], dtype=float)
     b = np.array([c.batch_size for c in cells], dtype=float)
@@ -691,7 +776,7 @@ _SETTINGS_FIELDS = (
     "min_per_seq_s",
 )
 _COEFF_REQUIRED = ("floor_s", "a_s", "b_s", "c_s", "d_s")
-_COEFF_OPTIONAL = ("e_s", "knee_tokens", "b2_s")
+_COEFF_OPTIONAL = ("e_s", "knee_tokens", "b2_s", "overhead_s")
 
 
 def _mapping(value: object, where: str) -> Mapping[str, Any]:
@@ -806,6 +891,7 @@ def _build_catalog(doc: object, origin: str) -> ProfileCatalog:
             e_s=v["e_s"],
             knee_tokens=int(v.get("knee_tokens", 0)),
             b2_s=v.get("b2_s", 0.0),
+            overhead_s=v.get("overhead_s", 0.0),
             source=_join_sources(t),
         )
 

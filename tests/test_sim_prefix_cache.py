@@ -89,6 +89,18 @@ def test_records_summary_and_report_agree(
         assert engine.prefix is not None
         assert recorded <= engine.prefix.hits * BLOCK_TOKENS, wid
     assert sum(s["hit_tokens"] for s in prefix["by_worker"].values()) == prefix["hit_tokens"]
+    # ... and the summary's figures are the engines' counts: on a worker that preempted
+    # nothing each admission is one attempt, so its cache's own tally of hit tokens (the
+    # KV pool's cache, not a replay) is the summary's, and every lookup is a request's.
+    checked = 0
+    for wid, worker in cluster.workers.items():
+        engine = worker.engine  # type: ignore[attr-defined]
+        if engine.preemptions:
+            continue
+        checked += 1
+        assert engine.prefix.hit_tokens == prefix["by_worker"][wid]["hit_tokens"], wid
+        assert len(engine.prefix_hits) == prefix["by_worker"][wid]["requests"], wid
+    assert checked > 0
 
     report = (out / "report.md").read_text()
     line = next(ln for ln in report.splitlines() if ln.startswith("| prefix-cache hits |"))

@@ -121,6 +121,7 @@ def cluster_config(scenario: Scenario, *, timing: str = "profile") -> dict[str, 
                 "max_batch": group.max_batch,
                 "chunked_prefill_tokens": group.chunked_prefill_tokens,
                 "prefix_cache": group.prefix_cache,
+                "prefix_cache_max_tokens": group.prefix_cache_max_tokens,
                 "profiles": str(catalog_path.resolve()) if catalog_path else None,
             }
         )

@@ -4,8 +4,9 @@ Theory of operation
 -------------------
 :class:`BatchingEngine` is vLLM's scheduler reduced to what decides time:
 a FIFO queue, a running batch of at most ``max_batch`` sequences, a KV
-cache of ``kv_capacity_tokens``, an optional LRU prefix cache over 512-token
-blocks (trace ``hash_ids``), one loaded model. It has no clock: inputs
+cache of ``kv_capacity_tokens`` that can also keep prompt prefix blocks
+(vLLM's automatic prefix caching over 512-token blocks, the trace's
+``hash_ids``), one loaded model. It has no clock: inputs
 carry ``now`` (:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
 :meth:`~BatchingEngine.crash`, :meth:`~BatchingEngine.restart`) and the
 driver calls :meth:`~BatchingEngine.on_timer` when
@@ -22,8 +23,33 @@ Rules, in the order the engine applies them:
   and its own first (``kv_used + len(batch) + prompt + 1 <= capacity``):
   every running sequence always has a KV slot for the token its next step
   emits, so no step ever overfills the cache. A prompt that can never fit
-  an empty cache fails (``context_too_long``). Leading prompt blocks in the
-  prefix cache are not prefilled again.
+  an empty cache fails (``context_too_long``).
+- Prefix cache (``prefix_cache``): it lives in the KV pool. A request's
+  blocks are its ``prefix_hashes`` that hold prompt tokens. At admission
+  its leading blocks are looked up in order, up to the first miss; the
+  tokens they hold are not prefilled (all but the prompt's last token,
+  which is always computed). A sequence *pins* the blocks it hit, and all
+  its blocks once its prompt is prefilled (the blocks are then cached:
+  later admissions hit them even while it runs). When it leaves the batch
+  (done, cancelled, preempted) the blocks no other running sequence pins
+  become *evictable*: free memory that still holds the prefix, ordered by
+  when they were freed (a sequence's last block first, as vLLM frees in
+  reverse so that a prefix's tail goes before its head). Sharing is not
+  modelled: every running sequence counts its whole context in
+  ``kv_used`` (``kv_used`` stays the sum of the running contexts), even
+  the blocks it shares with another running sequence, so a hit saves
+  prefill compute, not memory. This is conservative and small: on
+  ``scenarios/prefix_cache.yaml`` 63% of the hit blocks are held by another
+  running sequence, and counting them once for the cache's room moves the
+  hit ratio by 0.01 points. Admission and decode growth treat evictable
+  blocks as free (``kv_used`` and ``free_kv_tokens`` do not count them);
+  whenever the running sequences' KV grows, the least recently freed
+  blocks are evicted until ``kv_used + 512 x evictable <=
+  kv_capacity_tokens`` (a partial block takes a whole one), so a full pool
+  shrinks the cache and the cache never adds memory.
+  ``prefix_cache_max_tokens`` (None: the pool decides) caps the evictable
+  blocks at ``cap // 512``. A pinned block is never evicted. A crash or a
+  swap to another model empties the cache.
 - A request for another model waits until the batch drains, then the
   weights load (``load_time_s``); every request that waited is a cold start.
   :meth:`~BatchingEngine.restart` loads the current model the same way.
@@ -99,34 +125,88 @@ def plan_prefill_step(
 
 
 class PrefixCache:
-    """LRU over prefix blocks (a request's leading blocks are looked up in order)."""
+    """The KV pool's cached prefix blocks: vLLM's automatic prefix caching at 512-token blocks.
 
-    def __init__(self, capacity_blocks: int) -> None:
-        self.capacity = capacity_blocks
-        self._blocks: OrderedDict[int, None] = OrderedDict()
-        self.hits = 0
-        self.lookups = 0
+    A block (a ``prefix_hashes`` value) is *pinned* while running sequences
+    hold it (``refs``: hash -> how many) and *evictable* once none does
+    (``free``, least recently freed first). The engine keeps the pool's
+    accounting: see the module docstring. ``max_blocks`` caps the evictable
+    blocks (None: the KV pool alone bounds them).
+    """
 
-    def hit_blocks(self, hashes: tuple[int, ...]) -> int:
+    __slots__ = ("evictions", "free", "hit_tokens", "hits", "lookups", "max_blocks", "refs")
+
+    def __init__(self, max_blocks: int | None = None) -> None:
+        self.max_blocks = max_blocks
+        self.refs: dict[int, int] = {}
+        self.free: OrderedDict[int, None] = OrderedDict()
+        self.hits = 0  # blocks found, over every admission
+        self.lookups = 0  # blocks looked up
+        self.hit_tokens = 0  # prompt tokens not prefilled thanks to the hits
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        """Blocks cached, pinned or evictable."""
+        return len(self.refs) + len(self.free)
+
+    def acquire(self, hashes: Sequence[int]) -> int:
+        """Pin the leading ``hashes`` that are cached (in order, up to the first miss)."""
+        refs, free = self.refs, self.free
         n = 0
         for h in hashes:
-            if h not in self._blocks:
+            held = refs.get(h)
+            if held is not None:
+                refs[h] = held + 1
+            elif h in free:
+                del free[h]
+                refs[h] = 1
+            else:
                 break
-            self._blocks.move_to_end(h)
             n += 1
         self.hits += n
         self.lookups += len(hashes)
         return n
 
-    def insert(self, hashes: tuple[int, ...]) -> None:
+    def pin(self, hashes: Sequence[int]) -> None:
+        """Pin ``hashes`` (a prefilled prompt's blocks), caching those that were not."""
+        refs, free = self.refs, self.free
         for h in hashes:
-            self._blocks[h] = None
-            self._blocks.move_to_end(h)
-        while len(self._blocks) > self.capacity:
-            self._blocks.popitem(last=False)
+            held = refs.get(h)
+            if held is not None:
+                refs[h] = held + 1
+            else:
+                if h in free:
+                    del free[h]
+                refs[h] = 1
+
+    def release(self, hashes: Sequence[int]) -> None:
+        """Unpin ``hashes``: those no sequence holds become evictable, the last block first
+        (vLLM frees a sequence's blocks in reverse, so its tail is evicted first)."""
+        refs, free = self.refs, self.free
+        for h in reversed(hashes):
+            held = refs[h]
+            if held == 1:
+                del refs[h]
+                free[h] = None
+            else:
+                refs[h] = held - 1
+
+    def trim(self, room_tokens: int) -> None:
+        """Evict the least recently freed blocks until the evictable ones fit in
+        ``room_tokens`` (and the cap)."""
+        free = self.free
+        most = max(0, room_tokens // BLOCK_TOKENS)
+        if self.max_blocks is not None and self.max_blocks < most:
+            most = self.max_blocks
+        if len(free) > most:
+            evict = len(free) - most
+            self.evictions += evict
+            for _ in range(evict):
+                free.popitem(last=False)
 
     def clear(self) -> None:
-        self._blocks.clear()
+        self.refs.clear()
+        self.free.clear()
 
 
 class Seq:
@@ -141,6 +221,7 @@ class Seq:
 
     __slots__ = (
         "begin_s",
+        "blocks",
         "cancelled",
         "cold_start",
         "context",
@@ -164,6 +245,7 @@ class Seq:
         self.generated = generated
         self.prompt_left = request.prompt_tokens + generated
         self.context = 0
+        self.blocks: tuple[int, ...] = ()  # the prefix-cache blocks it pins (while running)
         self.first_token_s: float | None = None
         self.finish_s: float | None = None
         self.cost = 0.0
@@ -225,6 +307,7 @@ class BatchingEngine(_EngineBase):
         max_batch: int | None = None,
         chunked_prefill_tokens: int | None = None,
         prefix_cache: bool = False,
+        prefix_cache_max_tokens: int | None = None,
         price_per_hour: float = 0.0,
         max_segment_steps: int | None = None,
         track_progress: bool = False,
@@ -232,7 +315,11 @@ class BatchingEngine(_EngineBase):
         super().__init__(profiles, warm, max_batch, price_per_hour, track_progress)
         self.chunk = chunked_prefill_tokens
         self.kv_capacity = profiles[warm].kv_capacity_tokens
-        self.prefix = PrefixCache(self.kv_capacity // BLOCK_TOKENS) if prefix_cache else None
+        check_prefix_cache_max_tokens(prefix_cache_max_tokens, prefix_cache)
+        self.prefix: PrefixCache | None = None
+        if prefix_cache:
+            cap = prefix_cache_max_tokens
+            self.prefix = PrefixCache(None if cap is None else cap // BLOCK_TOKENS)
         self.max_segment_steps = max_segment_steps or math.inf
         self.pending: list[tuple[float, int, Seq]] = []  # in the API overhead, by ready time
         self.waiting: deque[Seq] = deque()
@@ -307,6 +394,8 @@ class BatchingEngine(_EngineBase):
             if s is seq:
                 del batch[i]
                 self.kv_used -= seq.context + seq.prompt_left
+                if self.prefix is not None:
+                    self._release(seq)
                 return
         for s in self.waiting:
             if s is seq:
@@ -327,10 +416,12 @@ class BatchingEngine(_EngineBase):
                 seq.generated += done
         self.pending.clear()
         self.waiting.clear()
+        for seq in self.batch:
+            seq.blocks = ()
         self.batch.clear()
         self.kv_used = 0
         if self.prefix is not None:
-            self.prefix.clear()
+            self.prefix.clear()  # the KV pool is gone
         self._phase = _DOWN
         self.clock = now
 
@@ -441,16 +532,23 @@ class BatchingEngine(_EngineBase):
                     continue
                 break
             waiting.popleft()
-            if self.prefix is not None and head.context == 0:
-                hits = self.prefix.hit_blocks(head.request.prefix_hashes)
-                cached = min(hits * BLOCK_TOKENS, head.prompt_left - 1)
-                if cached > 0:
-                    head.prompt_left -= cached
-                    head.context += cached
+            prefix = self.prefix
+            if prefix is not None and head.context == 0:
+                hashes = _prompt_blocks(head.request)
+                hits = prefix.acquire(hashes)
+                if hits:
+                    head.blocks = hashes[:hits]
+                    cached = min(hits * BLOCK_TOKENS, head.prompt_left - 1)
+                    if cached > 0:
+                        head.prompt_left -= cached
+                        head.context += cached
+                        prefix.hit_tokens += cached
             # KV is reserved for the whole prompt at admission (vLLM allocates
             # the prompt's blocks up front); each generated token adds one.
             self.kv_used += head.prompt_left + head.context
             batch.append(head)
+            if prefix is not None and len(prefix.free) * BLOCK_TOKENS > capacity - self.kv_used:
+                prefix.trim(capacity - self.kv_used)  # make the room: evict
 
     def _make_room(self) -> bool:
         """Preempt the newest sequences until every one left has room for its next token."""
@@ -460,13 +558,26 @@ class BatchingEngine(_EngineBase):
             preempted = True
             victim = batch.pop()
             self.kv_used -= victim.context + victim.prompt_left
+            if self.prefix is not None:
+                self._release(victim)  # its blocks stay cached, evictable
             victim.prompt_left = victim.request.prompt_tokens + victim.generated
             victim.context = 0
             self.waiting.appendleft(victim)
             self.preemptions += 1
         return preempted
 
+    def _release(self, seq: Seq) -> None:
+        """``seq`` left the batch: the blocks it pinned become evictable unless shared."""
+        prefix = self.prefix
+        assert prefix is not None
+        if seq.blocks:
+            prefix.release(seq.blocks)
+            seq.blocks = ()
+            prefix.trim(self.kv_capacity - self.kv_used)  # the cap; a partial last block
+
     def _load(self, model: str, now: float, loaded_s: float = 0.0) -> None:
+        if self.prefix is not None and model != self.active:
+            self.prefix.clear()  # the other model's KV (the batch has drained: none pinned)
         self.active = model
         self._phase = _LOAD
         self._end = now + max(0.0, self.profiles[model].load_time_s - loaded_s)
@@ -511,6 +622,12 @@ class BatchingEngine(_EngineBase):
             self._complete_decode()
         else:
             return  # a load: nothing to credit
+        prefix = self.prefix
+        if prefix is not None:
+            # The step's tokens took their room before anyone left: evict for them.
+            room = self.kv_capacity - self.kv_used
+            if len(prefix.free) * BLOCK_TOKENS > room:
+                prefix.trim(room)
         if any(s.generated >= s.request.max_tokens for s in self.batch):
             still: list[Seq] = []
             for seq in self.batch:
@@ -519,6 +636,8 @@ class BatchingEngine(_EngineBase):
                     seq.finish_s = now
                     seq.done = True
                     left.append(seq)
+                    if prefix is not None:
+                        self._release(seq)
                 else:
                     still.append(seq)
             self.batch = still
@@ -537,12 +656,22 @@ class BatchingEngine(_EngineBase):
             if seq.prompt_left == 0:
                 self._emit(seq, now)
                 if self.prefix is not None:
-                    self.prefix.insert(seq.request.prefix_hashes)
+                    self._register(seq)
         for seq in self._riders:
             seq.cost += share
             if not seq.cancelled:
                 self._emit(seq, now)
         self._chunks, self._riders = [], []
+
+    def _register(self, seq: Seq) -> None:
+        """``seq``'s prompt is prefilled: all its blocks are cached, pinned by it."""
+        prefix = self.prefix
+        assert prefix is not None
+        hashes = _prompt_blocks(seq.request)
+        held = len(seq.blocks)
+        if held < len(hashes):
+            prefix.pin(hashes[held:])
+            seq.blocks = hashes
 
     def _emit(self, seq: Seq, now: float) -> None:
         if self.progressed is not None:
@@ -734,6 +863,28 @@ class RequestLevelEngine(_EngineBase):
 
 
 Engine = BatchingEngine | RequestLevelEngine
+
+
+def _prompt_blocks(request: Request) -> tuple[int, ...]:
+    """The request's prefix blocks that hold prompt tokens (hashes beyond it are ignored)."""
+    hashes = request.prefix_hashes
+    n = -(-request.prompt_tokens // BLOCK_TOKENS)
+    return hashes if len(hashes) <= n else hashes[:n]
+
+
+def check_prefix_cache_max_tokens(value: object, prefix_cache: bool = True) -> int | None:
+    """``prefix_cache_max_tokens`` as given (None, or a whole number >= 0 with a prefix
+    cache); a :class:`ValueError` naming the field otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"prefix_cache_max_tokens: expected a whole number of tokens >= 0 or null, "
+            f"got {value!r}"
+        )
+    if not prefix_cache:
+        raise ValueError("prefix_cache_max_tokens: needs prefix_cache: true")
+    return value
 
 
 def _elapsed(steps: int, base: float, inc: float) -> float:

@@ -66,9 +66,17 @@ class WorkerGroup(_Strict):
     max_batch: Count | None = None  # default: the profile's
     chunked_prefill_tokens: Count | None = None  # None: prefill-only steps (vLLM v0)
     prefix_cache: bool = False
+    # Cap on the prefix cache's evictable blocks, in tokens (None: the KV pool decides).
+    prefix_cache_max_tokens: Annotated[int, Field(ge=0)] | None = None
     capacity: Count = 8  # abstract model only
     service: ServiceModel = ServiceModel()  # abstract model only
     price_per_hour: NonNegFloat | None = None  # default: the GPU's list price
+
+    @model_validator(mode="after")
+    def _check(self) -> WorkerGroup:
+        if self.prefix_cache_max_tokens is not None and not self.prefix_cache:
+            raise ValueError("prefix_cache_max_tokens: needs prefix_cache: true")
+        return self
 
     @property
     def label(self) -> str:

@@ -47,7 +47,13 @@ from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 
 from haif.contracts import ErrorKind, Request
-from haif.fleet.engine import BatchingEngine, Engine, RequestLevelEngine, Seq
+from haif.fleet.engine import (
+    BatchingEngine,
+    Engine,
+    RequestLevelEngine,
+    Seq,
+    check_prefix_cache_max_tokens,
+)
 from haif.fleet.profiles import PerfProfile
 from haif.runtime.rpc import RpcError
 
@@ -97,12 +103,14 @@ class BatchingOptions:
     max_batch: int | None = None  # default: the warm model's profile
     chunked_prefill_tokens: int | None = None  # None: prefill-only steps (vLLM v0)
     prefix_cache: bool = False
+    prefix_cache_max_tokens: int | None = None  # cap on the evictable cache (None: the KV pool)
 
     def __post_init__(self) -> None:
         for name in ("max_batch", "chunked_prefill_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        check_prefix_cache_max_tokens(self.prefix_cache_max_tokens, self.prefix_cache)
 
 
 @dataclass(frozen=True, slots=True)
@@ -338,6 +346,7 @@ class IterationTimer(Timer):
             max_batch=self.max_batch,
             chunked_prefill_tokens=self.options.chunked_prefill_tokens,
             prefix_cache=self.options.prefix_cache,
+            prefix_cache_max_tokens=self.options.prefix_cache_max_tokens,
             max_segment_steps=1,
             track_progress=True,
         )

@@ -108,7 +108,14 @@ class WorkerConfig(_Strict):
     chunked_prefill_tokens: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="profile timings: chunked prefill token budget (default: none)"
     )
-    prefix_cache: bool = Field(default=False, description="profile timings: model a prefix cache")
+    prefix_cache: bool = Field(
+        default=False, description="profile timings: model a prefix cache in the KV pool"
+    )
+    prefix_cache_max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=None,
+        description="profile timings: cap on the prefix cache's evictable blocks, in tokens "
+        "(default: what the KV pool holds; needs prefix_cache)",
+    )
     profiles: str | None = Field(
         default=None,
         description="profile timings: a profile catalog YAML (default: the packaged one)",
@@ -146,6 +153,8 @@ class WorkerConfig(_Strict):
         for name in ("max_batch", "chunked_prefill_tokens", "prefix_cache", "profiles"):
             if getattr(self, name) and not profiled:
                 raise ValueError(f"{name}: only for the synthetic engine's profile timings")
+        if self.prefix_cache_max_tokens is not None and not self.prefix_cache:
+            raise ValueError("prefix_cache_max_tokens: needs prefix_cache: true")
         return self
 
     def engine_args(self, base: Path | None) -> list[str]:
@@ -159,6 +168,8 @@ class WorkerConfig(_Strict):
                 args += ["--chunked-prefill-tokens", str(self.chunked_prefill_tokens)]
             if self.prefix_cache:
                 args.append("--prefix-cache")
+            if self.prefix_cache_max_tokens is not None:
+                args += ["--prefix-cache-max-tokens", str(self.prefix_cache_max_tokens)]
             if self.profiles is not None:
                 args += ["--profiles", str(beside(base, self.profiles))]
         for name in ("artifact_store", "keyring"):

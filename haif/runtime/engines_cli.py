@@ -102,7 +102,15 @@ def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--prefix-cache",
         action="store_true",
-        help="synthetic, --timing profile: reuse cached prompt prefix blocks (prefix_hashes)",
+        help="synthetic, --timing profile: reuse cached prompt prefix blocks (prefix_hashes), "
+        "kept in the KV pool",
+    )
+    group.add_argument(
+        "--prefix-cache-max-tokens",
+        type=_non_negative_int,
+        metavar="N",
+        help="synthetic, --timing profile, with --prefix-cache: cap the cached blocks no "
+        "request is using at N tokens (default: whatever the KV pool holds)",
     )
 
 
@@ -116,6 +124,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return value
+
+
 def _synthetic_from_args(args: argparse.Namespace) -> Engine:
     timing = getattr(args, "timing", None) or "fixed"
     options: dict[str, Any] = {"mean_s": args.mean_s, "ttft_s": args.ttft_s}
@@ -123,6 +141,7 @@ def _synthetic_from_args(args: argparse.Namespace) -> Engine:
         "--max-batch": getattr(args, "max_batch", None),
         "--chunked-prefill-tokens": getattr(args, "chunked_prefill_tokens", None),
         "--prefix-cache": getattr(args, "prefix_cache", False) or None,
+        "--prefix-cache-max-tokens": getattr(args, "prefix_cache_max_tokens", None),
         "--profiles": getattr(args, "profiles", None),
         "--cold-start": getattr(args, "cold_start", False) or None,
     }
@@ -133,6 +152,8 @@ def _synthetic_from_args(args: argparse.Namespace) -> Engine:
                 f"{', '.join(given)} apply to --timing profile and profile-request only"
             )
         return make_engine("synthetic", **options)
+    if profiled["--prefix-cache-max-tokens"] is not None and not profiled["--prefix-cache"]:
+        raise EngineError("--prefix-cache-max-tokens needs --prefix-cache")
     models = tuple(m for m in str(getattr(args, "models", "") or "").split(",") if m)
     gpu = getattr(args, "gpu_class", None)
     return make_engine(
@@ -145,6 +166,7 @@ def _synthetic_from_args(args: argparse.Namespace) -> Engine:
         max_batch=profiled["--max-batch"],
         chunked_prefill_tokens=profiled["--chunked-prefill-tokens"],
         prefix_cache=bool(profiled["--prefix-cache"]),
+        prefix_cache_max_tokens=profiled["--prefix-cache-max-tokens"],
         cold_start=bool(getattr(args, "cold_start", False)),
     )
 

@@ -306,6 +306,7 @@ class SimCluster:
             max_batch=max_batch,
             chunked_prefill_tokens=group.chunked_prefill_tokens,
             prefix_cache=group.prefix_cache,
+            prefix_cache_max_tokens=group.prefix_cache_max_tokens,
             **common,
         )
 

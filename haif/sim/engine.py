@@ -152,6 +152,7 @@ class BatchingWorker(EngineWorker):
         max_batch: int | None = None,
         chunked_prefill_tokens: int | None = None,
         prefix_cache: bool = False,
+        prefix_cache_max_tokens: int | None = None,
         **kwargs: object,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -162,6 +163,7 @@ class BatchingWorker(EngineWorker):
             max_batch=max_batch,
             chunked_prefill_tokens=chunked_prefill_tokens,
             prefix_cache=prefix_cache,
+            prefix_cache_max_tokens=prefix_cache_max_tokens,
             price_per_hour=self.price_per_hour,
         )
 

@@ -11,7 +11,8 @@ Timings (``timing=``, the worker's ``--timing``):
   (:mod:`haif.runtime.batching`): continuous batching over all of the
   worker's streams, API overhead, prefill-only or chunked prefill
   (``chunked_prefill_tokens``), KV-cache admission and preemption, prefix
-  cache (``prefix_cache``), ``max_batch``, model swaps (the first of
+  cache in the KV pool (``prefix_cache``, capped by
+  ``prefix_cache_max_tokens``), ``max_batch``, model swaps (the first of
   ``models`` is loaded at start);
 - ``profile-request``: the simulator's request-level engine
   (:class:`~haif.sim.engine.RequestLevelWorker`) with the same profiles.
@@ -85,6 +86,7 @@ class SyntheticEngine:
         max_batch: int | None = None,
         chunked_prefill_tokens: int | None = None,
         prefix_cache: bool = False,
+        prefix_cache_max_tokens: int | None = None,
         cold_start: bool = False,
     ) -> None:
         self.mean_s = mean_s
@@ -94,12 +96,18 @@ class SyntheticEngine:
             raise EngineError(f"unknown timing {timing!r}; known timings: {', '.join(TIMINGS)}")
         self.timing = timing
         self.timer: Timer | None = None
-        profiled_options = max_batch is not None or chunked_prefill_tokens or prefix_cache
+        profiled_options = (
+            max_batch is not None
+            or chunked_prefill_tokens
+            or prefix_cache
+            or prefix_cache_max_tokens is not None
+        )
         if timing == "fixed":
             if profiles is not None or profiled_options:
                 raise EngineError(
-                    "profiles, max_batch, chunked_prefill_tokens and prefix_cache apply to "
-                    "the profile timings only, not to timing 'fixed'"
+                    "profiles, max_batch, chunked_prefill_tokens, prefix_cache and "
+                    "prefix_cache_max_tokens apply to the profile timings only, not to "
+                    "timing 'fixed'"
                 )
             return
         if profiles is None:
@@ -107,7 +115,9 @@ class SyntheticEngine:
         if not profiles:
             raise EngineError(f"timing {timing!r} needs at least one model")
         try:
-            options = BatchingOptions(max_batch, chunked_prefill_tokens, prefix_cache)
+            options = BatchingOptions(
+                max_batch, chunked_prefill_tokens, prefix_cache, prefix_cache_max_tokens
+            )
         except ValueError as exc:
             raise EngineError(f"timing {timing!r}: {exc}") from None
         warm = next(iter(profiles))

@@ -47,8 +47,8 @@ def test_markdown_table_marks_misses() -> None:
         Check("g", "miss", 2, -0.2, 0.1, True, "s", note="because"),
     ]
     table = markdown_table(rows)
-    assert "| g: hit | 1 | +5.0% | 5.0% | out of sample | yes |" in table
-    assert "| g: miss | 2 | -20.0% | 10.0% | in sample | no: because |" in table
+    assert "| g: hit | 1 | +5.0% | 5.0% | out of sample | yes (10%) |" in table
+    assert "| g: miss | 2 | -20.0% | 10.0% | in sample | no: because (10%) |" in table
 
 
 def test_cli_prints_and_writes_the_table(
@@ -68,3 +68,14 @@ def test_write_validation_creates_the_folder(tmp_path: Path) -> None:
     md, js = write_validation([Check("g", "n", 1, 0.0, 0.0, False, "src")], tmp_path / "a" / "b")
     assert md.is_file() and js.is_file()
     assert json.loads(js.read_text())[0]["within"] is True
+
+
+def test_prefix_cache_rows_compare_the_engine_with_an_exact_lru_replay() -> None:
+    from haif.analysis.validation import prefix_cache_checks
+
+    rows = prefix_cache_checks()
+    assert [r.unit for r in rows] == ["points", "points"] and all(r.within for r in rows)
+    assert "engine 36.64% vs exact LRU replay 36.64%" in rows[0].name  # published: 36.6 %
+    assert rows[0].error == 0.0 and rows[1].error != 0.0  # eviction order differs slightly
+    points = Check("g", "n", 1, 0.0006, 0.0006, False, "s", bound=0.005, unit="points")
+    assert "| +0.06 pts | 0.06 pts | out of sample | yes (0.5 pts) |" in markdown_table([points])

@@ -166,7 +166,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    from haif.analysis.validation import all_checks, write_validation
+    from haif.analysis.validation import (
+        all_checks,
+        format_bound,
+        format_error,
+        write_validation,
+    )
 
     console = _console()
     with console.status("validating") as status:
@@ -176,20 +181,25 @@ def _cmd_validate(args: argparse.Namespace) -> int:
             progress=lambda text: status.update(f"validating: {text}"),
         )
     table = Table(title="How far to trust the simulator")
-    for column in ("check", "compared", "worst error", "mean abs.", "sample", "within bound"):
-        table.add_column(
-            column,
-            justify="right" if column in ("compared", "worst error", "mean abs.") else "left",
-            overflow="fold",
-        )
+    for column, right in (
+        ("check", False),
+        ("compared", True),
+        ("worst error", True),
+        ("mean abs.", True),
+        ("sample", False),
+        ("within bound", False),
+    ):
+        table.add_column(column, justify="right" if right else "left", overflow="fold")
     for c in checks:
+        worst, mean = format_error(c)
+        verdict = "yes" if c.within else f"[red]no[/red]: {c.note}"
         table.add_row(
             f"{c.group}: {c.name}",
             str(c.figures),
-            f"{c.error:+.1%}",
-            f"{c.mean_abs:.1%}",
+            worst,
+            mean,
             "in sample" if c.in_sample else "out of sample",
-            "yes" if c.within else f"[red]no[/red]: {c.note}",
+            f"{verdict} ({format_bound(c)})",
         )
     console.print(table)
     md, js = write_validation(checks, args.out)

@@ -79,3 +79,19 @@ def test_prefix_cache_rows_compare_the_engine_with_an_exact_lru_replay() -> None
     assert rows[0].error == 0.0 and rows[1].error != 0.0  # eviction order differs slightly
     points = Check("g", "n", 1, 0.0006, 0.0006, False, "s", bound=0.005, unit="points")
     assert "| +0.06 pts | 0.06 pts | out of sample | yes (0.5 pts) |" in markdown_table([points])
+
+
+def test_the_figures_in_docs_validation_are_the_computed_ones(checks: list[Check]) -> None:
+    import re
+
+    from haif.analysis.validation import prefix_cache_checks
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "validation.md").read_text()
+    a100 = next(c for c in checks if c.name.startswith("A100-80G: packaged fit"))
+    longer = re.search(r"\((\d+)% longer", a100.note)
+    assert longer is not None
+    assert f"by up to\n  {abs(a100.error) * 100:.1f} % (its 16 prompts of 512 tokens take " in page
+    assert f"take {longer.group(1)} % longer than one prompt of" in page
+    reused = re.search(r"engine (\d+\.\d+)%", prefix_cache_checks()[0].name)
+    assert reused is not None
+    assert f"({reused.group(1)} % reused" in page

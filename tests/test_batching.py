@@ -19,6 +19,7 @@ import random
 import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
@@ -93,7 +94,7 @@ def simulate(
 
     warm = next(iter(profiles))
     slots = max_batch or profiles[warm].max_batch
-    common: dict[str, object] = {
+    common: dict[str, Any] = {
         "models": tuple(profiles),
         "capacity": slots,
         "vram_gb": 80.0,

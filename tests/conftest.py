@@ -17,6 +17,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
+from haif.analysis.queueing import QueueingCheck, queueing_checks
+
 
 @pytest.fixture
 def http_timeout_s() -> float:
@@ -30,3 +32,10 @@ async def session(http_timeout_s: float) -> AsyncIterator[aiohttp.ClientSession]
     timeout = aiohttp.ClientTimeout(total=http_timeout_s)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def quick_queueing() -> list[QueueingCheck]:
+    """The queueing checks' quick points, run once (about a minute) for every test that
+    reads them (tests/test_validation.py, and the README's table in test_validate.py)."""
+    return queueing_checks(quick=True)

@@ -76,6 +76,11 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/test_analysis.py::test_refresh_baseline_and_sets",
     ),
     "calibrate": ("tests/test_calibrate.py::test_cli_prints_the_fit_and_writes_the_catalog",),
+    "validate": (
+        ".ci/run: .venv/bin/haif validate --out reports/validation",
+        "tests/test_validate.py::test_cli_prints_and_writes_the_table",
+        "tests/test_validate.py::test_the_readme_table_is_the_quick_validation",
+    ),
     "up": (
         "tests/test_example_clusters.py::test_example_cluster_serves_a_completion",
         "tests/test_example_clusters.py::test_tiny_model_example",

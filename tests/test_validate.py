@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from haif.analysis.validation import BOUND, Check, markdown_table, profile_checks, write_validation
+from haif.analysis.queueing import QueueingCheck
+from haif.analysis.validation import (
+    BOUND,
+    Check,
+    all_checks,
+    markdown_table,
+    profile_checks,
+    write_validation,
+)
 from haif.cli import main
 
 
@@ -48,7 +56,7 @@ def test_markdown_table_marks_misses() -> None:
     ]
     table = markdown_table(rows)
     assert "| g: hit | 1 | +5.0% | 5.0% | out of sample | yes (10%) |" in table
-    assert "| g: miss | 2 | -20.0% | 10.0% | in sample | no: because (10%) |" in table
+    assert "| g: miss | 2 | -20.0% | 10.0% | in sample | no (10%): because |" in table
 
 
 def test_cli_prints_and_writes_the_table(
@@ -95,3 +103,13 @@ def test_the_figures_in_docs_validation_are_the_computed_ones(checks: list[Check
     reused = re.search(r"engine (\d+\.\d+)%", prefix_cache_checks()[0].name)
     assert reused is not None
     assert f"({reused.group(1)} % reused" in page
+
+
+@pytest.mark.slow
+def test_the_readme_table_is_the_quick_validation(quick_queueing: list[QueueingCheck]) -> None:
+    """The README's accuracy table is `haif validate --quick`'s, row for row."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    begin, end = "<!-- haif validate: begin -->\n", "<!-- haif validate: end -->"
+    block = readme.split(begin, 1)[1].split(end, 1)[0]
+    expected = markdown_table(all_checks(queueing_done=quick_queueing))
+    assert block == expected, "README.md's accuracy table is stale; it should be:\n" + expected

@@ -168,8 +168,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
     from haif.analysis.validation import (
         all_checks,
-        format_bound,
         format_error,
+        verdict,
         write_validation,
     )
 
@@ -192,19 +192,21 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         table.add_column(column, justify="right" if right else "left", overflow="fold")
     for c in checks:
         worst, mean = format_error(c)
-        verdict = "yes" if c.within else f"[red]no[/red]: {c.note}"
         table.add_row(
             f"{c.group}: {c.name}",
             str(c.figures),
             worst,
             mean,
             "in sample" if c.in_sample else "out of sample",
-            f"{verdict} ({format_bound(c)})",
+            verdict(c),
         )
     console.print(table)
     md, js = write_validation(checks, args.out)
     console.print(f"written: {md}, {js}", highlight=False)
-    return 0
+    failed = [c for c in checks if not c.passed]
+    for c in failed:
+        console.print(f"[red]FAILED[/red] {c.group}: {c.name}", highlight=False)
+    return 1 if failed else 0
 
 
 def add_analysis_commands(subparsers: Any) -> None:
@@ -345,7 +347,8 @@ def add_analysis_commands(subparsers: Any) -> None:
         "cache against an exact LRU replay of the Mooncake trace, and M/M/c and M/D/1 queues "
         "against their closed forms. Prints one table (worst and mean error, in or out of "
         "sample, and why a row is outside its bound) and writes validation.md and "
-        "validation.json to --out.",
+        "validation.json to --out. Exit 1 if a row is outside its bound with no explanation "
+        "or a queueing interval is wider than it was sized for.",
     )
     val.add_argument("--out", default="reports/validation", help="output folder")
     val.add_argument(

@@ -52,6 +52,7 @@ async def _measure(gateway: str, n: int, prompt: int, tokens: int) -> np.ndarray
                 "prompt": prompt_text(prompt),
                 "max_tokens": tokens,
                 "stream": True,
+                "ignore_eos": True,  # exactly `tokens` tokens, as the trace replay
             }
             start = time.perf_counter()
             first = None

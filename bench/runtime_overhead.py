@@ -136,7 +136,7 @@ async def _measure(
     async with aiohttp.ClientSession(connector=connector) as session:
         # Sealed like the orchestrator's own calls, so the direct path pays that too.
         rpc = RpcClient(session, worker, timeout_s=30.0, signer=signer, audience=WORKER_ID)
-        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1}
+        body = {"model": MODEL, "prompt": "hello", "max_tokens": 1, "ignore_eos": True}
 
         async def direct() -> None:
             req = Request(f"b-{uuid.uuid4().hex}", "bench", MODEL, 1, 1, 0.0)

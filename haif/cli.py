@@ -147,7 +147,10 @@ DESCRIPTION = (
 )
 
 COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("simulate and analyse", ("sim", "sweep", "compare", "query", "regress", "calibrate", "validate")),
+    (
+        "simulate and analyse",
+        ("sim", "sweep", "compare", "query", "regress", "calibrate", "validate"),
+    ),
     ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "artifacts")),
     (
         "services (haif up starts them; run one by hand to place it on another machine)",

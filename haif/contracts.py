@@ -138,12 +138,62 @@ def is_retryable(kind: str | None) -> bool:
     return kind in _RETRYABLE
 
 
+#: The sampling parameters a request may set (OpenAI's names, ``top_k`` and
+#: ``ignore_eos`` as vLLM's), in the order a refusal names the first one.
+SAMPLING_PARAMETERS: tuple[str, ...] = (
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "stop",
+    "presence_penalty",
+    "frequency_penalty",
+    "ignore_eos",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingParams:
+    """How a live request samples and when it stops (the gateway validated the values).
+
+    ``None`` (and ``()``, ``False``) is "not given": the engine's default
+    (OpenAI's: temperature 1, top_p 1, no top-k, no penalties, unseeded).
+    ``top_k``: ``-1`` or ``0`` is no limit, as vLLM. ``stop``: at most four
+    strings; the response ends before the first one and does not contain it.
+    ``ignore_eos`` (a vLLM extension): keep generating past end-of-sequence,
+    so the response is exactly ``max_tokens`` tokens (trace replay and the
+    benchmarks set it).
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    ignore_eos: bool = False
+
+    def requested(self) -> tuple[str, ...]:
+        """The parameters given (in :data:`SAMPLING_PARAMETERS` order); ``0`` is given."""
+        return tuple(name for name in SAMPLING_PARAMETERS if _given(getattr(self, name)))
+
+
+def _given(value: object) -> bool:
+    # Not `value in (None, (), False)`: 0 == False, and temperature 0 is a request.
+    return value is not None and value is not False and value != ()
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One inference request as the orchestrator sees it.
 
-    ``max_tokens`` is also the simulator's true output length (trace replay
-    runs with ``ignore_eos`` semantics, as vLLM's benchmarks do).
+    ``max_tokens`` is the most tokens the response may have. ``sampling``:
+    the live request's sampling and stopping (:class:`SamplingParams`; the
+    gateway always sets it). ``None`` — the simulator and every request
+    built without it — keeps the simulator's semantics: greedy, and
+    ``max_tokens`` is the true output length (``ignore_eos``, as vLLM's
+    benchmarks run trace replay).
     ``deadline_s`` is absolute, on the same clock as ``arrival_s``.
     """
 
@@ -162,6 +212,7 @@ class Request:
     adapter: str | None = None
     prompt: str | None = None
     prefix_hashes: tuple[int, ...] = ()
+    sampling: SamplingParams | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,6 +438,7 @@ class Finalize:
 Decision = Dispatch | Reject | RetryAt | Cancel | DeadLetter | Finalize
 
 WIRE_TYPES: tuple[type, ...] = (
+    SamplingParams,
     Request,
     WorkerSnapshot,
     Submit,

@@ -30,7 +30,7 @@ from harness.cluster import running, serve, wait_fresh
 from harness.require import require
 from virtual_loop import run_virtual
 
-from haif.contracts import Request
+from haif.contracts import Request, SamplingParams
 from haif.runtime import gateway as gateway_mod
 from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime import worker as worker_mod
@@ -395,6 +395,54 @@ async def test_a_worker_reports_an_upstream_that_stopped_early(
         await engine.close()
 
 
+async def test_openai_upstream_forwards_sampling_and_its_finish_reason(
+    upstream: tuple[FakeUpstream, str],
+) -> None:
+    fake, url = upstream
+    engine = OpenAIUpstreamEngine(url, "up-model", api_key=FakeUpstream.API_KEY)
+    sampling = SamplingParams(
+        temperature=0.7,
+        top_p=0.9,
+        top_k=5,
+        seed=3,
+        stop=("x", "y"),
+        presence_penalty=0.1,
+        frequency_penalty=-0.2,
+        ignore_eos=True,
+    )
+    try:
+        request = Request("s1", "t", "m", 1, 6, 0.0, prompt="go", sampling=sampling)
+        chunks = await collect(engine, request)
+        assert pieces(chunks) == FakeUpstream.tokens(6) and chunks[-1].finish_reason == "length"
+        assert fake.bodies[-1] == {
+            "model": "up-model",
+            "prompt": "go",
+            "max_tokens": 6,
+            "stream": True,
+            "temperature": 0.7,
+            "top_p": 0.9,
+            "top_k": 5,
+            "seed": 3,
+            "stop": ["x", "y"],
+            "presence_penalty": 0.1,
+            "frequency_penalty": -0.2,
+            "ignore_eos": True,
+        }
+        # Nothing given: the engine's own temperature, nothing else; the upstream's "stop".
+        early = Request("s2", "t", "m", 1, 10, 0.0, prompt="early", sampling=SamplingParams())
+        chunks = await collect(engine, early)
+        assert pieces(chunks) == FakeUpstream.tokens(3) and chunks[-1].finish_reason == "stop"
+        assert fake.bodies[-1] == {
+            "model": "up-model",
+            "prompt": "early",
+            "max_tokens": 10,
+            "stream": True,
+            "temperature": 0.0,
+        }
+    finally:
+        await engine.close()
+
+
 # ----------------------------------------------- a live stack on loopback
 
 
@@ -575,6 +623,90 @@ async def test_transformers_engine_is_deterministic_and_resumes(tiny: tuple[Path
     assert engine.cache.stats()["models"] == []
 
 
+def test_next_token_penalties_top_k_and_top_p() -> None:
+    require("torch")
+    import torch
+
+    from haif.runtime.engines.transformers_engine import next_token
+
+    logits = torch.tensor([3.0, 2.9, 0.0, -1.0])
+    g = torch.Generator().manual_seed(0)
+
+    def pick(counts: dict[int, int] | None = None, **kw: Any) -> int:
+        return next_token(torch, logits, SamplingParams(**kw), counts or {}, g)
+
+    assert pick(temperature=0.0) == 0  # greedy
+    # Presence: minus 0.2 once seen; frequency: minus 0.05 per time seen (OpenAI's).
+    assert pick({0: 1}, temperature=0.0, presence_penalty=0.2) == 1
+    assert pick({0: 1}, temperature=0.0, frequency_penalty=0.05) == 0
+    assert pick({0: 3}, temperature=0.0, frequency_penalty=0.05) == 1
+    assert pick({2: 1}, temperature=0.0, presence_penalty=-2.0, frequency_penalty=-2.0) == 2
+    assert torch.equal(logits, torch.tensor([3.0, 2.9, 0.0, -1.0]))  # left as they were
+    # top_k 1 and a small top_p keep only the most likely token, at any temperature.
+    assert {pick(temperature=2.0, top_k=1) for _ in range(50)} == {0}
+    assert {pick(temperature=1.0, top_p=0.3) for _ in range(50)} == {0}
+    assert {pick(temperature=1.0, top_p=0.9) for _ in range(200)} == {0, 1}
+    assert len({pick(temperature=2.0) for _ in range(400)}) == 4
+    # The same seed draws the same tokens.
+    draws = []
+    for _ in range(2):
+        g.manual_seed(7)
+        draws.append([pick(temperature=2.0) for _ in range(30)])
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.slow
+async def test_transformers_engine_samples_and_stops(tiny: tuple[Path, Path]) -> None:
+    engine = await loaded_engine(*tiny)
+    prompt = "Hello world, how are"
+
+    def sampled(rid: str, n: int, **kw: Any) -> Request:
+        return Request(
+            rid, "t", "tiny-gpt2", 1, n, 0.0, prompt=prompt, sampling=SamplingParams(**kw)
+        )
+
+    try:
+        hot = {"temperature": 1.0, "ignore_eos": True}
+        a = pieces(await collect(engine, sampled("a", 12, seed=1, **hot)))
+        b = pieces(await collect(engine, sampled("b", 12, seed=1, **hot)))
+        c = pieces(await collect(engine, sampled("a", 12, seed=2, **hot)))
+        assert a == b != c
+        # Unseeded: seeded by the request id, so a resumed attempt draws the same tokens.
+        unseeded = pieces(await collect(engine, sampled("u", 12, **hot)))
+        assert pieces(await collect(engine, sampled("u", 12, **hot), 5)) == unseeded[5:]
+        # top_k 1 is greedy: the text of a request without sampling parameters.
+        greedy = await collect(engine, req("g", 12, prompt, model="tiny-gpt2"))
+        assert greedy[-1].finish_reason == "length"
+        assert pieces(await collect(engine, sampled("k", 12, top_k=1, seed=5, **hot))) == pieces(
+            greedy
+        )
+        # A stop string: the text is cut before it and the response ends, "stop".
+        text = "".join(pieces(greedy))
+        stop = text[len(text) // 2 : len(text) // 2 + 2]
+        cut = text[: text.index(stop)]
+        stopped = await collect(
+            engine, sampled("st", 12, temperature=0.0, stop=(stop,), ignore_eos=True)
+        )
+        assert "".join(pieces(stopped)) == cut and stopped[-1].finish_reason == "stop"
+        assert sum(len(ch.texts) for ch in stopped) < 12
+        # End of sequence: pretend the first greedy token is the model's EOS token.
+        loaded = engine.loaded
+        assert loaded is not None and loaded.eos_id is not None
+        first_id = engine.prompt_ids(req("x", 1, prompt))
+        with loaded.torch.inference_mode():
+            logits = loaded.model(input_ids=loaded.torch.tensor([first_id])).logits
+        eos, loaded.eos_id = loaded.eos_id, int(logits[0, -1].argmax())
+        try:
+            ended = await collect(engine, sampled("e", 12, temperature=0.0))
+            assert [(ch.start, ch.texts, ch.finish_reason) for ch in ended] == [(0, ("",), "stop")]
+            on = await collect(engine, sampled("e", 12, temperature=0.0, ignore_eos=True))
+            assert pieces(on) == pieces(greedy) and on[-1].finish_reason == "length"
+        finally:
+            loaded.eos_id = eos
+    finally:
+        await engine.close()
+
+
 @pytest.mark.slow
 async def test_transformers_engine_refuses_a_tampered_artifact(
     tiny: tuple[Path, Path], tmp_path: Path
@@ -637,7 +769,9 @@ async def test_a_worker_process_serves_the_tiny_model_through_the_gateway(
         await engine.close()
     await stack.wait_worker("wtf", proc)
 
-    body = {"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 8}
+    # Greedy, exactly 8 tokens: what the engine gave for a request without sampling.
+    body = {"model": "tiny-gpt2", "prompt": prompt, "max_tokens": 8, "temperature": 0}
+    body["ignore_eos"] = True
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async with session.post(f"{stack.url}/v1/completions", json=body) as resp:

@@ -67,7 +67,10 @@ def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
         assert proc.stdout is not None
         line = proc.stdout.readline()
         assert "haif cluster up" in line, line + proc.stdout.read()
-        body = json.dumps({"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 8}).encode()
+        # ignore_eos: exactly max_tokens, even where the sampled text would end sooner.
+        body = json.dumps(
+            {"model": "tiny-gpt2", "prompt": "hello", "max_tokens": 8, "ignore_eos": True}
+        ).encode()
         answer = None
         for _ in range(50):  # the first heartbeat follows the model load
             req = urllib.request.Request(
@@ -83,6 +86,7 @@ def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
                 time.sleep(0.2)
         assert answer is not None
         assert answer["usage"]["completion_tokens"] == 8
+        assert answer["choices"][0]["finish_reason"] == "length"
         assert answer["choices"][0]["text"].strip()
     finally:
         proc.send_signal(signal.SIGINT)

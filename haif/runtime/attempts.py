@@ -158,6 +158,7 @@ class Attempts:
                 and end.output_tokens > pending.delivered
             ):
                 raise RpcError("bad_reply", "worker ended before its last token")
+            pending.finish_reason = end.finish_reason
             return AttemptResult(
                 request_id=rid,
                 attempt=attempt,

@@ -28,6 +28,16 @@ request elsewhere from the tokens already sent (``resume_partial``), and the
 client's stream continues without a gap or a repeated token.
 Non-streaming requests take the same path and get the collected text.
 
+Sampling and stopping
+---------------------
+The sampling parameters (:class:`_Body`: ``temperature``, ``top_p``,
+``top_k``, ``seed``, ``stop``, the penalties, ``ignore_eos``) are validated
+here and travel in ``Request.sampling``; an engine that cannot honour one
+never ignores it: the orchestrator refuses the request before it runs
+(400 ``unsupported_parameter``, ``param`` naming it) when no fresh worker of
+the model honours it, and a worker that cannot refuses its attempt (400
+``bad_request``). ``finish_reason`` is the engine's (``SubmitReply``).
+
 Authentication
 --------------
 Credentials: ``Authorization: Bearer <API key or JWT>`` or
@@ -148,9 +158,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from haif.contracts import Reject, Request, RequestRecord
+from haif.contracts import Reject, Request, RequestRecord, SamplingParams
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.relay import Frame
@@ -291,7 +301,25 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+#: At most this many stop strings (OpenAI's limit).
+MAX_STOP = 4
+
+
 class _Body(BaseModel):
+    """The fields of a completion both endpoints share.
+
+    Sampling (OpenAI's ranges; strict types: ``"0.5"`` is not a number):
+    ``temperature`` 0-2, ``top_p`` in (0, 1], ``top_k`` an integer >= -1
+    (vLLM's extension; -1 and 0 mean no limit), ``seed`` a 64-bit integer,
+    ``stop`` a string or up to four non-empty strings, ``presence_penalty`` /
+    ``frequency_penalty`` -2 to 2, ``n`` 1 (one choice only), and
+    ``ignore_eos`` (vLLM's extension, default false: generate exactly
+    ``max_tokens`` tokens, past end-of-sequence). A value outside its range
+    is a 400 naming the parameter. Values that ask for nothing (``top_p`` 1,
+    ``top_k`` -1 or 0, penalties 0) are dropped: every engine honours them.
+    Other unknown fields are allowed (SDKs send some) and ignored.
+    """
+
     model_config = ConfigDict(extra="allow")
 
     model: Annotated[str, Field(min_length=1)]
@@ -301,10 +329,47 @@ class _Body(BaseModel):
     stream_options: StreamOptions | None = None
     user: str | None = None
     priority: Annotated[int, Field(ge=0, le=2)] = 1
+    temperature: Annotated[float | None, Field(ge=0, le=2, strict=True)] = None
+    top_p: Annotated[float | None, Field(gt=0, le=1, strict=True)] = None
+    top_k: Annotated[int | None, Field(ge=-1, strict=True)] = None
+    seed: Annotated[int | None, Field(ge=-(2**63), le=2**64 - 1, strict=True)] = None
+    stop: str | list[str] | None = None
+    presence_penalty: Annotated[float | None, Field(ge=-2, le=2, strict=True)] = None
+    frequency_penalty: Annotated[float | None, Field(ge=-2, le=2, strict=True)] = None
+    n: Annotated[int | None, Field(ge=1, le=1, strict=True)] = None
+    ignore_eos: Annotated[bool, Field(strict=True)] = False
+
+    @field_validator("stop", mode="plain")
+    @classmethod
+    def _stop(cls, value: Any) -> str | list[str] | None:
+        if value is None:
+            return None
+        items = [value] if isinstance(value, str) else value
+        if (
+            not isinstance(items, list)
+            or not all(isinstance(v, str) and v for v in items)
+            or len(items) > MAX_STOP
+        ):
+            raise ValueError(f"a non-empty string or a list of at most {MAX_STOP} of them")
+        return value if isinstance(value, str) else list(items)
 
     @property
     def output_limit(self) -> int:
         return self.max_completion_tokens or self.max_tokens
+
+    def sampling(self) -> SamplingParams:
+        """The request's :class:`~haif.contracts.SamplingParams` (neutral values dropped)."""
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        return SamplingParams(
+            temperature=self.temperature,
+            top_p=self.top_p if self.top_p != 1 else None,
+            top_k=self.top_k if self.top_k not in (-1, 0) else None,
+            seed=self.seed,
+            stop=stop,
+            presence_penalty=self.presence_penalty or None,
+            frequency_penalty=self.frequency_penalty or None,
+            ignore_eos=self.ignore_eos,
+        )
 
     @property
     def include_usage(self) -> bool:
@@ -500,7 +565,15 @@ _REJECT_TYPES = {
 #: Orchestrator errors raised before a request ran, by HTTP status. 409: the
 #: ``Idempotency-Key`` was used with another body (``idempotency_conflict``),
 #: or its request is still running elsewhere (``conflict``).
-_RPC_STATUS = {"conflict": 409, "idempotency_conflict": 409, "bad_request": 400}
+#: ``unsupported_parameter``: no worker of the model honours a sampling parameter
+#: the request sets (the orchestrator's check, its message names it first).
+_UNSUPPORTED = "unsupported_parameter"
+_RPC_STATUS = {
+    "conflict": 409,
+    "idempotency_conflict": 409,
+    "bad_request": 400,
+    _UNSUPPORTED: 400,
+}
 
 
 def _unavailable_error(store: bool) -> tuple[str, str, str]:
@@ -642,8 +715,7 @@ class _SseStream:
     async def tokens(self, texts: tuple[str, ...]) -> None:
         await self.resp.write(_sse(self._chunk([self._choice("".join(texts), None)])))
 
-    async def finish(self, record: RequestRecord, max_tokens: int) -> None:
-        finish = "length" if record.output_tokens >= max_tokens else "stop"
+    async def finish(self, record: RequestRecord, finish: str) -> None:
         await self.resp.write(_sse(self._chunk([self._choice(None, finish)])))
         if self.include_usage:
             chunk = self._chunk([])
@@ -671,6 +743,14 @@ def _skip_text(chunk: TokenChunk, skip: int, seen: int) -> tuple[TokenChunk, int
         texts[0] = texts[0][skip:]
         seen += skip
     return TokenChunk(start, tuple(texts)), seen
+
+
+def _finish_reason(reply: SubmitReply, max_tokens: int) -> str:
+    """``stop`` or ``length``, as the engine said; from the token count when it did not
+    (an orchestrator or a stored result from before engines reported it)."""
+    if reply.finish_reason is not None:
+        return reply.finish_reason
+    return "length" if reply.record.output_tokens >= max_tokens else "stop"
 
 
 def _usage(record: RequestRecord) -> dict[str, int]:
@@ -995,6 +1075,7 @@ class Gateway:
             priority=parsed.priority,
             stream=parsed.stream,
             prompt=prompt,
+            sampling=parsed.sampling(),
             # With a standby, every request can be resent after a failover (see above).
             idempotency_key=key
             if key is not None or len(self.orchestrator_urls) < 2
@@ -1068,8 +1149,10 @@ class Gateway:
                 # The caller's own doing (a reused Idempotency-Key, a bad request).
                 assert isinstance(exc, RpcError)
                 info.error = exc.code
+                # An unsupported parameter's message starts with its name.
+                param = exc.message.partition(":")[0] if exc.code == _UNSUPPORTED else None
                 return openai_error(
-                    status, exc.message, "invalid_request_error", exc.code, headers=headers
+                    status, exc.message, "invalid_request_error", exc.code, param, headers
                 )
             store = isinstance(exc, RpcError) and exc.code == "store_unavailable"
             info.error = "store_unavailable" if store else "unavailable"
@@ -1088,7 +1171,7 @@ class Gateway:
             if sse is None:
                 sse = await self._open_sse(request, req.request_id, body, chat, headers)
             with contextlib.suppress(ConnectionResetError):
-                await sse.finish(final.record, req.max_tokens)
+                await sse.finish(final.record, _finish_reason(final, req.max_tokens))
             return sse.resp
         if sse is not None:
             rec = final.record
@@ -1147,6 +1230,17 @@ class Gateway:
             if _store_failed(rec):
                 log.warning("request %s: %s: %s", rec.request_id, rec.status, rec.reason)
                 return _unavailable_response(True, headers)
+            if rec.status == "failed" and rec.reason == "bad_request":
+                # The worker refused the request itself (e.g. a sampling parameter
+                # its engine cannot honour): the caller's doing, not retried.
+                return openai_error(
+                    400,
+                    "the request is invalid for the worker that took it "
+                    "(e.g. a sampling parameter its engine cannot honour)",
+                    "invalid_request_error",
+                    "bad_request",
+                    headers=headers,
+                )
             status = 504 if rec.status == "timeout" else 502
             return openai_error(
                 status,
@@ -1155,7 +1249,7 @@ class Gateway:
                 rec.status,
                 headers=headers,
             )
-        finish = "length" if rec.output_tokens >= body.output_limit else "stop"
+        finish = _finish_reason(reply, body.output_limit)
         choice: dict[str, Any] = {"index": 0}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}

@@ -21,11 +21,17 @@ from haif.runtime.resources import GpuUsage, Resources
 
 @dataclass(frozen=True, slots=True)
 class Announce:
-    """A worker's heartbeat: its snapshot, where to reach it, what its host uses."""
+    """A worker's heartbeat: its snapshot, where to reach it, what its host uses.
+
+    ``sampling``: the sampling parameters its engine honours (names of
+    :data:`~haif.contracts.SAMPLING_PARAMETERS`); ``None`` from a worker that
+    does not say (the orchestrator then assumes it honours them all).
+    """
 
     snapshot: WorkerSnapshot
     url: str
     resources: Resources | None = None
+    sampling: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +53,9 @@ class SubmitReply:
     record: RequestRecord
     text: str = ""
     reject: Reject | None = None
+    #: Why the response ended: ``"stop"`` (end of sequence or a stop string) or
+    #: ``"length"`` (``max_tokens``), as the engine said; None when unknown.
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +77,22 @@ class TokenChunk:
 
     ``texts[i]`` is the text of token ``start + i`` exactly as it appears in
     the response (separators included), so concatenating every chunk's texts
-    in order gives the whole response text.
+    in order gives the whole response text. ``finish_reason``: set on an
+    engine's last chunk when it knows why the response ended (``"stop"``: end
+    of sequence or a stop string; ``"length"``: ``max_tokens``).
     """
 
     start: int
     texts: tuple[str, ...]
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class InferEnd:
     """The last frame of ``infer_stream``; times are seconds since the worker got the call.
 
-    ``output_tokens`` counts the whole response (resumed tokens included).
+    ``output_tokens`` counts the whole response (resumed tokens included);
+    ``finish_reason``: ``"stop"`` or ``"length"`` (see :class:`TokenChunk`).
     """
 
     output_tokens: int
@@ -87,6 +100,7 @@ class InferEnd:
     service_s: float
     cold_start: bool = False
     cost: float = 0.0
+    finish_reason: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

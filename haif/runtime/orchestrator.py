@@ -138,6 +138,7 @@ from typing import Any
 from aiohttp import web
 
 from haif.contracts import (
+    SAMPLING_PARAMETERS,
     Cancel,
     ClientGone,
     DeadLetter,
@@ -200,6 +201,7 @@ class _Seen:
 
     snapshot: WorkerSnapshot
     resources: Resources | None = None  # what its host used, as it last said
+    sampling: tuple[str, ...] | None = None  # the parameters it honours (None: all)
 
 
 class Orchestrator:
@@ -249,6 +251,8 @@ class Orchestrator:
         self._pending: dict[str, Pending] = {}  # running requests, by internal id
         self._workers: dict[str, str] = {}  # worker_id -> base URL
         self._seen: dict[str, _Seen] = {}  # last heartbeat of each present worker
+        # What every present worker honours (None: to recompute after a change).
+        self._sampling_everywhere: frozenset[str] | None = None
         # Which workers are present, stale, evicted: the pure rule (until a
         # worker's second heartbeat its interval is assumed default_heartbeat_s).
         self._presence = Presence(
@@ -406,7 +410,56 @@ class Orchestrator:
             raise RpcError("bad_request", "submit expects a Request")
         if not self.leading:
             raise RpcError("not_leader", "this orchestrator is the standby", 503)
+        self._check_sampling(body)
         return await self.reservations.enter(body, replay_of=replay_of)
+
+    def _check_sampling(self, request: Request) -> None:
+        """Refuse (400 ``unsupported_parameter``) a sampling parameter that no fresh
+        worker of the request's model honours, before the request runs.
+
+        Why here: the orchestrator is the one place that knows the fleet, from
+        the heartbeats (each worker announces what its engine honours), and a
+        refusal before admission costs no attempt, no retry and no dead letter.
+        With a mixed fleet the request runs when some fresh worker of its model
+        honours every parameter it sets; placement does not look at sampling,
+        so a worker that cannot honour one still refuses the attempt
+        (``bad_request``, not retried: a 400 at the gateway) rather than ignore
+        it. The message starts with the parameter's name and a colon (the
+        gateway's ``param``). With no fresh worker of the model the core
+        decides as for any request.
+        """
+        if request.sampling is None:
+            return
+        wanted = request.sampling.requested()
+        everywhere = self._sampling_everywhere
+        if everywhere is None:
+            everywhere = self._sampling_everywhere = frozenset(SAMPLING_PARAMETERS).intersection(
+                *(p.sampling for p in self._seen.values() if p.sampling is not None)
+            )
+        if everywhere.issuperset(wanted):  # the common case, without a pass over the fleet
+            return
+        serving = [
+            self._seen[wid]
+            for wid in self.status().fresh_workers
+            if request.model
+            in (*self._seen[wid].snapshot.models_warm, *self._seen[wid].snapshot.models_loadable)
+        ]
+        if not serving or any(
+            p.sampling is None or set(wanted) <= set(p.sampling) for p in serving
+        ):
+            return
+        # Named: the first parameter no worker honours, else one the first worker lacks.
+        lacking = [n for n in wanted if not any(n in (p.sampling or ()) for p in serving)]
+        name = (
+            lacking[0]
+            if lacking
+            else next(n for n in wanted if n not in (serving[0].sampling or ()))
+        )
+        raise RpcError(
+            "unsupported_parameter",
+            f"{name}: no worker serving {request.model} can honour it",
+            400,
+        )
 
     def _admit(self, body: Request, rid: str, replay_of: DeadLetterRow | None) -> Pending:
         now = self._now()
@@ -511,9 +564,13 @@ class Orchestrator:
         self._workers[wid] = body.url
         presence = self._seen.get(wid)
         if presence is None:
-            self._seen[wid] = _Seen(body.snapshot, resources=body.resources)
+            self._seen[wid] = _Seen(body.snapshot, body.resources, body.sampling)
+            self._sampling_everywhere = None
         else:
             presence.snapshot, presence.resources = body.snapshot, body.resources
+            if presence.sampling != body.sampling:
+                presence.sampling = body.sampling
+                self._sampling_everywhere = None
         self._presence_driver.heartbeat(body.snapshot)  # presence, then the core
         return True
 
@@ -524,6 +581,7 @@ class Orchestrator:
 
     def _on_evicted(self, evicted: Evicted) -> None:
         self._seen.pop(evicted.worker_id, None)
+        self._sampling_everywhere = None
         self.metrics.evictions.inc()
         log.warning(
             "evicting worker %s: no heartbeat for %.2f s (%d intervals of %.2f s)",
@@ -694,7 +752,8 @@ class Orchestrator:
             return
         text = pending.text if pending is not None else ""
         reject = pending.reject if pending is not None else None
-        blob = encode(SubmitReply(record, text, reject))
+        finish = pending.finish_reason if pending is not None else None
+        blob = encode(SubmitReply(record, text, reject, finish))
         committed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         async def finalize() -> None:

@@ -39,6 +39,7 @@ class Pending:
     replay_of: DeadLetterRow | None = None  # a dead-letter replay: the entry
     trace_ctx: Context | None = None  # the submitting call's trace context
     callers: int = 0  # callers waiting for its answer now (streams and unary)
+    finish_reason: str | None = None  # why the last attempt's response ended
 
     @property
     def delivered(self) -> int:
@@ -86,9 +87,9 @@ class Pending:
 
     def finish(self, record: RequestRecord) -> None:
         """The core finalized the request: end every stream and answer the callers."""
-        self.final = SubmitReply(record, "", self.reject)
+        self.final = SubmitReply(record, "", self.reject, self.finish_reason)
         for queue in self.listeners:
             queue.put_nowait(self.final)
         self.listeners.clear()
         if not self.result.done():
-            self.result.set_result(SubmitReply(record, self.text, self.reject))
+            self.result.set_result(SubmitReply(record, self.text, self.reject, self.finish_reason))

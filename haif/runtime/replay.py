@@ -9,8 +9,9 @@ schema (:mod:`haif.records`), so ``haif compare`` / ``haif query`` read a
 live run and a simulated one the same way.
 
 The prompt of a request of ``n`` prompt tokens is ``n`` words (the gateway
-counts words), its ``max_tokens`` the trace's output length (the synthetic
-engine produces exactly that many). The request id is sent as
+counts words), its ``max_tokens`` the trace's output length, with
+``ignore_eos`` (vLLM's extension: every engine then produces exactly that
+many, as the simulator does). The request id is sent as
 ``x-request-id``, so each record joins the cluster's own record of it (which
 worker served it, how many attempts), which ``haif up`` exports to
 ``<data-dir>/records.parquet`` when it stops (:func:`join_server_records`;
@@ -144,6 +145,8 @@ async def send_one(
         "stream": True,
         "stream_options": {"include_usage": True},
         "priority": request.priority,
+        # Exactly the trace's output length, past end-of-sequence (vLLM's extension).
+        "ignore_eos": True,
     }
     out = _Outcome()
     try:

@@ -38,7 +38,7 @@ from haif.runtime.relay import Pending
 from haif.runtime.rpc import RpcError
 from haif.runtime.store import DeadLetterRow, JobRow, MetadataStore
 from haif.runtime.write_queue import WriteQueue
-from haif.wire import WireError, decode
+from haif.wire import WireError, decode, to_plain
 
 log = logging.getLogger("haif.orchestrator")
 
@@ -59,8 +59,8 @@ Admit = Callable[[Request, str, DeadLetterRow | None], Pending]
 def request_body_hash(request: Request) -> str:
     """SHA-256 of the canonical request body: what the request asks to run.
 
-    Covers the model (version, adapter), the prompt, the token counts and the
-    priority; leaves out who sent it and when (tenant, ids, arrival,
+    Covers the model (version, adapter), the prompt, the token counts, the
+    priority and the sampling parameters; leaves out who sent it and when (tenant, ids, arrival,
     deadline, origin) and how the answer travels (``stream``), so an
     idempotent resend may switch between streaming and not.
     """
@@ -74,6 +74,8 @@ def request_body_hash(request: Request) -> str:
         "priority": request.priority,
         "prefix_hashes": list(request.prefix_hashes),
     }
+    if request.sampling is not None:  # absent: the digest requests always had
+        canonical["sampling"] = to_plain(request.sampling)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()
 

@@ -39,10 +39,19 @@ RPC
 ``infer_stream(InferCall)`` streams ``TokenChunk`` frames then one
 ``InferEnd`` (framing in :mod:`haif.runtime.rpc`; keepalives while queued or
 in prefill). ``InferEnd.output_tokens`` is the length of the response the
-engine produced (``max_tokens`` unless it stopped early, as an upstream
-server may). ``infer(Request | InferCall)`` is the unary form returning an
-``InferReply`` with the whole text. If the caller goes away mid-stream the
-generation stops and the slot is released.
+engine produced (``max_tokens`` unless it stopped early: end of sequence, a
+stop string, an upstream that stopped) and ``InferEnd.finish_reason`` why it
+ended (``stop`` / ``length``, from the engine's last chunk).
+``infer(Request | InferCall)`` is the unary form returning an ``InferReply``
+with the whole text. If the caller goes away mid-stream the generation stops
+and the slot is released.
+
+Sampling
+--------
+Each engine declares the sampling parameters it honours
+(``SUPPORTED_SAMPLING``; :func:`~haif.runtime.engines.supported_sampling`);
+the worker announces them in its heartbeats and refuses a call that sets any
+other with ``bad_request`` naming the parameter, never ignoring it.
 """
 
 from __future__ import annotations
@@ -70,8 +79,10 @@ from haif.runtime.engines import (
     EngineError,
     ManagedEngine,
     SyntheticEngine,
+    supported_sampling,
     synthetic_piece,
     synthetic_token,
+    unsupported_parameter,
 )
 from haif.runtime.engines_cli import add_worker_engine_args, engine_from_args
 from haif.runtime.gc_pauses import freeze_after_startup
@@ -190,7 +201,24 @@ class Worker:
             raise RpcError(
                 ErrorKind.BAD_REQUEST, f"resume_tokens {body.resume_tokens} out of range"
             )
+        param = unsupported_parameter(body.request, supported_sampling(self.engine))
+        if param is not None:
+            # Never silently ignored (the orchestrator refuses such a request with a
+            # 400 before it runs when no worker of the model honours the parameter).
+            raise RpcError(
+                ErrorKind.BAD_REQUEST,
+                f"{param}: the {self.engine_name} engine cannot honour it",
+            )
         return body
+
+    @property
+    def sampling(self) -> frozenset[str]:
+        """The sampling parameters the engine honours (announced in heartbeats)."""
+        return supported_sampling(self.engine)
+
+    @property
+    def engine_name(self) -> str:
+        return str(getattr(self.engine, "name", type(self.engine).__name__))
 
     async def rpc_infer_stream(self, body: object) -> AsyncGenerator[TokenChunk | InferEnd, None]:
         call = self._call(body)
@@ -207,6 +235,7 @@ class Worker:
         self._running += 1
         first: float | None = None
         produced = call.resume_tokens
+        finish: str | None = None
         # Not made current: this generator's steps run in different tasks.
         span = telemetry.tracer().start_span(
             "worker.generate",
@@ -228,6 +257,7 @@ class Worker:
                     first = loop.time()
                     span.add_event("first_token")
                 produced = max(produced, chunk.start + len(chunk.texts))
+                finish = chunk.finish_reason or finish
                 self.metrics.generated(request.model, len(chunk.texts))
                 yield chunk
             finished = loop.time()
@@ -243,11 +273,15 @@ class Worker:
             span.end()
         service = finished - started
         cost = service * self.spec.price_per_hour / 3600.0 / self.spec.capacity
+        output = min(produced, request.max_tokens)
+        if finish is None:  # the engine did not say: it stopped early, or ran to the end
+            finish = "length" if output >= request.max_tokens else "stop"
         yield InferEnd(
-            output_tokens=min(produced, request.max_tokens),
+            output_tokens=output,
             ttft_s=(first if first is not None else finished) - received,
             service_s=finished - received,
             cost=cost,
+            finish_reason=finish,
         )
 
     async def rpc_infer(self, body: object) -> InferReply:
@@ -281,7 +315,12 @@ class Worker:
         )
         while True:
             try:
-                announce = Announce(self.snapshot(), self.spec.url, self.resources.sample())
+                announce = Announce(
+                    self.snapshot(),
+                    self.spec.url,
+                    self.resources.sample(),
+                    tuple(sorted(self.sampling)),
+                )
                 await client.call("heartbeat", announce)
             except (RpcUnavailable, RpcError) as exc:
                 log.warning("heartbeat to %s failed: %s", url, exc)

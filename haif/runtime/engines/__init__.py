@@ -19,14 +19,23 @@ arguments only, the worker's command line is mapped onto them by
   (``profile-request``) engine and the GPU x model profiles.
 - ``transformers`` — :class:`TransformersEngine` (:mod:`.transformers_engine`):
   a causal LM from a signed artifact (:mod:`haif.runtime.artifacts`), run
-  with PyTorch on CUDA when available, else CPU; greedy decoding, exactly
-  ``max_tokens`` tokens.
+  with PyTorch on CUDA when available, else CPU; every sampling parameter.
 - ``vllm`` — :class:`VllmEngine` (:mod:`.vllm_engine`): the same artifact in
-  an in-process ``vllm.AsyncLLMEngine`` (greedy, ``ignore_eos``); needs
+  an in-process ``vllm.AsyncLLMEngine`` (every sampling parameter); needs
   ``haif[vllm]``.
 - ``openai`` — :class:`OpenAIUpstreamEngine` (:mod:`.upstream`): relays an
   upstream OpenAI-compatible server (``/v1/completions`` or
-  ``/v1/chat/completions`` with ``stream: true``).
+  ``/v1/chat/completions`` with ``stream: true``), the sampling parameters
+  forwarded.
+
+Sampling and stopping: each engine declares the parameters of
+:data:`~haif.contracts.SAMPLING_PARAMETERS` it honours (``SUPPORTED_SAMPLING``,
+read with :func:`supported_sampling`); the worker refuses a request that sets
+another one (never ignores it). The synthetic engine honours ``temperature``,
+``seed``, ``stop`` and ``ignore_eos`` (deterministically, see
+:mod:`.synthetic`), the others all of them. Each engine sets the
+``finish_reason`` (``stop``: end of sequence or a stop string, whose text is
+not returned; ``length``: ``max_tokens``) on its last ``TokenChunk``.
 
 Shared by the adapters: :mod:`.base` (the protocols, errors,
 ``MAX_CHUNK_TOKENS``), :mod:`.text` (detokenization, prompt ids) and
@@ -41,7 +50,9 @@ same prompt prefill followed by the same one-token decode steps, with the
 regenerated ids appended to the context one by one, then go on from
 ``start``. The computation is the one an uninterrupted request performs, so on
 the same device type and dtype the continuation is bit-for-bit the same (across
-device types, greedy decoding can differ where two logits nearly tie). The text
+device types, greedy decoding can differ where two logits nearly tie); sampled
+tokens are drawn from a generator seeded by the request's ``seed``, else by its
+id, so they are drawn again the same way. The text
 of token ``i`` is a pure function of the prompt and the ids ``0..i``
 (:class:`IncrementalDetokenizer`), so every worker cuts the text the same way.
 """
@@ -53,11 +64,15 @@ from collections.abc import Callable
 from typing import Any
 
 from haif.runtime.engines.base import (
+    ALL_SAMPLING,
     MAX_CHUNK_TOKENS,
     Engine,
     EngineError,
     EngineUnavailable,
     ManagedEngine,
+    sampling_of,
+    supported_sampling,
+    unsupported_parameter,
 )
 from haif.runtime.engines.synthetic import (
     TIMINGS,
@@ -72,6 +87,7 @@ from haif.runtime.engines.upstream import OpenAIUpstreamEngine
 from haif.runtime.engines.vllm_engine import VllmEngine
 
 __all__ = [
+    "ALL_SAMPLING",
     "ENGINES",
     "MAX_CHUNK_TOKENS",
     "TIMINGS",
@@ -87,8 +103,11 @@ __all__ = [
     "VllmEngine",
     "make_engine",
     "profiles_for",
+    "sampling_of",
+    "supported_sampling",
     "synthetic_piece",
     "synthetic_token",
+    "unsupported_parameter",
 ]
 
 ENGINES: dict[str, Callable[..., Any]] = {

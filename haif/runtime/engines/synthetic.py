@@ -20,12 +20,38 @@ Timings (``timing=``, the worker's ``--timing``):
 Under both profile timings a request's first token and last token come out
 when the simulator would emit them for the same arrivals; the engine queues
 requests itself, as the simulated worker does.
+
+Text, sampling and stopping (deterministic; the same on every worker, so a
+resumed response continues exactly):
+
+- The synthetic model's next-token distribution is uniform over its
+  vocabulary, which is why ``temperature`` is honoured trivially: ``0``
+  (greedy) picks the text of the request id, whatever the ``seed``; any other
+  temperature leaves a uniform distribution uniform, so the ``seed`` picks the
+  text: with a seed the text is a function of the seed and the prompt (the
+  same seed and prompt give the same text, another seed another text),
+  without one a function of the request id (the text requests have always
+  had). ``top_p``, ``top_k``, ``presence_penalty`` and
+  ``frequency_penalty`` would change a distribution this model does not
+  have: it declares them unsupported, so a request setting them is refused
+  with a 400 naming the parameter rather than silently ignored.
+- End of sequence: unless ``ignore_eos``, the model's answer ends after
+  ``L`` tokens, ``L`` in ``[EOS_MIN, EOS_MIN + EOS_SPAN)`` (512-2048) derived
+  from the text's seed; a request allowed fewer tokens ends at
+  ``max_tokens`` (``finish_reason`` ``length``), one allowed more ends after
+  ``L`` (``stop``). A request without sampling parameters (the simulator's
+  semantics, e.g. a trace) always runs to ``max_tokens``.
+- ``stop``: the response ends with the token that completes the first stop
+  string in the text (the earliest to complete; ``finish_reason`` ``stop``);
+  the text is cut before it, so the pieces of the tokens from there on are
+  empty or shortened.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import os
 import time
@@ -34,11 +60,20 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from haif.contracts import Request
 from haif.fleet.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
-from haif.runtime.engines.base import MAX_CHUNK_TOKENS, EngineError
+from haif.runtime.engines.base import MAX_CHUNK_TOKENS, EngineError, sampling_of
 from haif.runtime.messages import TokenChunk
 from haif.runtime.supervisor import SPAWNED_AT_ENV
 
-__all__ = ["TIMINGS", "SyntheticEngine", "profiles_for", "synthetic_piece", "synthetic_token"]
+__all__ = [
+    "EOS_MIN",
+    "EOS_SPAN",
+    "TIMINGS",
+    "SyntheticEngine",
+    "plan",
+    "profiles_for",
+    "synthetic_piece",
+    "synthetic_token",
+]
 
 #: The synthetic engine's timing models (``--timing``).
 TIMINGS = ("fixed", "profile", "profile-request")
@@ -58,6 +93,69 @@ def synthetic_piece(seed: bytes, index: int) -> str:
     return token if index == 0 else " " + token
 
 
+#: End of sequence: the synthetic answer is ``EOS_MIN + h % EOS_SPAN`` tokens long.
+EOS_MIN, EOS_SPAN = 512, 1537
+
+
+def _text_seed(request: Request) -> bytes:
+    """What the text is a function of: the seed and prompt if sampled with a seed, else
+    the request id."""
+    sampling = request.sampling
+    if sampling is not None and sampling.seed is not None and sampling.temperature != 0:
+        return hashlib.sha256(f"seed:{sampling.seed}\n{request.prompt or ''}".encode()).digest()
+    return _seed(request.request_id)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Plan:
+    """One request's response: its seed, length, why it ends and where its text is cut."""
+
+    seed: bytes
+    count: int
+    finish: str
+    cut: int | None = None  # the text ends at this character (a stop string starts there)
+    offsets: tuple[int, ...] = ()  # start of each token's piece in the text (when cut)
+
+    def piece(self, index: int) -> str:
+        text = synthetic_piece(self.seed, index)
+        if self.cut is None:
+            return text
+        start = self.offsets[index]
+        return text[: max(0, self.cut - start)]
+
+
+def plan(request: Request) -> _Plan:
+    """The response to ``request``: see the module's "Text, sampling and stopping"."""
+    sampling = sampling_of(request)
+    seed = _text_seed(request)
+    n = request.max_tokens
+    count, finish = n, "length"
+    if not sampling.ignore_eos:
+        eos = EOS_MIN + int.from_bytes(seed[-4:], "big") % EOS_SPAN
+        if eos < n:
+            count, finish = eos, "stop"
+    if not sampling.stop:
+        return _Plan(seed, count, finish)
+    offsets: list[int] = []
+    pieces: list[str] = []
+    at = 0
+    for i in range(count):
+        offsets.append(at)
+        pieces.append(synthetic_piece(seed, i))
+        at += len(pieces[-1])
+    text = "".join(pieces)
+    best: tuple[int, int] | None = None  # (end, start) of the first stop string to complete
+    for stop in sampling.stop:
+        found = text.find(stop)
+        if found >= 0 and (best is None or (found + len(stop), found) < best):
+            best = (found + len(stop), found)
+    if best is None:
+        return _Plan(seed, count, finish)
+    end, start = best
+    last = max(i for i, off in enumerate(offsets) if off < end)  # completes the stop string
+    return _Plan(seed, last + 1, "stop", start, tuple(offsets[: last + 1]))
+
+
 class SyntheticEngine:
     """Deterministic text, timed by a fixed service model or by GPU x model profiles.
 
@@ -72,7 +170,12 @@ class SyntheticEngine:
     only on the request id and ``i`` — the same on every worker — so a
     response resumed on another worker continues exactly where the first one
     stopped.
+    Sampling and stopping: see the module's docstring.
     """
+
+    name = "synthetic"
+    #: What the synthetic model honours (see the module's docstring).
+    SUPPORTED_SAMPLING = frozenset({"temperature", "seed", "stop", "ignore_eos"})
 
     def __init__(
         self,
@@ -153,26 +256,42 @@ class SyntheticEngine:
 
     @staticmethod
     def tokens(request: Request) -> list[str]:
-        seed = _seed(request.request_id)
-        return [synthetic_token(seed, i) for i in range(request.max_tokens)]
+        """The response's tokens (before a stop string cuts the text)."""
+        p = plan(request)
+        return [synthetic_token(p.seed, i) for i in range(p.count)]
 
     @staticmethod
     def text(request: Request) -> str:
         """The whole response text (what the concatenated stream must equal)."""
-        return " ".join(SyntheticEngine.tokens(request))
+        p = plan(request)
+        return "".join(p.piece(i) for i in range(p.count))
+
+    @staticmethod
+    def finish_reason(request: Request) -> str:
+        """Why the response to ``request`` ends: ``stop`` or ``length``."""
+        return plan(request).finish
 
     async def stream(self, request: Request, start: int = 0) -> AsyncGenerator[TokenChunk, None]:
-        """Tokens ``start..max_tokens-1`` when the timing emits them (fixed: the first
-        after ``ttft_s``, then evenly paced); tokens already due make one chunk."""
-        n = request.max_tokens
+        """Tokens ``start..`` of the response when the timing emits them (fixed: the first
+        after ``ttft_s``, then evenly paced); tokens already due make one chunk. The
+        last chunk carries the ``finish_reason``."""
+        p = plan(request)
+        n = p.count
         if start >= n:
             return
-        seed = _seed(request.request_id)
         if self.timer is not None:
-            emissions = self.timer.emissions(request, start, MAX_CHUNK_TOKENS)
+            # Timed as a request of the response's length (the simulator's max_tokens).
+            timed = (
+                request if n == request.max_tokens else dataclasses.replace(request, max_tokens=n)
+            )
+            emissions = self.timer.emissions(timed, start, MAX_CHUNK_TOKENS)
             async with contextlib.aclosing(emissions):
                 async for span in emissions:
-                    yield TokenChunk(span.start, tuple(synthetic_piece(seed, k) for k in span))
+                    yield TokenChunk(
+                        span.start,
+                        tuple(p.piece(k) for k in span),
+                        p.finish if span.stop >= n else None,
+                    )
             return
         loop = asyncio.get_running_loop()
         t0 = loop.time()
@@ -186,7 +305,9 @@ class SyntheticEngine:
                 now = loop.time()
             late = int((now - due) / step) if step > 0 else n
             j = min(n, i + 1 + late, i + MAX_CHUNK_TOKENS)
-            yield TokenChunk(i, tuple(synthetic_piece(seed, k) for k in range(i, j)))
+            yield TokenChunk(
+                i, tuple(p.piece(k) for k in range(i, j)), p.finish if j >= n else None
+            )
             i = j
 
     async def generate(self, request: Request) -> tuple[str, float, float]:

@@ -3,6 +3,7 @@
 :class:`IncrementalDetokenizer` cuts a generation into text pieces so that the
 piece of token ``i`` is a pure function of the prompt and the ids ``0..i``:
 every worker (transformers or vLLM) cuts a resumed response the same way.
+:class:`StopStrings` cuts a response's text at its first stop string.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "encode_prompt", "tokenizer_decoder"]
+__all__ = ["IncrementalDetokenizer", "StopStrings", "encode_prompt", "tokenizer_decoder"]
 
 
 class IncrementalDetokenizer:
@@ -43,6 +44,41 @@ class IncrementalDetokenizer:
             self._prefix, self._read = self._read, len(self.ids)
             return new_text[len(prefix_text) :]
         return ""
+
+
+class StopStrings:
+    """Cuts a response's text at its first stop string; holds back a possible start of one.
+
+    ``feed(piece)`` returns the text that may go out now and whether a stop
+    string was found (the text then ends before it); ``flush()`` what is held.
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = stops
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        text = self.held + piece
+        if not self.stops:
+            self.held = ""
+            return text, False
+        found = [(text.find(s) + len(s), text.find(s)) for s in self.stops if s in text]
+        if found:
+            _end, start = min(found)
+            self.held = ""
+            return text[:start], True
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(text)), keep, -1):
+                if text.endswith(stop[:n]):
+                    keep = n
+                    break
+        self.held = text[len(text) - keep :]
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        held, self.held = self.held, ""
+        return held
 
 
 def tokenizer_decoder(

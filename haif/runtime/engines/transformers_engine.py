@@ -2,6 +2,22 @@
 
 torch and transformers (``haif[torch]``) are imported only when the engine is
 built (checked) and loaded (imported), so this module imports without them.
+
+Sampling (every parameter of :data:`~haif.contracts.SAMPLING_PARAMETERS`), one
+token at a time, as vLLM orders it: ``presence_penalty`` and
+``frequency_penalty`` subtract ``presence + frequency x count`` from the logit
+of each token already generated (OpenAI's definition; the prompt does not
+count), then ``temperature`` (omitted: 1, OpenAI's default; 0: greedy) divides
+the logits, ``top_k`` keeps the k most likely tokens, ``top_p`` the smallest
+set whose probability reaches p, and the token is drawn with a
+``torch.Generator`` seeded by ``seed`` — without one, by a digest of the
+request id, so a resumed attempt draws the same tokens again. End of
+sequence (the tokenizer's EOS token, whose text is not returned) ends the
+response with ``finish_reason`` ``stop`` unless ``ignore_eos``; so does a
+``stop`` string, found in the decoded text: the text is cut before it, and
+text that could be the start of a stop string is held back until it cannot
+(or the response ends). A request without sampling parameters (the
+simulator's semantics) is greedy and runs to ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -17,16 +33,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from haif.contracts import ErrorKind, Request
+from haif.contracts import ErrorKind, Request, SamplingParams
 from haif.runtime.artifacts import ArtifactRef, ModelCache
-from haif.runtime.engines.base import MAX_CHUNK_TOKENS, EngineError
+from haif.runtime.engines.base import (
+    ALL_SAMPLING,
+    MAX_CHUNK_TOKENS,
+    EngineError,
+    request_seed,
+    sampling_of,
+)
 from haif.runtime.engines.loading import (
     artifact_ref,
     fetch_verified,
     require_modules,
     trusted_keyring,
 )
-from haif.runtime.engines.text import IncrementalDetokenizer, encode_prompt, tokenizer_decoder
+from haif.runtime.engines.text import (
+    IncrementalDetokenizer,
+    StopStrings,
+    encode_prompt,
+    tokenizer_decoder,
+)
 from haif.runtime.messages import TokenChunk
 from haif.runtime.rpc import RpcError
 from haif.runtime.security import Keyring
@@ -49,6 +76,7 @@ class LoadedModel:
     bos_id: int
     directory: Path
     manifest: dict[str, Any]
+    eos_id: int | None = None
 
     def unload(self) -> None:
         self.model = None
@@ -61,6 +89,34 @@ def _context_length(config: Any) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 2048
+
+
+def next_token(
+    torch: Any, logits: Any, sampling: SamplingParams, counts: dict[int, int], generator: Any
+) -> int:
+    """The next token id from the last position's ``logits`` (see the module docstring)."""
+    logits = logits.float().clone()
+    presence = sampling.presence_penalty or 0.0
+    frequency = sampling.frequency_penalty or 0.0
+    if counts and (presence or frequency):
+        ids = torch.tensor(list(counts), device=logits.device)
+        seen = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+        logits[ids] -= presence + frequency * seen
+    temperature = 1.0 if sampling.temperature is None else sampling.temperature
+    if temperature < 1e-5:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if sampling.top_k is not None and 0 < sampling.top_k < logits.numel():
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits[logits < kth] = -float("inf")
+    if sampling.top_p is not None and sampling.top_p < 1.0:
+        ordered, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(ordered, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs  # mass of the more likely tokens
+        drop = before >= sampling.top_p  # the most likely token is always kept
+        logits[order[drop]] = -float("inf")
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def _unload(_key: str, model: LoadedModel) -> None:
@@ -87,14 +143,15 @@ class TransformersEngine:
     saved). Models live in a :class:`ModelCache` (its own, of one model, or a
     shared one passed as ``cache``), pinned while this engine uses them.
 
-    Decoding is greedy and produces exactly ``max_tokens`` tokens (EOS is not
-    a stop, as in the simulator). Each request runs in a thread of a pool of
+    Sampling and stopping: see the module docstring (every parameter is
+    honoured). Each request runs in a thread of a pool of
     ``concurrency``; the model steps of concurrent requests are serialised
     token by token (fair interleaving, no batching), so the event loop never
     blocks and a long response does not hold up a short one.
     """
 
     name = "transformers"
+    SUPPORTED_SAMPLING = ALL_SAMPLING
 
     def __init__(
         self,
@@ -188,6 +245,7 @@ class TransformersEngine:
             bos_id=int(bos) if bos is not None else 0,
             directory=directory,
             manifest=manifest,
+            eos_id=int(tokenizer.eos_token_id) if tokenizer.eos_token_id is not None else None,
         )
 
     async def close(self) -> None:
@@ -218,26 +276,42 @@ class TransformersEngine:
         self,
         request: Request,
         start: int,
-        emit: Callable[[int, str], None],
+        emit: Callable[[int, str, str | None], None],
         stop: threading.Event,
     ) -> None:
-        """Greedy decoding in the calling thread; ``emit(i, text)`` for tokens ``i >= start``."""
+        """Decoding in the calling thread; ``emit(i, text, finish)`` for tokens ``i >= start``
+        (``finish``: ``stop`` / ``length`` on the last token, else None)."""
         m = self._require_loaded()
         torch = m.torch
         n = request.max_tokens
+        sampling = sampling_of(request)
         ids = self.prompt_ids(request)
         detok = IncrementalDetokenizer(tokenizer_decoder(m.tokenizer, self._tokenizer_lock), ids)
+        stops = StopStrings(sampling.stop)
+        eos = None if sampling.ignore_eos else m.eos_id
+        generator = torch.Generator(device=m.device)
+        generator.manual_seed(request_seed(request))
+        counts: dict[int, int] = {}
         with torch.inference_mode():
             with self._step_lock:
                 out = m.model(input_ids=torch.tensor([ids], device=m.device), use_cache=True)
             for i in range(n):
                 if stop.is_set():
                     return
-                token = int(out.logits[0, -1].argmax())
-                piece = detok.add(token, final=i == n - 1)
+                token = next_token(torch, out.logits[0, -1], sampling, counts, generator)
+                counts[token] = counts.get(token, 0) + 1
+                if token == eos:  # its text is not part of the response
+                    if i >= start:
+                        emit(i, stops.flush(), "stop")
+                    return
+                last = i == n - 1
+                text, cut = stops.feed(detok.add(token, final=last))
+                finish = "stop" if cut else "length" if last else None
+                if last and not cut:
+                    text += stops.flush()
                 if i >= start:
-                    emit(i, piece)
-                if i + 1 == n:
+                    emit(i, text, finish)
+                if finish is not None:
                     return
                 with self._step_lock:
                     out = m.model(
@@ -255,11 +329,11 @@ class TransformersEngine:
         if executor is None:
             raise RpcError(ErrorKind.UNAVAILABLE, f"{self.ref} is not loaded")
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
+        queue: asyncio.Queue[tuple[int, str, str | None] | None] = asyncio.Queue()
         failure: list[BaseException] = []
         stop = threading.Event()
 
-        def put(item: tuple[int, str] | None) -> None:
+        def put(item: tuple[int, str, str | None] | None) -> None:
             try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
             except RuntimeError:  # the loop is closed: nobody is listening any more
@@ -267,7 +341,7 @@ class TransformersEngine:
 
         def work() -> None:
             try:
-                self._generate(request, start, lambda i, piece: put((i, piece)), stop)
+                self._generate(request, start, lambda i, t, f: put((i, t, f)), stop)
             except BaseException as exc:
                 failure.append(exc)
             finally:
@@ -283,7 +357,7 @@ class TransformersEngine:
             done = False
             while not done:
                 item = await queue.get()
-                batch: list[tuple[int, str]] = []
+                batch: list[tuple[int, str, str | None]] = []
                 while item is not None:
                     batch.append(item)
                     if len(batch) >= MAX_CHUNK_TOKENS or queue.empty():
@@ -291,7 +365,7 @@ class TransformersEngine:
                     item = queue.get_nowait()
                 done = item is None
                 if batch:
-                    yield TokenChunk(batch[0][0], tuple(p for _, p in batch))
+                    yield TokenChunk(batch[0][0], tuple(p for _, p, _ in batch), batch[-1][2])
             if failure:
                 exc = failure[0]
                 if isinstance(exc, RpcError):

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from haif.contracts import ErrorKind, Request
-from haif.runtime.engines.base import EngineError, EngineUnavailable
+from haif.runtime.engines.base import ALL_SAMPLING, EngineError, EngineUnavailable
 from haif.runtime.messages import TokenChunk
 from haif.runtime.rpc import RpcError
 
@@ -32,7 +32,13 @@ class OpenAIUpstreamEngine:
     """Relays an upstream OpenAI-compatible server over streaming HTTP (aiohttp).
 
     Each request is sent as ``/v1/completions`` (or ``/v1/chat/completions``
-    with ``chat=True``) with ``stream: true`` and ``temperature`` (0: greedy).
+    with ``chat=True``) with ``stream: true`` and its sampling parameters:
+    ``temperature`` (the client's, else this engine's ``temperature``, 0:
+    greedy), and those the client set of ``top_p``, ``top_k``, ``seed``,
+    ``stop``, ``presence_penalty``, ``frequency_penalty`` and ``ignore_eos``
+    (``top_k`` and ``ignore_eos`` are vLLM's extensions: an upstream that
+    does not take them answers 400, which comes back as ``bad_request``).
+    The ``finish_reason`` is the upstream's.
     Each server-sent delta is one token of the response (as vLLM and OpenAI
     stream them); when a delta carries ``logprobs.tokens`` that spell its text,
     those are the tokens. A resumed request (``start > 0``) is sent again and
@@ -48,6 +54,8 @@ class OpenAIUpstreamEngine:
     """
 
     name = "openai"
+    #: Every parameter is forwarded; the upstream honours it or refuses it.
+    SUPPORTED_SAMPLING = ALL_SAMPLING
 
     def __init__(
         self,
@@ -127,6 +135,19 @@ class OpenAIUpstreamEngine:
             "stream": True,
             "temperature": self.temperature,
         }
+        sampling = request.sampling
+        if sampling is not None:
+            given = {
+                "temperature": sampling.temperature,
+                "top_p": sampling.top_p,
+                "top_k": sampling.top_k,
+                "seed": sampling.seed,
+                "stop": list(sampling.stop) or None,
+                "presence_penalty": sampling.presence_penalty,
+                "frequency_penalty": sampling.frequency_penalty,
+                "ignore_eos": sampling.ignore_eos or None,
+            }
+            body.update({k: v for k, v in given.items() if v is not None})
         if self.chat:
             body["messages"] = [{"role": "user", "content": request.prompt or ""}]
         else:
@@ -199,13 +220,17 @@ class OpenAIUpstreamEngine:
                         event = json.loads(data)
                     except ValueError:
                         raise RpcError(ErrorKind.BAD_REPLY, "upstream event is not JSON") from None
-                    finished = finished or self._finished(event)
+                    reason = self._finished(event)
+                    finished = finished or reason is not None
                     tokens = self._tokens(event)[: n - index]
                     first = max(index, start)
                     texts = tokens[first - index :]
                     index += len(tokens)
-                    if texts:
-                        yield TokenChunk(first, tuple(texts))
+                    if index >= n:
+                        reason = reason or "length"
+                    if texts or reason is not None:
+                        # The upstream's finish_reason rides on the last chunk (maybe empty).
+                        yield TokenChunk(first, tuple(texts), reason)
                     if index >= n:
                         return
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -214,11 +239,11 @@ class OpenAIUpstreamEngine:
             raise RpcError(ErrorKind.UNAVAILABLE, f"upstream {self.base_url} broke off the stream")
 
     @staticmethod
-    def _finished(event: Any) -> bool:
+    def _finished(event: Any) -> str | None:
+        """The event's ``finish_reason`` (None while the response goes on)."""
         choices = event.get("choices") if isinstance(event, dict) else None
-        return bool(
-            isinstance(choices, list)
-            and choices
-            and isinstance(choices[0], dict)
-            and choices[0].get("finish_reason")
-        )
+        if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+            reason = choices[0].get("finish_reason")
+            if isinstance(reason, str) and reason:
+                return reason
+        return None

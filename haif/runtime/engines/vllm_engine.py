@@ -17,29 +17,62 @@ from typing import Any
 
 from haif.contracts import ErrorKind, Request
 from haif.runtime.artifacts import ArtifactRef
-from haif.runtime.engines.base import EngineUnavailable
+from haif.runtime.engines.base import ALL_SAMPLING, EngineUnavailable, request_seed, sampling_of
 from haif.runtime.engines.loading import artifact_ref, fetch_verified, trusted_keyring
-from haif.runtime.engines.text import IncrementalDetokenizer, encode_prompt, tokenizer_decoder
+from haif.runtime.engines.text import (
+    IncrementalDetokenizer,
+    StopStrings,
+    encode_prompt,
+    tokenizer_decoder,
+)
 from haif.runtime.messages import TokenChunk
 from haif.runtime.rpc import RpcError
 from haif.runtime.security import Keyring
 
-__all__ = ["VllmEngine"]
+__all__ = ["VllmEngine", "sampling_kwargs"]
+
+
+def sampling_kwargs(request: Request) -> dict[str, Any]:
+    """``vllm.SamplingParams(**kwargs)`` for ``request``: the same names, vLLM's meanings.
+
+    ``temperature`` omitted is 1 (OpenAI's default); without a ``seed`` the
+    request is seeded from its id (:func:`~haif.runtime.engines.base.request_seed`),
+    so a resumed attempt draws the same tokens. A request without sampling
+    parameters (the simulator's semantics) is greedy with ``ignore_eos``.
+    """
+    sampling = sampling_of(request)
+    kwargs: dict[str, Any] = {
+        "max_tokens": request.max_tokens,
+        "temperature": 1.0 if sampling.temperature is None else sampling.temperature,
+        "ignore_eos": sampling.ignore_eos,
+        "seed": request_seed(request),
+    }
+    optional = {
+        "top_p": sampling.top_p,
+        "top_k": sampling.top_k,
+        "presence_penalty": sampling.presence_penalty,
+        "frequency_penalty": sampling.frequency_penalty,
+        "stop": list(sampling.stop) or None,
+    }
+    kwargs.update({k: v for k, v in optional.items() if v is not None})
+    return kwargs
 
 
 class VllmEngine:
     """A verified artifact served by an in-process ``vllm.AsyncLLMEngine``.
 
-    Greedy sampling with ``ignore_eos`` and ``max_tokens`` (exactly
-    ``max_tokens`` tokens); ``engine_args`` go to ``vllm.AsyncEngineArgs``
-    (``gpu_memory_utilization``, ``max_model_len``, ``dtype``,
-    ``tensor_parallel_size``...). Text pieces come from the artifact's
+    Every sampling parameter is honoured (:func:`sampling_kwargs`); the
+    ``finish_reason`` is vLLM's, and stop strings are cut from the text
+    pieces here as vLLM cuts its own text (:class:`StopStrings`).
+    ``engine_args`` go to ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``,
+    ``max_model_len``, ``dtype``, ``tensor_parallel_size``...). Text pieces come from the artifact's
     tokenizer through :class:`IncrementalDetokenizer`, as in
     :class:`TransformersEngine`. A resumed request is regenerated from the
     prompt and its first ``start`` tokens are not sent again.
     """
 
     name = "vllm"
+    SUPPORTED_SAMPLING = ALL_SAMPLING
 
     def __init__(
         self,
@@ -102,25 +135,34 @@ class VllmEngine:
         if bos is None:
             bos = self._tokenizer.eos_token_id
         ids = encode_prompt(self._tokenizer, request.prompt, int(bos or 0))
-        params = self._vllm.SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        params = self._vllm.SamplingParams(**sampling_kwargs(request))
+        stops = StopStrings(sampling_of(request).stop)
         rid = f"{request.request_id}-{uuid.uuid4().hex[:12]}"
         detok = IncrementalDetokenizer(tokenizer_decoder(self._tokenizer), ids)
         seen = 0
         finished = False
+        cut = False
         try:
             async for out in self._engine.generate({"prompt_token_ids": ids}, params, rid):
-                token_ids = list(out.outputs[0].token_ids)[:n]
+                output = out.outputs[0]
+                token_ids = list(output.token_ids)[:n]
                 first = max(seen, start)
                 pieces: list[str] = []
                 for i in range(seen, len(token_ids)):
-                    piece = detok.add(int(token_ids[i]), final=i == n - 1)
+                    last = out.finished and i == len(token_ids) - 1
+                    text, found = stops.feed(detok.add(int(token_ids[i]), final=last))
+                    cut = cut or found
+                    if last and not cut:
+                        text += stops.flush()
                     if i >= start:
-                        pieces.append(piece)
+                        pieces.append("" if cut and not found else text)
                 seen = len(token_ids)
-                if pieces:
-                    yield TokenChunk(first, tuple(pieces))
+                reason: str | None = None
                 if out.finished:
                     finished = True
+                    reason = "stop" if cut else (output.finish_reason or None)
+                if pieces or reason is not None:
+                    yield TokenChunk(first, tuple(pieces), reason)
         finally:
             if not finished and self._engine is not None:
                 with contextlib.suppress(Exception):

@@ -380,7 +380,12 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class RequestRecord:
-    """ONE record schema written by both shells (see :mod:`haif.records`)."""
+    """ONE record schema written by both shells (see :mod:`haif.records`).
+
+    ``first_token_s`` (ok requests only): when the first token of the response
+    was produced by any attempt, a failed one included: what a streaming client
+    received first (the core's definition, :meth:`ControlCore.on_result`).
+    """
 
     request_id: str
     tenant: str

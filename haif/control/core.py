@@ -113,7 +113,7 @@ class _Job:
     cost: float = 0.0
     last: _Attempt | None = None
     resumed: int = 0  # response tokens already produced by failed attempts
-    first_token_s: float | None = None  # of a response resumed across attempts
+    first_token_s: float | None = None  # the first token any attempt produced
 
 
 class _Timer(NamedTuple):
@@ -314,10 +314,14 @@ class ControlCore:
         self._throttle.record(now, accepted=result.ok or not is_worker_fault(result.error))
         job.cost += result.cost
         job.cold_start = job.cold_start or result.cold_start
+        # Time to first token means one thing in both shells: the first token any
+        # attempt produced, which is what a streaming client received first (the
+        # gateway passes a failed attempt's tokens on and skips them in the retry's
+        # stream, whether or not the retry resumes from them).
+        if job.first_token_s is None and result.output_tokens > job.resumed:
+            job.first_token_s = result.first_token_s
         if not result.ok and self.config.resume_partial and result.output_tokens > job.resumed:
             job.resumed = min(result.output_tokens, job.request.max_tokens - 1)
-            if job.first_token_s is None:
-                job.first_token_s = result.first_token_s
         if result.ok:
             return [self._finish(job, now, "ok", None, result)]
         # Records carry plain strings, whatever str subclass (ErrorKind) the shell sent.

@@ -268,9 +268,14 @@ def join_server_records(
 ) -> list[RequestRecord]:
     """Client-side times joined with the cluster's record of each request.
 
-    The cluster knows where a request ran and how many attempts it took; the
-    client knows when it got its tokens. Requests the cluster never saw
-    (refused by the gateway, or unreachable) keep the client's view.
+    The cluster knows where a request ran, how many attempts it took and how it
+    ended (status and reason as the core defines them, the same as the
+    simulator's: a request the core dead-lettered is ``dead_lettered`` here
+    too, not the client's ``failed``); the client knows when it got its
+    tokens. The client's status stands only where the cluster served a request
+    the client did not get (it gave up, or the connection broke). Requests the
+    cluster never saw (refused by the gateway, or unreachable) keep the
+    client's view.
     """
     by_id = {r.request_id: r for r in server}
     out = []
@@ -279,6 +284,7 @@ def join_server_records(
         if s is None:
             out.append(r)
             continue
+        clients_view = s.status == "ok" and r.status != "ok"
         out.append(
             replace(
                 r,
@@ -288,7 +294,8 @@ def join_server_records(
                 attempts=s.attempts,
                 cold_start=s.cold_start,
                 cost=s.cost,
-                reason=r.reason if r.status != "ok" else None,
+                status=r.status if clients_view else s.status,
+                reason=r.reason if clients_view else s.reason,
             )
         )
     return out

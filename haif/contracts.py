@@ -184,6 +184,27 @@ def _given(value: object) -> bool:
     return value is not None and value is not False and value != ()
 
 
+#: The roles a chat message may have (OpenAI's, less the deprecated ``function``).
+CHAT_ROLES: tuple[str, ...] = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True, slots=True)
+class ChatTurn:
+    """One chat message: its role (one of :data:`CHAT_ROLES`) and its text.
+
+    The gateway joined a content given as an array of text parts with
+    newlines (as vLLM does).
+    """
+
+    role: str
+    content: str
+
+
+def chat_text(messages: tuple[ChatTurn, ...]) -> str:
+    """A chat's message contents joined with newlines (the text without a chat template)."""
+    return "\n".join(m.content for m in messages)
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     """One inference request as the orchestrator sees it.
@@ -195,6 +216,9 @@ class Request:
     ``max_tokens`` is the true output length (``ignore_eos``, as vLLM's
     benchmarks run trace replay).
     ``deadline_s`` is absolute, on the same clock as ``arrival_s``.
+    ``messages``: a chat request's messages (the engine renders them, e.g.
+    with the model's chat template); ``()`` for a completion, whose text is
+    ``prompt``. :attr:`text` is the one text either way.
     """
 
     request_id: str
@@ -213,6 +237,12 @@ class Request:
     prompt: str | None = None
     prefix_hashes: tuple[int, ...] = ()
     sampling: SamplingParams | None = None
+    messages: tuple[ChatTurn, ...] = ()
+
+    @property
+    def text(self) -> str:
+        """The prompt, or a chat's message contents joined with newlines (no template)."""
+        return chat_text(self.messages) if self.messages else self.prompt or ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +305,9 @@ class AttemptResult:
     veto: ``False`` means "do not run this again, whatever its kind"; the
     default ``True`` defers to the table (and ``RetryConfig.retry_on``), so a
     request is retried only if both allow it. Shells leave it at ``True``.
-    Times are absolute on the orchestrator's clock.
+    Times are absolute on the orchestrator's clock. ``prompt_tokens``: the
+    prompt's length as the engine counted it (an upstream server's usage);
+    ``None``: the request's own count stands.
     """
 
     request_id: str
@@ -290,6 +322,7 @@ class AttemptResult:
     retryable: bool = True
     cold_start: bool = False
     cost: float = 0.0
+    prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -444,6 +477,7 @@ Decision = Dispatch | Reject | RetryAt | Cancel | DeadLetter | Finalize
 
 WIRE_TYPES: tuple[type, ...] = (
     SamplingParams,
+    ChatTurn,
     Request,
     WorkerSnapshot,
     Submit,

@@ -10,6 +10,7 @@ build arbitrary objects.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any
 
@@ -49,10 +50,17 @@ def register(cls: type) -> type:
         raise TypeError(f"{cls!r} is not a dataclass")
     hints = typing.get_type_hints(cls)
     _TYPES[cls.__name__] = cls
-    _TUPLE_FIELDS[cls] = frozenset(
-        name for name, hint in hints.items() if typing.get_origin(hint) is tuple
-    )
+    _TUPLE_FIELDS[cls] = frozenset(name for name, hint in hints.items() if _is_tuple(hint))
     return cls
+
+
+def _is_tuple(hint: Any) -> bool:
+    """A tuple, or an optional tuple (``tuple[int, int] | None``)."""
+    if typing.get_origin(hint) is tuple:
+        return True
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else ()
+    return any(typing.get_origin(a) is tuple for a in args)
 
 
 for _cls in contracts.WIRE_TYPES:

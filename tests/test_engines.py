@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -30,7 +31,7 @@ from harness.cluster import running, serve, wait_fresh
 from harness.require import require
 from virtual_loop import run_virtual
 
-from haif.contracts import Request, SamplingParams
+from haif.contracts import ChatTurn, Request, SamplingParams
 from haif.runtime import gateway as gateway_mod
 from haif.runtime import orchestrator as orchestrator_mod
 from haif.runtime import worker as worker_mod
@@ -48,7 +49,7 @@ from haif.runtime.engines import (
 )
 from haif.runtime.engines_cli import engine_from_args
 from haif.runtime.gateway import Gateway
-from haif.runtime.messages import TokenChunk
+from haif.runtime.messages import InferCall, InferEnd, TokenChunk
 from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.rpc import RpcError
 from haif.runtime.security import Keyring
@@ -62,8 +63,10 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def req(rid: str, max_tokens: int, prompt: str | None = "hello", model: str = "m") -> Request:
-    return Request(rid, "t", model, 1, max_tokens, 0.0, prompt=prompt)
+def req(
+    rid: str, max_tokens: int, prompt: str | None = "hello", model: str = "m", stream: bool = False
+) -> Request:
+    return Request(rid, "t", model, 1, max_tokens, 0.0, prompt=prompt, stream=stream)
 
 
 async def collect(engine: Engine, request: Request, start: int = 0) -> list[TokenChunk]:
@@ -234,9 +237,15 @@ def test_incremental_detokenizer_keeps_the_first_tokens_space() -> None:
 
 
 class FakeUpstream:
-    """A small OpenAI-compatible server: SSE completions and chat completions."""
+    """A small OpenAI-compatible server: completions and chat completions, JSON or SSE.
+
+    It reports :attr:`PROMPT_TOKENS` prompt tokens whatever the prompt (its
+    own tokenizer's count, unlike the gateway's word count), streamed in a
+    last usage chunk when ``stream_options.include_usage`` asks for it.
+    """
 
     API_KEY = "sekret"
+    PROMPT_TOKENS = 5
 
     def __init__(self) -> None:
         self.bodies: list[dict[str, Any]] = []
@@ -259,7 +268,7 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "bad key"}}, status=401)
         body = await request.json()
         self.bodies.append(body)
-        self.headers.append(dict(request.headers))
+        self.headers.append({**request.headers, "X-Path": request.path})
         chat = "messages" in body
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
         if prompt == "fail500":
@@ -268,6 +277,29 @@ class FakeUpstream:
             return web.json_response({"error": {"message": "no such thing"}}, status=400)
         n = body["max_tokens"]
         toks = self.tokens(3 if prompt == "early" else n)
+        stop = "stop" if prompt == "early" else "length"
+        usage = {
+            "prompt_tokens": self.PROMPT_TOKENS,
+            "completion_tokens": len(toks),
+            "total_tokens": self.PROMPT_TOKENS + len(toks),
+        }
+        if not body.get("stream"):
+            if prompt == "cut" and request.transport is not None:
+                request.transport.close()
+                return web.Response()
+            text = "".join(toks)
+            answer: dict[str, Any] = (
+                {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+            )
+            kind = "chat.completion" if chat else "text_completion"
+            return web.json_response(
+                {
+                    "id": "x",
+                    "object": kind,
+                    "choices": [{"index": 0, **answer, "finish_reason": stop}],
+                    "usage": usage,
+                }
+            )
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         await resp.write(b": keepalive comment\n\n")
@@ -293,8 +325,10 @@ class FakeUpstream:
             await resp.write(event(choice))
             await asyncio.sleep(0.002)
         last: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
-        stop = "stop" if prompt == "early" else "length"
         await resp.write(event({**last, "finish_reason": stop}))
+        if (body.get("stream_options") or {}).get("include_usage"):
+            obj = {"id": "x", "object": "text_completion", "choices": [], "usage": usage}
+            await resp.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
@@ -319,7 +353,7 @@ async def test_openai_upstream_streams_and_resumes(upstream: tuple[FakeUpstream,
     engine = OpenAIUpstreamEngine(url, "up-model", api_key=FakeUpstream.API_KEY)
     await engine.load()
     try:
-        chunks = await collect(engine, req("u1", 8, "say it"))
+        chunks = await collect(engine, req("u1", 8, "say it", stream=True))
         assert pieces(chunks) == FakeUpstream.tokens(8) and chunks[0].start == 0
         sent = fake.bodies[-1]
         assert sent == {
@@ -327,24 +361,95 @@ async def test_openai_upstream_streams_and_resumes(upstream: tuple[FakeUpstream,
             "prompt": "say it",
             "max_tokens": 8,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "temperature": 0.0,
         }
+        assert fake.headers[-1]["Accept"] == "text/event-stream"
         assert "x-request-id" not in {k.lower() for k in fake.headers[-1]}
-        resumed = await collect(engine, req("u1", 8, "say it"), 3)
+        # The upstream's usage rides on a last, empty chunk.
+        assert chunks[-1].usage == (FakeUpstream.PROMPT_TOKENS, 8) and chunks[-1].texts == ()
+        resumed = await collect(engine, req("u1", 8, "say it", stream=True), 3)
         assert resumed[0].start == 3 and pieces(resumed) == FakeUpstream.tokens(8)[3:]
         # Several tokens in one event, spelled out by logprobs: one token each.
-        paired = await collect(engine, req("u2", 6, "pairs"), 1)
+        paired = await collect(engine, req("u2", 6, "pairs", stream=True), 1)
         assert paired[0].start == 1 and pieces(paired) == FakeUpstream.tokens(6)[1:]
     finally:
         await engine.close()
 
 
-async def test_openai_upstream_chat(upstream: tuple[FakeUpstream, str]) -> None:
+def chat_req(rid: str, max_tokens: int, *turns: tuple[str, str], stream: bool = False) -> Request:
+    messages = tuple(ChatTurn(role, content) for role, content in turns)
+    return Request(rid, "t", "m", 1, max_tokens, 0.0, messages=messages, stream=stream)
+
+
+async def test_openai_upstream_forwards_chat_as_chat_and_json_as_json(
+    upstream: tuple[FakeUpstream, str],
+) -> None:
     fake, url = upstream
-    engine = OpenAIUpstreamEngine(url + "/v1/", "up-model", FakeUpstream.API_KEY, chat=True)
+    engine = OpenAIUpstreamEngine(url + "/v1/", "up-model", FakeUpstream.API_KEY)
+    turns = (("system", "be brief"), ("user", "hi"))
     try:
-        assert pieces(await collect(engine, req("c1", 5, "hi"))) == FakeUpstream.tokens(5)
-        assert fake.bodies[-1]["messages"] == [{"role": "user", "content": "hi"}]
+        # Chat, streamed: /v1/chat/completions with the messages, SSE, the usage asked for.
+        chunks = await collect(engine, chat_req("c1", 5, *turns, stream=True))
+        assert pieces(chunks) == FakeUpstream.tokens(5)
+        assert [c.finish_reason for c in chunks if c.finish_reason] == ["length"]
+        assert chunks[-1].usage == (FakeUpstream.PROMPT_TOKENS, 5)
+        sent = fake.bodies[-1]
+        assert sent["messages"] == [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+        ]
+        assert "prompt" not in sent and sent["stream"] is True
+        assert sent["stream_options"] == {"include_usage": True}
+        # Chat, JSON: one JSON call, the whole text in one chunk with reason and usage.
+        chunks = await collect(engine, chat_req("c2", 10, ("user", "early")))
+        assert len(chunks) == 1 and chunks[0].texts == ("".join(FakeUpstream.tokens(3)),)
+        assert chunks[0].finish_reason == "stop"
+        assert chunks[0].usage == (FakeUpstream.PROMPT_TOKENS, 3)
+        assert fake.bodies[-1]["stream"] is False and "stream_options" not in fake.bodies[-1]
+        assert fake.headers[-1]["Accept"] == "application/json"
+        # A completion, JSON: /v1/completions with the prompt.
+        chunks = await collect(engine, req("c3", 4, "go"))
+        assert chunks == [
+            TokenChunk(0, ("".join(FakeUpstream.tokens(4)),), "length", (5, 4)),
+        ]
+        assert fake.bodies[-1]["prompt"] == "go" and "messages" not in fake.bodies[-1]
+        assert fake.bodies[-1]["stream"] is False
+    finally:
+        await engine.close()
+    paths = [h.get("X-Path") for h in fake.headers]
+    assert paths == ["/v1/chat/completions", "/v1/chat/completions", "/v1/completions"]
+
+
+async def test_the_upstream_chat_option_is_deprecated_and_ignored(
+    upstream: tuple[FakeUpstream, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake, url = upstream
+    with caplog.at_level(logging.WARNING):
+        engine = OpenAIUpstreamEngine(url, "up-model", FakeUpstream.API_KEY, chat=True)
+    assert "deprecated" in caplog.text
+    try:
+        await collect(engine, req("d1", 2, "go"))
+        assert fake.headers[-1]["X-Path"] == "/v1/completions"
+    finally:
+        await engine.close()
+
+
+async def test_upstream_usage_is_billed(upstream: tuple[FakeUpstream, str]) -> None:
+    """The worker reports the upstream's usage; the attempt and record carry it."""
+    _fake, url = upstream
+    engine = OpenAIUpstreamEngine(url, "up-model", FakeUpstream.API_KEY)
+    spec = WorkerSpec("wb", "local", "http://127.0.0.1:1", "http://127.0.0.1:1", models=("m",))
+    worker = Worker(spec, engine)
+    try:
+        for stream in (False, True):
+            request = chat_req(f"b-{stream}", 10, ("user", "early"), stream=stream)
+            frames = [f async for f in worker.rpc_infer_stream(InferCall(request))]
+            end = frames[-1]
+            assert isinstance(end, InferEnd)
+            assert end.usage == (FakeUpstream.PROMPT_TOKENS, 3) and end.finish_reason == "stop"
+            reply = await worker.rpc_infer(request)
+            assert reply.output_tokens == 3
     finally:
         await engine.close()
 
@@ -359,9 +464,10 @@ async def test_openai_upstream_errors(upstream: tuple[FakeUpstream, str]) -> Non
         with pytest.raises(RpcError) as info:
             await collect(engine, req("e2", 4, "bad"))
         assert info.value.code == "bad_request"
-        with pytest.raises(RpcError) as info:
-            await collect(engine, req("e3", 4, "cut"))
-        assert info.value.code == "unavailable"
+        for stream in (False, True):
+            with pytest.raises(RpcError) as info:
+                await collect(engine, req("e3", 4, "cut", stream=stream))
+            assert info.value.code == "unavailable"
     finally:
         await engine.close()
     for wrong in (
@@ -411,14 +517,15 @@ async def test_openai_upstream_forwards_sampling_and_its_finish_reason(
         ignore_eos=True,
     )
     try:
-        request = Request("s1", "t", "m", 1, 6, 0.0, prompt="go", sampling=sampling)
+        request = Request("s1", "t", "m", 1, 6, 0.0, prompt="go", sampling=sampling, stream=True)
         chunks = await collect(engine, request)
-        assert pieces(chunks) == FakeUpstream.tokens(6) and chunks[-1].finish_reason == "length"
+        assert pieces(chunks) == FakeUpstream.tokens(6) and chunks[-2].finish_reason == "length"
         assert fake.bodies[-1] == {
             "model": "up-model",
             "prompt": "go",
             "max_tokens": 6,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "temperature": 0.7,
             "top_p": 0.9,
             "top_k": 5,
@@ -431,12 +538,13 @@ async def test_openai_upstream_forwards_sampling_and_its_finish_reason(
         # Nothing given: the engine's own temperature, nothing else; the upstream's "stop".
         early = Request("s2", "t", "m", 1, 10, 0.0, prompt="early", sampling=SamplingParams())
         chunks = await collect(engine, early)
-        assert pieces(chunks) == FakeUpstream.tokens(3) and chunks[-1].finish_reason == "stop"
+        assert pieces(chunks) == ["".join(FakeUpstream.tokens(3))]
+        assert chunks[-1].finish_reason == "stop"
         assert fake.bodies[-1] == {
             "model": "up-model",
             "prompt": "early",
             "max_tokens": 10,
-            "stream": True,
+            "stream": False,
             "temperature": 0.0,
         }
     finally:
@@ -508,6 +616,62 @@ async def test_openai_upstream_against_the_haif_gateway(stack: Stack) -> None:
         assert text == SyntheticEngine.text(request)
     finally:
         await engine.close()
+
+
+@pytest.mark.cluster
+async def test_the_record_bills_the_upstreams_usage(
+    stack: Stack, upstream: tuple[FakeUpstream, str]
+) -> None:
+    """Through a gateway, orchestrator and worker: the upstream says 5 prompt tokens,
+    the answer's usage and the record say 5 (the gateway's word count is 1)."""
+    fake, up_url = upstream
+    port = free_port()
+    spec = WorkerSpec(
+        "wu", "local", f"http://127.0.0.1:{port}", stack.orch_url, models=("m",), heartbeat_s=0.1
+    )
+    engine = OpenAIUpstreamEngine(up_url, "up-model", FakeUpstream.API_KEY)
+    runner, _url = await serve(worker_mod.build_app(Worker(spec, engine)), port=port)
+    stack.runners.insert(0, runner)
+    await stack.wait_worker("wu")
+    chat = {"model": "m", "max_tokens": 10, "messages": [{"role": "user", "content": "early"}]}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(stack.url + "/v1/chat/completions", json=chat) as resp:
+            answer = await resp.json()
+        assert resp.status == 200, answer
+        assert answer["usage"]["prompt_tokens"] == FakeUpstream.PROMPT_TOKENS
+        assert answer["usage"]["completion_tokens"] == 3
+        assert answer["choices"][0]["message"]["content"] == "".join(FakeUpstream.tokens(3))
+        assert answer["choices"][0]["finish_reason"] == "stop"
+        assert fake.bodies[-1]["stream"] is False
+        assert fake.headers[-1]["X-Path"] == "/v1/chat/completions"
+        streamed = {**chat, "stream": True, "stream_options": {"include_usage": True}}
+        async with http.post(stack.url + "/v1/chat/completions", json=streamed) as resp:
+            events = [
+                json.loads(line[6:])
+                for line in (await resp.text()).splitlines()
+                if line.startswith("data: {")
+            ]
+        assert resp.status == 200
+        assert events[-1]["usage"]["prompt_tokens"] == FakeUpstream.PROMPT_TOKENS
+        text = "".join(
+            e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"]
+        )
+        assert text == "".join(FakeUpstream.tokens(3))
+        assert fake.bodies[-1]["stream"] is True
+        completion = {"model": "m", "max_tokens": 4, "prompt": "go"}
+        async with http.post(stack.url + "/v1/completions", json=completion) as resp:
+            answer = await resp.json()
+        assert answer["usage"] == {
+            "prompt_tokens": FakeUpstream.PROMPT_TOKENS,
+            "completion_tokens": 4,
+            "total_tokens": FakeUpstream.PROMPT_TOKENS + 4,
+        }
+        assert fake.headers[-1]["X-Path"] == "/v1/completions"
+    assert stack.orch is not None
+    records = await stack.orch.store.records()
+    assert sorted(r.prompt_tokens for r in records) == [FakeUpstream.PROMPT_TOKENS] * 3
+    assert sorted(r.output_tokens for r in records) == [3, 3, 4]
+    await engine.close()
 
 
 # ------------------------------------------------------------- transformers
@@ -703,6 +867,47 @@ async def test_transformers_engine_samples_and_stops(tiny: tuple[Path, Path]) ->
             assert pieces(on) == pieces(greedy) and on[-1].finish_reason == "length"
         finally:
             loaded.eos_id = eos
+    finally:
+        await engine.close()
+
+
+@pytest.mark.slow
+async def test_transformers_engine_renders_the_chat_template(tiny: tuple[Path, Path]) -> None:
+    from haif.runtime.artifacts_cli import TINY_CHAT_TEMPLATE
+
+    engine = await loaded_engine(*tiny)
+    turns = (("system", "Be brief."), ("user", "Hello world, how are you?"))
+    chat = Request(
+        "ch", "t", "tiny-gpt2", 1, 8, 0.0, messages=tuple(ChatTurn(r, c) for r, c in turns)
+    )
+    try:
+        loaded = engine.loaded
+        assert loaded is not None and loaded.tokenizer.chat_template == TINY_CHAT_TEMPLATE
+        messages = [{"role": r, "content": c} for r, c in turns]
+        expected = loaded.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True
+        )
+        if not isinstance(expected, list):  # transformers 5: a BatchEncoding
+            expected = list(expected["input_ids"])
+        assert engine.prompt_ids(chat) == expected
+        rendered = loaded.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=False
+        )
+        assert rendered == (
+            "system; Be brief.<|endoftext|>user; Hello world, how are you?<|endoftext|>assistant;"
+        )
+        # The chat generates what a completion of its rendered text generates.
+        answer = pieces(await collect(engine, chat))
+        assert answer == pieces(await collect(engine, req("cc", 8, rendered, model="tiny-gpt2")))
+        # A model without a chat template refuses chat (a 400, as vLLM), not completions.
+        template, loaded.tokenizer.chat_template = loaded.tokenizer.chat_template, None
+        try:
+            with pytest.raises(RpcError) as info:
+                await collect(engine, chat)
+            assert info.value.code == "bad_request" and "chat template" in info.value.message
+            assert len(pieces(await collect(engine, req("np", 3, "hi")))) == 3
+        finally:
+            loaded.tokenizer.chat_template = template
     finally:
         await engine.close()
 

@@ -11,7 +11,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 from harness.require import require
 
@@ -88,6 +90,54 @@ def test_haif_up_serves_the_tiny_model(tmp_path: Path) -> None:
         assert answer["usage"]["completion_tokens"] == 8
         assert answer["choices"][0]["finish_reason"] == "length"
         assert answer["choices"][0]["text"].strip()
+        chat_with_the_template(port)
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=60)
+
+
+def chat_with_the_template(port: int) -> None:
+    """The ``openai`` SDK's chat, JSON and streamed, rendered with the tiny model's template.
+
+    Greedy with ``ignore_eos``, a chat generates exactly what a completion of
+    its rendered text (the template's output) generates.
+    """
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="EMPTY", max_retries=0)
+    greedy: dict[str, Any] = {"temperature": 0, "max_tokens": 6, "extra_body": {"ignore_eos": True}}
+    # Text parts are joined with newlines (as vLLM joins them); the template
+    # (TINY_CHAT_TEMPLATE) writes "role; content<|endoftext|>", then "assistant;".
+    messages: list[Any] = [
+        {"role": "system", "content": "Be brief."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Hello world,"},
+                {"type": "text", "text": "how are you?"},
+            ],
+        },
+    ]
+    rendered = (
+        "system; Be brief.<|endoftext|>user; Hello world,\nhow are you?<|endoftext|>assistant;"
+    )
+    plain = sdk.completions.create(model="tiny-gpt2", prompt=rendered, **greedy)
+    expected = plain.choices[0].text
+    assert expected.strip()
+    chat = sdk.chat.completions.create(model="tiny-gpt2", messages=messages, **greedy)
+    assert chat.choices[0].message.content == expected
+    assert chat.choices[0].finish_reason == "length"
+    assert chat.usage is not None and chat.usage.completion_tokens == 6
+    stream = sdk.chat.completions.create(
+        model="tiny-gpt2", messages=messages, stream=True, **greedy
+    )
+    parts = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in parts) == expected
+    assert parts[-1].choices[0].finish_reason == "length"
+    bad: list[Any] = [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    ]
+    try:
+        sdk.chat.completions.create(model="tiny-gpt2", messages=bad)
+    except openai.BadRequestError as exc:
+        assert isinstance(exc.body, dict) and exc.body["param"] == "messages[0].content[0].type"
+    else:
+        raise AssertionError("an image part was accepted")

@@ -559,7 +559,9 @@ class ControlCore:
             if result is not None and result.ok
             else None,
             finish_s=now,
-            prompt_tokens=req.prompt_tokens,
+            prompt_tokens=result.prompt_tokens
+            if result is not None and result.ok and result.prompt_tokens is not None
+            else req.prompt_tokens,
             output_tokens=output,
             attempts=job.attempts,
             status=status,

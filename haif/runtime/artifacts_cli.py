@@ -3,7 +3,7 @@
 - ``haif artifacts make-tiny --store DIR [--key PATH]`` builds a real, tiny
   GPT-2-style model here, without downloading anything (2 layers, 2 heads,
   64-wide, random weights from a fixed seed, a byte-level BPE tokenizer
-  trained on a built-in text) and publishes it as ``tiny-gpt2`` version ``1``
+  trained on a built-in text, a small chat template) and publishes it as ``tiny-gpt2`` version ``1``
   signed with the cluster key at ``--key`` (created if absent, with its public
   key next to it as ``<key>.pub``). Needs ``haif[torch]``.
 - ``haif artifacts publish --store DIR --name N --version V --key PATH --dir MODEL_DIR``
@@ -81,6 +81,18 @@ def load_or_create_key(key: Path) -> tuple[Signer, bool]:
     return signer, created
 
 
+#: The tiny model's chat template (Jinja, as a tokenizer's ``chat_template``):
+#: each message as ``role; content`` closed by the end-of-text token, then
+#: ``assistant;`` to prompt the answer. Only characters of :data:`TINY_CORPUS`
+#: (and the special token), so every character has a token.
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ message['role'] }}; {{ message['content'] }}{{ eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}assistant;{% endif %}"
+)
+
+
 def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
     """Write a tiny GPT-2 (safetensors) and its tokenizer into ``out``; return facts."""
     try:
@@ -112,6 +124,7 @@ def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
         unk_token=special,
         model_max_length=256,
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE  # saved with the tokenizer
     eos = tokenizer.convert_tokens_to_ids(special)
     torch.manual_seed(seed)
     config = transformers.GPT2Config(

@@ -159,6 +159,10 @@ class Attempts:
             ):
                 raise RpcError("bad_reply", "worker ended before its last token")
             pending.finish_reason = end.finish_reason
+            output = max(end.output_tokens, pending.delivered)
+            prompt: int | None = None
+            if end.usage is not None:  # the engine's own count (an upstream's usage) is billed
+                prompt, output = end.usage
             return AttemptResult(
                 request_id=rid,
                 attempt=attempt,
@@ -167,9 +171,10 @@ class Attempts:
                 started_s=started,
                 finish_s=now,
                 first_token_s=first_token if first_token is not None else now,
-                output_tokens=max(end.output_tokens, pending.delivered),
+                output_tokens=output,
                 cold_start=end.cold_start,
                 cost=end.cost,
+                prompt_tokens=prompt,
             )
         except (RpcUnavailable, RpcError) as exc:
             log.warning("attempt %s/%d on %s: %s", rid, attempt, dispatch.worker_id, exc)

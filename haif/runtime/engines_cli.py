@@ -66,7 +66,12 @@ def add_worker_engine_args(parser: argparse.ArgumentParser) -> None:
         default="HAIF_UPSTREAM_API_KEY",
         help="openai: environment variable holding the upstream API key",
     )
-    group.add_argument("--upstream-chat", action="store_true", help="openai: use chat completions")
+    group.add_argument(
+        "--upstream-chat",
+        action="store_true",
+        help="openai: deprecated and ignored (chat goes to the upstream as chat, "
+        "completions as completions)",
+    )
     group.add_argument(
         "--timing",
         default="fixed",

@@ -38,6 +38,16 @@ never ignores it: the orchestrator refuses the request before it runs
 the model honours it, and a worker that cannot refuses its attempt (400
 ``bad_request``). ``finish_reason`` is the engine's (``SubmitReply``).
 
+Chat
+----
+``messages`` are validated by :func:`chat_turns` (OpenAI's roles; a content
+string or an array of text parts, joined with newlines; any other part is a 400 naming
+``messages[i].content[j].type``) and travel in ``Request.messages``: the
+engine renders them (the model's chat template, or its own way).
+``prompt_tokens`` is the words of the prompt or of the joined contents,
+unless the engine reports its own count (the ``openai`` engine's upstream
+usage), which the record then carries.
+
 Authentication
 --------------
 Credentials: ``Authorization: Bearer <API key or JWT>`` or
@@ -160,7 +170,15 @@ from aiohttp.typedefs import Handler
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from haif.contracts import Reject, Request, RequestRecord, SamplingParams
+from haif.contracts import (
+    CHAT_ROLES,
+    ChatTurn,
+    Reject,
+    Request,
+    RequestRecord,
+    SamplingParams,
+    chat_text,
+)
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.relay import Frame
@@ -380,13 +398,77 @@ class CompletionBody(_Body):
     prompt: str
 
 
-class ChatMessage(BaseModel):
-    role: str
-    content: str
+class BadParam(Exception):
+    """A body value refused with a 400 naming ``param`` exactly (``messages[1].content[0].type``).
+
+    Raised from a validator: pydantic passes exceptions other than
+    ``ValueError`` through, so the parameter's name is not pydantic's.
+    """
+
+    def __init__(self, param: str, message: str, code: str = "invalid_value") -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.code = code
+
+
+def chat_turns(value: Any) -> tuple[ChatTurn, ...]:
+    """A chat body's ``messages`` as :class:`~haif.contracts.ChatTurn` (raises :class:`BadParam`).
+
+    Each message is an object with a ``role`` among OpenAI's (``system``,
+    ``developer``, ``user``, ``assistant``, ``tool``; the deprecated
+    ``function`` is refused) and a ``content``: a string, or an array of text
+    parts ``{"type": "text", "text": ...}`` joined with newlines (as vLLM
+    joins them). Any other part (``image_url``, ``input_audio``, ...) is
+    a 400 naming ``messages[i].content[j].type``: there is no multimodal
+    engine. Other keys of a message (``name``, ...) are ignored.
+    """
+    if not isinstance(value, list) or not value:
+        raise BadParam("messages", "a non-empty array of messages")
+    turns: list[ChatTurn] = []
+    for i, message in enumerate(value):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise BadParam(where, "a message is an object with a role and a content")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise BadParam(
+                f"{where}.role",
+                f"{role!r} is not a role; one of {', '.join(CHAT_ROLES)}",
+                "unsupported_value" if isinstance(role, str) else "invalid_value",
+            )
+        content = message.get("content")
+        if isinstance(content, str):
+            turns.append(ChatTurn(role, content))
+            continue
+        if not isinstance(content, list):
+            raise BadParam(f"{where}.content", "a string or an array of text parts")
+        texts: list[str] = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            if not isinstance(part, dict):
+                raise BadParam(at, 'a content part is an object {"type": "text", "text": ...}')
+            kind = part.get("type")
+            if kind != "text":
+                raise BadParam(
+                    f"{at}.type",
+                    f"content parts of type {kind!r} are not supported; only 'text'",
+                    "unsupported_value",
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise BadParam(f"{at}.text", "a string")
+            texts.append(text)
+        turns.append(ChatTurn(role, "\n".join(texts)))
+    return tuple(turns)
 
 
 class ChatBody(_Body):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: tuple[ChatTurn, ...]
+
+    @field_validator("messages", mode="plain")
+    @classmethod
+    def _messages(cls, value: Any) -> tuple[ChatTurn, ...]:
+        return chat_turns(value)
 
 
 def openai_error(
@@ -1000,6 +1082,8 @@ class Gateway:
             return BadBody(
                 f"the body is nested more than {MAX_JSON_DEPTH} levels deep", "nesting_too_deep"
             ).response()
+        except BadParam as exc:
+            return openai_error(400, str(exc), "invalid_request_error", exc.code, exc.param)
         except ValidationError as exc:
             first = exc.errors()[0]
             param = ".".join(str(p) for p in first["loc"]) or None
@@ -1042,8 +1126,10 @@ class Gateway:
         if isinstance(parsed, web.Response):
             return parsed
         info.model, info.stream = parsed.model, parsed.stream
+        messages: tuple[ChatTurn, ...] = ()
+        prompt: str | None = None
         if isinstance(parsed, ChatBody):
-            prompt = "\n".join(m.content for m in parsed.messages)
+            messages = parsed.messages
         else:
             assert isinstance(parsed, CompletionBody)
             prompt = parsed.prompt
@@ -1068,13 +1154,15 @@ class Gateway:
             request_id=request_id,
             tenant=tenant,
             model=parsed.model,
-            prompt_tokens=max(1, len(prompt.split())),
+            # Words of the prompt, or of the chat's joined contents (no template).
+            prompt_tokens=max(1, len((chat_text(messages) if messages else prompt or "").split())),
             max_tokens=parsed.output_limit,
             arrival_s=time.monotonic(),
             origin_region=self.region,
             priority=parsed.priority,
             stream=parsed.stream,
             prompt=prompt,
+            messages=messages,
             sampling=parsed.sampling(),
             # With a standby, every request can be resent after a failover (see above).
             idempotency_key=key
@@ -1235,8 +1323,9 @@ class Gateway:
                 # its engine cannot honour): the caller's doing, not retried.
                 return openai_error(
                     400,
-                    "the request is invalid for the worker that took it "
-                    "(e.g. a sampling parameter its engine cannot honour)",
+                    f"the request is invalid for {rec.model} on the worker that took it "
+                    "(e.g. a sampling parameter its engine cannot honour, or a chat "
+                    "for a model without a chat template)",
                     "invalid_request_error",
                     "bad_request",
                     headers=headers,

@@ -80,11 +80,15 @@ class TokenChunk:
     in order gives the whole response text. ``finish_reason``: set on an
     engine's last chunk when it knows why the response ended (``"stop"``: end
     of sequence or a stop string; ``"length"``: ``max_tokens``).
+    ``usage``: ``(prompt_tokens, completion_tokens)`` as the engine counted
+    them (an upstream server's reported usage), on its last chunk; ``None``:
+    the worker counts (the request's prompt count, the tokens streamed).
     """
 
     start: int
     texts: tuple[str, ...]
     finish_reason: str | None = None
+    usage: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +97,7 @@ class InferEnd:
 
     ``output_tokens`` counts the whole response (resumed tokens included);
     ``finish_reason``: ``"stop"`` or ``"length"`` (see :class:`TokenChunk`).
+    ``usage``: the engine's own count (see :class:`TokenChunk`), what is billed.
     """
 
     output_tokens: int
@@ -101,6 +106,7 @@ class InferEnd:
     cold_start: bool = False
     cost: float = 0.0
     finish_reason: str | None = None
+    usage: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from haif.contracts import Request
 from haif.control.idempotency import Claim, Held, Next, next_step
@@ -64,7 +64,7 @@ def request_body_hash(request: Request) -> str:
     deadline, origin) and how the answer travels (``stream``), so an
     idempotent resend may switch between streaming and not.
     """
-    canonical = {
+    canonical: dict[str, Any] = {
         "model": request.model,
         "model_version": request.model_version,
         "adapter": request.adapter,
@@ -74,6 +74,8 @@ def request_body_hash(request: Request) -> str:
         "priority": request.priority,
         "prefix_hashes": list(request.prefix_hashes),
     }
+    if request.messages:  # absent: the digest completions always had
+        canonical["messages"] = [[m.role, m.content] for m in request.messages]
     if request.sampling is not None:  # absent: the digest requests always had
         canonical["sampling"] = to_plain(request.sampling)
     blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)

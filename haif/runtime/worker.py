@@ -236,6 +236,7 @@ class Worker:
         first: float | None = None
         produced = call.resume_tokens
         finish: str | None = None
+        usage: tuple[int, int] | None = None
         # Not made current: this generator's steps run in different tasks.
         span = telemetry.tracer().start_span(
             "worker.generate",
@@ -258,6 +259,7 @@ class Worker:
                     span.add_event("first_token")
                 produced = max(produced, chunk.start + len(chunk.texts))
                 finish = chunk.finish_reason or finish
+                usage = chunk.usage or usage
                 self.metrics.generated(request.model, len(chunk.texts))
                 yield chunk
             finished = loop.time()
@@ -282,6 +284,7 @@ class Worker:
             service_s=finished - received,
             cost=cost,
             finish_reason=finish,
+            usage=usage,
         )
 
     async def rpc_infer(self, body: object) -> InferReply:
@@ -295,7 +298,8 @@ class Worker:
         assert end is not None
         return InferReply(
             text="".join(pieces),
-            output_tokens=end.output_tokens,
+            # The engine's own count when it has one (an upstream's usage).
+            output_tokens=end.usage[1] if end.usage is not None else end.output_tokens,
             ttft_s=end.ttft_s,
             service_s=end.service_s,
             cold_start=end.cold_start,

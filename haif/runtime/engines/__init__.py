@@ -24,9 +24,9 @@ arguments only, the worker's command line is mapped onto them by
   an in-process ``vllm.AsyncLLMEngine`` (every sampling parameter); needs
   ``haif[vllm]``.
 - ``openai`` — :class:`OpenAIUpstreamEngine` (:mod:`.upstream`): relays an
-  upstream OpenAI-compatible server (``/v1/completions`` or
-  ``/v1/chat/completions`` with ``stream: true``), the sampling parameters
-  forwarded.
+  upstream OpenAI-compatible server: a chat to its ``/v1/chat/completions``,
+  a completion to its ``/v1/completions``, streamed only when the client
+  streams, the sampling parameters forwarded and the upstream's usage billed.
 
 Sampling and stopping: each engine declares the parameters of
 :data:`~haif.contracts.SAMPLING_PARAMETERS` it honours (``SUPPORTED_SAMPLING``,
@@ -36,6 +36,11 @@ another one (never ignores it). The synthetic engine honours ``temperature``,
 :mod:`.synthetic`), the others all of them. Each engine sets the
 ``finish_reason`` (``stop``: end of sequence or a stop string, whose text is
 not returned; ``length``: ``max_tokens``) on its last ``TokenChunk``.
+
+Chat (``Request.messages``): ``transformers`` and ``vllm`` render the
+messages with the model's chat template (:func:`.text.encode_chat`; a model
+without one refuses chat with ``bad_request``, as vLLM), ``synthetic`` joins
+their contents with newlines, ``openai`` forwards them as chat.
 
 Shared by the adapters: :mod:`.base` (the protocols, errors,
 ``MAX_CHUNK_TOKENS``), :mod:`.text` (detokenization, prompt ids) and

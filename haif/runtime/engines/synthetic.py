@@ -45,6 +45,11 @@ resumed response continues exactly):
   string in the text (the earliest to complete; ``finish_reason`` ``stop``);
   the text is cut before it, so the pieces of the tokens from there on are
   empty or shortened.
+- Chat: accepted without a template (the synthetic model has none); the
+  prompt is the messages' contents joined with newlines
+  (:attr:`~haif.contracts.Request.text`), which is what a seed's text
+  depends on, and the gateway counts ``prompt_tokens`` as the words of that
+  text, as for a completion's prompt.
 """
 
 from __future__ import annotations
@@ -102,7 +107,7 @@ def _text_seed(request: Request) -> bytes:
     the request id."""
     sampling = request.sampling
     if sampling is not None and sampling.seed is not None and sampling.temperature != 0:
-        return hashlib.sha256(f"seed:{sampling.seed}\n{request.prompt or ''}".encode()).digest()
+        return hashlib.sha256(f"seed:{sampling.seed}\n{request.text}".encode()).digest()
     return _seed(request.request_id)
 
 

@@ -13,7 +13,19 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["IncrementalDetokenizer", "StopStrings", "encode_prompt", "tokenizer_decoder"]
+from haif.contracts import ChatTurn, ErrorKind, Request
+from haif.runtime.rpc import RpcError
+
+__all__ = [
+    "IncrementalDetokenizer",
+    "NoChatTemplate",
+    "StopStrings",
+    "chat_messages",
+    "encode_chat",
+    "encode_prompt",
+    "encode_request",
+    "tokenizer_decoder",
+]
 
 
 class IncrementalDetokenizer:
@@ -100,3 +112,45 @@ def encode_prompt(tokenizer: Any, prompt: str | None, bos_id: int) -> list[int]:
         return [bos_id]
     ids: list[int] = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     return ids or [bos_id]
+
+
+class NoChatTemplate(RpcError):
+    """A chat request for a model whose tokenizer has no chat template (a 400, as vLLM)."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(
+            ErrorKind.BAD_REQUEST,
+            f"{model} has no chat template: chat completions need one "
+            "(use /v1/completions, or publish the model with a chat_template)",
+        )
+
+
+def chat_messages(messages: Sequence[ChatTurn]) -> list[dict[str, str]]:
+    """The messages as ``apply_chat_template`` takes them (role and content strings)."""
+    return [{"role": m.role, "content": m.content} for m in messages]
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[ChatTurn], model: str) -> list[int]:
+    """The token ids of ``messages`` rendered with the tokenizer's own chat template.
+
+    ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``
+    renders the text (the template writes its own special tokens, e.g. BOS),
+    which is then encoded without adding special tokens again — what vLLM's
+    OpenAI server does. A tokenizer without a ``chat_template`` refuses the
+    request (:class:`NoChatTemplate`, a 400): vLLM refuses chat for such a
+    model since transformers dropped its default templates; no fallback.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise NoChatTemplate(model)
+    text = tokenizer.apply_chat_template(
+        chat_messages(messages), add_generation_prompt=True, tokenize=False
+    )
+    ids: list[int] = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return ids
+
+
+def encode_request(tokenizer: Any, request: Request, bos_id: int) -> list[int]:
+    """A request's prompt ids: its chat rendered by the chat template, else its prompt."""
+    if request.messages:
+        return encode_chat(tokenizer, request.messages, request.model) or [bos_id]
+    return encode_prompt(tokenizer, request.prompt, bos_id)

@@ -18,6 +18,11 @@ response with ``finish_reason`` ``stop`` unless ``ignore_eos``; so does a
 text that could be the start of a stop string is held back until it cannot
 (or the response ends). A request without sampling parameters (the
 simulator's semantics) is greedy and runs to ``max_tokens``.
+
+Chat: the messages are rendered with the model's chat template (the
+tokenizer's ``apply_chat_template(..., add_generation_prompt=True)``), as
+vLLM's OpenAI server renders them; a model without a chat template refuses
+chat requests with a 400 (vLLM's behaviour), and still serves completions.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ from haif.runtime.engines.loading import (
 from haif.runtime.engines.text import (
     IncrementalDetokenizer,
     StopStrings,
-    encode_prompt,
+    encode_request,
     tokenizer_decoder,
 )
 from haif.runtime.messages import TokenChunk
@@ -261,10 +266,14 @@ class TransformersEngine:
             self._loaded = None
 
     def prompt_ids(self, request: Request) -> list[int]:
-        """The prompt's token ids as the model sees them (BOS if empty, left-truncated)."""
+        """The prompt's token ids as the model sees them (BOS if empty, left-truncated).
+
+        A chat is rendered with the tokenizer's chat template
+        (:func:`~haif.runtime.engines.text.encode_chat`; none: a 400).
+        """
         m = self._require_loaded()
         with self._tokenizer_lock:
-            ids = encode_prompt(m.tokenizer, request.prompt, m.bos_id)
+            ids = encode_request(m.tokenizer, request, m.bos_id)
         return _fit_context(ids, request.max_tokens, m.context, str(self.ref))
 
     def _require_loaded(self) -> LoadedModel:

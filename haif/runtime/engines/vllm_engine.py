@@ -22,7 +22,7 @@ from haif.runtime.engines.loading import artifact_ref, fetch_verified, trusted_k
 from haif.runtime.engines.text import (
     IncrementalDetokenizer,
     StopStrings,
-    encode_prompt,
+    encode_request,
     tokenizer_decoder,
 )
 from haif.runtime.messages import TokenChunk
@@ -69,6 +69,14 @@ class VllmEngine:
     tokenizer through :class:`IncrementalDetokenizer`, as in
     :class:`TransformersEngine`. A resumed request is regenerated from the
     prompt and its first ``start`` tokens are not sent again.
+
+    Chat: the engine gets token ids, never text, so a chat is rendered here
+    with the artifact tokenizer's own chat template
+    (:func:`~haif.runtime.engines.text.encode_request`: the same
+    ``apply_chat_template(messages, add_generation_prompt=True, tokenize=False)``
+    then encoding without special tokens that vLLM's OpenAI server does; the
+    tokenizer vLLM loads is the same files). A model without a chat template
+    refuses chat with a 400, as vLLM does.
     """
 
     name = "vllm"
@@ -134,7 +142,7 @@ class VllmEngine:
         bos = self._tokenizer.bos_token_id
         if bos is None:
             bos = self._tokenizer.eos_token_id
-        ids = encode_prompt(self._tokenizer, request.prompt, int(bos or 0))
+        ids = encode_request(self._tokenizer, request, int(bos or 0))
         params = self._vllm.SamplingParams(**sampling_kwargs(request))
         stops = StopStrings(sampling_of(request).stop)
         rid = f"{request.request_id}-{uuid.uuid4().hex[:12]}"

@@ -19,22 +19,16 @@ from typing import Any
 
 import pytest
 from harness.api import MODEL, post_json
-from harness.cluster import serve, wait_fresh
+from harness.cluster import in_process_stack
 
 from haif import wire
 from haif.contracts import ChatTurn, Request
-from haif.runtime import gateway as gateway_mod
-from haif.runtime import orchestrator as orchestrator_mod
-from haif.runtime import worker as worker_mod
-from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.engines import SyntheticEngine
 from haif.runtime.engines.text import NoChatTemplate, encode_chat
-from haif.runtime.gateway import BadParam, Gateway, chat_turns
+from haif.runtime.gateway import BadParam, chat_turns
 from haif.runtime.messages import TokenChunk
-from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.reservations import request_body_hash
-from haif.runtime.store import DuckDBStore
-from haif.runtime.worker import Worker, WorkerSpec
+from haif.runtime.worker import Worker
 
 
 def test_chat_turns_accept_strings_and_text_parts() -> None:
@@ -162,25 +156,8 @@ class _Recording(SyntheticEngine):
 
 @pytest.mark.cluster
 async def test_the_gateway_passes_messages_and_refuses_bad_ones(tmp_path: Path) -> None:
-    orch = Orchestrator(ClusterConfig().policy, DuckDBStore(tmp_path / "s.duckdb"))
     engine = _Recording()
-    runners = []
-    try:
-        runner, orch_url = await serve(orchestrator_mod.build_app(orch), shutdown_timeout=1.0)
-        runners.append(runner)
-        port = free_port()
-        spec = WorkerSpec(
-            "w", "local", f"http://127.0.0.1:{port}", orch_url, models=(MODEL,), heartbeat_s=0.1
-        )
-        runner, _ = await serve(
-            worker_mod.build_app(Worker(spec, engine)), port=port, shutdown_timeout=1.0
-        )
-        runners.append(runner)
-        runner, url = await serve(
-            gateway_mod.build_app(Gateway(orch_url, "local")), shutdown_timeout=1.0
-        )
-        runners.append(runner)
-        await wait_fresh(orch, {"w"}, {}, tmp_path)
+    async with in_process_stack(tmp_path, lambda spec: Worker(spec, engine)) as (_orch, url):
 
         async def post(body: dict[str, Any]) -> tuple[int, Any]:
             raw = json.dumps({"model": MODEL, "max_tokens": 3, **body}).encode()
@@ -218,9 +195,6 @@ async def test_the_gateway_passes_messages_and_refuses_bad_ones(tmp_path: Path) 
             assert (error["type"], error["param"]) == ("invalid_request_error", param), error
             assert error["message"].startswith(param)
         assert len(engine.seen) == 1  # refused at the edge
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
 
 
 class _FakeVllm:

@@ -20,14 +20,11 @@ from typing import Any
 import openai
 import pytest
 from harness.api import MODEL, post_json
-from harness.cluster import Up, running, serve, wait_fresh
+from harness.cluster import Up, in_process_stack, running
 
 from haif import wire
 from haif.contracts import SAMPLING_PARAMETERS, Request, SamplingParams, WorkerSnapshot
-from haif.runtime import gateway as gateway_mod
-from haif.runtime import orchestrator as orchestrator_mod
-from haif.runtime import worker as worker_mod
-from haif.runtime.cluster import ClusterConfig, free_port
+from haif.runtime.cluster import ClusterConfig
 from haif.runtime.engines import (
     ALL_SAMPLING,
     SyntheticEngine,
@@ -37,7 +34,6 @@ from haif.runtime.engines import (
 from haif.runtime.engines.synthetic import EOS_MIN, EOS_SPAN, plan
 from haif.runtime.engines.text import StopStrings
 from haif.runtime.engines.vllm_engine import sampling_kwargs
-from haif.runtime.gateway import Gateway
 from haif.runtime.messages import Announce, InferCall, InferEnd, TokenChunk
 from haif.runtime.orchestrator import Orchestrator
 from haif.runtime.reservations import request_body_hash
@@ -404,26 +400,9 @@ class _OverPromising(Worker):
 async def test_a_worker_that_cannot_honour_a_parameter_refuses_it_with_a_400(
     tmp_path: Path,
 ) -> None:
-    orch = Orchestrator(ClusterConfig().policy, DuckDBStore(tmp_path / "s.duckdb"))
-    runners = []
-    try:
-        runner, orch_url = await serve(orchestrator_mod.build_app(orch), shutdown_timeout=1.0)
-        runners.append(runner)
-        port = free_port()
-        spec = WorkerSpec(
-            "w", "local", f"http://127.0.0.1:{port}", orch_url, models=(MODEL,), heartbeat_s=0.1
-        )
-        runner, _ = await serve(
-            worker_mod.build_app(_OverPromising(spec, SyntheticEngine(0.01, 0.0))),
-            port=port,
-            shutdown_timeout=1.0,
-        )
-        runners.append(runner)
-        runner, url = await serve(
-            gateway_mod.build_app(Gateway(orch_url, "local")), shutdown_timeout=1.0
-        )
-        runners.append(runner)
-        await wait_fresh(orch, {"w"}, {}, tmp_path)
+    async with in_process_stack(
+        tmp_path, lambda spec: _OverPromising(spec, SyntheticEngine(0.01, 0.0))
+    ) as (orch, url):
         body = json.dumps({"model": MODEL, "prompt": "hi", "top_p": 0.5}).encode()
         status, _, answer = await asyncio.to_thread(post_json, url + "/v1/completions", body)
         # Let in by the orchestrator (the fleet says it can), refused by the worker,
@@ -432,9 +411,6 @@ async def test_a_worker_that_cannot_honour_a_parameter_refuses_it_with_a_400(
         assert answer["error"]["code"] == "bad_request", answer
         records = await orch.store.records()
         assert [(r.status, r.reason, r.attempts) for r in records] == [("failed", "bad_request", 1)]
-    finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
 
 
 async def test_the_orchestrator_refuses_what_no_worker_of_the_model_honours(

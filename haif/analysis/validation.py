@@ -124,6 +124,14 @@ def published_runs() -> list[PublishedRun]:
     ]
 
 
+def _run_to_idle(engine: BatchingEngine) -> None:
+    """Drive ``engine`` at each of its deadlines until it has nothing left to time."""
+    deadline = engine.next_deadline()
+    while deadline is not None:
+        engine.on_timer(deadline)
+        deadline = engine.next_deadline()
+
+
 def replay(
     profile: PerfProfile, prompts: Sequence[int], outputs: Sequence[int]
 ) -> tuple[float, float]:
@@ -138,10 +146,7 @@ def replay(
     ]
     for s in seqs:
         engine.add(s, 0.0)
-    deadline = engine.next_deadline()
-    while deadline is not None:
-        engine.on_timer(deadline)
-        deadline = engine.next_deadline()
+    _run_to_idle(engine)
     answered = [s for s, o in zip(seqs, outputs, strict=True) if o > 0]
     ttft = statistics.fmean(s.first_token_s or 0.0 for s in answered)
     decoding = [(s, o) for s, o in zip(seqs, outputs, strict=True) if o > 1]
@@ -309,10 +314,7 @@ def prefix_cache_checks() -> list[Check]:
                 ),
                 engine.clock,
             )
-            deadline = engine.next_deadline()
-            while deadline is not None:  # to the end of this request: none overlap
-                engine.on_timer(deadline)
-                deadline = engine.next_deadline()
+            _run_to_idle(engine)  # to the end of this request: none overlap
         assert engine.prefix is not None
         hit = engine.prefix.hits / engine.prefix.lookups
         exact = prefix_reuse(requests, blocks)

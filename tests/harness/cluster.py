@@ -4,6 +4,8 @@
 - :class:`LiveCluster`: an orchestrator and a gateway in the test's event
   loop, synthetic workers as ``python -m haif worker`` processes (so "a worker
   dies" is a SIGKILL).
+- :func:`in_process_stack`: orchestrator, one worker and gateway, all in the
+  test's event loop.
 - :func:`serve`, :func:`running`, :func:`spawn_worker`, :func:`wait_fresh`,
   :func:`kill`, :func:`shut_down` and :func:`run_haif`: the pieces the
   tests' own stacks are built from.
@@ -23,7 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -34,6 +36,7 @@ from haif.contracts import RequestRecord
 from haif.control.config import CoreConfig
 from haif.runtime import gateway as gateway_mod
 from haif.runtime import orchestrator as orchestrator_mod
+from haif.runtime import worker as worker_mod
 from haif.runtime.cluster import ClusterConfig, free_port
 from haif.runtime.gateway import Gateway, GatewayAuth
 from haif.runtime.journal import Journal
@@ -42,6 +45,7 @@ from haif.runtime.rpc import LocalClient
 from haif.runtime.security import generate_api_key, hash_api_key
 from haif.runtime.store import DuckDBStore
 from haif.runtime.supervisor import read_state
+from haif.runtime.worker import Worker, WorkerSpec
 from harness.api import MODEL, post_json
 
 # ------------------------------------------------------------------ building blocks
@@ -83,6 +87,37 @@ async def running(service: S) -> AsyncIterator[S]:
         yield service
     finally:
         await service.stop()
+
+
+@asynccontextmanager
+async def in_process_stack(
+    where: Path, make_worker: Callable[[WorkerSpec], Worker]
+) -> AsyncIterator[tuple[Orchestrator, str]]:
+    """An orchestrator (DuckDB in ``where``), the worker ``make_worker`` builds for
+    worker ``w`` serving ``MODEL``, and a gateway, served on loopback in this event
+    loop; yields the orchestrator and the gateway's URL once the worker is fresh."""
+    orch = Orchestrator(ClusterConfig().policy, DuckDBStore(where / "s.duckdb"))
+    runners: list[web.AppRunner] = []
+    try:
+        runner, orch_url = await serve(orchestrator_mod.build_app(orch), shutdown_timeout=1.0)
+        runners.append(runner)
+        port = free_port()
+        spec = WorkerSpec(
+            "w", "local", f"http://127.0.0.1:{port}", orch_url, models=(MODEL,), heartbeat_s=0.1
+        )
+        runner, _ = await serve(
+            worker_mod.build_app(make_worker(spec)), port=port, shutdown_timeout=1.0
+        )
+        runners.append(runner)
+        runner, url = await serve(
+            gateway_mod.build_app(Gateway(orch_url, "local")), shutdown_timeout=1.0
+        )
+        runners.append(runner)
+        await wait_fresh(orch, {"w"}, {}, where)
+        yield orch, url
+    finally:
+        for runner in reversed(runners):
+            await runner.cleanup()
 
 
 async def wait_fresh(

@@ -444,3 +444,13 @@ async def test_the_orchestrator_refuses_what_no_worker_of_the_model_honours(
         assert check(SamplingParams(seed=1, top_p=0.5)) == "top_p"
         assert check(SamplingParams(top_k=5), "other") is None
         assert check(SamplingParams(top_k=5), "nobody-serves-it") is None  # the core decides
+
+
+def test_the_synthetic_end_of_sequence_range_in_the_docs_is_the_engines() -> None:
+    from pathlib import Path
+
+    from haif.runtime.engines.synthetic import EOS_MIN, EOS_SPAN
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    dash = "\N{EN DASH}"  # as the page writes ranges
+    assert f"after {EOS_MIN}{dash}{EOS_MIN + EOS_SPAN - 1:,} tokens" in page

@@ -50,6 +50,25 @@ async def test_settled_segments_are_deleted(tmp_path: Path) -> None:
     assert await journal.close() == 0 and list(tmp_path.iterdir()) == []
 
 
+async def test_concurrent_appends_land_in_their_own_segment(tmp_path: Path) -> None:
+    """Appends racing a roll (pending in the writer) go to the file counted for them."""
+    journal = Journal(tmp_path, segment_entries=4)
+    journal.open()
+    segments = await asyncio.gather(*(journal.append(_settlement(i)) for i in range(10)))
+    assert segments == [1] * 4 + [2] * 4 + [3] * 2
+    for i in range(10):
+        journal.delivered(f"r{i}")
+    await journal.close()
+    found = Journal(tmp_path).open()
+    by_segment = {s: [f.settlement.job_id for f in found if f.segment == s] for s in (1, 2, 3)}
+    assert by_segment == {
+        1: ["r0", "r1", "r2", "r3"],
+        2: ["r4", "r5", "r6", "r7"],
+        3: ["r8", "r9"],
+    }
+    assert all(f.delivered for f in found)
+
+
 async def test_a_torn_tail_is_skipped(tmp_path: Path) -> None:
     journal = Journal(tmp_path)
     journal.open()

@@ -778,9 +778,9 @@ async def test_linger_is_set_per_store_and_by_the_cluster_yaml(
 ) -> None:
     """``open_store(linger_s=)`` and the cluster YAML's ``orchestrator.store_linger_ms``."""
     duck = await open_store(f"duckdb://{tmp_path / 'a.duckdb'}")
-    tuned = await open_store(f"duckdb://{tmp_path / 'b.duckdb'}", linger_s=0.2)
+    tuned = await open_store(f"duckdb://{tmp_path / 'b.duckdb'}", linger_s=0.05)
     assert isinstance(duck, SqlStore) and isinstance(tuned, SqlStore)
-    assert (duck.linger_s, tuned.linger_s) == (DEFAULT_LINGER_S, 0.2)
+    assert (duck.linger_s, tuned.linger_s) == (DEFAULT_LINGER_S, 0.05)
     await duck.close()
     await tuned.close()
     if pg_server.dsn is None:

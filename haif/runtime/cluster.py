@@ -262,7 +262,8 @@ class OrchestratorSettings(_Strict):
         default=None,
         description="how long store writes no request waits for (job rows without an "
         "Idempotency-Key, status changes, usage, records) gather to commit together; "
-        "default: DuckDB 50, PostgreSQL 0. Longer costs less CPU; a crash loses that much",
+        "default: DuckDB 200, PostgreSQL 0. Longer costs less CPU; usage is journaled first, "
+        "so a crash loses none of it",
     )
     leader_lease_s: Annotated[float, Field(gt=0, le=60)] = Field(
         default=2.0,

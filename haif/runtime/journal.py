@@ -39,6 +39,7 @@ import logging
 import os
 import re
 import struct
+import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,13 +112,8 @@ class Journal:
         self._segments: dict[int, _Segment] = {}
         self._active: int | None = None
         self._file: int | None = None  # the active segment's descriptor
-        self._retired: list[int] = []  # earlier segments' descriptors, to close
-        self._buffer: list[bytes] = []
-        self._waiters: list[asyncio.Future[None]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        #: fsyncs done, and entries they covered (for metrics and benchmarks).
-        self.syncs = 0
-        self.appended = 0
+        self._writer: _Writer | None = None  # started by the first fsynced append
+        self._written = 0  # settlements written without fsync (``fsync=False``)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -150,12 +146,12 @@ class Journal:
 
     async def close(self) -> int:
         """Flush, close the active segment, delete the settled ones; return the unsettled."""
-        while self._flusher is not None and not self._flusher.done():
-            await self._flusher
         if self._file is not None:
-            os.close(self._file)
+            self._retire(self._file)
             self._file = None
-        self._close_retired()
+        if self._writer is not None:
+            await self._writer.stop()
+            self._writer = None
         self._active = None
         for seg in self._segments.values():
             seg.closed = True
@@ -173,10 +169,7 @@ class Journal:
         future: asyncio.Future[None] | None = None
         if self.fsync:
             future = asyncio.get_running_loop().create_future()
-            self._waiters.append(future)
-        else:
-            self.appended += 1  # written at once, in order: nothing to wait for
-        self._buffer_entry(settlement)
+        self._buffer_entry(settlement, future)
         if seg.entries >= self.segment_entries:
             self._roll(segment + 1)  # later appends go to the next segment
         if future is not None:
@@ -185,43 +178,23 @@ class Journal:
 
     def delivered(self, job_id: str) -> None:
         """Mark a settlement's answer as handed over (written with the next fsync)."""
-        self._buffer_entry(Delivered(job_id))
+        self._buffer_entry(Delivered(job_id), None)
 
-    def _buffer_entry(self, entry: Settlement | Delivered) -> None:
+    def _buffer_entry(
+        self, entry: Settlement | Delivered, future: asyncio.Future[None] | None
+    ) -> None:
         body = encode(entry)
         framed = _HEADER.pack(len(body), zlib.crc32(body)) + body
-        if not self.fsync and self._file is not None:
+        if not self.fsync:
+            assert self._file is not None
             _write_sync(self._file, framed, False)  # a write(2): the page cache has it
+            if isinstance(entry, Settlement):
+                self._written += 1
             return
-        self._buffer.append(framed)
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-
-    async def _flush(self) -> None:
-        """Write and fsync what is buffered; repeat while appends keep coming."""
-        while self._buffer:
-            self._close_retired()  # no write is in flight here
-            data, self._buffer = b"".join(self._buffer), []
-            waiters, self._waiters = self._waiters, []
-            fd = self._file
-            try:
-                assert fd is not None
-                if self.fsync:
-                    await asyncio.to_thread(_write_sync, fd, data, True)
-                else:
-                    _write_sync(fd, data, False)
-            except BaseException as exc:
-                for w in waiters:
-                    if not w.done():
-                        w.set_exception(exc if isinstance(exc, Exception) else OSError(str(exc)))
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            self.syncs += 1
-            self.appended += len(waiters)
-            for w in waiters:
-                if not w.done():
-                    w.set_result(None)
+        if self._writer is None:
+            self._writer = _Writer(asyncio.get_running_loop())
+        assert self._file is not None
+        self._writer.put(self._file, framed, future)
 
     def settle(self, segment: int) -> None:
         """The store holds one settlement of ``segment``."""
@@ -244,26 +217,36 @@ class Journal:
     def _roll(self, number: int) -> None:
         """Start segment ``number``; the previous active one is closed to appends.
 
-        Entries appended before the roll and not flushed yet land in the new
-        file, still counted in the old segment: a file never holds an entry
-        counted in a later segment, so deleting a segment once its count is
-        settled never deletes an unsettled entry.
+        Every entry lands in the file of the segment it was appended to (the
+        old file closes once the writer is done with it), and a delivery
+        marker in the same or a later one than its settlement: deleting
+        segments oldest first, once settled, never deletes an unsettled entry.
         """
         if self._file is not None:
-            self._retired.append(self._file)  # closed by the flusher between writes
+            self._retire(self._file)
         if self._active is not None:
             self._segments[self._active].closed = True
         path = self._path(number)
         self._file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segments[number] = _Segment(path)
         self._active = number
-        if self._flusher is None or self._flusher.done():
-            self._close_retired()
 
-    def _close_retired(self) -> None:
-        for fd in self._retired:
+    def _retire(self, fd: int) -> None:
+        """Close ``fd`` once what was buffered for it is written."""
+        if self._writer is None:
             os.close(fd)
-        self._retired.clear()
+        else:
+            self._writer.put(fd, b"", None, close=True)
+
+    @property
+    def syncs(self) -> int:
+        """fsyncs done (for metrics and benchmarks)."""
+        return self._writer.syncs if self._writer is not None else 0
+
+    @property
+    def appended(self) -> int:
+        """Settlements written: fsynced, or with ``fsync=False`` written."""
+        return self._written + (self._writer.synced if self._writer is not None else 0)
 
     def _drop_settled(self) -> None:
         """Delete settled, closed segments from the oldest on, up to the first unsettled one."""
@@ -273,6 +256,89 @@ class Journal:
                 return
             del self._segments[oldest]
             seg.path.unlink(missing_ok=True)
+
+
+class _Writer:
+    """The journal's writer thread: write and fsync what is buffered, again and again.
+
+    Appends are buffered in the event loop's thread and picked up here as
+    soon as the previous fsync is done, without a round trip through the
+    loop (an executor call per flush cost a tenth of the orchestrator's CPU
+    at 200 requests/s); waiters are resolved in the loop, one callback per
+    fsync. Appends that arrive while an fsync runs share the next one.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._cond = threading.Condition()
+        # (descriptor, bytes, waiter, close the descriptor after writing)
+        self._pending: list[tuple[int, bytes, asyncio.Future[None] | None, bool]] = []
+        self._stopping = False
+        self.syncs = 0
+        self.synced = 0
+        self._thread = threading.Thread(target=self._run, name="haif-journal", daemon=True)
+        self._thread.start()
+
+    def put(
+        self, fd: int, data: bytes, future: asyncio.Future[None] | None, *, close: bool = False
+    ) -> None:
+        """Write ``data`` to ``fd`` with the next fsync (then resolve ``future``); with
+        ``close``, close ``fd`` after it."""
+        with self._cond:
+            self._pending.append((fd, data, future, close))
+            self._cond.notify()
+
+    async def stop(self) -> None:
+        """Write what is pending, then end the thread."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self._stopping:
+                    self._cond.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            self._write(batch)
+
+    def _write(self, batch: list[tuple[int, bytes, asyncio.Future[None] | None, bool]]) -> None:
+        error: OSError | None = None
+        order: list[int] = []  # descriptors in the order first written
+        chunks: dict[int, list[bytes]] = {}
+        for fd, data, _, _ in batch:
+            if data:
+                if fd not in chunks:
+                    order.append(fd)
+                    chunks[fd] = []
+                chunks[fd].append(data)
+        try:
+            for fd in order:
+                _write_sync(fd, b"".join(chunks[fd]), True)
+        except OSError as exc:
+            log.error("journal: writing failed: %s", exc)
+            error = exc
+        for fd, _, _, close in batch:
+            if close:
+                os.close(fd)
+        waiters = [f for _, _, f, _ in batch if f is not None]
+        if error is None and order:
+            self.syncs += 1
+            self.synced += len(waiters)
+        if waiters:
+            self._loop.call_soon_threadsafe(_resolve, waiters, error)
+
+
+def _resolve(waiters: list[asyncio.Future[None]], error: OSError | None) -> None:
+    for w in waiters:
+        if not w.done():
+            if error is None:
+                w.set_result(None)
+            else:
+                w.set_exception(error)
 
 
 def _write_sync(fd: int, data: bytes, sync: bool) -> None:

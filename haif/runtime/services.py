@@ -67,6 +67,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, load_cluster
     from haif.runtime.cluster_keys import cluster_auth_from_args
+    from haif.runtime.event_loop import new_loop
     from haif.runtime.gc_pauses import freeze_after_startup
 
     # Logs (HAIF_LOG_FORMAT, HAIF_LOG_LEVEL) and the tracer provider
@@ -117,6 +118,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         print=None,
         shutdown_timeout=shutdown_timeout,
         ssl_context=tls,
+        loop=new_loop(),
     )
     return 0
 

@@ -56,11 +56,20 @@ def _cluster_yaml(
     store: str | None,
     colocate: bool = False,
     fsync: bool = True,
+    linger_ms: float | None = None,
 ) -> str:
+    orchestrator = {
+        **({} if fsync else {"journal_fsync": "false"}),
+        **({} if linger_ms is None else {"store_linger_ms": f"{linger_ms:g}"}),
+    }
     return (
         (f"store: {store}\n" if store else "")
         + ("colocate_gateway: true\n" if colocate else "")
-        + ("" if fsync else "orchestrator: {journal_fsync: false}\n")
+        + (
+            "orchestrator: {" + ", ".join(f"{k}: {v}" for k, v in orchestrator.items()) + "}\n"
+            if orchestrator
+            else ""
+        )
         + f"gateway_port: {gateway_port}\n"
         "workers:\n"
         f"  - {{id: {WORKER_ID}, region: local, capacity: 64, mean_s: 0.000001, ttft_s: 0.0,"
@@ -218,13 +227,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         action="store_true",
         help="the usage journal written but not fsynced (orchestrator.journal_fsync: false)",
     )
+    parser.add_argument(
+        "--store-linger-ms",
+        type=float,
+        help="orchestrator.store_linger_ms (default: the store's own)",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = Path(tmp) / "cluster.yaml"
-        cfg.write_text(_cluster_yaml(w_port, gw_port, args.store, args.colocate, not args.no_fsync))
+        cfg.write_text(
+            _cluster_yaml(
+                w_port, gw_port, args.store, args.colocate, not args.no_fsync, args.store_linger_ms
+            )
+        )
         proc = subprocess.Popen(
             [sys.executable, "-m", "haif", "up", str(cfg), "--data-dir", str(Path(tmp) / "d")],
             stdout=subprocess.PIPE,

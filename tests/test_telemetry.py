@@ -23,6 +23,8 @@ from aiohttp import web
 from harness.api import MODEL
 from harness.cluster import running, serve, shut_down
 from harness.require import require
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -447,3 +449,30 @@ async def test_exporter_from_env_values(monkeypatch: pytest.MonkeyPatch) -> None
     assert isinstance(telemetry.exporter_from_env(), ConsoleSpanExporter)
     monkeypatch.setenv(telemetry.ENV_EXPORTER, "zipkin")
     assert telemetry.exporter_from_env() is None  # logged, not exported
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    trace_id=st.integers(1, 2**128 - 1),
+    span_id=st.integers(1, 2**64 - 1),
+    flags=st.sampled_from([0, 1]),
+)
+def test_inject_writes_what_the_w3c_propagator_writes(
+    trace_id: int, span_id: int, flags: int
+) -> None:
+    """``inject`` formats the traceparent itself: the same header as the SDK's propagator."""
+    from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags, set_span_in_context
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    span = NonRecordingSpan(SpanContext(trace_id, span_id, False, TraceFlags(flags)))
+    ctx = set_span_in_context(span)
+    carrier: dict[str, str] = {}
+    TraceContextTextMapPropagator().inject(carrier, context=ctx)
+    assert telemetry.inject(ctx) == carrier["traceparent"]
+    assert telemetry.extract(carrier["traceparent"]) is not None
+
+
+def test_inject_without_a_valid_span_is_none() -> None:
+    from opentelemetry.context import Context
+
+    assert telemetry.inject(Context()) is None

@@ -1032,9 +1032,14 @@ class Gateway:
         length = request.content_length
         if length is not None and length > limits.max_body_bytes:
             raise too_large
+        content = request.content
+        if content.is_eof():  # all of it arrived with the headers: nothing to wait for
+            data = await content.read()
+            if len(data) > limits.max_body_bytes:
+                raise too_large
+            return data
         loop = asyncio.get_running_loop()
         deadline = loop.time() + limits.body_timeout_s
-        content = request.content
         chunks: list[bytes] = []
         size = 0
         try:

@@ -339,10 +339,15 @@ def setup_tracing(
 
 
 def inject(ctx: Context | None = None) -> str | None:
-    """The W3C traceparent of ``ctx`` (default: the current context), if a span is valid."""
-    carrier: dict[str, str] = {}
-    _PROPAGATOR.inject(carrier, context=ctx)
-    return carrier.get(TRACEPARENT)
+    """The W3C traceparent of ``ctx`` (default: the current context), if a span is valid.
+
+    Formatted here as the W3C propagator does (version 00): its ``inject``,
+    with a carrier dict and a setter, cost a percent of a request's CPU.
+    """
+    span = trace.get_current_span(ctx).get_span_context()
+    if not span.is_valid:
+        return None
+    return f"00-{span.trace_id:032x}-{span.span_id:016x}-{span.trace_flags:02x}"
 
 
 def extract(traceparent: str | None) -> Context | None:

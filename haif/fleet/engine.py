@@ -6,8 +6,9 @@ Theory of operation
 a FIFO queue, a running batch of at most ``max_batch`` sequences, a KV
 cache of ``kv_capacity_tokens`` that can also keep prompt prefix blocks
 (vLLM's automatic prefix caching over the request's blocks: a trace's
-512-token ``hash_ids``, a live prompt's hashes of the model's KV blocks), one loaded model. It has no clock: inputs
-carry ``now`` (:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
+512-token ``hash_ids``, a live prompt's hashes of the model's KV blocks),
+one loaded model. It has no clock: inputs carry ``now``
+(:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
 :meth:`~BatchingEngine.crash`, :meth:`~BatchingEngine.restart`) and the
 driver calls :meth:`~BatchingEngine.on_timer` when
 :meth:`~BatchingEngine.next_deadline` comes. The simulator drives it with

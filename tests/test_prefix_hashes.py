@@ -201,3 +201,11 @@ def test_a_shared_prefix_gives_shared_leading_hashes(
     # Prefix-closed: the hashes of a prefix are a prefix of the hashes.
     assert block_hashes(x[: len(common)], size, prefix_root(model)) == hx[: len(common) // size]
     assert len(hx) == len(x) // size
+
+
+def test_a_lone_surrogate_is_a_word_too() -> None:
+    assert word_token_ids("a \ud800 b") == [
+        zlib.crc32(b"a"),
+        zlib.crc32("\ud800".encode("utf-8", "surrogatepass")),
+        zlib.crc32(b"b"),
+    ]

@@ -4,7 +4,9 @@ model's tokenizer, the same ids the engine computes."""
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import shutil
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +229,29 @@ async def test_a_chat_the_tokenizer_cannot_render_is_a_400_at_the_gateway(
     assert error["param"] == "messages"
     assert error["type"] == "invalid_request_error"
     assert "has no chat template" in error["message"]
+
+
+class _Threaded(WordTokenizer):
+    """The words, encoded in a thread of its own (as an artifact's tokenizer is)."""
+
+    def __init__(self) -> None:
+        self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tok-test")
+        self.threads: list[str] = []
+
+    def encode(self, model: str, prompt: str | None, messages: tuple[ChatTurn, ...]) -> list[int]:
+        self.threads.append(threading.current_thread().name)
+        return super().encode(model, prompt, messages)
+
+
+async def test_a_tokenizer_with_a_thread_encodes_off_the_event_loop() -> None:
+    threaded = _Threaded()
+    prompts = PromptTokens({"m": threaded})
+    got = await prompts.measure_async("m", WORDS)
+    assert got == prompts.measure("m", WORDS)  # the same measure, wherever it runs
+    assert threaded.threads[0].startswith("tok-test")
+    assert threaded.threads[1] == threading.current_thread().name
+    # Without a thread of its own (the words): on the caller's thread.
+    assert await prompts.measure_async("other", WORDS) == prompts.measure("other", WORDS)
+    prompts.close()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        await prompts.measure_async("m", WORDS)

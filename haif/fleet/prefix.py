@@ -136,5 +136,8 @@ def shared_blocks(a: Sequence[int], b: Sequence[int]) -> int:
 
 def word_token_ids(text: str) -> list[int]:
     """The synthetic model's token ids of ``text``: each whitespace-separated word's CRC-32."""
-    crc32 = zlib.crc32
-    return [crc32(word.encode("utf-8", "surrogatepass")) for word in text.split()]
+    words = text.split()
+    try:
+        return list(map(zlib.crc32, map(str.encode, words)))  # UTF-8, all in C
+    except UnicodeEncodeError:  # a lone surrogate: its code point's bytes, as any other
+        return [zlib.crc32(w.encode("utf-8", "surrogatepass")) for w in words]

@@ -900,6 +900,7 @@ class Gateway:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def stop(self) -> None:
+        self.prompts.close()
         if self._session is not None:
             await self._session.close()
 
@@ -1164,7 +1165,7 @@ class Gateway:
                 "Idempotency-Key",
             )
         try:
-            measured = self.prompts.measure(parsed.model, prompt, messages)
+            measured = await self.prompts.measure_async(parsed.model, prompt, messages)
         except PromptError as exc:
             return openai_error(400, exc.message, "invalid_request_error", exc.code, exc.param)
         req = Request(

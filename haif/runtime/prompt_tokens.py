@@ -34,15 +34,21 @@ YAML's workers):
   have): the words are an estimate for the quota, no prefix hashes are
   computed, and the upstream's reported usage is billed.
 
-Cost: one tokenization and one SHA-256 per full block per request, on the
-event loop; the tokenizers are loaded once (:meth:`PromptTokens.load`, at
-the gateway's start) and the per-model block size and chain root are
-cached. ``bench/prompt_tokens.py`` measures it.
+Cost: one tokenization and one SHA-256 per full block per request; the
+tokenizers are loaded once (:meth:`PromptTokens.load`, at the gateway's
+start) and the per-model block size and chain root are cached. The words
+are counted and hashed on the event loop (tens to hundreds of microseconds);
+an artifact's tokenizer runs in its own thread (:meth:`PromptTokens.measure_async`:
+a BPE tokenizer takes milliseconds on a long prompt, which would stall every
+other stream of the gateway; the Rust tokenizer releases the GIL while it
+encodes; one thread per tokenizer, as a fast tokenizer must not be used by
+two threads at once). ``bench/prompt_tokens.py`` measures it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib
 import logging
 import shutil
@@ -140,6 +146,9 @@ class ArtifactTokenizer:
         self.workdir = Path(workdir) if workdir is not None else None
         self.tokenizer: Any = None
         self.bos_id = 0
+        #: Where :meth:`PromptTokens.measure_async` encodes (one thread: a fast tokenizer
+        #: refuses concurrent use); made when the tokenizer is loaded.
+        self.executor: concurrent.futures.ThreadPoolExecutor | None = None
 
     @property
     def name(self) -> str:
@@ -179,6 +188,9 @@ class ArtifactTokenizer:
             bos = tokenizer.eos_token_id
         self.bos_id = int(bos) if bos is not None else 0
         self.tokenizer = tokenizer
+        self.executor = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"haif-tokenizer-{self.ref.name}"
+        )
         log.info("loaded the tokenizer of %s from its verified artifact", self.ref)
 
     def encode(self, model: str, prompt: str | None, messages: tuple[ChatTurn, ...]) -> list[int]:
@@ -221,6 +233,13 @@ class PromptTokens:
         for tokenizer in {id(t): t for t in self.tokenizers.values() if t is not None}.values():
             await tokenizer.load()
 
+    def close(self) -> None:
+        """Stop the tokenizers' threads (a measure in progress finishes)."""
+        for tokenizer in self.tokenizers.values():
+            executor = getattr(tokenizer, "executor", None)
+            if executor is not None:
+                executor.shutdown(wait=False)
+
     def block_tokens(self, model: str) -> int:
         """``model``'s KV block size (the profile catalog's), cached."""
         block = self._blocks.get(model)
@@ -240,6 +259,17 @@ class PromptTokens:
                 self._roots.clear()
             self._roots[model] = root
         return root
+
+    async def measure_async(
+        self, model: str, prompt: str | None, messages: tuple[ChatTurn, ...] = ()
+    ) -> PromptMeasure:
+        """:meth:`measure`, in the tokenizer's own thread when it has one (an artifact's)."""
+        tokenizer = self.tokenizers.get(model, self.default)
+        executor = getattr(tokenizer, "executor", None)
+        if executor is None:
+            return self.measure(model, prompt, messages)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(executor, self.measure, model, prompt, messages)
 
     def measure(
         self, model: str, prompt: str | None, messages: tuple[ChatTurn, ...] = ()

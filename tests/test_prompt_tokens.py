@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import importlib.util
 import shutil
 import threading
 from pathlib import Path
@@ -255,3 +256,17 @@ async def test_a_tokenizer_with_a_thread_encodes_off_the_event_loop() -> None:
     prompts.close()
     with pytest.raises(RuntimeError, match="shutdown"):
         await prompts.measure_async("m", WORDS)
+
+
+def test_the_bench_prints_the_cost_per_request(capsys: pytest.CaptureFixture[str]) -> None:
+    script = Path(__file__).resolve().parent.parent / "bench" / "prompt_tokens.py"
+    spec = importlib.util.spec_from_file_location("haif_bench_prompt_tokens", script)
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    report = bench.main(["--calls", "2", "--repeat", "1", "--no-artifact"])
+    cases = {(r["case"], r["prompt_words"]): r for r in report["rows"]}
+    measured = cases[("words: measure (both)", 1000)]
+    assert measured["tokens"] == 1000 and measured["blocks"] == 1000 // 16
+    assert all(r["us_per_request"] > 0 for r in report["rows"])
+    assert "words: measure (both)" in capsys.readouterr().out

@@ -50,6 +50,10 @@ resumed response continues exactly):
   (:attr:`~haif.contracts.Request.text`), which is what a seed's text
   depends on, and the gateway counts ``prompt_tokens`` as the words of that
   text, as for a completion's prompt.
+- Tokenizer: the synthetic model is word-level: a prompt's tokens are its
+  whitespace-separated words, each answer token one word
+  (:func:`haif.fleet.prefix.word_token_ids`, which the gateway uses to count
+  a prompt and hash its prefix blocks for ``prefix_hashes``).
 """
 
 from __future__ import annotations

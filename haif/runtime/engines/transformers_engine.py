@@ -19,6 +19,9 @@ text that could be the start of a stop string is held back until it cannot
 (or the response ends). A request without sampling parameters (the
 simulator's semantics) is greedy and runs to ``max_tokens``.
 
+Usage: the last chunk reports ``(prompt ids, tokens made)`` (the prompt as
+the model saw it: rendered, left-truncated to the context), which is billed.
+
 Chat: the messages are rendered with the model's chat template (the
 tokenizer's ``apply_chat_template(..., add_generation_prompt=True)``), as
 vLLM's OpenAI server renders them; a model without a chat template refuses

@@ -42,6 +42,44 @@ def test_the_cluster_yaml_names_the_placement_and_a_prefix_cache(tmp_path: Path)
     assert all(w.prefix_cache and w.timing == "profile" for w in cluster.workers)
 
 
+def test_a_worker_exports_its_prefix_cache_counters() -> None:
+    from prometheus_client import generate_latest
+
+    from haif.contracts import Request
+    from haif.fleet.engine import Seq
+    from haif.runtime.engines import SyntheticEngine
+    from haif.runtime.worker import Worker, WorkerSpec
+
+    spec = WorkerSpec("w", "local", "http://127.0.0.1:1", "http://127.0.0.1:2")
+    engine = SyntheticEngine(
+        timing="profile", gpu="A100-80G", models=("llama-3-8b",), prefix_cache=True
+    )
+    worker = Worker(spec, engine)
+    text = generate_latest(worker.metrics.registry).decode()
+    assert "haif_worker_prefix_cache_queries_total 0.0" in text
+    assert "haif_worker_prefix_cache_hits_total 0.0" in text
+    # Two requests with the same first two 16-token blocks, one after the other.
+    assert engine.timer is not None
+    core = engine.timer.engine
+    for rid, hashes in (("a", (1, 2, 3)), ("b", (1, 2, 9))):
+        request = Request(
+            rid, "t", "llama-3-8b", 48, 1, 0.0, prefix_hashes=hashes, prefix_block_tokens=16
+        )
+        s = Seq(request)  # straight into the timer's engine: no event loop needed
+        core.add(s, core.clock)
+        while not s.done:
+            deadline = core.next_deadline()
+            assert deadline is not None
+            core.on_timer(deadline)
+    text = generate_latest(worker.metrics.registry).decode()
+    assert "haif_worker_prefix_cache_queries_total 96.0" in text
+    assert "haif_worker_prefix_cache_hits_total 32.0" in text
+    assert engine.prefix_cache_stats() == (96, 32)
+    # An engine without a prefix cache exports no such series.
+    plain = Worker(spec, SyntheticEngine())
+    assert "prefix_cache" not in generate_latest(plain.metrics.registry).decode()
+
+
 @pytest.mark.cluster
 @pytest.mark.slow
 def test_prefix_affinity_finds_more_cached_prefixes_than_least_outstanding(

@@ -138,6 +138,10 @@ def is_retryable(kind: str | None) -> bool:
     return kind in _RETRYABLE
 
 
+#: Tokens per block of a trace's prefix hashes (Mooncake's ``hash_ids``): what
+#: :attr:`Request.prefix_block_tokens` is unless the request says otherwise.
+TRACE_BLOCK_TOKENS = 512
+
 #: The sampling parameters a request may set (OpenAI's names, ``top_k`` and
 #: ``ignore_eos`` as vLLM's), in the order a refusal names the first one.
 SAMPLING_PARAMETERS: tuple[str, ...] = (
@@ -219,6 +223,10 @@ class Request:
     ``messages``: a chat request's messages (the engine renders them, e.g.
     with the model's chat template); ``()`` for a completion, whose text is
     ``prompt``. :attr:`text` is the one text either way.
+    ``prefix_hashes``: the chained hashes of the prompt's KV blocks of
+    ``prefix_block_tokens`` tokens each (:mod:`haif.fleet.prefix`): the
+    gateway's, from the prompt's token ids and the model profile's block size;
+    a trace's ``hash_ids`` (Mooncake: 512-token blocks, the default).
     """
 
     request_id: str
@@ -238,6 +246,7 @@ class Request:
     prefix_hashes: tuple[int, ...] = ()
     sampling: SamplingParams | None = None
     messages: tuple[ChatTurn, ...] = ()
+    prefix_block_tokens: int = TRACE_BLOCK_TOKENS
 
     @property
     def text(self) -> str:

@@ -139,6 +139,13 @@ BENCH: dict[str, tuple[str, ...] | str] = {
     "bench/sim_scale.py": (
         "tests/test_sim_scale.py::test_sim_scale_bench_reports_time_speed_and_memory",
     ),
+    "bench/prompt_tokens.py": (
+        "tests/test_prompt_tokens.py::test_the_bench_prints_the_cost_per_request",
+    ),
+    "bench/prefix_placement.py": (
+        "tests/test_live_prefix.py::"
+        "test_prefix_affinity_finds_more_cached_prefixes_than_least_outstanding",
+    ),
     "bench/runtime_overhead.py": "by hand: a live cluster under load for minutes",
     "bench/orchestrator_fleet.py": "by hand: an orchestrator watching 1,000 workers for minutes",
     "bench/hop_latency.py": "by hand: a live cluster, 200 requests one at a time",

@@ -48,6 +48,7 @@ BUILTIN = (
     "least_outstanding",
     "locality",
     "p2c",
+    "prefix_affinity",
     "random",
     "round_robin",
     "weighted_score",

@@ -77,9 +77,10 @@ def check(e: BatchingEngine) -> None:
     p = cache_of(e)
     assert e.kv_used == sum(s.context + s.prompt_left for s in e.batch)
     assert e.kv_used + len(e.batch) <= e.kv_capacity
-    assert e.kv_used + B * len(p.free) <= e.kv_capacity
-    if p.max_blocks is not None:
-        assert len(p.free) <= p.max_blocks
+    assert p.free_tokens == sum(p.free.values())
+    assert e.kv_used + p.free_tokens <= e.kv_capacity
+    if p.max_tokens is not None:
+        assert p.free_tokens <= p.max_tokens
     assert all(h not in p.free for h in p.refs)
     held: dict[int, int] = {}
     for s in e.batch:
@@ -210,6 +211,44 @@ def test_a_hit_is_not_prefilled_and_counts_its_tokens() -> None:
     # All cached but the prompt's last token, which is always computed.
     assert p.hit_tokens == 2 * B + (4 * B - 1)
     assert (p.hits, p.lookups) == (2 + 4, 4 + 4 + 4)
+
+
+def live(rid: str, prompt: int, hashes: Sequence[int], block: int = 16) -> Seq:
+    """A request whose hashes are of ``block``-token blocks (a live prompt's, not a trace's)."""
+    return Seq(
+        Request(
+            rid, "t", "m", prompt, 1, 0.0, prefix_hashes=tuple(hashes), prefix_block_tokens=block
+        )
+    )
+
+
+def test_a_request_says_how_many_tokens_its_blocks_hold() -> None:
+    e = engine(10**6)
+    p = cache_of(e)
+    serve(e, 0.0, live("a", 64, (1, 2, 3, 4)))
+    assert tuple(p.free) == (4, 3, 2, 1) and p.free_tokens == 64
+    b = live("b", 80, (1, 2, 3, 9, 10))
+    e.add(b, 10.0)
+    e.on_timer(10.0)
+    assert (b.context, b.prompt_left) == (3 * 16, 80 - 3 * 16)  # three 16-token blocks hit
+    assert p.hit_tokens == 48 and p.query_tokens == 64 + 80
+    # Blocks of both sizes share the pool; each counts its own tokens.
+    serve(e, 20.0, seq("c", 2 * B, 1, (70, 71)))
+    assert p.free_tokens == 16 * 6 + 2 * B
+
+
+def test_the_cap_counts_tokens_whatever_the_block_size() -> None:
+    e = engine(10**6, cap=40)
+    serve(e, 0.0, live("a", 64, (1, 2, 3, 4)))
+    p = cache_of(e)
+    # 40 tokens hold two 16-token blocks: the tail goes first.
+    assert tuple(p.free) == (2, 1) and p.free_tokens == 32 and p.evictions == 2
+
+
+def test_hashes_without_a_block_size_are_ignored() -> None:
+    e = engine(10**6)
+    serve(e, 0.0, live("a", 64, (1, 2, 3, 4), block=0))
+    assert not cache_of(e).free and cache_of(e).lookups == 0
 
 
 # ------------------------------------------------------------- pressure from running requests
@@ -407,12 +446,12 @@ def test_the_scenario_cap_reaches_the_simulated_engine() -> None:
     with pytest.raises(ConfigError, match=r"workers\.0\.prefix_cache_max_tokens"):
         load_scenario(PREFIX, ["workers.0.prefix_cache_max_tokens=-5"])
     assert load_scenario(PREFIX).workers[0].prefix_cache_max_tokens is None
-    for cap, blocks in [("null", None), ("1000000", 10**6 // B), ("0", 0)]:
+    for cap, tokens in [("null", None), ("1000000", 10**6), ("0", 0)]:
         sets = ["duration_s=1", f"workers.0.prefix_cache_max_tokens={cap}"]
         cluster = SimCluster(load_scenario(PREFIX, sets))
         for worker in cluster.workers.values():
             assert isinstance(worker, BatchingWorker)
-            assert cache_of(worker.engine).max_blocks == blocks
+            assert cache_of(worker.engine).max_tokens == tokens
 
 
 def test_the_live_worker_takes_the_cap() -> None:
@@ -433,7 +472,7 @@ def test_the_live_worker_takes_the_cap() -> None:
     assert isinstance(synthetic, SyntheticEngine)
     timer = synthetic.timer
     assert isinstance(timer, IterationTimer)
-    assert cache_of(timer.engine).max_blocks == 4096 // B
+    assert cache_of(timer.engine).max_tokens == 4096
     with pytest.raises(EngineError, match="prefix_cache_max_tokens"):
         make_engine("synthetic", timing="fixed", prefix_cache_max_tokens=4096)
     with pytest.raises(EngineError, match="prefix_cache_max_tokens: needs prefix_cache"):
@@ -451,11 +490,11 @@ def test_the_worker_command_line_takes_the_cap() -> None:
     add_worker_args(parser)
     base = ["--port", "1", "--id", "w", "--region", "r", "--orchestrator", "http://x"]
     base += ["--timing", "profile", "--gpu-class", "H100-80G", "--models", "llama-3-8b"]
-    for flags, blocks in [(["--prefix-cache-max-tokens", "1024"], 2), ([], None)]:
+    for flags, tokens in [(["--prefix-cache-max-tokens", "1024"], 1024), ([], None)]:
         synthetic = engine_from_args(parser.parse_args([*base, "--prefix-cache", *flags]))
         assert isinstance(synthetic, SyntheticEngine)
         assert isinstance(synthetic.timer, IterationTimer)
-        assert cache_of(synthetic.timer.engine).max_blocks == blocks
+        assert cache_of(synthetic.timer.engine).max_tokens == tokens
     with pytest.raises(EngineError, match="--prefix-cache-max-tokens needs --prefix-cache"):
         engine_from_args(parser.parse_args([*base, "--prefix-cache-max-tokens", "1024"]))
     with pytest.raises(SystemExit):

@@ -415,3 +415,47 @@ def test_roofline_adds_the_per_step_overhead_of_the_model_layers() -> None:
     assert cat.get("H100-80G", "llama-2-70b").coeffs.overhead_s == 0.0  # absorbed by the fit
     step = derived.step_time(0, 0, 1)
     assert step == pytest.approx(derived.overhead_s + derived.floor_s + derived.d_s)
+
+
+def test_the_kv_block_size_comes_from_the_catalog(tmp_path: Path) -> None:
+    cat = load_catalog()
+    assert cat.settings.kv_block_tokens == 16  # vLLM's DEFAULT_BLOCK_SIZE
+    assert cat.block_tokens("llama-3-8b") == cat.get("A100-80G", "llama-3-8b").kv_block_tokens == 16
+    assert cat.block_tokens("a-model-without-a-profile") == 16
+    doc = yaml.safe_load(PACKAGED_YAML.read_text(encoding="utf-8"))
+    doc["settings"]["kv_block_tokens"] = 32
+    doc["models"]["llama-2-7b"]["kv_block_tokens"] = 128
+    doc["models"]["llama-2-7b"]["sources"]["kv_block_tokens"] = "test: its own block size"
+    path = tmp_path / "blocks.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    own = load_catalog(path)
+    assert own.block_tokens("llama-3-8b") == own.get("H100-80G", "llama-3-8b").kv_block_tokens == 32
+    assert (
+        own.block_tokens("llama-2-7b") == own.get("H100-80G", "llama-2-7b").kv_block_tokens == 128
+    )
+    # Optional: a catalog without the setting (an older or calibrated one) gets vLLM's 16.
+    del doc["settings"]["kv_block_tokens"], doc["settings"]["sources"]["kv_block_tokens"]
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    assert load_catalog(path).block_tokens("llama-3-8b") == 16
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "message"),
+    [
+        ("settings", 0, r"settings\.kv_block_tokens: expected a whole number >= 1, got 0"),
+        ("settings", 2.5, r"settings\.kv_block_tokens: expected a whole number >= 1, got 2\.5"),
+        ("settings", "16", r"settings\.kv_block_tokens: expected a number"),
+        ("model", -4, r"models\.llama-2-7b\.kv_block_tokens: expected a whole number >= 1"),
+    ],
+)
+def test_a_bad_kv_block_size_is_refused_naming_it(
+    tmp_path: Path, where: str, value: object, message: str
+) -> None:
+    doc = yaml.safe_load(PACKAGED_YAML.read_text(encoding="utf-8"))
+    entry = doc["settings"] if where == "settings" else doc["models"]["llama-2-7b"]
+    entry["kv_block_tokens"] = value
+    entry["sources"]["kv_block_tokens"] = "test"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    with pytest.raises(ValueError, match=message):
+        load_catalog(path)

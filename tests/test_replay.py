@@ -199,6 +199,27 @@ def test_open_loop_sends_every_request_at_its_arrival_time(
 
 def test_prompt_counts_as_its_tokens() -> None:
     assert len(prompt_text(17).split()) == 17
+    assert len(prompt_text(17, (4, 5), 8).split()) == 17
+    assert len(prompt_text(17, salt="r 1").split()) == 17
+    assert prompt_text(0, salt="r1") == prompt_text(0, (1,), 8) == ""
+
+
+def test_replayed_prompts_share_prefix_hashes_as_the_trace_shares_blocks() -> None:
+    """Mooncake's 512-token blocks become words the gateway hashes in 16-token blocks."""
+    from haif.fleet.prefix import shared_blocks
+    from haif.runtime.prompt_tokens import PromptTokens
+
+    measure = PromptTokens().measure
+    a = measure("llama-3-8b", prompt_text(1500, (1, 2, 3), 512, salt="ra"))
+    b = measure("llama-3-8b", prompt_text(1400, (1, 2, 7), 512, salt="rb"))
+    c = measure("llama-3-8b", prompt_text(1500, (9, 2, 3), 512, salt="rc"))
+    assert (a.tokens, b.tokens) == (1500, 1400)
+    assert shared_blocks(a.prefix_hashes, b.prefix_hashes) == 2 * 512 // 16
+    assert shared_blocks(a.prefix_hashes, c.prefix_hashes) == 0
+    # Without blocks (an Azure trace) a request shares nothing, as in the simulator.
+    d = measure("llama-3-8b", prompt_text(64, salt="rd"))
+    e = measure("llama-3-8b", prompt_text(64, salt="re"))
+    assert shared_blocks(d.prefix_hashes, e.prefix_hashes) == 0 and len(d.prefix_hashes) == 4
 
 
 # ----------------------------------------------------------------- fault plans

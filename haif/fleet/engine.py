@@ -5,9 +5,10 @@ Theory of operation
 :class:`BatchingEngine` is vLLM's scheduler reduced to what decides time:
 a FIFO queue, a running batch of at most ``max_batch`` sequences, a KV
 cache of ``kv_capacity_tokens`` that can also keep prompt prefix blocks
-(vLLM's automatic prefix caching over 512-token blocks, the trace's
-``hash_ids``), one loaded model. It has no clock: inputs
-carry ``now`` (:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
+(vLLM's automatic prefix caching over the request's blocks: a trace's
+512-token ``hash_ids``, a live prompt's hashes of the model's KV blocks),
+one loaded model. It has no clock: inputs carry ``now``
+(:meth:`~BatchingEngine.add`, :meth:`~BatchingEngine.cancel`,
 :meth:`~BatchingEngine.crash`, :meth:`~BatchingEngine.restart`) and the
 driver calls :meth:`~BatchingEngine.on_timer` when
 :meth:`~BatchingEngine.next_deadline` comes. The simulator drives it with
@@ -44,11 +45,12 @@ Rules, in the order the engine applies them:
   hit ratio by 0.01 points. Admission and decode growth treat evictable
   blocks as free (``kv_used`` and ``free_kv_tokens`` do not count them);
   whenever the running sequences' KV grows, the least recently freed
-  blocks are evicted until ``kv_used + 512 x evictable <=
-  kv_capacity_tokens`` (a partial block takes a whole one), so a full pool
+  blocks are evicted until ``kv_used + evictable tokens <=
+  kv_capacity_tokens`` (a block counts its request's whole
+  ``prefix_block_tokens``, a partial block a whole one), so a full pool
   shrinks the cache and the cache never adds memory.
   ``prefix_cache_max_tokens`` (None: the pool decides) caps the evictable
-  blocks at ``cap // 512``. A pinned block is never evicted. A crash or a
+  blocks' tokens. A pinned block is never evicted. A crash or a
   swap to another model empties the cache.
 - A request for another model waits until the batch drains, then the
   weights load (``load_time_s``); every request that waited is a cold start.
@@ -84,10 +86,10 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from typing import Protocol, TypeVar
 
-from haif.contracts import ErrorKind, Request
+from haif.contracts import TRACE_BLOCK_TOKENS, ErrorKind, Request
 from haif.fleet.profiles import PerfProfile
 
-BLOCK_TOKENS = 512  # Mooncake's prefix-hash block size
+BLOCK_TOKENS = TRACE_BLOCK_TOKENS  # Mooncake's prefix-hash block size (a trace's default)
 
 
 class _Sequence(Protocol):
@@ -125,24 +127,41 @@ def plan_prefill_step(
 
 
 class PrefixCache:
-    """The KV pool's cached prefix blocks: vLLM's automatic prefix caching at 512-token blocks.
+    """The KV pool's cached prefix blocks: vLLM's automatic prefix caching.
 
     A block (a ``prefix_hashes`` value) is *pinned* while running sequences
     hold it (``refs``: hash -> how many) and *evictable* once none does
-    (``free``, least recently freed first). The engine keeps the pool's
-    accounting: see the module docstring. ``max_blocks`` caps the evictable
-    blocks (None: the KV pool alone bounds them).
+    (``free``: hash -> the tokens it holds, least recently freed first;
+    ``free_tokens`` their sum). A block holds its request's
+    ``prefix_block_tokens`` (a trace's 512, a live prompt's model block
+    size). The engine keeps the pool's accounting: see the module docstring.
+    ``max_tokens`` caps the evictable blocks' tokens (None: the KV pool alone
+    bounds them). ``query_tokens`` counts the prompt tokens of every
+    admission that looked blocks up and ``hit_tokens`` those it did not
+    prefill thanks to a hit (vLLM's ``prefix_cache_queries`` / ``_hits``).
     """
 
-    __slots__ = ("evictions", "free", "hit_tokens", "hits", "lookups", "max_blocks", "refs")
+    __slots__ = (
+        "evictions",
+        "free",
+        "free_tokens",
+        "hit_tokens",
+        "hits",
+        "lookups",
+        "max_tokens",
+        "query_tokens",
+        "refs",
+    )
 
-    def __init__(self, max_blocks: int | None = None) -> None:
-        self.max_blocks = max_blocks
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens
         self.refs: dict[int, int] = {}
-        self.free: OrderedDict[int, None] = OrderedDict()
+        self.free: OrderedDict[int, int] = OrderedDict()
+        self.free_tokens = 0
         self.hits = 0  # blocks found, over every admission
         self.lookups = 0  # blocks looked up
         self.hit_tokens = 0  # prompt tokens not prefilled thanks to the hits
+        self.query_tokens = 0  # prompt tokens of the admissions that looked blocks up
         self.evictions = 0
 
     def __len__(self) -> int:
@@ -158,7 +177,7 @@ class PrefixCache:
             if held is not None:
                 refs[h] = held + 1
             elif h in free:
-                del free[h]
+                self.free_tokens -= free.pop(h)
                 refs[h] = 1
             else:
                 break
@@ -176,18 +195,20 @@ class PrefixCache:
                 refs[h] = held + 1
             else:
                 if h in free:
-                    del free[h]
+                    self.free_tokens -= free.pop(h)
                 refs[h] = 1
 
-    def release(self, hashes: Sequence[int]) -> None:
-        """Unpin ``hashes``: those no sequence holds become evictable, the last block first
-        (vLLM frees a sequence's blocks in reverse, so its tail is evicted first)."""
+    def release(self, hashes: Sequence[int], block_tokens: int = BLOCK_TOKENS) -> None:
+        """Unpin ``hashes`` (blocks of ``block_tokens``): those no sequence holds become
+        evictable, the last block first (vLLM frees a sequence's blocks in reverse, so
+        its tail is evicted first)."""
         refs, free = self.refs, self.free
         for h in reversed(hashes):
             held = refs[h]
             if held == 1:
                 del refs[h]
-                free[h] = None
+                free[h] = block_tokens
+                self.free_tokens += block_tokens
             else:
                 refs[h] = held - 1
 
@@ -195,18 +216,17 @@ class PrefixCache:
         """Evict the least recently freed blocks until the evictable ones fit in
         ``room_tokens`` (and the cap)."""
         free = self.free
-        most = max(0, room_tokens // BLOCK_TOKENS)
-        if self.max_blocks is not None and self.max_blocks < most:
-            most = self.max_blocks
-        if len(free) > most:
-            evict = len(free) - most
-            self.evictions += evict
-            for _ in range(evict):
-                free.popitem(last=False)
+        most = max(0, room_tokens)
+        if self.max_tokens is not None and self.max_tokens < most:
+            most = self.max_tokens
+        while self.free_tokens > most:
+            self.free_tokens -= free.popitem(last=False)[1]
+            self.evictions += 1
 
     def clear(self) -> None:
         self.refs.clear()
         self.free.clear()
+        self.free_tokens = 0
 
 
 class Seq:
@@ -319,7 +339,7 @@ class BatchingEngine(_EngineBase):
         self.prefix: PrefixCache | None = None
         if prefix_cache:
             cap = prefix_cache_max_tokens
-            self.prefix = PrefixCache(None if cap is None else cap // BLOCK_TOKENS)
+            self.prefix = PrefixCache(cap)
         self.max_segment_steps = max_segment_steps or math.inf
         self.pending: list[tuple[float, int, Seq]] = []  # in the API overhead, by ready time
         self.waiting: deque[Seq] = deque()
@@ -536,9 +556,10 @@ class BatchingEngine(_EngineBase):
             if prefix is not None and head.context == 0:
                 hashes = _prompt_blocks(head.request)
                 hits = prefix.acquire(hashes)
+                prefix.query_tokens += head.prompt_left
                 if hits:
                     head.blocks = hashes[:hits]
-                    cached = min(hits * BLOCK_TOKENS, head.prompt_left - 1)
+                    cached = min(hits * head.request.prefix_block_tokens, head.prompt_left - 1)
                     if cached > 0:
                         head.prompt_left -= cached
                         head.context += cached
@@ -547,7 +568,7 @@ class BatchingEngine(_EngineBase):
             # the prompt's blocks up front); each generated token adds one.
             self.kv_used += head.prompt_left + head.context
             batch.append(head)
-            if prefix is not None and len(prefix.free) * BLOCK_TOKENS > capacity - self.kv_used:
+            if prefix is not None and prefix.free_tokens > capacity - self.kv_used:
                 prefix.trim(capacity - self.kv_used)  # make the room: evict
 
     def _make_room(self) -> bool:
@@ -571,7 +592,7 @@ class BatchingEngine(_EngineBase):
         prefix = self.prefix
         assert prefix is not None
         if seq.blocks:
-            prefix.release(seq.blocks)
+            prefix.release(seq.blocks, seq.request.prefix_block_tokens)
             seq.blocks = ()
             prefix.trim(self.kv_capacity - self.kv_used)  # the cap; a partial last block
 
@@ -626,7 +647,7 @@ class BatchingEngine(_EngineBase):
         if prefix is not None:
             # The step's tokens took their room before anyone left: evict for them.
             room = self.kv_capacity - self.kv_used
-            if len(prefix.free) * BLOCK_TOKENS > room:
+            if prefix.free_tokens > room:
                 prefix.trim(room)
         if any(s.generated >= s.request.max_tokens for s in self.batch):
             still: list[Seq] = []
@@ -868,7 +889,10 @@ Engine = BatchingEngine | RequestLevelEngine
 def _prompt_blocks(request: Request) -> tuple[int, ...]:
     """The request's prefix blocks that hold prompt tokens (hashes beyond it are ignored)."""
     hashes = request.prefix_hashes
-    n = -(-request.prompt_tokens // BLOCK_TOKENS)
+    size = request.prefix_block_tokens
+    if size < 1:
+        return ()  # no block size: the hashes cannot be placed in the prompt
+    n = -(-request.prompt_tokens // size)
     return hashes if len(hashes) <= n else hashes[:n]
 
 

@@ -102,9 +102,11 @@ import yaml
 
 GIB = 2**30
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.9  # vLLM's default gpu_memory_utilization
+DEFAULT_KV_BLOCK_TOKENS = 16  # vLLM's DEFAULT_BLOCK_SIZE (vllm/config/cache.py)
 
 __all__ = [
     "DEFAULT_GPU_MEMORY_UTILIZATION",
+    "DEFAULT_KV_BLOCK_TOKENS",
     "GIB",
     "CatalogSettings",
     "GpuSpec",
@@ -178,6 +180,7 @@ class ModelSpec:
     source: str
     hidden_size: int = 0  # 0: unknown (no attention-quadratic term derived)
     allowed_gpus: tuple[str, ...] = ()  # empty: any GPU it fits on
+    kv_block_tokens: int = 0  # tokens per KV-cache block; 0: the catalog's setting
 
     def __post_init__(self) -> None:
         for name in ("params_b", "weights_gb"):
@@ -187,6 +190,8 @@ class ModelSpec:
                 raise ValueError(f"model {self.name!r}: {name} must be >= 1")
         if self.hidden_size < 0:
             raise ValueError(f"model {self.name!r}: hidden_size must be >= 0")
+        if self.kv_block_tokens < 0:
+            raise ValueError(f"model {self.name!r}: kv_block_tokens must be >= 1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +287,7 @@ class PerfProfile:
     kv_capacity_tokens: int
     load_time_s: float
     api_overhead_s: float
+    kv_block_tokens: int = DEFAULT_KV_BLOCK_TOKENS  # tokens per KV-cache (prefix) block
 
     @property
     def name(self) -> str:
@@ -677,6 +683,7 @@ class CatalogSettings:
     per_layer_overhead_s: float
     min_per_seq_s: float
     source: str
+    kv_block_tokens: int = DEFAULT_KV_BLOCK_TOKENS
 
 
 @dataclass(frozen=True, slots=True)
@@ -695,6 +702,14 @@ class ProfileCatalog:
 
     def profiles(self) -> tuple[PerfProfile, ...]:
         return tuple(self.get(g, m) for g, m in self.names())
+
+    def block_tokens(self, model: str) -> int:
+        """Tokens per KV-cache block of ``model``: its own ``kv_block_tokens``, else the
+        catalog's (``settings.kv_block_tokens``; any model, also one without a profile)."""
+        spec = self.models.get(model)
+        if spec is not None and spec.kv_block_tokens:
+            return spec.kv_block_tokens
+        return self.settings.kv_block_tokens
 
     def _available(self) -> str:
         return (
@@ -730,6 +745,7 @@ class ProfileCatalog:
             kv_capacity_tokens=kv,
             load_time_s=m.weights_gb / self.settings.load_bw_gib_s,
             api_overhead_s=self.settings.api_overhead_s,
+            kv_block_tokens=self.block_tokens(model),
         )
 
 
@@ -823,9 +839,15 @@ def _join_sources(texts: Mapping[str, str]) -> str:
 def _build_catalog(doc: object, origin: str) -> ProfileCatalog:
     root = _mapping(doc, origin)
     sv, st = _sourced_numbers(
-        _mapping(root.get("settings"), "settings"), "settings", _SETTINGS_FIELDS
+        _mapping(root.get("settings"), "settings"),
+        "settings",
+        _SETTINGS_FIELDS,
+        ("kv_block_tokens",),
     )
-    settings = CatalogSettings(**sv, source=_join_sources(st))
+    block = sv.pop("kv_block_tokens", DEFAULT_KV_BLOCK_TOKENS)
+    if block != int(block) or block < 1:
+        raise ValueError(f"settings.kv_block_tokens: expected a whole number >= 1, got {block!r}")
+    settings = CatalogSettings(**sv, source=_join_sources(st), kv_block_tokens=int(block))
     if not 0 < settings.gpu_memory_utilization <= 1 or settings.load_bw_gib_s <= 0:
         raise ValueError("settings: need 0 < gpu_memory_utilization <= 1 and load_bw_gib_s > 0")
 
@@ -846,7 +868,14 @@ def _build_catalog(doc: object, origin: str) -> ProfileCatalog:
     models: dict[str, ModelSpec] = {}
     for name, raw in _mapping(root.get("models"), "models").items():
         entry = _mapping(raw, f"models.{name}")
-        v, t = _sourced_numbers(entry, f"models.{name}", _MODEL_FIELDS, extra=("allowed_gpus",))
+        v, t = _sourced_numbers(
+            entry, f"models.{name}", _MODEL_FIELDS, ("kv_block_tokens",), extra=("allowed_gpus",)
+        )
+        model_block = v.get("kv_block_tokens", 0.0)
+        if "kv_block_tokens" in v and (model_block != int(model_block) or model_block < 1):
+            raise ValueError(
+                f"models.{name}.kv_block_tokens: expected a whole number >= 1, got {model_block!r}"
+            )
         allowed = tuple(str(g) for g in entry.get("allowed_gpus", ()) or ())
         for allowed_gpu in allowed:
             if allowed_gpu not in gpus:
@@ -865,6 +894,7 @@ def _build_catalog(doc: object, origin: str) -> ProfileCatalog:
             source=_join_sources(t),
             hidden_size=int(v["hidden_size"]),
             allowed_gpus=allowed,
+            kv_block_tokens=int(model_block),
         )
 
     explicit: dict[tuple[str, str], StepCoefficients] = {}

@@ -131,6 +131,7 @@ def build_requests(scenario: Scenario) -> list[Request]:
                 priority=int(priority()),  # type: ignore[call-overload]
                 deadline_s=t + w.timeout_s if w.timeout_s else None,
                 prefix_hashes=row.hash_ids,
+                prefix_block_tokens=traces.BLOCK_TOKENS,
             )
         )
     out.sort(key=lambda r: r.arrival_s)

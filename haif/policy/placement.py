@@ -43,6 +43,19 @@ Why each strategy exists:
   region while it has a candidate below ``spill_utilization``, otherwise
   spill to the nearest (lowest RTT) region that has one; if every candidate
   is saturated, take the least utilized overall (lower RTT on ties).
+* ``prefix_affinity`` -- send a request where its prompt's leading KV
+  blocks (``Request.prefix_hashes``, :mod:`haif.fleet.prefix`) are most
+  likely cached, unless that worker is too loaded: SGLang's cache-aware
+  router and the Gateway API Inference Extension's ``prefix-cache-scorer``
+  keep the same *approximate* index (which blocks were sent where, per
+  worker, least recently sent evicted first: it is updated when a request
+  is placed, not from the workers, so it can believe a block is cached
+  after the worker evicted it or restarted). Among candidates whose
+  ``load`` is at most the least ``load`` plus ``max_imbalance``, take the
+  one whose index holds the longest run of the request's leading blocks
+  (ties: less ``load``, then rng); with fewer than ``min_match_blocks``
+  matched anywhere, or no hashes, take the least ``load`` (as ``jsq``).
+  O(eligible workers x matched blocks) per request.
 
 Conventions: every strategy first orders the candidates by ``worker_id``, so
 its answer does not depend on the order the core listed them in. Ties are
@@ -91,6 +104,7 @@ Adding a strategy is adding an entry::
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 from bisect import bisect_right
@@ -122,6 +136,7 @@ __all__ = [
     "OrderedCandidates",
     "ParameterError",
     "PlacementStrategy",
+    "PrefixAffinity",
     "RandomPlacement",
     "RoundRobin",
     "WeightedScore",
@@ -588,11 +603,95 @@ class Locality:
         return _argmin(tied, lambda c: c.rtt_ms, rng)
 
 
+# ---------------------------------------------------------- prefix affinity
+
+
+@setting
+class PrefixAffinity:
+    """The worker most likely to hold the request's leading prefix blocks, within a
+    load bound (see the module docstring).
+
+    ``max_imbalance``: how many more requests (``load``) than the least loaded
+    candidate a worker may have and still win on its cached prefix.
+    ``min_match_blocks``: the fewest leading blocks that count as a match.
+    ``index_blocks``: block hashes remembered per worker (its least recently
+    sent evicted first): about what one worker's prefix cache holds.
+    """
+
+    name: ClassVar[str] = "prefix_affinity"
+
+    max_imbalance: NonNegativeCount = 4
+    min_match_blocks: Count = 1
+    index_blocks: Count = 100_000
+    _index: dict[str, dict[int, None]] = field(
+        init=False, repr=False, compare=False, default_factory=dict
+    )
+
+    def matched(self, worker_id: str, hashes: Sequence[int]) -> int:
+        """How many of ``hashes``, from the first, the index holds for ``worker_id``."""
+        held = self._index.get(worker_id)
+        if not held:
+            return 0
+        n = 0
+        for h in hashes:
+            if h not in held:
+                break
+            n += 1
+        return n
+
+    def _remember(self, worker_id: str, hashes: Sequence[int]) -> None:
+        held = self._index.setdefault(worker_id, {})
+        for h in hashes:
+            held.pop(h, None)  # most recently sent last
+            held[h] = None
+        excess = len(held) - self.index_blocks
+        if excess > 0:
+            for h in list(itertools.islice(held, excess)):
+                del held[h]
+
+    def choose(
+        self,
+        request: Request,
+        candidates: Sequence[Candidate],
+        now: float,
+        rng: random.Random,
+    ) -> Candidate | None:
+        if not candidates:
+            return None
+        ordered = list(_by_id(candidates))
+        hashes = request.prefix_hashes
+        if not hashes:
+            return _argmin(ordered, lambda c: c.load, rng)
+        limit = min(c.load for c in ordered) + self.max_imbalance
+        best, best_match = [], 0
+        for c in ordered:
+            if c.load > limit:
+                continue
+            m = self.matched(c.worker_id, hashes)
+            if m > best_match:
+                best, best_match = [c], m
+            elif m == best_match and m > 0:
+                best.append(c)
+        pool = best if best_match >= self.min_match_blocks else ordered
+        chosen = _argmin(pool, lambda c: c.load, rng)
+        self._remember(chosen.worker_id, hashes)
+        return chosen
+
+
 # ---------------------------------------------------------------- by name
 
 STRATEGIES: dict[str, type[PlacementStrategy]] = {
     cls.name: cls
-    for cls in (RandomPlacement, RoundRobin, LeastOutstanding, P2C, JSQ, WeightedScore, Locality)
+    for cls in (
+        RandomPlacement,
+        RoundRobin,
+        LeastOutstanding,
+        P2C,
+        JSQ,
+        WeightedScore,
+        Locality,
+        PrefixAffinity,
+    )
 }
 """Every strategy by its name; adding an entry makes ``placement: <name>`` valid."""
 

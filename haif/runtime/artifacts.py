@@ -365,13 +365,20 @@ def verify(root: str | Path, name: str, version: str, keyring: Keyring) -> dict[
 
 
 def fetch(
-    root: str | Path, name: str, version: str, keyring: Keyring, dest: str | Path
+    root: str | Path,
+    name: str,
+    version: str,
+    keyring: Keyring,
+    dest: str | Path,
+    only: Callable[[str], bool] | None = None,
 ) -> dict[str, Path]:
     """Copy ``name:version`` into ``dest/<file name>``, verified; return file name -> path.
 
     The signature is checked first; each blob is hashed while it is copied
     and the copy is kept only if it matches, so the returned files are the
     signed bytes. On any failure nothing partial is left under those names.
+    ``only``: copy just the files whose manifest name it accepts (e.g. a
+    model's tokenizer files without its weights).
     """
     store = Path(root)
     manifest = load_manifest(store, name, version, keyring)
@@ -381,6 +388,8 @@ def fetch(
     out: dict[str, Path] = {}
     try:
         for file_name, digest, size in _files(manifest):
+            if only is not None and not only(file_name):
+                continue
             src = blob_path(store, digest)
             if not src.is_file():
                 raise _missing(ref, file_name, digest, src)

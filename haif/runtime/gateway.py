@@ -44,9 +44,17 @@ Chat
 string or an array of text parts, joined with newlines; any other part is a 400 naming
 ``messages[i].content[j].type``) and travel in ``Request.messages``: the
 engine renders them (the model's chat template, or its own way).
-``prompt_tokens`` is the words of the prompt or of the joined contents,
-unless the engine reports its own count (the ``openai`` engine's upstream
-usage), which the record then carries.
+
+Prompt tokens and prefix hashes
+-------------------------------
+``prompt_tokens`` is the prompt's (or the rendered chat's) token count under
+the model's tokenizer, and ``prefix_hashes`` the chained hashes of its full
+KV blocks (the model profile's block size), for prefix-aware placement:
+:mod:`haif.runtime.prompt_tokens` (``prompts``), which says which tokenizer
+is a model's. A chat the model's tokenizer cannot render (no chat template)
+is a 400 naming ``messages``. An engine that reports its own count (the
+``openai`` engine's upstream usage, the transformers engine) is billed
+that, which the record then carries.
 
 Authentication
 --------------
@@ -177,10 +185,10 @@ from haif.contracts import (
     Request,
     RequestRecord,
     SamplingParams,
-    chat_text,
 )
 from haif.runtime import telemetry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
+from haif.runtime.prompt_tokens import PromptError, PromptTokens
 from haif.runtime.relay import Frame
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
@@ -857,11 +865,14 @@ class Gateway:
         limits: GatewayLimits | None = None,
         standby_url: str | None = None,
         failover_s: float = 15.0,
+        prompts: PromptTokens | None = None,
     ) -> None:
         """``local``: the orchestrator runs in this process; call it directly, not at
         ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`).
         ``limits``: the edge's deadlines and caps (see "The edge" above).
-        ``standby_url``, ``failover_s``: see "A standby orchestrator" above."""
+        ``standby_url``, ``failover_s``: see "A standby orchestrator" above.
+        ``prompts``: each model's tokenizer and block size (default: the synthetic
+        words for every model; see "Prompt tokens and prefix hashes" above)."""
         if local is not None and standby_url is not None:
             raise ValueError("a gateway in the orchestrator's process has no standby")
         self.orchestrator_urls: tuple[str, ...] = (
@@ -881,12 +892,15 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
         self.metrics = telemetry.GatewayMetrics()
+        self.prompts = prompts or PromptTokens()
 
     async def start(self) -> None:
+        await self.prompts.load()  # the models' tokenizers, verified, before any request
         # No connection cap: every open stream holds one connection.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
 
     async def stop(self) -> None:
+        self.prompts.close()
         if self._session is not None:
             await self._session.close()
 
@@ -1155,12 +1169,17 @@ class Gateway:
                 "invalid_value",
                 "Idempotency-Key",
             )
+        try:
+            measured = await self.prompts.measure_async(parsed.model, prompt, messages)
+        except PromptError as exc:
+            return openai_error(400, exc.message, "invalid_request_error", exc.code, exc.param)
         req = Request(
             request_id=request_id,
             tenant=tenant,
             model=parsed.model,
-            # Words of the prompt, or of the chat's joined contents (no template).
-            prompt_tokens=max(1, len((chat_text(messages) if messages else prompt or "").split())),
+            prompt_tokens=measured.tokens,
+            prefix_hashes=measured.prefix_hashes,
+            prefix_block_tokens=measured.block_tokens,
             max_tokens=parsed.output_limit,
             arrival_s=time.monotonic(),
             origin_region=self.region,

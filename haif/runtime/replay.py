@@ -8,8 +8,15 @@ end of the stream. The result is a request-record file in the simulator's
 schema (:mod:`haif.records`), so ``haif compare`` / ``haif query`` read a
 live run and a simulated one the same way.
 
-The prompt of a request of ``n`` prompt tokens is ``n`` words (the gateway
-counts words), its ``max_tokens`` the trace's output length, with
+The prompt of a request of ``n`` prompt tokens is ``n`` words (the synthetic
+model's tokenizer counts words) that keep the trace's prefix structure
+(:func:`prompt_text`): a request with prefix blocks (Mooncake's
+``hash_ids``) repeats one word per block named by the block's hash, so two
+requests share exactly the leading words of the blocks they share, and the
+gateway's prefix hashes of those words are shared exactly as far (live
+prefix caches and ``prefix_affinity`` then see the trace's reuse); a request
+without blocks begins with its own id, so it shares no prefix, as in the
+simulator. Its ``max_tokens`` is the trace's output length, with
 ``ignore_eos`` (vLLM's extension: every engine then produces exactly that
 many, as the simulator does). The request id is sent as
 ``x-request-id``, so each record joins the cluster's own record of it (which
@@ -78,8 +85,28 @@ def load_workload(
     return requests, scenario
 
 
-def prompt_text(tokens: int) -> str:
-    """A prompt the gateway counts as ``tokens`` tokens (one word each)."""
+def prompt_text(
+    tokens: int, blocks: Sequence[int] = (), block_tokens: int = 0, salt: str = ""
+) -> str:
+    """A prompt the gateway counts as ``tokens`` tokens (one word each).
+
+    ``blocks`` (a trace's prefix hashes of ``block_tokens`` tokens each): block
+    ``i`` is ``block_tokens`` words ``b<blocks[i]>`` (the words past the last
+    block: ``tok``), so prompts share words exactly where they share blocks.
+    Without blocks, ``salt`` (the request's id) is the first word, so the
+    prompt shares no prefix with another; without either, ``tok`` words.
+    """
+    if blocks and block_tokens > 0:
+        words: list[str] = []
+        for h in blocks:
+            if len(words) >= tokens:
+                break
+            words += [f"b{h}"] * min(block_tokens, tokens - len(words))
+        words += ["tok"] * (tokens - len(words))
+        return " ".join(words)
+    first = "".join(salt.split())  # one word
+    if first and tokens > 0:
+        return " ".join([first, *["tok"] * (tokens - 1)])
     return " ".join(["tok"] * tokens)
 
 
@@ -140,7 +167,12 @@ async def send_one(
     sent = clock()
     body = {
         "model": request.model,
-        "prompt": prompt_text(request.prompt_tokens),
+        "prompt": prompt_text(
+            request.prompt_tokens,
+            request.prefix_hashes,
+            request.prefix_block_tokens,
+            salt=request.request_id,
+        ),
         "max_tokens": request.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from haif.runtime.cluster import ClusterConfig
     from haif.runtime.cluster_keys import ClusterAuth
     from haif.runtime.gateway import GatewayAuth
+    from haif.runtime.prompt_tokens import PromptTokens
 
 T = TypeVar("T")
 _TENANT = re.compile(r"[^\x00-\x1f\x7f]{1,256}")
@@ -84,7 +85,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             raise ConfigError("--tls-cert / --tls-key serve the client API: add --gateway-port")
         if args.gateway_port is not None:  # and the gateway, in this process
             auth = _gateway_auth(cluster, args.config)
-            app = _with_gateway(app, cluster.region, auth, args)
+            app = _with_gateway(app, cluster.region, auth, args, _prompts(cluster, args.config))
             shutdown_timeout = args.shutdown_timeout_s
             tls = server_tls(args.tls_cert, args.tls_key)
     elif kind == "worker":
@@ -104,6 +105,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             signer=keys.signer if keys is not None else None,
             limits=gateway.edge_limits(args),
             standby_url=args.standby,
+            prompts=_prompts(cluster, args.config),
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
@@ -132,11 +134,19 @@ def _gateway_auth(cluster: ClusterConfig, config: str | None) -> GatewayAuth:
         raise ConfigError(str(exc)) from None
 
 
+def _prompts(cluster: ClusterConfig, config: str | None) -> PromptTokens:
+    """Each model's tokenizer as the cluster's workers serve it (paths beside ``config``)."""
+    from haif.runtime.prompt_tokens import prompt_tokens_for
+
+    return prompt_tokens_for(cluster.workers, Path(config).parent if config else None)
+
+
 async def _with_gateway(
     orchestrator_app: Awaitable[web.Application],
     region: str,
     auth: GatewayAuth,
     args: argparse.Namespace,
+    prompts: PromptTokens | None = None,
 ) -> web.Application:
     """The gateway's app, calling the orchestrator in this process, which it serves too.
 
@@ -157,6 +167,7 @@ async def _with_gateway(
         auth=auth,
         local=local,
         limits=gateway.edge_limits(args),
+        prompts=prompts,
     )
     app = gateway.build_app(gw)
     runner = web.AppRunner(orch_app, handle_signals=False)

@@ -88,6 +88,11 @@ Worker (:class:`WorkerMetrics`):
   ``vllm:prompt_tokens_total`` / ``vllm:generation_tokens_total``), and
   ``haif_worker_tokens_generated_total`` (their sum over models)
 - ``haif_worker_generations_total{outcome,model}`` (counter: ``ok``, ``error``)
+- ``haif_worker_prefix_cache_queries_total`` and
+  ``haif_worker_prefix_cache_hits_total`` (counters, as vLLM's
+  ``vllm:prefix_cache_queries`` / ``_hits``: prompt tokens looked up in the
+  engine's prefix cache, and those found there and not prefilled), when the
+  engine has one (the synthetic engine's profile timing with ``prefix_cache``)
 
 Logs
 ----
@@ -136,7 +141,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -165,6 +170,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
 
 from haif.configfile import ConfigError
 from haif.runtime.resources import Resources
@@ -755,6 +761,31 @@ class WorkerMetrics:
         """``tokens`` more were streamed for a request of ``model`` (a model this worker serves)."""
         self.tokens.inc(tokens)
         self.generation_tokens.labels(model).inc(tokens)
+
+    def watch_prefix_cache(self, stats: Callable[[], tuple[int, int] | None]) -> None:
+        """Export the engine's prefix cache counters: ``stats()`` is ``(query_tokens,
+        hit_tokens)`` so far, or None while it has no prefix cache."""
+        self.registry.register(_PrefixCacheCollector(stats))
+
+
+class _PrefixCacheCollector:
+    """``haif_worker_prefix_cache_{queries,hits}_total``, read from the engine at scrape time."""
+
+    def __init__(self, stats: Callable[[], tuple[int, int] | None]) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        got = self.stats()
+        if got is None:
+            return
+        queries, hits = got
+        for name, text, value in (
+            ("queries", "Prompt tokens looked up in the prefix cache", queries),
+            ("hits", "Prompt tokens found in the prefix cache (not prefilled)", hits),
+        ):
+            family = CounterMetricFamily(f"haif_worker_prefix_cache_{name}", text)
+            family.add_metric([], value)
+            yield family
 
 
 # ------------------------------------------------------------------ HTTP

@@ -159,6 +159,9 @@ class Worker:
         self.metrics = telemetry.WorkerMetrics(
             lambda: self._running, lambda: self._waiting, spec.capacity
         )
+        prefix_cache_stats = getattr(self.engine, "prefix_cache_stats", None)
+        if callable(prefix_cache_stats):
+            self.metrics.watch_prefix_cache(prefix_cache_stats)
 
     @property
     def _engine_queues(self) -> bool:

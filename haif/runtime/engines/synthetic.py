@@ -50,6 +50,10 @@ resumed response continues exactly):
   (:attr:`~haif.contracts.Request.text`), which is what a seed's text
   depends on, and the gateway counts ``prompt_tokens`` as the words of that
   text, as for a completion's prompt.
+- Tokenizer: the synthetic model is word-level: a prompt's tokens are its
+  whitespace-separated words, each answer token one word
+  (:func:`haif.fleet.prefix.word_token_ids`, which the gateway uses to count
+  a prompt and hash its prefix blocks for ``prefix_hashes``).
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 
 from haif.contracts import Request
+from haif.fleet.engine import PrefixCache
 from haif.fleet.profiles import ModelDoesNotFitError, PerfProfile, UnknownProfileError, load_catalog
 from haif.runtime.batching import BatchingOptions, IterationTimer, Occupancy, RequestTimer, Timer
 from haif.runtime.engines.base import MAX_CHUNK_TOKENS, EngineError, sampling_of
@@ -258,6 +263,14 @@ class SyntheticEngine:
     def occupancy(self) -> Occupancy | None:
         """Queue, batch, free KV and warm models of the profile timings (None: fixed)."""
         return self.timer.occupancy() if self.timer is not None else None
+
+    def prefix_cache_stats(self) -> tuple[int, int] | None:
+        """``(query_tokens, hit_tokens)`` of the profile timing's prefix cache so far (None
+        without one): the prompt tokens looked up and those found, not prefilled."""
+        prefix = getattr(self.timer.engine, "prefix", None) if self.timer is not None else None
+        if not isinstance(prefix, PrefixCache):
+            return None
+        return prefix.query_tokens, prefix.hit_tokens
 
     @staticmethod
     def tokens(request: Request) -> list[str]:

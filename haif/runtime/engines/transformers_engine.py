@@ -19,6 +19,9 @@ text that could be the start of a stop string is held back until it cannot
 (or the response ends). A request without sampling parameters (the
 simulator's semantics) is greedy and runs to ``max_tokens``.
 
+Usage: the last chunk reports ``(prompt ids, tokens made)`` (the prompt as
+the model saw it: rendered, left-truncated to the context), which is billed.
+
 Chat: the messages are rendered with the model's chat template (the
 tokenizer's ``apply_chat_template(..., add_generation_prompt=True)``), as
 vLLM's OpenAI server renders them; a model without a chat template refuses
@@ -287,14 +290,18 @@ class TransformersEngine:
         start: int,
         emit: Callable[[int, str, str | None], None],
         stop: threading.Event,
+        counted: list[int] | None = None,
     ) -> None:
         """Decoding in the calling thread; ``emit(i, text, finish)`` for tokens ``i >= start``
-        (``finish``: ``stop`` / ``length`` on the last token, else None)."""
+        (``finish``: ``stop`` / ``length`` on the last token, else None). The prompt's
+        token count is appended to ``counted`` (what is billed)."""
         m = self._require_loaded()
         torch = m.torch
         n = request.max_tokens
         sampling = sampling_of(request)
         ids = self.prompt_ids(request)
+        if counted is not None:
+            counted.append(len(ids))
         detok = IncrementalDetokenizer(tokenizer_decoder(m.tokenizer, self._tokenizer_lock), ids)
         stops = StopStrings(sampling.stop)
         eos = None if sampling.ignore_eos else m.eos_id
@@ -340,6 +347,7 @@ class TransformersEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[tuple[int, str, str | None] | None] = asyncio.Queue()
         failure: list[BaseException] = []
+        counted: list[int] = []  # the prompt's token count, as the model saw it
         stop = threading.Event()
 
         def put(item: tuple[int, str, str | None] | None) -> None:
@@ -350,7 +358,7 @@ class TransformersEngine:
 
         def work() -> None:
             try:
-                self._generate(request, start, lambda i, t, f: put((i, t, f)), stop)
+                self._generate(request, start, lambda i, t, f: put((i, t, f)), stop, counted)
             except BaseException as exc:
                 failure.append(exc)
             finally:
@@ -374,7 +382,10 @@ class TransformersEngine:
                     item = queue.get_nowait()
                 done = item is None
                 if batch:
-                    yield TokenChunk(batch[0][0], tuple(p for _, p, _ in batch), batch[-1][2])
+                    last, finish = batch[-1][0], batch[-1][2]
+                    # The last chunk bills the model's own count: prompt ids, tokens made.
+                    usage = (counted[0], last + 1) if finish is not None and counted else None
+                    yield TokenChunk(batch[0][0], tuple(p for _, p, _ in batch), finish, usage)
             if failure:
                 exc = failure[0]
                 if isinstance(exc, RpcError):

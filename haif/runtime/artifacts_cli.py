@@ -1,11 +1,22 @@
 """``haif artifacts``: build, publish, verify and list signed model artifacts.
 
-- ``haif artifacts make-tiny --store DIR [--key PATH]`` builds a real, tiny
-  GPT-2-style model here, without downloading anything (2 layers, 2 heads,
-  64-wide, random weights from a fixed seed, a byte-level BPE tokenizer
-  trained on a built-in text, a small chat template) and publishes it as ``tiny-gpt2`` version ``1``
-  signed with the cluster key at ``--key`` (created if absent, with its public
-  key next to it as ``<key>.pub``). Needs ``haif[torch]``.
+- ``haif artifacts make-tiny --store DIR [--key PATH] [--arch gpt2|llama]``
+  builds a real, tiny model here, without downloading anything (random
+  weights from a fixed seed, a byte-level BPE tokenizer trained with
+  ``tokenizers`` on a built-in text, a small chat template) and publishes it
+  signed with the cluster key at ``--key`` (created if absent, with its
+  public key next to it as ``<key>.pub``). Needs ``haif[torch]`` (torch,
+  transformers, tokenizers).
+
+  - ``--arch gpt2`` (the default): ``tiny-gpt2`` version ``1``, GPT-2-style,
+    2 layers, 2 heads, 64 wide (about 110 k parameters), for the
+    transformers engine.
+  - ``--arch llama``: ``tiny-llama`` version ``1``, a Llama (hidden 256,
+    4 layers, 4 heads, MLP 2048, about 7.6 M parameters) with Llama-3-style
+    special tokens (``<|begin_of_text|>``, ``<|eot_id|>``, header tokens)
+    and chat template; an architecture vLLM runs, so the ``vllm`` engine
+    and a vLLM OpenAI server serve it as well as the transformers engine
+    (the manifest's engine is ``any``).
 - ``haif artifacts publish --store DIR --name N --version V --key PATH --dir MODEL_DIR``
   publishes a local model directory (e.g. what ``save_pretrained`` wrote).
 - ``haif artifacts verify --store DIR --name N --version V --keyring DIR``
@@ -14,7 +25,8 @@
 - ``haif artifacts list --store DIR`` lists the manifests (not verified).
 
 A worker serves an artifact with ``--engine transformers --artifact-store DIR
---model-ref tiny-gpt2:1 --keyring DIR --models tiny-gpt2``.
+--model-ref tiny-gpt2:1 --keyring DIR --models tiny-gpt2`` (or ``--engine
+vllm ... --model-ref tiny-llama:1``).
 """
 
 from __future__ import annotations
@@ -33,10 +45,19 @@ from haif.configfile import ConfigError
 from haif.runtime.artifacts import ArtifactError, list_artifacts, publish, verify
 from haif.runtime.security import Keyring, Signer, generate_keypair
 
-__all__ = ["add_artifact_commands", "load_or_create_key", "make_tiny", "public_key_path"]
+__all__ = [
+    "TINY_ARCHS",
+    "TINY_LLAMA_CHAT_TEMPLATE",
+    "add_artifact_commands",
+    "load_or_create_key",
+    "make_tiny",
+    "public_key_path",
+]
 
 TINY_NAME = "tiny-gpt2"
 TINY_VERSION = "1"
+#: The architectures ``make-tiny`` builds, and each one's default artifact name.
+TINY_ARCHS: dict[str, str] = {"gpt2": TINY_NAME, "llama": "tiny-llama"}
 DEFAULT_KEY = ".haif/keys/cluster.key"
 
 #: The text the tiny tokenizer is trained on (no download; any text would do).
@@ -93,8 +114,8 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
-    """Write a tiny GPT-2 (safetensors) and its tokenizer into ``out``; return facts."""
+def _libraries() -> tuple[Any, Any, Any]:
+    """torch, transformers and tokenizers, or a ConfigError saying how to install them."""
     try:
         torch: Any = importlib.import_module("torch")
         transformers: Any = importlib.import_module("transformers")
@@ -106,17 +127,38 @@ def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
         ) from None
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
-    special = "<|endoftext|>"
-    # A byte-level BPE (as GPT-2's) whose alphabet is only the bytes of the
-    # corpus, so every token the model can emit is printable text; other input
-    # characters become the unknown token.
-    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=special))
+    return torch, transformers, tokenizers
+
+
+def _byte_bpe(tokenizers: Any, corpus: str, unk: str, special: list[str], vocab_size: int) -> Any:
+    """A byte-level BPE (as GPT-2's and Llama 3's) trained on ``corpus``, offline.
+
+    Its alphabet is only the bytes of the corpus, so every token the model can
+    emit is printable text; other input characters become ``unk``.
+    """
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE(unk_token=unk))
     bpe.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=512, min_frequency=1, special_tokens=[special], show_progress=False
+        vocab_size=vocab_size, min_frequency=1, special_tokens=special, show_progress=False
     )
-    bpe.train_from_iterator([TINY_CORPUS] * 4, trainer=trainer)
+    bpe.train_from_iterator([corpus] * 4, trainer=trainer)
+    return bpe
+
+
+def _save(model: Any, tokenizer: Any, out: Path) -> None:
+    model.eval()
+    model.save_pretrained(str(out))  # safetensors (the default since transformers 4.35)
+    tokenizer.save_pretrained(str(out))
+    if not (out / "model.safetensors").is_file():
+        raise ConfigError(f"transformers did not write {out / 'model.safetensors'}")
+
+
+def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
+    """Write a tiny GPT-2 (safetensors) and its tokenizer into ``out``; return facts."""
+    torch, transformers, tokenizers = _libraries()
+    special = "<|endoftext|>"
+    bpe = _byte_bpe(tokenizers, TINY_CORPUS, special, [special], 512)
     tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token=special,
@@ -138,19 +180,92 @@ def _build_tiny(out: Path, seed: int) -> dict[str, Any]:
         eos_token_id=eos,
     )
     model = transformers.GPT2LMHeadModel(config)
-    model.eval()
-    model.save_pretrained(str(out))  # safetensors (the default since transformers 4.35)
-    tokenizer.save_pretrained(str(out))
-    if not (out / "model.safetensors").is_file():
-        raise ConfigError(f"transformers did not write {out / 'model.safetensors'}")
-    params = sum(int(p.numel()) for p in model.parameters())
+    _save(model, tokenizer, out)
     return {
-        "parameters": params,
+        "architecture": "gpt2",
+        "parameters": sum(int(p.numel()) for p in model.parameters()),
         "vocab_size": len(tokenizer),
         "seed": seed,
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
+
+
+#: The tiny Llama's special tokens (Llama 3's names): text begins, text ends,
+#: a turn ends (the end of sequence in chat), a role header opens and closes.
+LLAMA_BOS = "<|begin_of_text|>"
+LLAMA_END = "<|end_of_text|>"
+LLAMA_EOT = "<|eot_id|>"
+LLAMA_HEADER = ("<|start_header_id|>", "<|end_header_id|>")
+LLAMA_UNK = "<|unk|>"
+
+#: The tiny Llama's chat template: Llama 3's layout (BOS; per message a role
+#: header, a blank line, the content and ``<|eot_id|>``; then the assistant's
+#: header to prompt the answer).
+TINY_LLAMA_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+#: What the tiny Llama's tokenizer is trained on: the built-in text, then a
+#: chat in the template's layout (roles, newlines) so those have tokens too.
+TINY_LLAMA_CORPUS = (
+    TINY_CORPUS
+    + "\nsystem\n\nYou are a helpful assistant.\nuser\n\nHello! What is HAIF?\n"
+    + "assistant\n\nHAIF routes requests to workers in several regions.\n"
+)
+
+
+def _build_tiny_llama(out: Path, seed: int) -> dict[str, Any]:
+    """Write a tiny Llama (safetensors), its tokenizer and chat template into ``out``."""
+    torch, transformers, tokenizers = _libraries()
+    special = [LLAMA_BOS, LLAMA_END, LLAMA_EOT, *LLAMA_HEADER, LLAMA_UNK]
+    bpe = _byte_bpe(tokenizers, TINY_LLAMA_CORPUS, LLAMA_UNK, special, 1024)
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token=LLAMA_BOS,
+        eos_token=LLAMA_EOT,
+        unk_token=LLAMA_UNK,
+        model_max_length=2048,
+    )
+    tokenizer.chat_template = TINY_LLAMA_CHAT_TEMPLATE
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in special}
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=256,
+        intermediate_size=2048,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as Llama 3
+        max_position_embeddings=2048,
+        initializer_range=0.2,  # sharper logits than 0.02: varied greedy text
+        tie_word_embeddings=False,
+        bos_token_id=ids[LLAMA_BOS],
+        eos_token_id=ids[LLAMA_EOT],
+    )
+    # bfloat16, vLLM's dtype on CPU (it would cast float32 weights on load).
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    _save(model, tokenizer, out)
+    return {
+        "architecture": "llama",
+        "parameters": sum(int(p.numel()) for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "seed": seed,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+#: What ``make-tiny --arch`` builds: the builder, and the engine its manifest names.
+_BUILDERS: dict[str, tuple[Any, str]] = {
+    "gpt2": (_build_tiny, "transformers"),
+    "llama": (_build_tiny_llama, "any"),
+}
 
 
 def _dir_files(directory: Path) -> dict[str, Path]:
@@ -165,24 +280,31 @@ def make_tiny(
     store: Path,
     key: Path,
     *,
-    name: str = TINY_NAME,
+    name: str | None = None,
     version: str = TINY_VERSION,
     seed: int = 0,
     overwrite: bool = False,
+    arch: str = "gpt2",
 ) -> dict[str, Any]:
-    """Build the tiny model and publish it signed; return the signed manifest."""
+    """Build the tiny model of ``arch`` and publish it signed; return the signed manifest.
+
+    ``name`` defaults to the architecture's (:data:`TINY_ARCHS`).
+    """
+    if arch not in _BUILDERS:
+        raise ConfigError(f"--arch {arch!r}: expected one of {', '.join(sorted(_BUILDERS))}")
+    build, engine = _BUILDERS[arch]
     with tempfile.TemporaryDirectory(prefix="haif-tiny-") as tmp:
         out = Path(tmp)
-        facts = _build_tiny(out, seed)
+        facts = build(out, seed)
         signer, _created = load_or_create_key(key)
         return publish(
             store,
-            name,
+            name or TINY_ARCHS[arch],
             version,
             _dir_files(out),
             signer,
-            engine="transformers",
-            metadata={"architecture": "gpt2", **facts},
+            engine=engine,
+            metadata=facts,
             overwrite=overwrite,
         )
 
@@ -206,6 +328,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
             version=args.version,
             seed=args.seed,
             overwrite=args.force,
+            arch=args.arch,
         )
     except ArtifactError as exc:
         hint = " (--force replaces it; --version publishes another)" if exc.code == "exists" else ""
@@ -298,7 +421,8 @@ def add_artifact_commands(subparsers: Any) -> None:
     sub = art.add_subparsers(dest="artifacts_command", required=True)
 
     tiny = sub.add_parser(
-        "make-tiny", help="build a tiny GPT-2 locally and publish it signed (needs haif[torch])"
+        "make-tiny",
+        help="build a tiny GPT-2 or Llama locally and publish it signed (needs haif[torch])",
     )
     tiny.add_argument("--store", required=True, help="artifact store directory")
     tiny.add_argument(
@@ -306,7 +430,14 @@ def add_artifact_commands(subparsers: Any) -> None:
         default=DEFAULT_KEY,
         help=f"Ed25519 signing key, created if absent (default {DEFAULT_KEY})",
     )
-    tiny.add_argument("--name", default=TINY_NAME)
+    tiny.add_argument(
+        "--arch",
+        choices=sorted(_BUILDERS),
+        default="gpt2",
+        help="gpt2 (default: tiny-gpt2, 2 layers, 64 wide) or llama (tiny-llama: hidden 256, "
+        "4 layers, Llama 3 chat template; what the vllm engine and a vLLM server load)",
+    )
+    tiny.add_argument("--name")
     tiny.add_argument("--version", default=TINY_VERSION)
     tiny.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
     tiny.add_argument("--force", action="store_true", help="replace an existing version")

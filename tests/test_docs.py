@@ -103,9 +103,13 @@ COVERED: dict[str, tuple[str, ...]] = {
     "dlq replay": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "artifacts make-tiny": (
         "tests/test_example_clusters.py::test_tiny_model_example",
-        "tests/vllm/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
+        "tests/vllm_lane/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
     ),
     "artifacts verify": ("tests/test_artifacts.py::test_cli_list_and_verify",),
+    "artifacts fetch": (
+        "tests/test_tiny_llama.py::test_the_tiny_llamas_tokenizer_and_template",
+        "tests/vllm_lane/test_vllm_serving.py::test_the_openai_engine_relays_a_vllm_server",
+    ),
     "artifacts list": ("tests/test_artifacts.py::test_cli_list_and_verify",),
     # haif up starts the services with their flags (--journal; --gateway-port colocated).
     "gateway": ("tests/test_gateway_tls.py::test_the_gateway_serves_https",),
@@ -164,7 +168,7 @@ SHORT_BENCH = {
 }
 
 VLLM_EXAMPLE = (
-    "tests/vllm/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
+    "tests/vllm_lane/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
 )
 
 #: Commands of other programs, as shown (comment and trailing ``&`` left out): the test that

@@ -1,6 +1,6 @@
 """``haif artifacts make-tiny --arch llama`` and ``haif artifacts fetch``, without vLLM.
 
-The tiny Llama is what the vLLM lane serves (tests/vllm); here it is built in
+The tiny Llama is what the vLLM lane serves (tests/vllm_lane); here it is built in
 ``.venv`` (torch and transformers), checked, and served by the transformers
 engine, which its manifest (engine ``any``) allows as well.
 """

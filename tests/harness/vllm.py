@@ -1,4 +1,4 @@
-"""What the vLLM lane's tests (tests/vllm) share: vLLM's settings and the children's environment."""
+"""What the vLLM lane's tests (tests/vllm_lane) share: vLLM's settings, a child's environment."""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ the gateway or the orchestrator dies unexpectedly.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import secrets
@@ -95,7 +96,10 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.
             with urllib.request.urlopen(f"{url}/healthz", timeout=1.0, context=tls) as resp:
                 if resp.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
+            # HTTPException: e.g. BadStatusLine "GET /healthz", our own request read
+            # back when, nothing listening yet, the connect met itself (the port is
+            # in the ephemeral range), which long waits (a model load) do meet.
             pass
         time.sleep(0.05)
     raise ConfigError(f"{url}: not healthy after {timeout_s:.0f} s")

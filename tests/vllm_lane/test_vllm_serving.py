@@ -10,6 +10,7 @@ as from the vLLM server directly: HAIF renders the chat template as vLLM's serve
 
 from __future__ import annotations
 
+import http.client
 import re
 import shutil
 import signal
@@ -149,8 +150,8 @@ def vllm_server(example_dir: Path) -> Iterator[str]:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as resp:
                     if resp.status == 200:
                         break
-            except (urllib.error.URLError, OSError):
-                pass
+            except (urllib.error.URLError, OSError, http.client.HTTPException):
+                pass  # not listening yet (HTTPException: a connect that met itself)
             assert time.monotonic() < deadline, "the vLLM server did not start"
             time.sleep(0.5)
         yield f"{url}/v1"

@@ -41,6 +41,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ def _build_tiny_llama(out: Path, seed: int) -> dict[str, Any]:
 
 
 #: What ``make-tiny --arch`` builds: the builder, and the engine its manifest names.
-_BUILDERS: dict[str, tuple[Any, str]] = {
+_BUILDERS: dict[str, tuple[Callable[[Path, int], dict[str, Any]], str]] = {
     "gpt2": (_build_tiny, "transformers"),
     "llama": (_build_tiny_llama, "any"),
 }

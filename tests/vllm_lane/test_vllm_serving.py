@@ -6,6 +6,7 @@ are started as their comments say (the artifact built by ``haif artifacts make-t
 llama``, the server's files by ``haif artifacts fetch``), every port given by flag. Greedy
 decoding is deterministic on one machine, so the same chat gives the same text through HAIF
 as from the vLLM server directly: HAIF renders the chat template as vLLM's server does.
+The vLLM lane runs these (``make test-vllm``, in its own environment: ``.ci/vllm-env``).
 """
 
 from __future__ import annotations

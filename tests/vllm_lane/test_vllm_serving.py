@@ -225,6 +225,10 @@ def test_the_vllm_worker_renders_chat_as_the_vllm_server(up_vllm: UpCli, vllm_se
     direct = chat(vllm_server, max_tokens=32)
     assert through_haif.text == direct.text
     assert direct.finish_reason == through_haif.finish_reason == "length"
+    # The same prompt tokens too: the chat template's rendering, counted by the model's
+    # tokenizer, as vLLM counts it.
+    assert through_haif.prompt_tokens == direct.prompt_tokens
+    assert direct.prompt_tokens is not None and direct.prompt_tokens > 20
 
 
 def test_the_openai_engine_relays_a_vllm_server(up_openai: UpCli, vllm_server: str) -> None:

@@ -27,6 +27,7 @@ from haif.configfile import ConfigError
 from haif.runtime.api_keys import add_keys_commands
 from haif.runtime.artifacts_cli import add_artifact_commands
 from haif.runtime.cluster_keys import add_cluster_auth_args
+from haif.runtime.cluster_tls import add_cluster_tls_args
 from haif.runtime.dlq_cli import add_dlq_commands
 from haif.runtime.replay import add_replay_command
 from haif.runtime.worker import add_worker_args
@@ -433,6 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_serving_args(orch)  # with --gateway-port
     add_cluster_auth_args(orch)
+    add_cluster_tls_args(orch)
     orch.set_defaults(func=_cmd_service)
 
     worker = sub.add_parser(
@@ -472,6 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_serving_args(gw)
     add_cluster_auth_args(gw)
+    add_cluster_tls_args(gw)
     gw.set_defaults(func=_cmd_service)
 
     add_keys_commands(sub)

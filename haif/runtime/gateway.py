@@ -180,6 +180,7 @@ from haif.contracts import (
     chat_text,
 )
 from haif.runtime import telemetry
+from haif.runtime.cluster_tls import ServiceTls
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.relay import Frame
 from haif.runtime.rpc import (
@@ -857,11 +858,13 @@ class Gateway:
         limits: GatewayLimits | None = None,
         standby_url: str | None = None,
         failover_s: float = 15.0,
+        tls: ServiceTls | None = None,
     ) -> None:
         """``local``: the orchestrator runs in this process; call it directly, not at
         ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`).
         ``limits``: the edge's deadlines and caps (see "The edge" above).
-        ``standby_url``, ``failover_s``: see "A standby orchestrator" above."""
+        ``standby_url``, ``failover_s``: see "A standby orchestrator" above.
+        ``tls``: mutual TLS to the orchestrator (:mod:`haif.runtime.cluster_tls`)."""
         if local is not None and standby_url is not None:
             raise ValueError("a gateway in the orchestrator's process has no standby")
         self.orchestrator_urls: tuple[str, ...] = (
@@ -873,6 +876,8 @@ class Gateway:
         self.limits = limits or GatewayLimits()
         self.local = local
         self.signer = signer  # cluster key: seals every RPC to the orchestrator
+        self.tls = tls  # cluster certificate: mutual TLS to the orchestrator
+        self._tls_watch: asyncio.Task[None] | None = None
         self.region = region
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -885,8 +890,12 @@ class Gateway:
     async def start(self) -> None:
         # No connection cap: every open stream holds one connection.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        if self.tls is not None:  # new certificates, without a restart
+            self._tls_watch = asyncio.create_task(self.tls.watch())
 
     async def stop(self) -> None:
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -905,6 +914,7 @@ class Gateway:
             self.timeout_s,
             signer=self.signer,
             audience=ORCHESTRATOR_AUDIENCE,
+            tls=self.tls,
         )
 
     # ---------------------------------------------------------- orchestrators

@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,17 +58,19 @@ async def serve(
     port: int = 0,
     sock: socket.socket | None = None,
     shutdown_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on loopback (``port``, or the bound ``sock``): its runner and URL."""
+    """Serve ``app`` on loopback (``port``, or the bound ``sock``): its runner and URL
+    (``https://`` with ``ssl_context``)."""
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     if sock is not None:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         host, bound = sock.getsockname()[:2]
     else:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
         host, bound = runner.addresses[0][:2]
-    return runner, f"http://{host}:{bound}"
+    return runner, f"{'https' if ssl_context else 'http'}://{host}:{bound}"
 
 
 class Startable(Protocol):

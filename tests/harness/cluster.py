@@ -195,6 +195,18 @@ def run_haif(
 # ------------------------------------------------------------------ haif up
 
 
+def monitor_tls(data: Path) -> ssl.SSLContext:
+    """A client context for a `haif up --data-dir DATA`'s internal ports (behind mutual
+    TLS): the cluster CA and the ``monitor`` certificate, which may read ``/status``,
+    ``/readyz`` and ``/metrics`` but call no RPC. The URL's host is an address, not the
+    name in the certificate, so the name is not checked (the CA is)."""
+    tls = data / "tls"
+    context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    context.check_hostname = False
+    context.load_cert_chain(str(tls / "monitor.pem"), str(tls / "monitor.key"))
+    return context
+
+
 class Up:
     """A `haif up [CONFIG]` subprocess with its data dir; ``stop()`` interrupts it like Ctrl-C."""
 
@@ -215,6 +227,11 @@ class Up:
         self.output = self.proc.stdout.readline()
         assert "haif cluster up" in self.output, self.output + self.proc.stdout.read()
         self.state = read_state(data)
+
+    @property
+    def internal_tls(self) -> ssl.SSLContext:
+        """The context to call its internal ports with (see :func:`monitor_tls`)."""
+        return monitor_tls(self.data)
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
         """Until a completion succeeds: the workers' first heartbeats reached the orchestrator."""

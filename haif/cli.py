@@ -26,6 +26,7 @@ from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
 from haif.runtime.api_keys import add_keys_commands
 from haif.runtime.artifacts_cli import add_artifact_commands
+from haif.runtime.certs_cli import add_certs_commands
 from haif.runtime.cluster_keys import add_cluster_auth_args
 from haif.runtime.cluster_tls import add_cluster_tls_args
 from haif.runtime.dlq_cli import add_dlq_commands
@@ -152,7 +153,7 @@ COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "simulate and analyse",
         ("sim", "sweep", "compare", "query", "regress", "calibrate", "validate"),
     ),
-    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "artifacts")),
+    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "certs", "artifacts")),
     (
         "services (haif up starts them; run one by hand to place it on another machine)",
         ("gateway", "orchestrator", "worker"),
@@ -482,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_command(sub)
     add_parity_command(sub)
     add_dlq_commands(sub)
+    add_certs_commands(sub)
     add_artifact_commands(sub)
     sub.choices["replay"].description = _REPLAY_DESCRIPTION
     _fill_missing_help(parser)

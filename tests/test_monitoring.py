@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -192,8 +193,8 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+def _get(url: str, context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(url, timeout=30, context=context) as resp:
         body: bytes = resp.read()
     return body.decode()
 
@@ -219,9 +220,15 @@ def test_every_metric_used_exists_on_a_live_cluster(tmp_path: Path) -> None:
         status, answer = up.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
         assert status == 404, answer
         targets = json.loads(Path(up.state["prometheus_targets"]).read_text())
+        # As Prometheus scrapes (prometheus.yml): https where the targets say so, with
+        # the cluster CA and the monitor's certificate, checking the address it names.
+        scrape = ssl.create_default_context(cafile=str(up.data / "tls" / "ca.pem"))
+        scrape.load_cert_chain(
+            str(up.data / "tls" / "monitor.pem"), str(up.data / "tls" / "monitor.key")
+        )
         pages = {
             f"{t['labels']['component']} {t['labels']['service']}": _get(
-                f"http://{t['targets'][0]}/metrics"
+                f"{t['labels'].get('__scheme__', 'http')}://{t['targets'][0]}/metrics", scrape
             )
             for t in targets
         }

@@ -668,7 +668,10 @@ def run_cluster(
                 cert, key = config.cluster_ca.resolved(base)
                 ca_files = (Path(cert), Path(key))
             try:
-                certs = ensure_cluster_certs(tls_dir, [*names, MONITOR], ca_files)
+                # Addresses too, for tools that check them (Prometheus scraping /metrics).
+                hosts = ["127.0.0.1", "localhost"]
+                hosts += [] if config.host in _WILDCARDS or config.host in hosts else [config.host]
+                certs = ensure_cluster_certs(tls_dir, [*names, MONITOR], ca_files, hosts=hosts)
             except ConfigError as exc:
                 raise ConfigError(f"{config_path}: {exc}") from None
         else:

@@ -81,6 +81,7 @@ __all__ = [
     "ensure_cluster_certs",
     "identity_of",
     "issue_cert",
+    "issue_server_cert",
     "load_ca",
     "new_ca",
     "rotate_certs",
@@ -260,13 +261,12 @@ def issue_cert(
 ) -> tuple[bytes, bytes]:
     """A certificate for the service ``name`` (its role: :func:`role_of`) and its key, PEM.
 
-    Client and server use (one certificate serves both ends). ``hosts``
-    adds DNS / IP SANs for clients that check addresses (PostgreSQL's
-    ``verify-full``); services are checked by :func:`tls_hostname`.
-    ``not_before`` (default: an hour ago) lets a test issue an expired one.
+    Client and server use (one certificate serves both ends); HAIF's clients
+    check it by :func:`tls_hostname`. ``hosts`` (addresses or DNS names the
+    service is reached at) are added for tools that check the address, such as
+    Prometheus scraping ``/metrics``. ``not_before`` (default: an hour ago)
+    lets a test issue an expired one.
     """
-    import ipaddress
-
     if not _NAME.fullmatch(name):
         raise ValueError(f"service name {name!r} cannot name a certificate")
     identity = Identity(role_of(name), name)
@@ -275,12 +275,8 @@ def issue_cert(
     sans: list[x509.GeneralName] = [
         x509.UniformResourceIdentifier(identity.uri),
         x509.DNSName(tls_hostname(name)),
+        *_host_names(hosts),
     ]
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
     cert = (
         x509.CertificateBuilder()
         .subject_name(
@@ -313,6 +309,46 @@ def issue_cert(
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
+def _host_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
+    import ipaddress
+
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+        except ValueError:
+            names.append(x509.DNSName(host))
+    return names
+
+
+def issue_server_cert(
+    ca: CertAuthority, hosts: Sequence[str], *, days: float = 365
+) -> tuple[bytes, bytes]:
+    """A TLS server certificate (and its key, PEM) for ``hosts`` (DNS names or
+    addresses), with no HAIF identity in it: for a server outside the cluster's
+    services that its clients check with ``verify-full``, such as PostgreSQL.
+    Its holder cannot call any service (it names no role)."""
+    if not hosts:
+        raise ValueError("a server certificate names at least one host")
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = _now() - dt.timedelta(hours=1)
+    sans = _host_names(hosts)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0][:64])]))
+        .issuer_name(ca.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .sign(ca.key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
 def _write(path: Path, data: bytes, mode: int) -> None:
     """Replace ``path`` atomically (a reader sees the old file or the new one)."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -336,10 +372,15 @@ class ServiceFiles:
     ca: Path
 
 
-def _needs_renewal(path: Path, ca: CertAuthority, now: dt.datetime) -> bool:
+def _needs_renewal(
+    path: Path, ca: CertAuthority, now: dt.datetime, hosts: Sequence[str] = ()
+) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except (OSError, ValueError):
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return True
+    if not set(_host_names(hosts)) <= set(sans):
         return True
     if cert.issuer != ca.cert.subject:
         return True
@@ -358,6 +399,7 @@ def ensure_cluster_certs(
     *,
     days: float = SERVICE_CERT_DAYS,
     force: bool = False,
+    hosts: Sequence[str] = (),
 ) -> dict[str, ServiceFiles]:
     """A CA and one certificate per service in ``directory``; ``{name: files}``.
 
@@ -365,8 +407,9 @@ def ensure_cluster_certs(
     ``<directory>/ca.pem`` + ``ca.key``, created on first use. Each service
     gets ``<name>.pem`` and ``<name>.key`` (0600), reissued when missing, not
     from this CA, or with less than a third of its life left (every
-    certificate with ``force``: :func:`rotate_certs`). ``<directory>/ca.pem``
-    is always the CA the services trust.
+    certificate with ``force``: :func:`rotate_certs`) or not naming every one
+    of ``hosts`` (see :func:`issue_cert`). ``<directory>/ca.pem`` is always
+    the CA the services trust.
     """
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
@@ -386,12 +429,24 @@ def ensure_cluster_certs(
     for name in services:
         stem = _stem(name)
         cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-        if force or not key_path.exists() or _needs_renewal(cert_path, ca, now):
-            cert, key = issue_cert(ca, name, days=days)
+        if force or not key_path.exists() or _needs_renewal(cert_path, ca, now, hosts):
+            cert, key = issue_cert(ca, name, days=days, hosts=hosts)
             _write(key_path, key, 0o600)  # the key first: a reloader reads the pair after the cert
             _write(cert_path, cert, 0o644)
         out[name] = ServiceFiles(cert_path, key_path, ca_pem)
     return out
+
+
+def _identity_in(path: Path) -> Identity | None:
+    """The HAIF identity a PEM certificate file names (None: a CA, a server's, unreadable)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    return identity_of({"subjectAltName": tuple(("URI", u) for u in uris)})
 
 
 def rotate_certs(
@@ -402,10 +457,20 @@ def rotate_certs(
     Running services load the new files within their watch interval
     (:meth:`ServiceTls.watch`); connections already open are not touched.
     """
-    names = sorted(unquote(p.stem) for p in directory.glob("*.pem") if p.name != "ca.pem")
+    names: list[str] = []
+    hosts: set[str] = set()  # the addresses they name, kept
+    for path in sorted(directory.glob("*.pem")):
+        identity = _identity_in(path)
+        if identity is None:
+            continue
+        names.append(identity.name)
+        sans = x509.load_pem_x509_certificate(path.read_bytes()).extensions
+        alt = sans.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts |= {str(ip) for ip in alt.get_values_for_type(x509.IPAddress)}
+        hosts |= {d for d in alt.get_values_for_type(x509.DNSName) if not d.endswith(".haif")}
     if not names:
         raise ConfigError(f"{directory}: no service certificates to rotate")
-    ensure_cluster_certs(directory, names, ca_files, days=days, force=True)
+    ensure_cluster_certs(directory, names, ca_files, days=days, force=True, hosts=sorted(hosts))
     return names
 
 

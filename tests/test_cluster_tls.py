@@ -549,3 +549,96 @@ def test_bad_flags_and_files_are_named(tmp_path: Path) -> None:
         ServiceTls(files["gateway"].cert, files["gateway"].key, tmp_path / "nope.pem")
     with pytest.raises(ConfigError, match="not a PEM certificate and its key"):
         ServiceTls(files["gateway"].cert, files["w1"].key, files["gateway"].ca)
+    # A worker given a certificate: its orchestrator is https, and the certificate is its own.
+    parser = argparse.ArgumentParser()
+    worker_mod.add_worker_args(parser)
+    base = ["--port", "1", "--region", "local", *cluster_tls_args(files["w1"])]
+    plain = parser.parse_args([*base, "--id", "w1", "--orchestrator", "http://127.0.0.1:2"])
+    with pytest.raises(ConfigError, match=r"--orchestrator http://127.0.0.1:2: with --cluster"):
+        worker_mod.worker_from_args(plain)
+    other = parser.parse_args([*base, "--id", "w9", "--orchestrator", "https://127.0.0.1:2"])
+    with pytest.raises(ConfigError, match=r"names 'w1', not this worker \('w9'\)"):
+        worker_mod.worker_from_args(other)
+
+
+# ------------------------------------------------------------------ haif up
+
+
+@pytest.mark.cluster
+def test_haif_up_opt_out_is_plain_sealed_and_loud(tmp_path: Path) -> None:
+    """``internal_tls: false``: a warning at start, internal URLs over plain HTTP, every
+    call sealed with the cluster keys (an unsealed one is refused), no certificates made."""
+    import urllib.request
+
+    from harness.up_cli import UpCli
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("internal_tls: false\n")
+    up = UpCli(tmp_path / "d", config)
+    try:
+        assert up.state["orchestrator_url"].startswith("http://")
+        assert "internal hops: PLAIN HTTP" in up.output
+        assert not (tmp_path / "d" / "tls").exists()
+        answer = up.complete(headers={"x-request-id": "plain-1"})
+        assert answer["usage"]["completion_tokens"] == 4
+        with urllib.request.urlopen(f"{up.state['orchestrator_url']}/healthz", timeout=10) as r:
+            assert r.status == 200  # plain HTTP answers here, and only here
+    finally:
+        output = up.stop()
+    assert "WARNING: internal_tls: false: every hop between the services is plain HTTP" in output
+    gateway_log = (tmp_path / "d" / "logs" / "gateway.log").read_text()
+    assert "plain-1" in gateway_log
+
+
+def test_opt_out_and_operator_ca_are_validated(tmp_path: Path) -> None:
+    from haif.runtime.cluster import load_cluster
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("internal_tls: false\ncluster_ca: {cert: ca.pem, key: ca.key}\n")
+    with pytest.raises(ConfigError, match="cluster_ca: only used with internal_tls: true"):
+        load_cluster(config)
+    config.write_text("internal_tls: nope\n")
+    with pytest.raises(ConfigError, match="internal_tls"):
+        load_cluster(config)
+
+
+def test_certs_cli_lists_rotates_and_issues_a_server_certificate(tmp_path: Path) -> None:
+    """``haif certs list``, ``rotate`` (every service certificate reissued, its addresses
+    kept; a server certificate in the folder left alone) and ``server``."""
+    from harness.cluster import run_haif
+
+    data = tmp_path / "d"
+    files = ensure_cluster_certs(data / "tls", ["gateway", "w1"], hosts=["127.0.0.1", "h.example"])
+    listed = run_haif("certs", "list", "--data-dir", str(data))
+    assert listed.returncode == 0, listed.stderr
+    assert "gateway gateway" in listed.stdout and "worker w1" in listed.stdout
+    served = run_haif(
+        "certs",
+        "server",
+        "--data-dir",
+        str(data),
+        "--host",
+        "db.example",
+        "--out",
+        str(data / "tls" / "pg"),
+    )
+    assert served.returncode == 0, served.stderr
+    pg = x509.load_pem_x509_certificate((data / "tls" / "pg.pem").read_bytes())
+    pg_sans = pg.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert pg_sans.get_values_for_type(x509.DNSName) == ["db.example"]
+    assert not pg_sans.get_values_for_type(x509.UniformResourceIdentifier)  # no identity
+    assert oct((data / "tls" / "pg.key").stat().st_mode & 0o777) == "0o600"
+    before = {name: f.cert.read_bytes() for name, f in files.items()}
+    rotated = run_haif("certs", "rotate", "--data-dir", str(data))
+    assert rotated.returncode == 0, rotated.stderr
+    assert "reissued 2 certificates" in rotated.stdout
+    for name, f in files.items():
+        assert f.cert.read_bytes() != before[name]
+        new = x509.load_pem_x509_certificate(f.cert.read_bytes())
+        sans = new.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert "h.example" in sans.get_values_for_type(x509.DNSName)
+        assert ServiceTls(*_triple(f)).identity.name == name
+    assert x509.load_pem_x509_certificate((data / "tls" / "pg.pem").read_bytes()) == pg
+    missing = run_haif("certs", "rotate", "--data-dir", str(tmp_path / "none"))
+    assert missing.returncode == 2
+    assert "no cluster CA here" in missing.stderr and "Traceback" not in missing.stderr

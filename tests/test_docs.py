@@ -101,6 +101,15 @@ COVERED: dict[str, tuple[str, ...]] = {
     "dlq list": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq show": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq replay": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
+    "certs list": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
+    "certs rotate": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
+    "certs server": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
     "artifacts make-tiny": ("tests/test_example_clusters.py::test_tiny_model_example",),
     "artifacts verify": ("tests/test_artifacts.py::test_cli_list_and_verify",),
     "artifacts list": ("tests/test_artifacts.py::test_cli_list_and_verify",),

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import signal
 import socket
 import sys
@@ -50,7 +49,12 @@ if TYPE_CHECKING:
     from haif.runtime.gateway import GatewayAuth
 
 Port = Annotated[int, Field(ge=0, le=65535)]
-log = logging.getLogger("haif.up")
+#: What ``haif up`` says when ``internal_tls: false``.
+PLAIN_WARNING = (
+    "WARNING: internal_tls: false: every hop between the services is plain HTTP "
+    "(prompts, completions and API-key lookups readable on the path), authenticated by "
+    "Ed25519 seals only. Use it on loopback, for benchmarking, and nowhere else."
+)
 
 
 def beside(base: Path | None, path: str | Path) -> Path:
@@ -675,18 +679,6 @@ def run_cluster(
             except ConfigError as exc:
                 raise ConfigError(f"{config_path}: {exc}") from None
         else:
-            log.warning(
-                "internal_tls: false: every hop between the services is plain HTTP "
-                "(prompts, completions and API-key lookups readable on the path), "
-                "authenticated by Ed25519 seals only. Use this on loopback, for "
-                "benchmarking, and nowhere else."
-            )
-            print(
-                "WARNING: internal_tls: false: internal hops are NOT encrypted "
-                "(loopback benchmarking only)",
-                file=sys.stderr,
-                flush=True,
-            )
             ensure_cluster_keys(keys, names)
     except ValueError as exc:
         print(f"error: workers: {exc}", file=sys.stderr, flush=True)
@@ -815,6 +807,8 @@ def run_cluster(
                 f"Prometheus targets in {targets}; Ctrl-C to stop",
                 flush=True,
             )
+            if not certs:  # after the line above, which tools wait for
+                print(PLAIN_WARNING, file=sys.stderr, flush=True)
             while not stop:
                 for service in supervisor.unexpected_exits():
                     code = service.proc.returncode if service.proc else None

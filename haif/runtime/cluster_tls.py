@@ -640,6 +640,24 @@ def cluster_tls_args(files: ServiceFiles) -> list[str]:
     ]
 
 
+#: The metric each service exports: when its certificate stops being valid.
+EXPIRY_METRIC = "haif_tls_certificate_expiry_timestamp_seconds"
+
+
+def export_expiry(registry: Any, tls: ServiceTls) -> None:
+    """Add :data:`EXPIRY_METRIC` to a Prometheus ``registry``: the UNIX time the
+    certificate this service presents now stops being valid (read at each scrape, so a
+    rotation shows at once). Alerted on by ``HaifCertificateExpiresSoon``."""
+    from prometheus_client import Gauge
+
+    gauge = Gauge(
+        EXPIRY_METRIC,
+        "When this service's cluster TLS certificate expires (UNIX seconds)",
+        registry=registry,
+    )
+    gauge.set_function(lambda: tls.not_after)
+
+
 def liveness_context(files: ServiceFiles) -> ssl.SSLContext:
     """A client context for ``haif up``'s health checks of its own children on loopback:
     it presents ``files``' certificate (internal ports demand one) and asks only

@@ -180,7 +180,7 @@ from haif.contracts import (
     chat_text,
 )
 from haif.runtime import telemetry
-from haif.runtime.cluster_tls import ServiceTls
+from haif.runtime.cluster_tls import ServiceTls, export_expiry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.relay import Frame
 from haif.runtime.rpc import (
@@ -886,6 +886,8 @@ class Gateway:
         self._session: aiohttp.ClientSession | None = None
         self._key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
         self.metrics = telemetry.GatewayMetrics()
+        if tls is not None:
+            export_expiry(self.metrics.registry, tls)
 
     async def start(self) -> None:
         # No connection cap: every open stream holds one connection.

@@ -164,7 +164,7 @@ from haif.control.presence import (
 from haif.runtime import api_keys, telemetry
 from haif.runtime.attempts import Attempts
 from haif.runtime.cluster_keys import ClusterAuth
-from haif.runtime.cluster_tls import ServiceTls
+from haif.runtime.cluster_tls import ServiceTls, export_expiry
 from haif.runtime.dead_letters import DeadLetters
 from haif.runtime.drivers import LoopDriver, LoopPresence
 from haif.runtime.journal import Found, Journal, Settlement
@@ -901,6 +901,8 @@ def rpc_methods(orch: Orchestrator) -> tuple[dict[str, Handler], dict[str, Strea
 def build_app(orch: Orchestrator) -> web.Application:
     app = web.Application()
     app[ORCHESTRATOR] = orch
+    if orch.service_tls is not None:
+        export_expiry(orch.metrics.registry, orch.service_tls)
     unary, streams = rpc_methods(orch)
     add_rpc_routes(
         app,

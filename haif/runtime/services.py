@@ -106,6 +106,8 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         keys = cluster_auth_from_args(args)
         internal = service_tls_from_args(args)
         _check_identity(internal, "gateway")
+        check_peer_scheme(internal, "--orchestrator", args.orchestrator)
+        check_peer_scheme(internal, "--standby", args.standby)
         gw = gateway.Gateway(
             args.orchestrator,
             args.region,
@@ -140,6 +142,19 @@ def _check_identity(tls: ServiceTls | None, role: str) -> None:
         raise ConfigError(
             f"--cluster-tls-cert {tls.cert} is the certificate of {tls.identity.role} "
             f"{tls.identity.name!r}, not of a {role}"
+        )
+
+
+def check_peer_scheme(tls: ServiceTls | None, flag: str, url: str | None) -> None:
+    """``ConfigError`` when a peer's URL does not match whether this service uses mTLS."""
+    if url is None:
+        return
+    if tls is not None and not url.startswith("https://"):
+        raise ConfigError(f"{flag} {url}: with --cluster-tls-cert, peers are https:// URLs")
+    if tls is None and url.startswith("https://"):
+        raise ConfigError(
+            f"{flag} {url}: an https:// peer needs this service's certificate "
+            "(--cluster-tls-cert, --cluster-tls-key, --cluster-ca)"
         )
 
 

@@ -73,7 +73,12 @@ from haif.contracts import ErrorKind, Request, WorkerSnapshot
 from haif.runtime import telemetry
 from haif.runtime.artifacts import ArtifactError, ModelCacheFull
 from haif.runtime.cluster_keys import ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
-from haif.runtime.cluster_tls import ServiceTls, add_cluster_tls_args, service_tls_from_args
+from haif.runtime.cluster_tls import (
+    ServiceTls,
+    add_cluster_tls_args,
+    export_expiry,
+    service_tls_from_args,
+)
 from haif.runtime.engines import (
     MAX_CHUNK_TOKENS,
     Engine,
@@ -388,6 +393,8 @@ class Worker:
 
 def build_app(worker: Worker) -> web.Application:
     app = web.Application()
+    if worker.service_tls is not None:
+        export_expiry(worker.metrics.registry, worker.service_tls)
     keys = worker.cluster_auth
     add_rpc_routes(
         app,
@@ -436,6 +443,10 @@ def worker_from_args(args: argparse.Namespace) -> Worker:
             f"--cluster-tls-cert {service_tls.cert} names {service_tls.identity.name!r}, "
             f"not this worker ({args.worker_id!r})"
         )
+    from haif.runtime.services import check_peer_scheme
+
+    check_peer_scheme(service_tls, "--orchestrator", args.orchestrator)
+    check_peer_scheme(service_tls, "--standby", args.standby)
     spec = WorkerSpec(
         worker_id=args.worker_id,
         region=args.region,

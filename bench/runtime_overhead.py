@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -48,6 +49,8 @@ from haif.runtime.rpc import RpcClient
 from haif.runtime.security import Signer
 
 MODEL = "llama-3-8b"
+#: Why requests failed, with how many (printed when any did).
+ERROR_KINDS: collections.Counter[str] = collections.Counter()
 WORKER_ID = "w1"
 
 
@@ -94,8 +97,9 @@ async def _open_loop(rate: float, seconds: float, send: Any) -> tuple[list[float
         t0 = loop.time()
         try:
             await send()
-        except Exception:
+        except Exception as exc:
             errors += 1
+            ERROR_KINDS[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
             return
         latencies.append(loop.time() - t0)
 
@@ -335,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"highest sustained rate (p99 <= {args.max_p99_ms:.0f} ms, no errors): "
         f"{result['max_sustained_rate']:.0f} req/s"
     )
+    if ERROR_KINDS:
+        print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in ERROR_KINDS.most_common(5)))
     print(f"load average after: {_load(result['load_average_after'])} (other work on the machine)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

@@ -517,13 +517,30 @@ class ServiceTls:
         self._kwargs: dict[str, dict[str, Any]] = {}
         self.reload()
 
-    def _read(self) -> tuple[Identity, float]:
+    def _read(self) -> tuple[Identity, float, bytes]:
+        """The certificate's identity and expiry, and the certificate and key as one PEM:
+        both files read once, their match checked, so a pair caught half-rewritten is
+        refused here instead of half-loaded (OpenSSL drops a certificate whose key does
+        not match, which would leave the contexts with none)."""
         try:
-            cert = x509.load_pem_x509_certificate(self.cert.read_bytes())
+            cert_pem = self.cert.read_bytes()
+            cert = x509.load_pem_x509_certificate(cert_pem)
         except (OSError, ValueError) as exc:
             raise ConfigError(
                 f"--cluster-tls-cert {self.cert}: not a PEM certificate ({exc})"
             ) from None
+        try:
+            key_pem = self.key.read_bytes()
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (OSError, ValueError, TypeError) as exc:
+            raise ConfigError(
+                f"--cluster-tls-key {self.key}: not an unencrypted PEM key ({exc})"
+            ) from None
+        if key.public_key() != cert.public_key():
+            raise ConfigError(
+                f"--cluster-tls-cert {self.cert} / --cluster-tls-key {self.key}: "
+                "not a PEM certificate and its key (they do not match)"
+            )
         try:
             uris = cert.extensions.get_extension_for_class(
                 x509.SubjectAlternativeName
@@ -536,20 +553,26 @@ class ServiceTls:
                 f"--cluster-tls-cert {self.cert}: names no HAIF service "
                 f"(a URI SAN {_URI_PREFIX}<role>/<name>)"
             )
-        return identity, cert.not_valid_after_utc.timestamp()
+        return identity, cert.not_valid_after_utc.timestamp(), cert_pem + b"\n" + key_pem
 
     def reload(self) -> bool:
         """Load the certificate and key files into both contexts; whether they changed."""
+        import tempfile
+
         mtime = max(self.cert.stat().st_mtime, self.key.stat().st_mtime)
-        identity, not_after = self._read()
-        for context in (self.server, self.client):
-            try:
-                context.load_cert_chain(str(self.cert), str(self.key))
-            except (ssl.SSLError, ValueError) as exc:
-                raise ConfigError(
-                    f"--cluster-tls-cert {self.cert} / --cluster-tls-key {self.key}: "
-                    f"not a PEM certificate and its key ({exc})"
-                ) from None
+        identity, not_after, pair = self._read()
+        # Loaded from one private file holding what was read and checked above.
+        with tempfile.NamedTemporaryFile(prefix="haif-tls-", suffix=".pem") as tmp:
+            tmp.write(pair)
+            tmp.flush()
+            for context in (self.server, self.client):
+                try:
+                    context.load_cert_chain(tmp.name)
+                except (ssl.SSLError, ValueError) as exc:
+                    raise ConfigError(
+                        f"--cluster-tls-cert {self.cert} / --cluster-tls-key {self.key}: "
+                        f"not a PEM certificate and its key ({exc})"
+                    ) from None
         changed = mtime != self._mtime
         self.identity, self.not_after, self._mtime = identity, not_after, mtime
         return changed

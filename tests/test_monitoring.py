@@ -68,8 +68,14 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in out
 
 
-def test_promtool_check_config() -> None:
-    out = _run("check", "config", str(PROMETHEUS_CONFIG))
+def test_promtool_check_config(tmp_path: Path) -> None:
+    """The config as Prometheus loads it beside a `haif up` data dir: its tls_config names
+    the cluster CA and the monitor's certificate, which haif up writes to .haif/tls/."""
+    from haif.runtime.cluster_tls import MONITOR, ensure_cluster_certs
+
+    shutil.copytree(PROMETHEUS_CONFIG.parent, tmp_path / "monitoring" / "prometheus")
+    ensure_cluster_certs(tmp_path / ".haif" / "tls", [MONITOR])
+    out = _run("check", "config", str(tmp_path / "monitoring" / "prometheus" / "prometheus.yml"))
     assert "is valid prometheus config file syntax" in out
 
 

@@ -1,16 +1,4 @@
-"""``haif certs``: the cluster's certificates (see :mod:`haif.runtime.cluster_tls`).
-
-- ``haif certs list``: each certificate in ``<data-dir>/tls/``: name, role and expiry;
-- ``haif certs rotate``: reissue every service certificate from the cluster CA. A
-  running cluster's services load theirs within 5 s; connections already open
-  (and the streams on them) go on with the old ones until they close;
-- ``haif certs server --host H``: a server certificate from the cluster CA for a
-  server outside the services that clients check with ``verify-full`` (PostgreSQL:
-  give its ``.pem`` / ``.key`` to ``ssl_cert_file`` / ``ssl_key_file`` and
-  ``tls/ca.pem`` to the cluster YAML's ``store_ca``).
-
-With a ``cluster_ca`` in the cluster YAML (``--config``), that CA signs.
-"""
+"""``haif certs``: the cluster's certificates (see :mod:`haif.runtime.cluster_tls`)."""
 
 from __future__ import annotations
 
@@ -30,12 +18,26 @@ from haif.runtime.cluster_tls import (
     rotate_certs,
 )
 
+DESCRIPTION = """\
+The cluster's TLS certificates, in DATA_DIR/tls/ (haif up makes them):
+
+  list    each certificate: name, role and expiry
+  rotate  reissue every service certificate from the cluster CA; a running
+          cluster's services load theirs within 5 s, and connections already
+          open (and the streams on them) go on until they close
+  server  a server certificate from the cluster CA for a server outside the
+          services that clients check with verify-full, such as PostgreSQL
+          (its ssl_cert_file / ssl_key_file; tls/ca.pem is then the cluster
+          YAML's store_ca)
+
+With a cluster_ca in the cluster YAML (--config), that CA signs."""
+
 
 def add_certs_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     certs = sub.add_parser(
         "certs",
         help="the cluster's TLS certificates: list, rotate, issue a server certificate",
-        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
+        description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = certs.add_subparsers(dest="verb", required=True)

@@ -70,7 +70,7 @@ def _cluster_yaml(
     return (
         (f"store: {store}\n" if store else "")
         + ("colocate_gateway: true\n" if colocate else "")
-        + ("" if internal_tls else "internal_tls: false\n")
+        + ("internal_tls: true\n" if internal_tls else "")
         + (
             "orchestrator: {" + ", ".join(f"{k}: {v}" for k, v in orchestrator.items()) + "}\n"
             if orchestrator
@@ -253,9 +253,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument(
         "--internal-tls",
         choices=("on", "off"),
-        default="on",
-        help="on (haif up's default): mutual TLS between the services; off: "
-        "internal_tls: false, plain HTTP with sealed envelopes",
+        default="off",
+        help="on: internal_tls: true, mutual TLS between the services; off (haif up's "
+        "default): plain HTTP with sealed envelopes",
     )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import socket
 import ssl
 import subprocess
@@ -576,6 +577,9 @@ def test_haif_up_opt_out_is_plain_sealed_and_loud(tmp_path: Path) -> None:
     config.write_text("internal_tls: false\n")
     up = UpCli(tmp_path / "d", config)
     try:
+        assert up.proc.stdout is not None
+        warning = up.proc.stdout.readline()  # the line after "haif cluster up ..."
+        assert "WARNING: internal_tls: false: every hop between the services is plain" in warning
         assert up.state["orchestrator_url"].startswith("http://")
         assert "internal hops: PLAIN HTTP" in up.output
         assert not (tmp_path / "d" / "tls").exists()
@@ -584,8 +588,7 @@ def test_haif_up_opt_out_is_plain_sealed_and_loud(tmp_path: Path) -> None:
         with urllib.request.urlopen(f"{up.state['orchestrator_url']}/healthz", timeout=10) as r:
             assert r.status == 200  # plain HTTP answers here, and only here
     finally:
-        output = up.stop()
-    assert "WARNING: internal_tls: false: every hop between the services is plain HTTP" in output
+        up.stop()
     gateway_log = (tmp_path / "d" / "logs" / "gateway.log").read_text()
     assert "plain-1" in gateway_log
 
@@ -642,3 +645,44 @@ def test_certs_cli_lists_rotates_and_issues_a_server_certificate(tmp_path: Path)
     missing = run_haif("certs", "rotate", "--data-dir", str(tmp_path / "none"))
     assert missing.returncode == 2
     assert "no cluster CA here" in missing.stderr and "Traceback" not in missing.stderr
+
+
+@pytest.mark.cluster
+def test_haif_up_with_internal_tls_encrypts_every_hop(tmp_path: Path) -> None:
+    """``internal_tls: true``: internal URLs are https, requests go through, the admin
+    tools reach the orchestrator with the admin certificate from cluster.json, and neither
+    plain HTTP nor a caller without a certificate gets an answer from an internal port."""
+    import urllib.error
+    import urllib.request
+
+    from harness.cluster import monitor_tls, run_haif
+    from harness.up_cli import UpCli
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("internal_tls: true\n")
+    data = tmp_path / "d"
+    up = UpCli(data, config)
+    try:
+        orch = up.state["orchestrator_url"]
+        assert orch.startswith("https://") and "internal hops: mutual TLS 1.3" in up.output
+        workers = [s["url"] for s in up.state["services"] if s["kind"] == "worker"]
+        assert workers and all(url.startswith("https://") for url in workers)
+        answer = up.complete(headers={"x-request-id": "tls-up-1"})
+        assert answer["usage"]["completion_tokens"] == 4
+        listed = run_haif("dlq", "list", "--json", "--data-dir", str(data))
+        assert listed.returncode == 0, listed.stderr
+        assert json.loads(listed.stdout) == []
+        bare = run_haif("dlq", "list", "--orchestrator", orch, "--data-dir", str(tmp_path / "x"))
+        assert bare.returncode == 2 and "certificate" in bare.stderr, bare.stderr
+        assert "Traceback" not in bare.stderr
+        for url in (orch, *workers):
+            with pytest.raises((urllib.error.URLError, ConnectionError)):
+                urllib.request.urlopen(url.replace("https://", "http://") + "/healthz", timeout=10)
+        context = monitor_tls(data)
+        assert context is not None
+        with urllib.request.urlopen(f"{orch}/metrics", timeout=10, context=context) as resp:
+            assert "haif_tls_certificate_expiry_timestamp_seconds" in resp.read().decode()
+    finally:
+        output = up.stop()
+    assert up.proc.returncode == 0, output
+    assert "WARNING" not in output

@@ -209,8 +209,11 @@ def _get(url: str, context: ssl.SSLContext | None = None) -> str:
 def test_every_metric_used_exists_on_a_live_cluster(tmp_path: Path) -> None:
     """Start `haif up`, send a few requests (plain, streamed, an unknown model), scrape the
     gateway, the orchestrator and every worker: every metric name the dashboard and the
-    rules use is served, and no counter carries a `_created` twin."""
-    up = UpCli(tmp_path / "d")
+    rules use is served, and no counter carries a `_created` twin. With internal_tls: true,
+    so the certificates' expiry is among them, scraped as Prometheus scrapes it."""
+    config = tmp_path / "cluster.yaml"
+    config.write_text("internal_tls: true\n")
+    up = UpCli(tmp_path / "d", config)
     try:
         up.complete(headers={"x-request-id": "mon-1"})
         for i in range(3):
@@ -226,8 +229,9 @@ def test_every_metric_used_exists_on_a_live_cluster(tmp_path: Path) -> None:
         status, answer = up.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
         assert status == 404, answer
         targets = json.loads(Path(up.state["prometheus_targets"]).read_text())
-        # As Prometheus scrapes (prometheus.yml): https where the targets say so, with
-        # the cluster CA and the monitor's certificate, checking the address it names.
+        # As Prometheus scrapes (prometheus.yml): https where the targets say so
+        # (internal_tls: true), with the cluster CA and the monitor's certificate,
+        # checking the address it names.
         scrape = ssl.create_default_context(cafile=str(up.data / "tls" / "ca.pem"))
         scrape.load_cert_chain(
             str(up.data / "tls" / "monitor.pem"), str(up.data / "tls" / "monitor.key")

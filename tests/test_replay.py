@@ -397,13 +397,9 @@ def test_compare_pairs_requests_by_id_for_same_worker_share_and_outliers() -> No
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_haif_up_secures_rpc_and_the_admin_certificate_opens_the_dlq(
-    up: Up, tmp_path: Path
-) -> None:
-    """Mutual TLS by default: without the cluster's admin certificate the orchestrator
-    cannot be reached; with it (``--cluster-tls-*`` flags) the DLQ opens."""
+def test_haif_up_seals_rpc_and_the_admin_key_opens_the_dlq(up: Up, tmp_path: Path) -> None:
     orch = _services(up)["orchestrator"]["url"]
-    tls = up.data / "tls"
+    keys = up.data / "keys"
 
     def dlq(*flags: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -411,15 +407,13 @@ def test_haif_up_secures_rpc_and_the_admin_certificate_opens_the_dlq(
             capture_output=True,
             text=True,
             timeout=60,
-            cwd=tmp_path,  # no .haif/tls/admin.pem here
+            cwd=tmp_path,  # no .haif/keys/admin.key here
         )
 
     refused = dlq()
-    assert refused.returncode == 2 and "certificate" in refused.stderr, refused.stderr
-    assert "Traceback" not in refused.stderr
-    admin = ["--cluster-tls-cert", str(tls / "admin.pem"), "--cluster-tls-key"]
-    admin += [str(tls / "admin.key"), "--cluster-ca", str(tls / "ca.pem")]
-    allowed = dlq(*admin)
+    assert refused.returncode == 2 and "unsigned" in refused.stderr, refused.stderr
+    admin = [str(keys / "admin.key"), "--cluster-keyring", str(keys / "keyring")]
+    allowed = dlq("--cluster-key", *admin)
     assert allowed.returncode == 0, allowed.stderr
     assert json.loads(allowed.stdout) == []
 

@@ -49,11 +49,11 @@ if TYPE_CHECKING:
     from haif.runtime.gateway import GatewayAuth
 
 Port = Annotated[int, Field(ge=0, le=65535)]
-#: What ``haif up`` says when ``internal_tls: false``.
+#: What ``haif up`` says when ``internal_tls`` is false (the default, for now).
 PLAIN_WARNING = (
     "WARNING: internal_tls: false: every hop between the services is plain HTTP "
     "(prompts, completions and API-key lookups readable on the path), authenticated by "
-    "Ed25519 seals only. Use it on loopback, for benchmarking, and nowhere else."
+    "Ed25519 seals only: keep it on loopback. internal_tls: true encrypts every hop."
 )
 
 
@@ -339,12 +339,13 @@ class ClusterConfig(_Strict):
         "certificate)",
     )
     internal_tls: bool = Field(
-        default=True,
-        description="mutual TLS 1.3 on every connection between the services (gateway, "
-        "orchestrator, workers, haif dlq / keys), with certificates from the cluster CA "
-        "(cluster_ca, else one haif up creates in <data-dir>/tls/). false: plain HTTP sealed "
-        "with Ed25519 cluster keys (readable on the path: loopback benchmarking only; "
-        "haif up warns)",
+        default=False,
+        description="true: mutual TLS 1.3 on every connection between the services "
+        "(gateway, orchestrator, workers, haif dlq / keys), with certificates from the "
+        "cluster CA (cluster_ca, else one haif up creates in <data-dir>/tls/). false (the "
+        "default for now: bursts of new TLS connections failed requests under load on a "
+        "2-core machine, see docs/benchmarks.md): plain HTTP sealed with Ed25519 cluster "
+        "keys, readable on the path (loopback only; haif up warns)",
     )
     cluster_ca: TlsFiles | None = Field(
         default=None,

@@ -195,12 +195,15 @@ def run_haif(
 # ------------------------------------------------------------------ haif up
 
 
-def monitor_tls(data: Path) -> ssl.SSLContext:
-    """A client context for a `haif up --data-dir DATA`'s internal ports (behind mutual
-    TLS): the cluster CA and the ``monitor`` certificate, which may read ``/status``,
-    ``/readyz`` and ``/metrics`` but call no RPC. The URL's host is an address, not the
-    name in the certificate, so the name is not checked (the CA is)."""
+def monitor_tls(data: Path) -> ssl.SSLContext | None:
+    """A client context for a `haif up --data-dir DATA`'s internal ports when they are
+    behind mutual TLS (``internal_tls: true``; else None: plain HTTP): the cluster CA and
+    the ``monitor`` certificate, which may read ``/status``, ``/readyz`` and ``/metrics``
+    but call no RPC. The URL's host is an address, not the name in the certificate, so
+    the name is not checked (the CA is)."""
     tls = data / "tls"
+    if not (tls / "monitor.pem").exists():
+        return None
     context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
     context.check_hostname = False
     context.load_cert_chain(str(tls / "monitor.pem"), str(tls / "monitor.key"))
@@ -229,7 +232,7 @@ class Up:
         self.state = read_state(data)
 
     @property
-    def internal_tls(self) -> ssl.SSLContext:
+    def internal_tls(self) -> ssl.SSLContext | None:
         """The context to call its internal ports with (see :func:`monitor_tls`)."""
         return monitor_tls(self.data)
 

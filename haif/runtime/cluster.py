@@ -343,8 +343,8 @@ class ClusterConfig(_Strict):
         description="true: mutual TLS 1.3 on every connection between the services "
         "(gateway, orchestrator, workers, haif dlq / keys), with certificates from the "
         "cluster CA (cluster_ca, else one haif up creates in <data-dir>/tls/). false (the "
-        "default for now: bursts of new TLS connections failed requests under load on a "
-        "2-core machine, see docs/benchmarks.md): plain HTTP sealed with Ed25519 cluster "
+        "default for now: bursts of new TLS connections failed requests in some loaded runs "
+        "on a 2-core machine, see docs/benchmarks.md): plain HTTP sealed with Ed25519 cluster "
         "keys, readable on the path (loopback only; haif up warns)",
     )
     cluster_ca: TlsFiles | None = Field(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -41,12 +42,15 @@ import psutil
 
 from haif.contracts import Request
 from haif.runtime.cluster import free_port
+from haif.runtime.cluster_tls import ServiceTls
 from haif.runtime.gc_pauses import freeze_heap
 from haif.runtime.messages import InferCall
 from haif.runtime.rpc import RpcClient
 from haif.runtime.security import Signer
 
 MODEL = "llama-3-8b"
+#: Why requests failed, with how many (printed when any did).
+ERROR_KINDS: collections.Counter[str] = collections.Counter()
 WORKER_ID = "w1"
 
 
@@ -57,6 +61,7 @@ def _cluster_yaml(
     colocate: bool = False,
     fsync: bool = True,
     linger_ms: float | None = None,
+    internal_tls: bool = True,
 ) -> str:
     orchestrator = {
         **({} if fsync else {"journal_fsync": "false"}),
@@ -65,6 +70,7 @@ def _cluster_yaml(
     return (
         (f"store: {store}\n" if store else "")
         + ("colocate_gateway: true\n" if colocate else "")
+        + ("internal_tls: true\n" if internal_tls else "")
         + (
             "orchestrator: {" + ", ".join(f"{k}: {v}" for k, v in orchestrator.items()) + "}\n"
             if orchestrator
@@ -91,8 +97,9 @@ async def _open_loop(rate: float, seconds: float, send: Any) -> tuple[list[float
         t0 = loop.time()
         try:
             await send()
-        except Exception:
+        except Exception as exc:
             errors += 1
+            ERROR_KINDS[f"{type(exc).__name__}: {str(exc)[:120]}"] += 1
             return
         latencies.append(loop.time() - t0)
 
@@ -108,9 +115,19 @@ def _pcts(values: list[float]) -> dict[str, float]:
 
 
 def _orchestrator_signer(data_dir: Path) -> Signer | None:
-    """The orchestrator's cluster key, when ``haif up`` made one: workers refuse unsealed calls."""
+    """The orchestrator's cluster key, when ``haif up`` made one (``internal_tls: false``):
+    workers then refuse unsealed calls."""
     key = data_dir / "keys" / "orchestrator.key"
     return Signer.from_file(key) if key.exists() else None
+
+
+def _orchestrator_tls(data_dir: Path) -> ServiceTls | None:
+    """The orchestrator's certificate, when ``haif up`` made one (mutual TLS, the default):
+    workers then accept only the orchestrator's certificate."""
+    tls = data_dir / "tls"
+    if not (tls / "orchestrator.pem").exists():
+        return None
+    return ServiceTls(tls / "orchestrator.pem", tls / "orchestrator.key", tls / "ca.pem")
 
 
 def _services(up: subprocess.Popen[str]) -> dict[str, psutil.Process]:
@@ -140,11 +157,12 @@ async def _measure(
     worker: str,
     signer: Signer | None,
     services: dict[str, psutil.Process],
+    tls: ServiceTls | None = None,
 ) -> dict[str, Any]:
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
-        # Sealed like the orchestrator's own calls, so the direct path pays that too.
-        rpc = RpcClient(session, worker, timeout_s=30.0, signer=signer, audience=WORKER_ID)
+        # Sealed / over mTLS like the orchestrator's own calls: the direct path pays that too.
+        rpc = RpcClient(session, worker, timeout_s=30.0, signer=signer, audience=WORKER_ID, tls=tls)
         body = {"model": MODEL, "prompt": "hello", "max_tokens": 1, "ignore_eos": True}
 
         async def direct() -> None:
@@ -232,6 +250,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         type=float,
         help="orchestrator.store_linger_ms (default: the store's own)",
     )
+    parser.add_argument(
+        "--internal-tls",
+        choices=("on", "off"),
+        default="off",
+        help="on: internal_tls: true, mutual TLS between the services; off (haif up's "
+        "default): plain HTTP with sealed envelopes",
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)
     gw_port, w_port = free_port(), free_port()
@@ -240,7 +265,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg = Path(tmp) / "cluster.yaml"
         cfg.write_text(
             _cluster_yaml(
-                w_port, gw_port, args.store, args.colocate, not args.no_fsync, args.store_linger_ms
+                w_port,
+                gw_port,
+                args.store,
+                args.colocate,
+                not args.no_fsync,
+                args.store_linger_ms,
+                args.internal_tls == "on",
             )
         )
         proc = subprocess.Popen(
@@ -264,12 +295,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(
                 f"store: {args.store or 'embedded DuckDB (haif up default)'}; "
                 f"gateway {'in the orchestrator process' if args.colocate else 'separate'}; "
+                f"internal TLS {args.internal_tls}; "
                 f"HAIF_OTEL_EXPORTER={os.environ.get('HAIF_OTEL_EXPORTER', '(unset)')}"
             )
-            gateway, worker = f"http://127.0.0.1:{gw_port}", f"http://127.0.0.1:{w_port}"
+            tls = _orchestrator_tls(Path(tmp) / "d")
+            scheme = "https" if tls is not None else "http"
+            gateway, worker = f"http://127.0.0.1:{gw_port}", f"{scheme}://127.0.0.1:{w_port}"
             signer = _orchestrator_signer(Path(tmp) / "d")
             freeze_heap()  # the load generator too
-            result = asyncio.run(_measure(args, gateway, worker, signer, _services(proc)))
+            result = asyncio.run(_measure(args, gateway, worker, signer, _services(proc), tls))
         finally:
             proc.send_signal(signal.SIGINT)
             try:
@@ -278,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 proc.kill()
     result["store"] = args.store or "duckdb"
     result["colocate_gateway"] = args.colocate
+    result["internal_tls"] = args.internal_tls
     result["load_average_before"] = list(load_before)
     result["load_average_after"] = list(os.getloadavg())
     d, g = result["direct"], result["gateway"]
@@ -304,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"highest sustained rate (p99 <= {args.max_p99_ms:.0f} ms, no errors): "
         f"{result['max_sustained_rate']:.0f} req/s"
     )
+    if ERROR_KINDS:
+        print("errors: " + "; ".join(f"{n} x {kind}" for kind, n in ERROR_KINDS.most_common(5)))
     print(f"load average after: {_load(result['load_average_after'])} (other work on the machine)")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

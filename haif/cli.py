@@ -26,7 +26,9 @@ from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
 from haif.runtime.api_keys import add_keys_commands
 from haif.runtime.artifacts_cli import add_artifact_commands
+from haif.runtime.certs_cli import add_certs_commands
 from haif.runtime.cluster_keys import add_cluster_auth_args
+from haif.runtime.cluster_tls import add_cluster_tls_args
 from haif.runtime.dlq_cli import add_dlq_commands
 from haif.runtime.replay import add_replay_command
 from haif.runtime.worker import add_worker_args
@@ -151,7 +153,7 @@ COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "simulate and analyse",
         ("sim", "sweep", "compare", "query", "regress", "calibrate", "validate"),
     ),
-    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "artifacts")),
+    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "certs", "artifacts")),
     (
         "services (haif up starts them; run one by hand to place it on another machine)",
         ("gateway", "orchestrator", "worker"),
@@ -433,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_serving_args(orch)  # with --gateway-port
     add_cluster_auth_args(orch)
+    add_cluster_tls_args(orch)
     orch.set_defaults(func=_cmd_service)
 
     worker = sub.add_parser(
@@ -472,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_gateway_serving_args(gw)
     add_cluster_auth_args(gw)
+    add_cluster_tls_args(gw)
     gw.set_defaults(func=_cmd_service)
 
     add_keys_commands(sub)
@@ -479,6 +483,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_command(sub)
     add_parity_command(sub)
     add_dlq_commands(sub)
+    add_certs_commands(sub)
     add_artifact_commands(sub)
     sub.choices["replay"].description = _REPLAY_DESCRIPTION
     _fill_missing_help(parser)

@@ -101,6 +101,15 @@ COVERED: dict[str, tuple[str, ...]] = {
     "dlq list": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq show": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
     "dlq replay": ("tests/test_runtime_reliability.py::test_dead_letters_listed_then_replayed",),
+    "certs list": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
+    "certs rotate": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
+    "certs server": (
+        "tests/test_cluster_tls.py::test_certs_cli_lists_rotates_and_issues_a_server_certificate",
+    ),
     "artifacts make-tiny": (
         "tests/test_example_clusters.py::test_tiny_model_example",
         "tests/vllm_lane/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",

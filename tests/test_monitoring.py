@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -67,8 +68,14 @@ def test_promtool_test_rules() -> None:
     assert "SUCCESS" in out
 
 
-def test_promtool_check_config() -> None:
-    out = _run("check", "config", str(PROMETHEUS_CONFIG))
+def test_promtool_check_config(tmp_path: Path) -> None:
+    """The config as Prometheus loads it beside a `haif up` data dir: its tls_config names
+    the cluster CA and the monitor's certificate, which haif up writes to .haif/tls/."""
+    from haif.runtime.cluster_tls import MONITOR, ensure_cluster_certs
+
+    shutil.copytree(PROMETHEUS_CONFIG.parent, tmp_path / "monitoring" / "prometheus")
+    ensure_cluster_certs(tmp_path / ".haif" / "tls", [MONITOR])
+    out = _run("check", "config", str(tmp_path / "monitoring" / "prometheus" / "prometheus.yml"))
     assert "is valid prometheus config file syntax" in out
 
 
@@ -192,8 +199,8 @@ def exported_names(text: str) -> set[str]:
     return names
 
 
-def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as resp:
+def _get(url: str, context: ssl.SSLContext | None = None) -> str:
+    with urllib.request.urlopen(url, timeout=30, context=context) as resp:
         body: bytes = resp.read()
     return body.decode()
 
@@ -202,8 +209,11 @@ def _get(url: str) -> str:
 def test_every_metric_used_exists_on_a_live_cluster(tmp_path: Path) -> None:
     """Start `haif up`, send a few requests (plain, streamed, an unknown model), scrape the
     gateway, the orchestrator and every worker: every metric name the dashboard and the
-    rules use is served, and no counter carries a `_created` twin."""
-    up = UpCli(tmp_path / "d")
+    rules use is served, and no counter carries a `_created` twin. With internal_tls: true,
+    so the certificates' expiry is among them, scraped as Prometheus scrapes it."""
+    config = tmp_path / "cluster.yaml"
+    config.write_text("internal_tls: true\n")
+    up = UpCli(tmp_path / "d", config)
     try:
         up.complete(headers={"x-request-id": "mon-1"})
         for i in range(3):
@@ -219,9 +229,16 @@ def test_every_metric_used_exists_on_a_live_cluster(tmp_path: Path) -> None:
         status, answer = up.post("/v1/completions", {"model": "no-such-model", "prompt": "x"})
         assert status == 404, answer
         targets = json.loads(Path(up.state["prometheus_targets"]).read_text())
+        # As Prometheus scrapes (prometheus.yml): https where the targets say so
+        # (internal_tls: true), with the cluster CA and the monitor's certificate,
+        # checking the address it names.
+        scrape = ssl.create_default_context(cafile=str(up.data / "tls" / "ca.pem"))
+        scrape.load_cert_chain(
+            str(up.data / "tls" / "monitor.pem"), str(up.data / "tls" / "monitor.key")
+        )
         pages = {
             f"{t['labels']['component']} {t['labels']['service']}": _get(
-                f"http://{t['targets'][0]}/metrics"
+                f"{t['labels'].get('__scheme__', 'http')}://{t['targets'][0]}/metrics", scrape
             )
             for t in targets
         }

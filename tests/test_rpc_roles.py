@@ -33,6 +33,7 @@ from haif.runtime.worker import Worker, WorkerSpec
 
 KEYS = {Role.GATEWAY: "gateway", Role.ORCHESTRATOR: "orchestrator", Role.ADMIN: "admin"}
 KEYS[Role.WORKER] = "w1"
+KEYS[Role.MONITOR] = "monitor"  # health checks and scrapes: no RPC method at all
 
 EXPECTED = {
     # method: roles allowed (anything else: 403)
@@ -58,6 +59,7 @@ EXPECTED = {
         ("orchestrator", Role.ORCHESTRATOR),
         ("orchestrator-2", Role.ORCHESTRATOR),
         ("admin", Role.ADMIN),
+        ("monitor", Role.MONITOR),
         ("w1", Role.WORKER),
         ("gateways", Role.WORKER),  # not "gateway" nor "gateway-...": a worker id
         ("us-east/H100-80G/0.0", Role.WORKER),
@@ -93,7 +95,7 @@ def test_every_served_method_is_in_a_table_and_unknown_ones_are_closed(tmp_path:
 async def keyed(tmp_path: Path) -> AsyncIterator[tuple[Path, str, str]]:
     """(key dir, orchestrator URL, worker w1 URL), both services with cluster keys."""
     keys = tmp_path / "keys"
-    ensure_cluster_keys(keys, ["gateway", "orchestrator", "admin", "w1"])
+    ensure_cluster_keys(keys, ["gateway", "orchestrator", "admin", "monitor", "w1"])
     ring = keys / "keyring"
     orch = Orchestrator(
         CoreConfig(),

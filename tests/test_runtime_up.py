@@ -109,7 +109,10 @@ def test_services_and_the_gateway_hop(cluster: Up) -> None:
     gateways = [] if colocated else ["gateway"]
     assert kinds == [*gateways, "orchestrator", "worker", "worker"]
     orchestrator = next(row for row in services["services"] if row["kind"] == "orchestrator")
-    with urllib.request.urlopen(f"{orchestrator['url']}/readyz", timeout=10) as resp:
+    # With internal_tls: true the monitor's certificate reads /readyz (else plain HTTP).
+    with urllib.request.urlopen(
+        f"{orchestrator['url']}/readyz", timeout=10, context=cluster.internal_tls
+    ) as resp:
         assert json.loads(resp.read())["ready"] is True
     with urllib.request.urlopen(f"{cluster.url}/v1/models", timeout=10) as resp:
         assert [m["id"] for m in json.loads(resp.read())["data"]] == ["llama-3-8b"]

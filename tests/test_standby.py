@@ -168,7 +168,9 @@ async def test_a_stream_survives_its_leaders_sigkill(tmp_path: Path, pg_dsn: str
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
             for service in up.state["services"]:
                 if service["kind"] == "orchestrator":
-                    async with session.get(f"{service['url']}/status") as resp:
+                    async with session.get(
+                        f"{service['url']}/status", ssl=up.internal_tls or True
+                    ) as resp:
                         if (await resp.json())["leader"]:
                             leaders.append(service["name"])
             assert len(leaders) == 1, leaders

@@ -30,6 +30,7 @@ from opentelemetry.trace import Span, SpanKind, StatusCode
 
 from haif.contracts import AttemptResult, Dispatch, Event
 from haif.runtime import telemetry
+from haif.runtime.cluster_tls import ServiceTls
 from haif.runtime.messages import InferCall, InferEnd, TokenChunk
 from haif.runtime.relay import Pending
 from haif.runtime.rpc import RpcClient, RpcError, RpcUnavailable
@@ -52,6 +53,7 @@ class Attempts:
         rpc_timeout_s: float,
         idle_timeout_s: float,
         signer: Signer | None = None,
+        tls: ServiceTls | None = None,
     ) -> None:
         self._now = now  # the core's clock
         self._feed = feed  # results go back to the core
@@ -61,6 +63,7 @@ class Attempts:
         self.rpc_timeout_s = rpc_timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._signer = signer
+        self._tls = tls  # mutual TLS to the workers (their certificates name their ids)
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self.session: aiohttp.ClientSession | None = None
 
@@ -131,6 +134,7 @@ class Attempts:
                 self.rpc_timeout_s,
                 signer=self._signer,
                 audience=dispatch.worker_id,
+                tls=self._tls,
             )
             # Workers see the caller's request id (the orchestrator's "Request ids").
             request = pending.request

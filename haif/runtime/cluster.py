@@ -53,6 +53,12 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 START_TIMEOUT_S = 30.0
 #: The same for a worker that loads a local model first (vLLM on a CPU: about a minute).
 MODEL_LOAD_TIMEOUT_S = 300.0
+#: What ``haif up`` says when ``internal_tls`` is false (the default, for now).
+PLAIN_WARNING = (
+    "WARNING: internal_tls: false: every hop between the services is plain HTTP "
+    "(prompts, completions and API-key lookups readable on the path), authenticated by "
+    "Ed25519 seals only: keep it on loopback. internal_tls: true encrypts every hop."
+)
 
 
 def beside(base: Path | None, path: str | Path) -> Path:
@@ -356,6 +362,26 @@ class ClusterConfig(_Strict):
         description="serve the gateway over HTTPS with these files (clients must trust the "
         "certificate)",
     )
+    internal_tls: bool = Field(
+        default=False,
+        description="true: mutual TLS 1.3 on every connection between the services "
+        "(gateway, orchestrator, workers, haif dlq / keys), with certificates from the "
+        "cluster CA (cluster_ca, else one haif up creates in <data-dir>/tls/). false (the "
+        "default for now: bursts of new TLS connections failed requests in some loaded runs "
+        "on a 2-core machine, see docs/benchmarks.md): plain HTTP sealed with Ed25519 cluster "
+        "keys, readable on the path (loopback only; haif up warns)",
+    )
+    cluster_ca: TlsFiles | None = Field(
+        default=None,
+        description="the CA (PEM certificate and its ECDSA key, relative to this file) that "
+        "signs the services' certificates; default: one haif up creates in <data-dir>/tls/",
+    )
+    store_ca: Annotated[str, Field(min_length=1)] | None = Field(
+        default=None,
+        description="a PostgreSQL store over TLS: the PEM CA certificate (relative to this "
+        "file) its server certificate is checked against; adds sslmode=verify-full and "
+        "sslrootcert to the store URL (unless the URL sets sslmode itself)",
+    )
     colocate_gateway: bool = Field(
         default=False,
         description="run the gateway in the orchestrator's process (no RPC hop, one process "
@@ -379,6 +405,16 @@ class ClusterConfig(_Strict):
                     "orchestrators: 2 and colocate_gateway: true do not go together "
                     "(a gateway inside one orchestrator dies with it)"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _tls_settings(self) -> ClusterConfig:
+        if self.cluster_ca is not None and not self.internal_tls:
+            raise ValueError("cluster_ca: only used with internal_tls: true")
+        if self.store_ca is not None and (
+            self.store is None or not self.store.startswith(("postgresql:", "postgres:"))
+        ):
+            raise ValueError("store_ca: only for a postgresql:// store")
         return self
 
     @field_validator("store")
@@ -457,7 +493,26 @@ def store_url(config: ClusterConfig, config_path: str | Path | None, data_dir: P
     backend, target = store_backend(config.store)
     if backend == "duckdb" and target != ":memory:" and config_path is not None:
         return str(beside(Path(config_path).parent, target))
+    if config.store_ca is not None:
+        base = Path(config_path).resolve().parent if config_path is not None else None
+        return verify_full(config.store, beside(base, config.store_ca))
     return config.store
+
+
+def verify_full(url: str, ca: Path) -> str:
+    """``url`` (postgresql://) with ``sslmode=verify-full`` and ``sslrootcert=ca`` added:
+    the server must present a certificate from ``ca`` naming the URL's host. A URL that
+    sets ``sslmode`` itself is kept as it is. ``ConfigError`` when ``ca`` is missing."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if not ca.is_file():
+        raise ConfigError(f"store_ca {ca}: no such file")
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "sslmode" for k, _ in query):
+        return url
+    query += [("sslmode", "verify-full"), ("sslrootcert", str(ca.resolve()))]
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def redact(url: str) -> str:
@@ -614,6 +669,14 @@ def run_cluster(
     ``port`` (the gateway's) and ``flags`` override the YAML.
     """
     from haif.runtime.cluster_keys import cluster_key_args, ensure_cluster_keys
+    from haif.runtime.cluster_tls import (
+        MONITOR,
+        TLS_DIR,
+        ServiceFiles,
+        cluster_tls_args,
+        ensure_cluster_certs,
+        liveness_context,
+    )
     from haif.runtime.supervisor import ControlServer, Service, Supervisor, write_state
 
     flags = flags or UpFlags()
@@ -623,11 +686,36 @@ def run_cluster(
     config = with_flags(config, flags)
     data_dir.mkdir(parents=True, exist_ok=True)
     keys = data_dir / "keys"
+    tls_dir = data_dir / TLS_DIR
+    base = Path(config_path).resolve().parent if config_path else None
+    names = [*SERVICE_KEYS, *(w.id for w in config.workers)]
+    certs: dict[str, ServiceFiles] = {}
     try:
-        ensure_cluster_keys(keys, [*SERVICE_KEYS, *(w.id for w in config.workers)])
+        if config.internal_tls:
+            ca_files = None
+            if config.cluster_ca is not None:
+                cert, key = config.cluster_ca.resolved(base)
+                ca_files = (Path(cert), Path(key))
+            try:
+                # Addresses too, for tools that check them (Prometheus scraping /metrics).
+                hosts = ["127.0.0.1", "localhost"]
+                hosts += [] if config.host in _WILDCARDS or config.host in hosts else [config.host]
+                certs = ensure_cluster_certs(tls_dir, [*names, MONITOR], ca_files, hosts=hosts)
+            except ConfigError as exc:
+                raise ConfigError(f"{config_path}: {exc}") from None
+        else:
+            ensure_cluster_keys(keys, names)
     except ValueError as exc:
         print(f"error: workers: {exc}", file=sys.stderr, flush=True)
         return 1
+
+    def identity_args(name: str) -> list[str]:
+        """The flags that make ``name`` that service: its certificate, or its key."""
+        if certs:
+            return cluster_tls_args(certs[name])
+        return cluster_key_args(keys, name)
+
+    internal = "https" if certs else "http"
     store = store_url(config, None if flags.store else config_path, data_dir)
     host = config.host
     gw_port = config.gateway_port
@@ -639,14 +727,13 @@ def run_cluster(
         if fixed:
             _check_free(host, fixed, what)
     orch_port = config.orchestrator_port or free_port()
-    orch_url = service_url(host, orch_port)
+    orch_url = service_url(host, orch_port, internal)
     standby_port: int | None = None
     if config.orchestrators == 2:
         standby_port = config.standby_port or free_port()
         if config.standby_port:
             _check_free(host, standby_port, "standby_port (--standby-port)")
-    standby_url = service_url(host, standby_port) if standby_port is not None else None
-    base = Path(config_path).resolve().parent if config_path else None
+    standby_url = service_url(host, standby_port, internal) if standby_port is not None else None
     if config.gateway_tls is not None:
         from haif.runtime.services import server_tls
 
@@ -656,7 +743,10 @@ def run_cluster(
             raise ConfigError(f"{config_path}: gateway_tls: {exc}") from None
     logs = data_dir / "logs"
     logs.mkdir(exist_ok=True)
-    supervisor = Supervisor(logs)
+    liveness = None
+    if certs:  # health checks of internal ports present the monitor's certificate
+        liveness = liveness_context(certs[MONITOR])
+    supervisor = Supervisor(logs, liveness)
     try:
         control = ControlServer(supervisor, port=config.control_port)
     except OSError as exc:
@@ -690,20 +780,20 @@ def run_cluster(
             orch_args += ["--journal", str(data_dir / journal)]
             if not settings.journal_fsync:
                 orch_args.append("--journal-no-fsync")
-            orch_args += ["--seed", str(config.seed), *cluster_key_args(keys, "orchestrator")]
+            orch_args += ["--seed", str(config.seed), *identity_args("orchestrator")]
             if config_path:
                 orch_args += ["--config", config_path]
             if config.colocate_gateway:
                 orch_args += ["--gateway-port", str(gw_port), *serving]
             if standby_port is not None:
                 orch_args += ["--leader-lease-s", str(settings.leader_lease_s)]
-            url = service_url(host, port)
+            url = service_url(host, port, internal)
             supervisor.add(Service(name, "orchestrator", config.region, url, orch_args))
         for w in config.workers:
             wport = w.port or free_port()
-            url = service_url(host, wport)
+            url = service_url(host, wport, internal)
             args = [*worker_args(w, orch_url, wport, base, standby_url), "--host", host]
-            args += cluster_key_args(keys, w.id)
+            args += identity_args(w.id)
             # A restarted profile-timed worker reloads its weights, as in the simulator.
             restart = ["--cold-start"] if w.engine == "synthetic" and w.timing != "fixed" else []
             supervisor.add(Service(w.id, "worker", w.region, url, args, restart, w.start_timeout()))
@@ -713,7 +803,7 @@ def run_cluster(
             gw_args += ["--orchestrator", orch_url, "--region", config.region, *serving]
             gw_args += ["--standby", standby_url] if standby_url else []
             gw_args += ["--config", config_path] if config_path else []
-            gw_args += cluster_key_args(keys, "gateway")
+            gw_args += identity_args("gateway")
             gateway.args = gw_args
             supervisor.add(gateway)
         with control:
@@ -729,17 +819,21 @@ def run_cluster(
                 **({"standby_url": standby_url} if standby_url else {}),
                 store=store,
                 data_dir=str(data_dir.resolve()),
-                keys=str(keys.resolve()),
+                **({"tls": str(tls_dir.resolve())} if certs else {"keys": str(keys.resolve())}),
                 prometheus_targets=str(targets.resolve()),
             )
             print(
                 f"haif cluster up: gateway {gw_url} (orchestrator {orch_url}"
                 f"{f', standby {standby_url}' if standby_url else ''}, "
-                f"{len(config.workers)} workers); logs in {logs}; "
+                f"{len(config.workers)} workers; internal hops: "
+                f"{'mutual TLS 1.3, CA ' + str(tls_dir / 'ca.pem') if certs else 'PLAIN HTTP'}); "
+                f"logs in {logs}; "
                 f"control {control.url} (token in {state_file}); "
                 f"Prometheus targets in {targets}; Ctrl-C to stop",
                 flush=True,
             )
+            if not certs:  # after the line above, which tools wait for
+                print(PLAIN_WARNING, file=sys.stderr, flush=True)
             while not stop:
                 for service in supervisor.unexpected_exits():
                     code = service.proc.returncode if service.proc else None

@@ -1,7 +1,9 @@
 """How an operator command (``haif dlq``, ``haif keys``) reaches a cluster's data.
 
-Either it asks the running orchestrator over RPC, sealed with the cluster's
-``admin`` key, or it opens the store itself. DuckDB allows one process per
+Either it asks the running orchestrator over RPC, as the cluster's
+``admin`` (over mutual TLS with ``<data-dir>/tls/admin.pem``, or sealed with
+``<data-dir>/keys/admin.key`` on a cluster with ``internal_tls: false``), or
+it opens the store itself. DuckDB allows one process per
 file, so while ``haif up`` runs on a DuckDB store only the orchestrator can
 read or change it; a PostgreSQL store can be opened at any time.
 
@@ -26,6 +28,12 @@ from typing import Any
 
 from haif.configfile import ConfigError
 from haif.runtime.cluster_keys import add_cluster_auth_args, cluster_auth_from_args
+from haif.runtime.cluster_tls import (
+    TLS_DIR,
+    ServiceTls,
+    add_cluster_tls_args,
+    service_tls_from_args,
+)
 from haif.runtime.security import Signer
 
 DEFAULT_DATA_DIR = ".haif"
@@ -38,6 +46,7 @@ class Target:
 
     orchestrator: str | None = None  # ask this orchestrator over RPC
     signer: Signer | None = None  # sealing those calls
+    tls: ServiceTls | None = None  # or calling over mutual TLS with the admin certificate
     store: str | None = None  # or open this store (and the fallback of a running cluster)
     running: bool = False  # found through a running `haif up`'s cluster.json
     standby: str | None = None  # the other orchestrator of a pair: asked if this one is not
@@ -71,6 +80,19 @@ def add_target_args(parser: argparse.ArgumentParser, *, store: bool = True) -> N
             "only while no cluster runs on it)",
         )
     add_cluster_auth_args(parser)
+    add_cluster_tls_args(parser)
+
+
+def admin_tls(args: argparse.Namespace, tls_dir: Path) -> ServiceTls | None:
+    """The admin's certificate for an orchestrator behind mutual TLS: the flags, else
+    ``<tls_dir>/admin.pem`` if it exists."""
+    given = service_tls_from_args(args)
+    if given is not None:
+        return given
+    cert, key, ca = tls_dir / "admin.pem", tls_dir / "admin.key", tls_dir / "ca.pem"
+    if not cert.exists():
+        return None
+    return ServiceTls(cert, key, ca)
 
 
 def admin_signer(args: argparse.Namespace, keys: Path) -> Signer | None:
@@ -97,18 +119,23 @@ def resolve(args: argparse.Namespace) -> Target:
     if orchestrator and store:
         raise ConfigError("give --orchestrator or --store, not both")
     if orchestrator:
-        return Target(orchestrator=orchestrator, signer=admin_signer(args, data_dir / "keys"))
+        tls = admin_tls(args, data_dir / TLS_DIR) if orchestrator.startswith("https:") else None
+        return Target(
+            orchestrator=orchestrator, signer=admin_signer(args, data_dir / "keys"), tls=tls
+        )
     if store:
         return Target(store=store)
     state: dict[str, Any] | None = running_state(data_dir)
     if state is not None and isinstance(state.get("orchestrator_url"), str):
         keys = Path(str(state.get("keys") or data_dir / "keys"))
+        tls_dir = state.get("tls")
         recorded = state.get("store")
         standby = state.get("standby_url")
         return Target(
             orchestrator=state["orchestrator_url"],
             standby=standby if isinstance(standby, str) else None,
             signer=admin_signer(args, keys),
+            tls=admin_tls(args, Path(tls_dir)) if isinstance(tls_dir, str) else None,
             store=recorded if isinstance(recorded, str) else None,
             running=True,
         )
@@ -127,7 +154,12 @@ async def call(target: Target, method: str, body: Any, timeout_s: float = 30.0) 
     async with aiohttp.ClientSession() as session:
         for i, url in enumerate(urls):
             client = RpcClient(
-                session, url, timeout_s, signer=target.signer, audience=ORCHESTRATOR_AUDIENCE
+                session,
+                url,
+                timeout_s,
+                signer=target.signer,
+                audience=ORCHESTRATOR_AUDIENCE,
+                tls=target.tls if url.startswith("https:") else None,
             )
             try:
                 return await client.call(method, body)

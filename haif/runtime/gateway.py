@@ -187,6 +187,7 @@ from haif.contracts import (
     SamplingParams,
 )
 from haif.runtime import telemetry
+from haif.runtime.cluster_tls import ServiceTls, export_expiry
 from haif.runtime.messages import OrchestratorStatus, SubmitReply, TokenChunk
 from haif.runtime.prompt_tokens import PromptError, PromptTokens
 from haif.runtime.relay import Frame
@@ -866,13 +867,15 @@ class Gateway:
         standby_url: str | None = None,
         failover_s: float = 15.0,
         prompts: PromptTokens | None = None,
+        tls: ServiceTls | None = None,
     ) -> None:
         """``local``: the orchestrator runs in this process; call it directly, not at
         ``orchestrator_url`` (see :func:`haif.runtime.services.run_service`).
         ``limits``: the edge's deadlines and caps (see "The edge" above).
         ``standby_url``, ``failover_s``: see "A standby orchestrator" above.
         ``prompts``: each model's tokenizer and block size (default: the synthetic
-        words for every model; see "Prompt tokens and prefix hashes" above)."""
+        words for every model; see "Prompt tokens and prefix hashes" above).
+        ``tls``: mutual TLS to the orchestrator (:mod:`haif.runtime.cluster_tls`)."""
         if local is not None and standby_url is not None:
             raise ValueError("a gateway in the orchestrator's process has no standby")
         self.orchestrator_urls: tuple[str, ...] = (
@@ -884,6 +887,8 @@ class Gateway:
         self.limits = limits or GatewayLimits()
         self.local = local
         self.signer = signer  # cluster key: seals every RPC to the orchestrator
+        self.tls = tls  # cluster certificate: mutual TLS to the orchestrator
+        self._tls_watch: asyncio.Task[None] | None = None
         self.region = region
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -893,14 +898,20 @@ class Gateway:
         self._key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
         self.metrics = telemetry.GatewayMetrics()
         self.prompts = prompts or PromptTokens()
+        if tls is not None:
+            export_expiry(self.metrics.registry, tls)
 
     async def start(self) -> None:
         await self.prompts.load()  # the models' tokenizers, verified, before any request
         # No connection cap: every open stream holds one connection.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        if self.tls is not None:  # new certificates, without a restart
+            self._tls_watch = asyncio.create_task(self.tls.watch())
 
     async def stop(self) -> None:
         self.prompts.close()
+        if self._tls_watch is not None:
+            self._tls_watch.cancel()
         if self._session is not None:
             await self._session.close()
 
@@ -919,6 +930,7 @@ class Gateway:
             self.timeout_s,
             signer=self.signer,
             audience=ORCHESTRATOR_AUDIENCE,
+            tls=self.tls,
         )
 
     # ---------------------------------------------------------- orchestrators

@@ -164,6 +164,7 @@ from haif.control.presence import (
 from haif.runtime import api_keys, telemetry
 from haif.runtime.attempts import Attempts
 from haif.runtime.cluster_keys import ClusterAuth
+from haif.runtime.cluster_tls import ServiceTls, export_expiry
 from haif.runtime.dead_letters import DeadLetters
 from haif.runtime.drivers import LoopDriver, LoopPresence
 from haif.runtime.journal import Found, Journal, Settlement
@@ -179,9 +180,11 @@ from haif.runtime.rpc import (
     EnvelopeAuth,
     Handler,
     LogThrottle,
+    PeerAuth,
     RpcError,
     StreamHandler,
     add_rpc_routes,
+    caller_identity,
     caller_key_id,
 )
 from haif.runtime.store import DeadLetterRow, JobRow, MetadataStore
@@ -218,6 +221,7 @@ class Orchestrator:
         evict_after_missed: int = 3,
         default_heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         cluster_auth: ClusterAuth | None = None,
+        service_tls: ServiceTls | None = None,
         region: str = "",
         wall: Callable[[], float] = time.time,
         journal: Journal | None = None,
@@ -242,6 +246,10 @@ class Orchestrator:
             if cluster_auth is not None
             else None
         )
+        #: Mutual TLS: the server context it is served with, its client context
+        #: to the workers, and the role check of every caller's certificate.
+        self.service_tls = service_tls
+        self.peer_auth = PeerAuth(ORCHESTRATOR_METHODS) if service_tls is not None else None
         self._refusals = LogThrottle()
         # The simulator's core of a region draws from "core:<region>": the same
         # seed and region give the same placement draws in both shells.
@@ -306,6 +314,7 @@ class Orchestrator:
             rpc_timeout_s=rpc_timeout_s,
             idle_timeout_s=idle_timeout_s,
             signer=cluster_auth.signer if cluster_auth is not None else None,
+            tls=service_tls,
         )
         self.driver: LoopDriver | None = None
         self._presence_driver: LoopPresence | None = None
@@ -333,11 +342,14 @@ class Orchestrator:
         self._loops.extend(asyncio.create_task(c) for c in self.reconciler.loops())
         if self.leadership is not None:
             self._loops.append(asyncio.create_task(self.leadership.run()))
+        if self.service_tls is not None:  # new certificates, without a restart
+            self._loops.append(asyncio.create_task(self.service_tls.watch()))
         log.info(
-            "orchestrator started: placement %s, store %s%s",
+            "orchestrator started: placement %s, store %s%s%s",
             self.config.placement,
             type(self.store).__name__,
             ", RPC sealed with cluster keys" if self.cluster_auth is not None else "",
+            ", mutual TLS as " + self.service_tls.identity.name if self.service_tls else "",
         )
 
     async def stop(self) -> None:
@@ -534,8 +546,29 @@ class Orchestrator:
 
     # ------------------------------------------------------------ presence
 
-    def _check_announcer(self, wid: str) -> None:
-        """With cluster keys: refuse ``wid`` unless the call was sealed by the key named ``wid``."""
+    def _check_announcer(self, wid: str, url: str) -> None:
+        """Refuse ``wid`` unless the caller is worker ``wid``: its certificate (mutual TLS)
+        names ``wid``, and (cluster keys) the call was sealed by the key named ``wid``."""
+        if self.service_tls is not None:
+            identity = caller_identity()
+            if identity is None or identity.name != wid:
+                name = identity.name if identity is not None else None
+                if self._refusals.due((wid, name)):
+                    log.warning(
+                        "refused the announcement of worker %r: the caller's certificate names %r",
+                        wid,
+                        name,
+                    )
+                raise RpcError(
+                    "wrong_worker",
+                    f"worker {wid!r} may only be announced with its own certificate",
+                    403,
+                )
+            if not url.startswith("https://"):
+                raise RpcError(
+                    "bad_request",
+                    f"worker {wid!r} announced {url!r}: this cluster's workers serve https://",
+                )
         if self.cluster_auth is None:
             return
         kid = caller_key_id()
@@ -560,7 +593,7 @@ class Orchestrator:
             raise RpcError("bad_request", "heartbeat expects an Announce")
         assert self._presence_driver is not None
         wid = body.snapshot.worker_id
-        self._check_announcer(wid)
+        self._check_announcer(wid, body.url)
         self._workers[wid] = body.url
         presence = self._seen.get(wid)
         if presence is None:
@@ -868,8 +901,17 @@ def rpc_methods(orch: Orchestrator) -> tuple[dict[str, Handler], dict[str, Strea
 def build_app(orch: Orchestrator) -> web.Application:
     app = web.Application()
     app[ORCHESTRATOR] = orch
+    if orch.service_tls is not None:
+        export_expiry(orch.metrics.registry, orch.service_tls)
     unary, streams = rpc_methods(orch)
-    add_rpc_routes(app, unary, streams, service="orchestrator", auth=orch.envelope_auth)
+    add_rpc_routes(
+        app,
+        unary,
+        streams,
+        service="orchestrator",
+        auth=orch.envelope_auth,
+        peer_auth=orch.peer_auth,
+    )
 
     async def healthz(_request: web.Request) -> web.Response:
         return web.json_response({"ok": True})

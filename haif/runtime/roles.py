@@ -4,8 +4,12 @@ A sealed call proves which key sent it (:mod:`haif.runtime.rpc`); this
 module says what that key may do. A key's role comes from the name it is
 trusted under in the keyring (its file's stem, see
 :mod:`haif.runtime.cluster_keys`): ``gateway``, ``orchestrator`` and
-``admin`` (or those words followed by ``-`` and anything, for several of a
-kind, e.g. ``gateway-eu``), and any other name is a worker's id.
+``admin`` and ``monitor`` (or those words followed by ``-`` and anything,
+for several of a kind, e.g. ``gateway-eu``), and any other name is a
+worker's id. Under mutual TLS (:mod:`haif.runtime.cluster_tls`) the role is
+written in the caller's certificate, and must be the one its name implies.
+``monitor`` may call no RPC method: it is the identity that health checks
+and Prometheus scrape internal ports with.
 
 =====================  =========================================================
 method                 roles allowed
@@ -38,9 +42,10 @@ class Role(StrEnum):
     ORCHESTRATOR = "orchestrator"
     ADMIN = "admin"
     WORKER = "worker"
+    MONITOR = "monitor"
 
 
-_SERVICES = (Role.GATEWAY, Role.ORCHESTRATOR, Role.ADMIN)
+_SERVICES = (Role.GATEWAY, Role.ORCHESTRATOR, Role.ADMIN, Role.MONITOR)
 
 _GW, _ORCH, _ADMIN, _WORKER = Role.GATEWAY, Role.ORCHESTRATOR, Role.ADMIN, Role.WORKER
 

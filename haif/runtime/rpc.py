@@ -29,6 +29,18 @@ and a replay cache before anything else; a call that fails gets HTTP 401
 verified caller's key id from :func:`caller_key_id`. Without a signer /
 ``EnvelopeAuth`` (the default) nothing is signed or checked.
 
+Mutual TLS
+----------
+A client built with a :class:`~haif.runtime.cluster_tls.ServiceTls` calls
+``https://`` URLs with the cluster's client context and checks, during the
+handshake, that the server's certificate names ``audience``
+(:func:`~haif.runtime.cluster_tls.tls_hostname`). A server given a
+:class:`PeerAuth` (and served with the matching server context) reads the
+caller's identity from its verified certificate and answers 403 when that
+identity's role may not call the method (401 when the connection carries no
+certificate: a server not served over TLS); a handler learns the name with
+:func:`caller_name`. Both checks may be combined (seal *and* certificate).
+
 Streaming calls
 ---------------
 A streaming method (``infer_stream`` on workers, ``submit_stream`` on the
@@ -79,6 +91,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from haif import wire
 from haif.contracts import ErrorKind
 from haif.runtime import telemetry
+from haif.runtime.cluster_tls import Identity, ServiceTls, peer_identity
 from haif.runtime.roles import Role, allowed, role_of
 from haif.runtime.security import (
     DEFAULT_MAX_TTL_S,
@@ -114,9 +127,19 @@ _caller: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+_peer: contextvars.ContextVar[Identity | None] = contextvars.ContextVar(
+    "haif_rpc_peer", default=None
+)
+
+
 def caller_key_id() -> str | None:
     """The key id whose seal the call being handled carried; ``None`` if unchecked."""
     return _caller.get()
+
+
+def caller_identity() -> Identity | None:
+    """The verified certificate identity of the call being handled; ``None`` if unchecked."""
+    return _peer.get()
 
 
 class RpcError(Exception):
@@ -202,6 +225,7 @@ class RpcClient:
         audience: str = "",
         clock: Callable[[], float] = time.time,
         seal_ttl_s: float = DEFAULT_SEAL_TTL_S,
+        tls: ServiceTls | None = None,
     ) -> None:
         self.session = session
         self.base_url = base_url.rstrip("/")
@@ -210,6 +234,13 @@ class RpcClient:
         self.audience = audience
         self.clock = clock
         self.seal_ttl_s = seal_ttl_s
+        #: aiohttp arguments of every request: the cluster's client context and
+        #: the name the server's certificate must carry (built once, not per call).
+        self._tls: dict[str, Any] = {}
+        if tls is not None:
+            if not self.base_url.startswith("https://"):
+                raise ValueError(f"{self.base_url}: mutual TLS needs an https:// URL")
+            self._tls = tls.client_kwargs(audience or ORCHESTRATOR_AUDIENCE)
 
     def envelope(self, method: str, body: Any, trace: str | None = None) -> bytes:
         """The packed envelope of a call (sealed when the client has a signer)."""
@@ -249,6 +280,7 @@ class RpcClient:
                 data=self.envelope(method, body, trace),
                 headers={"Content-Type": CONTENT_TYPE},
                 timeout=timeout,
+                **self._tls,
             ) as resp:
                 payload = await resp.read()
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
@@ -296,6 +328,7 @@ class RpcClient:
                 data=self.envelope(method, body, trace),
                 headers={"Content-Type": CONTENT_TYPE},
                 timeout=timeout,
+                **self._tls,
             ) as resp:
                 if resp.content_type != STREAM_CONTENT_TYPE:
                     payload = await resp.read()
@@ -522,6 +555,35 @@ class EnvelopeAuth:
         return kid
 
 
+class PeerAuth:
+    """What a server served with mutual TLS demands: a caller whose role may call the method.
+
+    The TLS handshake has already refused a caller without a certificate from
+    the cluster CA (or with an expired one); this reads the identity of the
+    one that passed (:func:`~haif.runtime.cluster_tls.peer_identity`) and
+    checks its role against ``methods`` (:mod:`haif.runtime.roles`).
+    """
+
+    def __init__(self, methods: Mapping[str, frozenset[Role]]) -> None:
+        self.methods = methods
+
+    def verify(self, method: str, transport: asyncio.BaseTransport | None) -> Identity:
+        """The caller's identity; :class:`AuthError` 401 without one, 403 if not allowed."""
+        identity = peer_identity(transport)
+        if identity is None:
+            raise AuthError(
+                401, "no_certificate", "internal RPC needs a client certificate from the cluster CA"
+            )
+        roles = self.methods.get(method)
+        if roles is None or identity.role not in roles:
+            raise AuthError(
+                403,
+                "forbidden",
+                f"{identity.role} certificate {identity.name!r} may not call {method!r}",
+            )
+        return identity
+
+
 class LogThrottle:
     """Says when a repeated warning is due: once per key every ``every_s`` seconds.
 
@@ -553,6 +615,7 @@ def add_rpc_routes(
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     service: str = "rpc",
     auth: EnvelopeAuth | None = None,
+    peer_auth: PeerAuth | None = None,
 ) -> None:
     """Serve ``handlers`` (unary) and ``streams`` (streaming) by method name.
 
@@ -562,7 +625,9 @@ def add_rpc_routes(
     the envelope's ``trace`` (:mod:`haif.runtime.telemetry`). With ``auth``
     every call must carry a valid seal, checked before anything else runs
     (refusals are logged as warnings); handlers read the caller's key id
-    with :func:`caller_key_id`.
+    with :func:`caller_key_id`. With ``peer_auth`` (a server behind mutual
+    TLS) the caller's certificate must name a role allowed to call the
+    method; handlers read it with :func:`caller_identity`.
     """
     stream_handlers = dict(streams or {})
     refusals = LogThrottle()
@@ -576,17 +641,21 @@ def add_rpc_routes(
         except (msgpack.UnpackException, ValueError) as exc:
             return error_reply(400, "bad_request", str(exc))
         caller: str | None = None
-        if auth is not None:
+        peer: Identity | None = None
+        if auth is not None or peer_auth is not None:
             try:
-                caller = auth.verify(method, envelope)
+                if peer_auth is not None:
+                    peer = peer_auth.verify(method, request.transport)
+                if auth is not None:
+                    caller = auth.verify(method, envelope)
             except AuthError as exc:
-                peer = request.remote or "?"
-                if refusals.due((peer, method, exc.code)):
+                remote = request.remote or "?"
+                if refusals.due((remote, method, exc.code)):
                     log.warning(
                         "%s refused %s from %s: %s (%s)",
                         service,
                         method,
-                        peer,
+                        remote,
                         exc.code,
                         exc.message,
                     )
@@ -598,6 +667,7 @@ def add_rpc_routes(
         except ValueError as exc:
             return error_reply(400, "bad_request", str(exc))
         token = _caller.set(caller)
+        peer_token = _peer.set(peer)
         try:
             if method in UNTRACED_METHODS:
                 return await serve(request, method, body)
@@ -613,6 +683,7 @@ def add_rpc_routes(
                 return resp
         finally:
             _caller.reset(token)
+            _peer.reset(peer_token)
 
     async def serve(request: web.Request, method: str, body: Any) -> web.StreamResponse:
         handler = handlers.get(method)

@@ -7,8 +7,11 @@ reconciler, eviction).
 
 ``--cluster-key PATH`` and ``--cluster-keyring DIR`` (all three services)
 seal every RPC a service sends and refuse every RPC it receives that is not
-sealed by a trusted key (:mod:`haif.runtime.cluster_keys`); without them RPC
-is unauthenticated.
+sealed by a trusted key (:mod:`haif.runtime.cluster_keys`).
+``--cluster-tls-cert``, ``--cluster-tls-key`` and ``--cluster-ca`` put every
+internal connection a service makes or serves on mutual TLS 1.3 with its
+certificate from the cluster CA (:mod:`haif.runtime.cluster_tls`). Without
+either, RPC is unauthenticated (loopback benchmarking only).
 
 :func:`add_key` and :func:`revoke_key` change API keys straight in a store
 (tests and scripts); ``haif keys`` (:mod:`haif.runtime.api_keys`) also
@@ -33,6 +36,7 @@ from haif.configfile import ConfigError
 if TYPE_CHECKING:
     from haif.runtime.cluster import ClusterConfig
     from haif.runtime.cluster_keys import ClusterAuth
+    from haif.runtime.cluster_tls import ServiceTls
     from haif.runtime.gateway import GatewayAuth
     from haif.runtime.prompt_tokens import PromptTokens
 
@@ -68,6 +72,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime import telemetry
     from haif.runtime.cluster import ClusterConfig, load_cluster
     from haif.runtime.cluster_keys import cluster_auth_from_args
+    from haif.runtime.cluster_tls import service_tls_from_args
     from haif.runtime.event_loop import new_loop
     from haif.runtime.gc_pauses import freeze_after_startup
 
@@ -80,12 +85,17 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     app: web.Application | Awaitable[web.Application]
     if kind == "orchestrator":
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
-        app = _orchestrator_app(cluster, args, cluster_auth_from_args(args))
+        internal = service_tls_from_args(args)
+        _check_identity(internal, "orchestrator")
+        app = _orchestrator_app(cluster, args, cluster_auth_from_args(args), internal)
         if args.gateway_port is None and (args.tls_cert or args.tls_key):
             raise ConfigError("--tls-cert / --tls-key serve the client API: add --gateway-port")
+        tls = internal.server if internal is not None else None
         if args.gateway_port is not None:  # and the gateway, in this process
             auth = _gateway_auth(cluster, args.config)
-            app = _with_gateway(app, cluster.region, auth, args, _prompts(cluster, args.config))
+            app = _with_gateway(
+                app, cluster.region, auth, args, _prompts(cluster, args.config), tls
+            )
             shutdown_timeout = args.shutdown_timeout_s
             tls = server_tls(args.tls_cert, args.tls_key)
     elif kind == "worker":
@@ -97,6 +107,10 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
 
         cluster = load_cluster(args.config) if args.config else ClusterConfig()
         keys = cluster_auth_from_args(args)
+        internal = service_tls_from_args(args)
+        _check_identity(internal, "gateway")
+        check_peer_scheme(internal, "--orchestrator", args.orchestrator)
+        check_peer_scheme(internal, "--standby", args.standby)
         gw = gateway.Gateway(
             args.orchestrator,
             args.region,
@@ -106,6 +120,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             limits=gateway.edge_limits(args),
             standby_url=args.standby,
             prompts=_prompts(cluster, args.config),
+            tls=internal,
         )
         app = gateway.build_app(gw)
         shutdown_timeout = args.shutdown_timeout_s
@@ -123,6 +138,28 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         loop=new_loop(),
     )
     return 0
+
+
+def _check_identity(tls: ServiceTls | None, role: str) -> None:
+    """``ConfigError`` when ``--cluster-tls-cert`` is not a certificate of ``role``."""
+    if tls is not None and tls.identity.role.value != role:
+        raise ConfigError(
+            f"--cluster-tls-cert {tls.cert} is the certificate of {tls.identity.role} "
+            f"{tls.identity.name!r}, not of a {role}"
+        )
+
+
+def check_peer_scheme(tls: ServiceTls | None, flag: str, url: str | None) -> None:
+    """``ConfigError`` when a peer's URL does not match whether this service uses mTLS."""
+    if url is None:
+        return
+    if tls is not None and not url.startswith("https://"):
+        raise ConfigError(f"{flag} {url}: with --cluster-tls-cert, peers are https:// URLs")
+    if tls is None and url.startswith("https://"):
+        raise ConfigError(
+            f"{flag} {url}: an https:// peer needs this service's certificate "
+            "(--cluster-tls-cert, --cluster-tls-key, --cluster-ca)"
+        )
 
 
 def _gateway_auth(cluster: ClusterConfig, config: str | None) -> GatewayAuth:
@@ -147,6 +184,7 @@ async def _with_gateway(
     auth: GatewayAuth,
     args: argparse.Namespace,
     prompts: PromptTokens | None = None,
+    orchestrator_tls: ssl.SSLContext | None = None,
 ) -> web.Application:
     """The gateway's app, calling the orchestrator in this process, which it serves too.
 
@@ -174,7 +212,7 @@ async def _with_gateway(
 
     async def start_orchestrator(_app: web.Application) -> None:
         await runner.setup()
-        await web.TCPSite(runner, args.host, args.port).start()
+        await web.TCPSite(runner, args.host, args.port, ssl_context=orchestrator_tls).start()
 
     async def stop_orchestrator(_app: web.Application) -> None:
         await runner.cleanup()
@@ -185,7 +223,10 @@ async def _with_gateway(
 
 
 async def _orchestrator_app(
-    cluster: ClusterConfig, args: argparse.Namespace, cluster_auth: ClusterAuth | None = None
+    cluster: ClusterConfig,
+    args: argparse.Namespace,
+    cluster_auth: ClusterAuth | None = None,
+    service_tls: ServiceTls | None = None,
 ) -> web.Application:
     """The orchestrator's app on the store ``args.store`` names (opened on the app's loop)."""
     from haif.runtime import orchestrator
@@ -222,6 +263,7 @@ async def _orchestrator_app(
         # cadence, so no worker is evicted before its first interval is known.
         default_heartbeat_s=max((w.heartbeat_s for w in cluster.workers), default=0.5),
         cluster_auth=cluster_auth,
+        service_tls=service_tls,
         region=cluster.region,
         journal=(
             Journal(args.journal, fsync=not getattr(args, "journal_no_fsync", False))

@@ -86,14 +86,21 @@ _LIVENESS_TLS.check_hostname = False
 _LIVENESS_TLS.verify_mode = ssl.CERT_NONE
 
 
-def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.0) -> None:
+def wait_healthy(
+    url: str,
+    proc: subprocess.Popen[bytes],
+    timeout_s: float = 30.0,
+    tls: ssl.SSLContext | None = None,
+) -> None:
+    """Wait until ``url`` answers ``/healthz`` (``tls``: the context for https, which
+    presents a client certificate where internal ports demand one)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise ConfigError(f"{url}: service exited with code {proc.returncode}")
         try:
-            tls = _LIVENESS_TLS if url.startswith("https:") else None
-            with urllib.request.urlopen(f"{url}/healthz", timeout=1.0, context=tls) as resp:
+            context = (tls or _LIVENESS_TLS) if url.startswith("https:") else None
+            with urllib.request.urlopen(f"{url}/healthz", timeout=1.0, context=context) as resp:
                 if resp.status == 200:
                     return
         except (urllib.error.URLError, OSError, http.client.HTTPException):
@@ -108,8 +115,9 @@ def wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 30.
 class Supervisor:
     """Starts, faults and stops the services of one cluster (thread-safe)."""
 
-    def __init__(self, logs: Path) -> None:
+    def __init__(self, logs: Path, liveness_tls: ssl.SSLContext | None = None) -> None:
         self.logs = logs
+        self.liveness_tls = liveness_tls
         self.services: dict[str, Service] = {}
         self._lock = threading.RLock()
 
@@ -151,7 +159,7 @@ class Supervisor:
             service.state = "running"
             service.expected_down = False
             proc = service.proc
-        wait_healthy(service.url, proc, service.start_timeout_s)
+        wait_healthy(service.url, proc, service.start_timeout_s, tls=self.liveness_tls)
 
     def kill(self, name: str) -> None:
         with self._lock:

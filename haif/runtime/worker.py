@@ -73,6 +73,12 @@ from haif.contracts import ErrorKind, Request, WorkerSnapshot
 from haif.runtime import telemetry
 from haif.runtime.artifacts import ArtifactError, ModelCacheFull
 from haif.runtime.cluster_keys import ClusterAuth, add_cluster_auth_args, cluster_auth_from_args
+from haif.runtime.cluster_tls import (
+    ServiceTls,
+    add_cluster_tls_args,
+    export_expiry,
+    service_tls_from_args,
+)
 from haif.runtime.engines import (
     MAX_CHUNK_TOKENS,
     Engine,
@@ -93,6 +99,7 @@ from haif.runtime.roles import WORKER_METHODS
 from haif.runtime.rpc import (
     ORCHESTRATOR_AUDIENCE,
     EnvelopeAuth,
+    PeerAuth,
     RpcClient,
     RpcError,
     RpcUnavailable,
@@ -145,8 +152,11 @@ class Worker:
         engine: Engine | None = None,
         *,
         cluster_auth: ClusterAuth | None = None,
+        service_tls: ServiceTls | None = None,
     ) -> None:
         self.spec = spec
+        #: Mutual TLS: served with its server context, heartbeats with its client one.
+        self.service_tls = service_tls
         self.engine: Engine = engine or SyntheticEngine(spec.mean_s, spec.ttft_s)
         self.cluster_auth = cluster_auth
         self._slots = asyncio.Semaphore(spec.capacity)
@@ -320,6 +330,7 @@ class Worker:
             timeout_s=2.0,
             signer=signer,
             audience=ORCHESTRATOR_AUDIENCE,
+            tls=self.service_tls,
         )
         while True:
             try:
@@ -356,6 +367,8 @@ class Worker:
         self._heartbeat_tasks = [
             asyncio.create_task(self._heartbeats(url)) for url in self.spec.orchestrator_urls
         ]
+        if self.service_tls is not None:  # new certificates, without a restart
+            self._heartbeat_tasks.append(asyncio.create_task(self.service_tls.watch()))
         spec = self.spec
         log.info(
             "worker %s (%s, %s) serves %s on %s (engine %s); announcing to %s",
@@ -383,6 +396,8 @@ class Worker:
 
 def build_app(worker: Worker) -> web.Application:
     app = web.Application()
+    if worker.service_tls is not None:
+        export_expiry(worker.metrics.registry, worker.service_tls)
     keys = worker.cluster_auth
     add_rpc_routes(
         app,
@@ -394,6 +409,7 @@ def build_app(worker: Worker) -> web.Application:
             if keys is not None
             else None
         ),
+        peer_auth=PeerAuth(WORKER_METHODS) if worker.service_tls is not None else None,
     )
 
     async def healthz(_request: web.Request) -> web.Response:
@@ -424,10 +440,20 @@ def build_app(worker: Worker) -> web.Application:
 
 def worker_from_args(args: argparse.Namespace) -> Worker:
     """The worker ``haif worker`` describes (engine options: :func:`add_worker_engine_args`)."""
+    service_tls = service_tls_from_args(args)
+    if service_tls is not None and service_tls.identity.name != args.worker_id:
+        raise ConfigError(
+            f"--cluster-tls-cert {service_tls.cert} names {service_tls.identity.name!r}, "
+            f"not this worker ({args.worker_id!r})"
+        )
+    from haif.runtime.services import check_peer_scheme
+
+    check_peer_scheme(service_tls, "--orchestrator", args.orchestrator)
+    check_peer_scheme(service_tls, "--standby", args.standby)
     spec = WorkerSpec(
         worker_id=args.worker_id,
         region=args.region,
-        url=f"http://{args.host}:{args.port}",
+        url=f"{'https' if service_tls is not None else 'http'}://{args.host}:{args.port}",
         orchestrator_url=args.orchestrator,
         standby_url=args.standby,
         gpu_class=args.gpu_class,
@@ -438,7 +464,7 @@ def worker_from_args(args: argparse.Namespace) -> Worker:
         heartbeat_s=args.heartbeat_s,
     )
     cluster_auth = cluster_auth_from_args(args)
-    return Worker(spec, engine_from_args(args), cluster_auth=cluster_auth)
+    return Worker(spec, engine_from_args(args), cluster_auth=cluster_auth, service_tls=service_tls)
 
 
 def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
@@ -455,6 +481,7 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
             port=args.port,
             print=None,
             shutdown_timeout=shutdown_timeout,
+            ssl_context=worker.service_tls.server if worker.service_tls is not None else None,
             loop=new_loop(),
         )
     except (ArtifactError, EngineError, ModelCacheFull) as exc:
@@ -484,6 +511,7 @@ def add_worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heartbeat-s", type=float, default=0.5)
     add_worker_engine_args(parser)
     add_cluster_auth_args(parser)
+    add_cluster_tls_args(parser)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -322,7 +322,9 @@ async def _leader(up: Up, timeout_s: float = 10.0, *, not_: str = "") -> str:
                 if service["kind"] != "orchestrator" or service["name"] == not_:
                     continue
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                    async with session.get(f"{service['url']}/status") as resp:
+                    async with session.get(
+                        f"{service['url']}/status", ssl=up.internal_tls or True
+                    ) as resp:
                         if (await resp.json())["leader"]:
                             return str(service["name"])
             await asyncio.sleep(0.05)

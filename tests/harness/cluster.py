@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -57,17 +58,19 @@ async def serve(
     port: int = 0,
     sock: socket.socket | None = None,
     shutdown_timeout: float = 60.0,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, str]:
-    """Serve ``app`` on loopback (``port``, or the bound ``sock``): its runner and URL."""
+    """Serve ``app`` on loopback (``port``, or the bound ``sock``): its runner and URL
+    (``https://`` with ``ssl_context``)."""
     runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     if sock is not None:
-        await web.SockSite(runner, sock).start()
+        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         host, bound = sock.getsockname()[:2]
     else:
-        await web.TCPSite(runner, "127.0.0.1", port).start()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ssl_context).start()
         host, bound = runner.addresses[0][:2]
-    return runner, f"http://{host}:{bound}"
+    return runner, f"{'https' if ssl_context else 'http'}://{host}:{bound}"
 
 
 class Startable(Protocol):
@@ -192,6 +195,21 @@ def run_haif(
 # ------------------------------------------------------------------ haif up
 
 
+def monitor_tls(data: Path) -> ssl.SSLContext | None:
+    """A client context for a `haif up --data-dir DATA`'s internal ports when they are
+    behind mutual TLS (``internal_tls: true``; else None: plain HTTP): the cluster CA and
+    the ``monitor`` certificate, which may read ``/status``, ``/readyz`` and ``/metrics``
+    but call no RPC. The URL's host is an address, not the name in the certificate, so
+    the name is not checked (the CA is)."""
+    tls = data / "tls"
+    if not (tls / "monitor.pem").exists():
+        return None
+    context = ssl.create_default_context(cafile=str(tls / "ca.pem"))
+    context.check_hostname = False
+    context.load_cert_chain(str(tls / "monitor.pem"), str(tls / "monitor.key"))
+    return context
+
+
 class Up:
     """A `haif up [CONFIG]` subprocess with its data dir; ``stop()`` interrupts it like Ctrl-C."""
 
@@ -212,6 +230,11 @@ class Up:
         self.output = self.proc.stdout.readline()
         assert "haif cluster up" in self.output, self.output + self.proc.stdout.read()
         self.state = read_state(data)
+
+    @property
+    def internal_tls(self) -> ssl.SSLContext | None:
+        """The context to call its internal ports with (see :func:`monitor_tls`)."""
+        return monitor_tls(self.data)
 
     def wait_ready(self, timeout_s: float = 20.0) -> None:
         """Until a completion succeeds: the workers' first heartbeats reached the orchestrator."""

@@ -30,9 +30,14 @@ def _bindir() -> Path | None:
 
 
 class OwnPostgres:
-    """One PostgreSQL instance in a temporary directory: start, stop, start again."""
+    """One PostgreSQL instance in a temporary directory: start, stop, start again.
 
-    def __init__(self) -> None:
+    ``tls``: (certificate PEM, key PEM) to serve with ``ssl=on``; then loopback
+    clients must use TLS (``hostssl`` only in ``pg_hba.conf``, plain connections
+    are rejected).
+    """
+
+    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
         bindir = _bindir()
         if bindir is None:
             pg_unavailable("no initdb/pg_ctl on this machine")
@@ -46,6 +51,21 @@ class OwnPostgres:
             self.root.chmod(0o700)
             self.as_user = ["runuser", "-u", "postgres", "--"]
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.tls = tls
+        if tls is not None:
+            cert, key = self.root / "server.crt", self.root / "server.key"
+            cert.write_bytes(tls[0])
+            key.write_bytes(tls[1])
+            key.chmod(0o600)
+            if self.as_user:
+                shutil.chown(cert, "postgres")
+                shutil.chown(key, "postgres")
+            hba = self.data / "pg_hba.conf"
+            hba.write_text(
+                "local all all trust\n"
+                "hostssl all all 127.0.0.1/32 trust\n"
+                "hostnossl all all 0.0.0.0/0 reject\n"
+            )
 
     @property
     def dsn(self) -> str:
@@ -59,6 +79,10 @@ class OwnPostgres:
 
     def start(self) -> None:
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        if self.tls is not None:
+            options += f" -c ssl=on -c ssl_cert_file={self.root / 'server.crt'}"
+            options += f" -c ssl_key_file={self.root / 'server.key'}"
+            options += " -c ssl_min_protocol_version=TLSv1.3"
         log = str(self.root / "server.log")
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", log, "-w", "start")
 

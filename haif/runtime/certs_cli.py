@@ -12,7 +12,7 @@ from haif.configfile import ConfigError
 from haif.runtime.cluster_access import DEFAULT_DATA_DIR
 from haif.runtime.cluster_tls import (
     TLS_DIR,
-    identity_of,
+    certificate_identity,
     issue_server_cert,
     load_ca,
     rotate_certs,
@@ -85,13 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.verb == "list":
         for path in sorted(tls.glob("*.pem")):
             cert = x509.load_pem_x509_certificate(path.read_bytes())
-            try:
-                uris = cert.extensions.get_extension_for_class(
-                    x509.SubjectAlternativeName
-                ).value.get_values_for_type(x509.UniformResourceIdentifier)
-            except x509.ExtensionNotFound:
-                uris = []
-            identity = identity_of({"subjectAltName": tuple(("URI", u) for u in uris)})
+            identity = certificate_identity(cert)
             who = f"{identity.role.value} {identity.name}" if identity else "(CA or server)"
             left = cert.not_valid_after_utc - dt.datetime.now(dt.UTC)
             print(

@@ -138,6 +138,17 @@ def tls_hostname(name: str) -> str:
     return f"{_label(name)}.{TRUST_DOMAIN}"
 
 
+def certificate_identity(cert: x509.Certificate) -> Identity | None:
+    """The identity a loaded certificate names (its URI SANs), as :func:`identity_of`."""
+    try:
+        uris = cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        ).value.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    return identity_of({"subjectAltName": tuple(("URI", u) for u in uris)})
+
+
 def identity_of(peercert: Mapping[str, Any] | None) -> Identity | None:
     """The identity in a verified peer certificate (``ssl``'s ``getpeercert()`` dict).
 
@@ -541,13 +552,7 @@ class ServiceTls:
                 f"--cluster-tls-cert {self.cert} / --cluster-tls-key {self.key}: "
                 "not a PEM certificate and its key (they do not match)"
             )
-        try:
-            uris = cert.extensions.get_extension_for_class(
-                x509.SubjectAlternativeName
-            ).value.get_values_for_type(x509.UniformResourceIdentifier)
-        except x509.ExtensionNotFound:
-            uris = []
-        identity = identity_of({"subjectAltName": tuple(("URI", u) for u in uris)})
+        identity = certificate_identity(cert)
         if identity is None:
             raise ConfigError(
                 f"--cluster-tls-cert {self.cert}: names no HAIF service "

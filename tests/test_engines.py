@@ -29,6 +29,7 @@ import pytest
 from aiohttp import web
 from harness.cluster import running, serve, wait_fresh
 from harness.require import require
+from harness.tiny import make_tiny_store
 from virtual_loop import run_virtual
 
 from haif.contracts import ChatTurn, Request, SamplingParams
@@ -708,17 +709,7 @@ def worker_command(port: int, orch_url: str, store: Path, keys: Path, wid: str) 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``haif artifacts make-tiny`` into a temporary store: (store, keyring dir)."""
-    require("torch")
-    require("transformers")
-    from haif.runtime.artifacts_cli import add_artifact_commands
-
-    base = tmp_path_factory.mktemp("tiny")
-    store, key = base / "store", base / "keys" / "cluster.key"
-    parser = argparse.ArgumentParser(prog="haif")
-    add_artifact_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["artifacts", "make-tiny", "--store", str(store), "--key", str(key)])
-    assert args.func(args) == 0
-    return store, key.parent
+    return make_tiny_store(tmp_path_factory.mktemp("tiny"))
 
 
 def tampered_copy(store: Path, keys: Path, dest: Path) -> Path:

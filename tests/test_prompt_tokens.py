@@ -3,7 +3,6 @@ model's tokenizer, the same ids the engine computes."""
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import importlib.util
 import shutil
@@ -15,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 from harness.cluster import serve
-from harness.require import require
+from harness.tiny import make_tiny_store
 
 from haif.configfile import ConfigError
 from haif.contracts import ChatTurn, Request
@@ -135,17 +134,7 @@ def test_one_model_two_tokenizers_is_refused_naming_it(second: WorkerConfig) -> 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """``haif artifacts make-tiny`` into a temporary store: (store, keyring dir)."""
-    require("torch")
-    require("transformers")
-    from haif.runtime.artifacts_cli import add_artifact_commands
-
-    base = tmp_path_factory.mktemp("tiny")
-    store, key = base / "store", base / "keys" / "cluster.key"
-    parser = argparse.ArgumentParser(prog="haif")
-    add_artifact_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["artifacts", "make-tiny", "--store", str(store), "--key", str(key)])
-    assert args.func(args) == 0
-    return store, key.parent
+    return make_tiny_store(tmp_path_factory.mktemp("tiny"))
 
 
 PROMPTS = [

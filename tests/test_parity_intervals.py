@@ -423,7 +423,10 @@ def test_cli_repeats_both_shells_per_seed_with_a_stand_in_live_run(
     a progress line per repeat; the report pools both and passes."""
     played: list[tuple[int, Path]] = []
 
-    def fake_live(scenario: Scenario, out: Path, *, timing: str, on_event: Any) -> Any:
+    def fake_live(
+        scenario: Scenario, out: Path, *, timing: str, on_event: Any, engines: Any
+    ) -> Any:
+        assert engines is None  # no --engines: synthetic workers
         played.append((scenario.seed, out))
         records = run_scenario(scenario).records
         for r in records:

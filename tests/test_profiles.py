@@ -228,14 +228,16 @@ def test_catalog_errors_list_available_names() -> None:
 def test_coverage_and_names() -> None:
     cat = load_catalog()
     assert set(cat.gpus) == {"A100-80G", "H100-80G", "RTX4090-24G", "L40S", "CPU"}
-    assert set(cat.models) == {"llama-3-8b", "llama-2-7b", "llama-2-70b", "mistral-7b", "tiny-gpt2"}
+    assert set(cat.models) == {
+        *("llama-3-8b", "llama-2-7b", "llama-2-70b", "mistral-7b", "tiny-gpt2", "tiny-llama")
+    }
     names = set(cat.names())
     assert ("A100-80G", "llama-2-70b") in names and ("H100-80G", "llama-2-70b") in names
     assert not any(m == "llama-2-70b" and g not in ("A100-80G", "H100-80G") for g, m in names)
     for gpu in cat.gpus:
-        for model in ("llama-3-8b", "llama-2-7b", "mistral-7b", "tiny-gpt2"):
+        for model in ("llama-3-8b", "llama-2-7b", "mistral-7b", "tiny-gpt2", "tiny-llama"):
             assert (gpu, model) in names
-    assert len(cat.profiles()) == len(names) == 22
+    assert len(cat.profiles()) == len(names) == 27
 
 
 def test_profile_fields_and_sources() -> None:

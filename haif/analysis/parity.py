@@ -80,8 +80,58 @@ LEVEL = 0.95
 BOOTSTRAPS = ("paired", "independent")
 
 
-def cluster_config(scenario: Scenario, *, timing: str = "profile") -> dict[str, Any]:
-    """The ``haif up`` cluster YAML that plays ``scenario``'s fleet (refuses what it cannot)."""
+#: The fields of a worker in an ``--engines`` cluster file that the live worker takes:
+#: its engine and how it loads its model (the rest comes from the scenario).
+ENGINE_FIELDS = (
+    "engine",
+    "capacity",
+    "artifact_store",
+    "model_ref",
+    "keyring",
+    "device",
+    "upstream_url",
+    "upstream_model",
+    "vllm_args",
+    "start_timeout_s",
+)
+
+
+def load_engines(path: str | Path) -> dict[str, dict[str, Any]]:
+    """``--engines``: per GPU class, the engine settings of the cluster file's worker of
+    that class (its relative paths made absolute), for a parity run on real engines."""
+    from haif.runtime.cluster import beside, load_cluster
+
+    path = Path(path)
+    config = load_cluster(path)
+    engines: dict[str, dict[str, Any]] = {}
+    for w in config.workers:
+        settings = w.model_dump(include=set(ENGINE_FIELDS), exclude_none=True)
+        for name in ("artifact_store", "keyring"):
+            if name in settings:
+                settings[name] = str(beside(path.parent, settings[name]).resolve())
+        settings["models"] = list(w.models)
+        settings["start_timeout_s"] = w.start_timeout()  # its engine's default when unset
+        if engines.setdefault(w.gpu_class, settings) != settings:
+            raise ConfigError(
+                f"{path}: workers of gpu_class {w.gpu_class!r} differ; --engines takes one "
+                "engine per GPU class"
+            )
+    return engines
+
+
+def cluster_config(
+    scenario: Scenario,
+    *,
+    timing: str = "profile",
+    engines: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The ``haif up`` cluster YAML that plays ``scenario``'s fleet (refuses what it cannot).
+
+    Every worker is synthetic, timed by the scenario's profile of its GPU class, unless
+    ``engines`` (:func:`load_engines`) has that GPU class: then it runs that engine
+    (vLLM, say), and the scenario's profile of the class should be one ``haif calibrate``
+    fitted to it.
+    """
     control = scenario.control
     if len(control) != 1:
         raise ConfigError(
@@ -108,6 +158,30 @@ def cluster_config(scenario: Scenario, *, timing: str = "profile") -> dict[str, 
             raise ConfigError(f"workers: {wid}: gpu_class must be unset or equal to gpu")
         warm = (group.warm_models or group.models)[0]
         profile = catalog.get(group.gpu, warm)
+        if engines is not None and group.gpu in engines:
+            real = dict(engines[group.gpu])
+            missing = [m for m in group.models if m not in real.pop("models")]
+            if missing:
+                raise ConfigError(
+                    f"--engines: the {group.gpu} worker does not serve {missing}, which the "
+                    f"scenario's {wid} does"
+                )
+            workers.append(
+                {
+                    "id": wid,
+                    "region": wregion,
+                    "gpu_class": group.gpu,
+                    "models": [warm, *(m for m in group.models if m != warm)],
+                    "heartbeat_s": scenario.heartbeat.interval_s,
+                    **real,
+                }
+            )
+            continue
+        if engines is not None:
+            raise ConfigError(
+                f"--engines: no worker of gpu_class {group.gpu!r} (the scenario's {wid}); "
+                f"it has {sorted(engines)}"
+            )
         workers.append(
             {
                 "id": wid,
@@ -401,7 +475,9 @@ def _paired_runs(
 _HAIF = (sys.executable, "-m", "haif")
 
 
-def _start_cluster(config_path: Path, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+def _start_cluster(
+    config_path: Path, data_dir: Path, log: Path, start_s: float = 120.0
+) -> subprocess.Popen[bytes]:
     from haif.runtime.cluster import free_port
     from haif.runtime.supervisor import STATE_FILE
 
@@ -421,7 +497,7 @@ def _start_cluster(config_path: Path, data_dir: Path, log: Path) -> subprocess.P
             stderr=subprocess.STDOUT,
             process_group=0,
         )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + start_s
     while not (data_dir / STATE_FILE).exists():
         if proc.poll() is not None or time.monotonic() > deadline:
             _stop_cluster(proc)
@@ -457,9 +533,15 @@ def _stop_cluster(proc: subprocess.Popen[bytes]) -> None:
 
 
 def run_live(
-    scenario: Scenario, out: Path, *, timing: str = "profile", on_event: Any = None
+    scenario: Scenario,
+    out: Path,
+    *,
+    timing: str = "profile",
+    on_event: Any = None,
+    engines: dict[str, dict[str, Any]] | None = None,
 ) -> list[RequestRecord]:
-    """Play ``scenario`` on a fresh ``haif up`` cluster; client times joined with its records."""
+    """Play ``scenario`` on a fresh ``haif up`` cluster; client times joined with its records
+    (``engines``: real engines per GPU class, :func:`cluster_config`)."""
     from haif.fleet.workload import build_requests
     from haif.runtime.replay import join_server_records, replay_with_faults
     from haif.runtime.supervisor import read_state
@@ -469,9 +551,12 @@ def run_live(
     for stale in ("store.duckdb", "store.duckdb.wal", "records.parquet"):
         (live / stale).unlink(missing_ok=True)
     config_path = out / "cluster.yaml"
-    config_path.write_text(yaml.safe_dump(cluster_config(scenario, timing=timing), sort_keys=False))
+    config = cluster_config(scenario, timing=timing, engines=engines)
+    config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     requests = build_requests(scenario)
-    proc = _start_cluster(config_path, live, out / "haif-up.log")
+    # haif up answers once every worker has (a real engine loads its model first).
+    start_s = 120.0 + max(float(w.get("start_timeout_s") or 0) for w in config["workers"])
+    proc = _start_cluster(config_path, live, out / "haif-up.log", start_s)
     try:
         state = read_state(live)
         wait_all_fresh(state["gateway_url"], len(scenario_workers(scenario)), proc)
@@ -687,6 +772,13 @@ def add_parity_command(sub: Any) -> None:
         help="live engine timing (profile: iteration level; default)",
     )
     p.add_argument(
+        "--engines",
+        metavar="CLUSTER.yaml",
+        help="run the live workers on real engines: per GPU class, the engine of that class's "
+        "worker in this cluster file (vLLM, say; the scenario's profile of the class should be "
+        "fitted to it by haif calibrate); default: synthetic workers timed by the profiles",
+    )
+    p.add_argument(
         "--bound",
         action="append",
         default=[],
@@ -750,7 +842,8 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         overrides.append(f"seed={args.seed}")
     scenario = load_scenario(args.scenario, overrides)
     bounds = parse_bounds(args.bound)
-    cluster_config(scenario, timing=args.timing)  # refuse early what cannot run live
+    engines = load_engines(args.engines) if args.engines else None
+    cluster_config(scenario, timing=args.timing, engines=engines)  # refuse early
     repeat = int(args.repeat)
     scenarios = [scenario] + [
         load_scenario(args.scenario, [*overrides, f"seed={scenario.seed + i}"])
@@ -779,7 +872,11 @@ def _cmd_parity(args: argparse.Namespace) -> int:
         ) as progress:
             task = progress.add_task("live", total=len(sim))
             live = run_live(
-                run, run_out, timing=args.timing, on_event=lambda _r, t=task: progress.advance(t)
+                run,
+                run_out,
+                timing=args.timing,
+                on_event=lambda _r, t=task: progress.advance(t),
+                engines=engines,
             )
         write_parquet(live, run_out / "live.parquet")
         if repeat > 1 and not args.quiet:

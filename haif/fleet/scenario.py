@@ -121,7 +121,9 @@ class Workload(_Strict):
     before ``rate_scale``: each copy starts one period after the previous one,
     the period being the trace's span (from ``start_s``) plus its mean gap
     between arrivals, so a trace of one hour becomes ``repeat`` hours of the
-    same arrivals and lengths.
+    same arrivals and lengths. ``prompt_scale`` multiplies every prompt length
+    (rounded, at least 1) before ``max_prompt_tokens`` cuts it: a trace's shape on a
+    model with a short context. ``max_output_tokens`` cuts output lengths.
     """
 
     kind: Literal["poisson", "gamma", "diurnal", "azure", "mooncake", "servegen"] = "poisson"
@@ -142,13 +144,20 @@ class Workload(_Strict):
     region_shift_s: dict[str, float] = Field(default_factory=dict)
     prompt_tokens: Distribution = Distribution(kind="fixed", value=512)
     output_tokens: Distribution = Distribution(kind="fixed", value=128)
+    prompt_scale: PositiveFloat = 1.0
     max_prompt_tokens: Count = 32768
+    max_output_tokens: Count | None = None
     timeout_s: PositiveFloat | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Workload:
         if self.kind in ("azure", "mooncake", "servegen") and not self.path:
             raise ValueError(f"path: workload kind {self.kind!r} replays a trace file; give it")
+        if self.prompt_scale != 1.0 and self.kind == "mooncake":
+            raise ValueError(
+                "prompt_scale: a mooncake trace's prompts are its prefix blocks (hash_ids); "
+                "scaling their lengths would break the blocks, so it is not allowed"
+            )
         if self.repeat > 1 and self.kind not in ("azure", "mooncake"):
             raise ValueError(
                 f"repeat: only a trace of arrivals (azure, mooncake) is repeated, not {self.kind!r}"

@@ -124,8 +124,10 @@ def build_requests(scenario: Scenario) -> list[Request]:
                 request_id=f"r{n:07d}",
                 tenant=str(tenant()),
                 model=str(model()),
-                prompt_tokens=max(1, min(row.prompt_tokens, w.max_prompt_tokens)),
-                max_tokens=max(1, row.output_tokens),
+                prompt_tokens=max(
+                    1, min(round(row.prompt_tokens * w.prompt_scale), w.max_prompt_tokens)
+                ),
+                max_tokens=max(1, min(row.output_tokens, w.max_output_tokens or row.output_tokens)),
                 arrival_s=t,
                 origin_region=region,
                 priority=int(priority()),  # type: ignore[call-overload]

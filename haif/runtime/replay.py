@@ -85,6 +85,12 @@ def load_workload(
     return requests, scenario
 
 
+#: The word prompts are made of: " the" is one token in byte-level BPE vocabularies
+#: (GPT-2's, Llama 3's, the tiny models'), so a real model's tokenizer counts about
+#: the trace's prompt length too (the synthetic engines count words).
+FILLER = "the"
+
+
 def prompt_text(
     tokens: int, blocks: Sequence[int] = (), block_tokens: int = 0, salt: str = ""
 ) -> str:
@@ -92,9 +98,9 @@ def prompt_text(
 
     ``blocks`` (a trace's prefix hashes of ``block_tokens`` tokens each): block
     ``i`` is ``block_tokens`` words ``b<blocks[i]>`` (the words past the last
-    block: ``tok``), so prompts share words exactly where they share blocks.
-    Without blocks, ``salt`` (the request's id) is the first word, so the
-    prompt shares no prefix with another; without either, ``tok`` words.
+    block: :data:`FILLER`), so prompts share words exactly where they share
+    blocks. Without blocks, ``salt`` (the request's id) is the first word, so
+    the prompt shares no prefix with another; without either, filler words.
     """
     if blocks and block_tokens > 0:
         words: list[str] = []
@@ -102,12 +108,12 @@ def prompt_text(
             if len(words) >= tokens:
                 break
             words += [f"b{h}"] * min(block_tokens, tokens - len(words))
-        words += ["tok"] * (tokens - len(words))
+        words += [FILLER] * (tokens - len(words))
         return " ".join(words)
     first = "".join(salt.split())  # one word
     if first and tokens > 0:
-        return " ".join([first, *["tok"] * (tokens - 1)])
-    return " ".join(["tok"] * tokens)
+        return " ".join([first, *[FILLER] * (tokens - 1)])
+    return " ".join([FILLER] * tokens)
 
 
 @dataclass(slots=True)

@@ -19,7 +19,13 @@ from harness.cluster import Up, run_haif
 from harness.records import timed_record
 from virtual_loop import run_virtual
 
-from haif.analysis.parity import DEFAULT_BOUNDS, cluster_config, compare, parse_bounds
+from haif.analysis.parity import (
+    DEFAULT_BOUNDS,
+    cluster_config,
+    compare,
+    load_engines,
+    parse_bounds,
+)
 from haif.configfile import ConfigError
 from haif.contracts import Request, RequestRecord
 from haif.fleet.scenario import Scenario, load_scenario
@@ -327,6 +333,60 @@ def test_parity_cluster_mirrors_the_scenario_fleet() -> None:
     assert all(w.heartbeat_s == scenario.heartbeat.interval_s for w in config.workers)
     assert config.policy == scenario.policy
     assert config.region == "us-east"
+
+
+def test_parity_engines_put_real_engines_in_the_scenarios_fleet() -> None:
+    """--engines clusters/tiny-llama-vllm.yaml: the scenario's CPU-vllm worker runs that
+    file's vLLM engine (paths made absolute, its load time waited for), with the
+    scenario's id, region, models and heartbeat; a GPU class the file lacks, or a model
+    its worker does not serve, is refused."""
+    engines = load_engines(ROOT / "clusters/tiny-llama-vllm.yaml")
+    assert list(engines) == ["CPU-vllm"]
+    scenario = load_scenario(ROOT / "scenarios/parity_vllm.yaml")
+    raw = cluster_config(scenario, engines=engines)
+    config = ClusterConfig.model_validate(yaml.safe_load(yaml.safe_dump(raw)))
+    (worker,) = config.workers
+    assert (worker.id, worker.region, worker.gpu_class) == (
+        "local/CPU-vllm/0.0",
+        "local",
+        "CPU-vllm",
+    )
+    assert worker.engine == "vllm" and worker.models == ("tiny-llama",)
+    assert worker.capacity == worker.vllm_args["max_num_seqs"] == scenario.workers[0].max_batch
+    assert Path(worker.artifact_store or "") == ROOT / "clusters/tiny-llama/art"
+    assert worker.start_timeout_s == 300
+    assert worker.heartbeat_s == scenario.heartbeat.interval_s
+    with pytest.raises(ConfigError, match="no worker of gpu_class 'H100-80G'"):
+        cluster_config(load_scenario(ROOT / "scenarios/parity.yaml"), engines=engines)
+    other = {"CPU-vllm": {**engines["CPU-vllm"], "models": ["tiny-gpt2"]}}
+    with pytest.raises(ConfigError, match="does not serve"):
+        cluster_config(scenario, engines=other)
+
+
+def test_scaled_and_cut_lengths() -> None:
+    """prompt_scale scales a trace's prompts before max_prompt_tokens cuts them;
+    max_output_tokens cuts outputs; arrivals and the rest stay as they were."""
+    from haif.fleet.workload import build_requests
+
+    path = ROOT / "scenarios/parity_vllm.yaml"
+    raw = build_requests(
+        load_scenario(
+            path,
+            [
+                "workload.prompt_scale=1",
+                "workload.max_prompt_tokens=1000000",
+                "workload.max_output_tokens=null",
+            ],
+        )
+    )
+    cut = build_requests(load_scenario(path))
+    assert [(r.request_id, r.arrival_s) for r in raw] == [(r.request_id, r.arrival_s) for r in cut]
+    for a, b in zip(raw, cut, strict=True):
+        assert b.prompt_tokens == max(1, min(round(a.prompt_tokens * 0.25), 1024))
+        assert b.max_tokens == min(a.max_tokens, 1000)
+    assert sum(r.prompt_tokens for r in cut) < 0.3 * sum(r.prompt_tokens for r in raw)
+    with pytest.raises(ConfigError, match="prompt_scale"):
+        load_scenario(ROOT / "scenarios/prefix_cache.yaml", ["workload.prompt_scale=0.5"])
 
 
 def test_the_ci_parity_gate_is_held_out_and_at_the_readme_bounds() -> None:

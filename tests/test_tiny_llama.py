@@ -15,8 +15,10 @@ from harness.require import require
 
 from haif.configfile import ConfigError
 from haif.contracts import ChatTurn, Request, SamplingParams
+from haif.fleet.profiles import load_catalog
 from haif.runtime.artifacts import load_manifest
 from haif.runtime.artifacts_cli import TINY_LLAMA_CHAT_TEMPLATE, add_artifact_commands, make_tiny
+from haif.runtime.replay import prompt_text
 from haif.runtime.security import Keyring
 
 pytestmark = pytest.mark.slow
@@ -89,6 +91,22 @@ def test_the_tiny_llamas_tokenizer_and_template(
     assert counts == [1, 2, 2, 1]
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.decode(ids) == text  # byte-level BPE: a lossless round trip
+    # Replayed prompts count as the trace says: each filler word is one token, so a
+    # prompt of n words is n tokens plus a constant (the salt word's extra pieces, BOS).
+    extra = {
+        len(tokenizer(prompt_text(n, salt="r0000042"))["input_ids"]) - n for n in (10, 100, 1000)
+    }
+    assert len(extra) == 1 and 0 <= extra.pop() <= 8
+    # The catalog's figures for it (the simulator's tiny-llama) are this model's.
+    config = transformers.AutoConfig.from_pretrained(str(dest), local_files_only=True)
+    model = load_catalog().models["tiny-llama"]
+    head_dim = config.hidden_size // config.num_attention_heads
+    kv = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 2  # bf16
+    assert (model.n_layers, model.hidden_size, model.kv_bytes_per_token) == (
+        config.num_hidden_layers,
+        config.hidden_size,
+        kv,
+    )
 
 
 def test_fetch_refuses_a_directory_with_files_and_an_unknown_artifact(

@@ -158,6 +158,15 @@ def test_iteration_level_records_give_back_the_known_profile(runs: dict[str, Pat
     # Without taking the interleaved prefills out, decode steps come out too slow.
     naive = fit_pair(fit.obs, overhead_s=OVERHEAD_S, origin="x", prefill_stalls=False)
     assert naive.coeffs.step_time(0, 600, 3) > fit.coeffs.step_time(0, 600, 3)
+    assert not [n for n in result.notes if "--overhead" in n]
+
+
+def test_an_overhead_the_simulator_does_not_add_is_pointed_out(runs: dict[str, Path]) -> None:
+    """--overhead 0 fits TTFT without the per-request overhead the simulator adds (the
+    catalog's api_overhead_s): simulated TTFTs then sit that far above the fit; say so."""
+    result = calibrate(runs["iteration"], today=TODAY, overhead_s=0.0)
+    (note,) = [n for n in result.notes if "--overhead" in n]
+    assert f"{OVERHEAD_S * 1000:+.1f} ms off the fit" in note
 
 
 def test_one_slot_leaves_the_per_sequence_term_unidentified(runs: dict[str, Path]) -> None:

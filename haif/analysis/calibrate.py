@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import tempfile
@@ -847,6 +848,13 @@ def calibrate(
             )
         )
     notes: list[str] = []
+    if not math.isclose(overhead_s, catalog.settings.api_overhead_s):
+        notes.append(
+            f"fitted with --overhead {overhead_s:g} s, but the catalog's api_overhead_s is "
+            f"{catalog.settings.api_overhead_s:g} s and the simulator adds that to every TTFT: "
+            f"TTFTs simulated with these profiles come out "
+            f"{(catalog.settings.api_overhead_s - overhead_s) * 1000:+.1f} ms off the fit"
+        )
     json_path = None
     if out is not None:
         hardware_from = base_gpu or ("CPU" if "CPU" in catalog.gpus else sorted(catalog.gpus)[0])
@@ -856,7 +864,7 @@ def calibrate(
             + "".join(f"  {g}, {m}\n" for g, m in names.values())
             + "Use it in a scenario with `profiles: <path relative to the scenario>`."
         )
-        notes = write_catalog(
+        notes += write_catalog(
             fits,
             out,
             base_catalog=catalog_path,

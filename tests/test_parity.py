@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from virtual_loop import VirtualTimeLoop
 
-from haif.contracts import Decision, Event, Heartbeat, WorkerGone
+from haif.contracts import Decision, Event, Finalize, Heartbeat, WorkerGone
 from haif.control.core import ControlCore
 from haif.control.presence import Presence
 from haif.fleet.scenario import Scenario, load_scenario
@@ -132,7 +132,14 @@ def test_sim_and_runtime_drivers_decide_identically(placement: str, seed: int) -
     assert set(result.decisions) == set(scenario.control)  # one core per control region
     kinds = {type(d).__name__ for log in result.decisions.values() for _, d in log}
     # The run must exercise the interesting paths, or the test proves little.
-    assert {"Dispatch", "RetryAt", "Finalize", "Cancel"} <= kinds, kinds
+    assert {"Dispatch", "RetryAt", "Finalize", "Cancel", "DeadLetter"} <= kinds, kinds
+    # One record, one meaning: the Finalize decisions compared below carry the records
+    # both shells persist, field by field, for every kind of history.
+    records = [
+        d.record for log in result.decisions.values() for _, d in log if isinstance(d, Finalize)
+    ]
+    assert {"ok", "dead_lettered", "timeout"} <= {r.status for r in records}
+    assert any(r.status == "ok" and r.attempts > 1 and r.first_token_s for r in records)
     for region, sim_log in result.decisions.items():
         assert len(sim_log) > 300, region
         sim_events = result.events[region]

@@ -177,3 +177,25 @@ def test_runs_on_the_clock_equal_runs_with_a_process_per_worker(
     if name == "failover":  # the outage evicts us-east's workers, their restart rejoins them
         assert any(clocked.evictions.values())
     _same(clocked, eager)
+
+
+def test_every_orchestrator_starts_with_the_whole_fleet_announced() -> None:
+    """The same starting view as a live cluster, whose workers have all announced before
+    its first request: each core is fed every worker's announcement at time 0, in
+    scenario order, before anything else, wherever the worker is (the RTT to a remote
+    region delays only the beats after it). So the first request, with every worker
+    idle, is placed from the same candidates in both shells: on parity_ci with jsq it
+    goes to the RTX 4090 the live cluster chose, not to one of the two us-east workers,
+    the only ones its core knew when the announcements travelled the RTT."""
+    scenario = load_scenario(
+        ROOT / "scenarios" / "parity_ci.yaml", ["policy.placement=jsq", "duration_s=10"]
+    )
+    result = run_scenario(scenario, keep_log=True)
+    fleet = [f"{g.region}/{g.label}/{gi}.0" for gi, g in enumerate(scenario.workers)]
+    for region, events in result.events.items():
+        first = events[: len(fleet)]
+        assert [(t, type(e).__name__) for t, e in first] == [(0.0, "Heartbeat")] * len(fleet)
+        assert [e.snapshot.worker_id for _, e in first if isinstance(e, Heartbeat)] == fleet
+        assert events[len(fleet)][0] > 0, region  # the first submit comes after
+    first_request = min(result.records, key=lambda r: r.arrival_s)
+    assert first_request.worker_id == "us-west/RTX4090-24G/3.0"

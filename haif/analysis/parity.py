@@ -16,7 +16,11 @@ The live cluster has one gateway and one orchestrator on loopback, so the
 scenario must have a single control region (``control_regions: [R]``, its
 clients in R) and only GPU-profiled workers; links between regions are
 loopback, so give the scenario small RTTs. ``scenarios/parity.yaml`` is
-such a scenario, scaled to what a 2-core machine serves.
+such a scenario, scaled to what a 2-core machine serves. With ``--engines
+CLUSTER.yaml`` (:func:`load_engines`) the live workers run real engines
+instead (vLLM serving a real model, continuously batched by vLLM's own
+scheduler), and the simulated side is timed by the profile ``haif calibrate``
+fitted to that engine: ``scenarios/parity_vllm.yaml``.
 
 Exit status 1 when an error exceeds its bound (default 5 % at p50 and p90,
 10 % at p99, for TTFT and end-to-end latency alike; ``--bound ttft.p90=0.2``
@@ -745,6 +749,13 @@ and resamples the runs, then their requests, for the intervals.
 
 The scenario needs a single control region and GPU-profiled workers only;
 scenarios/parity.yaml is one, scaled to a 2-core machine.
+
+--engines CLUSTER.yaml runs the live workers on real engines instead: each
+scenario worker takes the engine of the cluster file's worker of its GPU class
+(vLLM, say), and the scenario's profile of that class should be one haif
+calibrate fitted to that engine on another workload. scenarios/parity_vllm.yaml
+with clusters/tiny-llama-vllm.yaml is one (README, "Sim-to-real against real
+vLLM"; run it in the vLLM lane's environment, .ci/vllm-env).
 """
 """``haif parity --help``: what the command does, for its users."""
 

@@ -238,6 +238,12 @@ class SimCluster:
             if post is None:
                 post = posters[w.region] = self._beat_poster(w.region, sc.control)
             w.beat_on(beats, sc.control, hb.interval_s, hb.loss, post)
+        # The fleet is registered before the run starts, as a live cluster's workers
+        # have all announced before its first request (haif parity waits for every
+        # one): each orchestrator holds every worker's announcement at time 0, in
+        # scenario order, so both shells' cores start from the same view.
+        for driver in self.drivers.values():
+            driver.inbox[:] = sorted((0.0, n, beat) for _, n, beat in driver.inbox)
         fleet = [(wid, w.region) for wid, w in self.workers.items()]
         # A simulated region's gateway is named by its region.
         for window in plan_faults(sc, fleet, [(r, r) for r in sc.control]):

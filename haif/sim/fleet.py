@@ -238,7 +238,7 @@ class BaseWorker(ABC):
         if self._clock is not None:
             self._clock.add(self.env.now + self._new_cadence(), self, self._cadence)
         else:
-            self.env.process(self._beating())
+            self.env.process(self._beating(self._new_cadence()))
 
     def complete(self, job: Job) -> None:
         """The model finished the job successfully (called by subclasses)."""
@@ -313,7 +313,7 @@ class BaseWorker(ABC):
         """
         self._orchestrators = orchestrators
         self._beat_every = (interval_s, loss)
-        return self._beating()
+        return self._beating(self._new_cadence())  # announce now, as beat_on does
 
     def beat_on(
         self,
@@ -339,8 +339,7 @@ class BaseWorker(ABC):
         self._announce()
         return interval_s + self.rng.uniform(0, interval_s)
 
-    def _beating(self) -> simpy.events.ProcessGenerator:
-        first = self._new_cadence()
+    def _beating(self, first: float) -> simpy.events.ProcessGenerator:
         cadence = self._cadence
         yield self.env.timeout(first)
         assert self._beat_every is not None

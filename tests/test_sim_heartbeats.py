@@ -191,6 +191,7 @@ def test_every_orchestrator_starts_with_the_whole_fleet_announced() -> None:
         ROOT / "scenarios" / "parity_ci.yaml", ["policy.placement=jsq", "duration_s=10"]
     )
     result = run_scenario(scenario, keep_log=True)
+    assert result.events is not None
     fleet = [f"{g.region}/{g.label}/{gi}.0" for gi, g in enumerate(scenario.workers)]
     for region, events in result.events.items():
         first = events[: len(fleet)]

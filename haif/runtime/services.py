@@ -135,6 +135,8 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         print=None,
         shutdown_timeout=shutdown_timeout,
         ssl_context=tls,
+        # A gateway taking over from one that drains (haif deploy upgrade).
+        reuse_port=getattr(args, "reuse_port", False) or None,
         loop=new_loop(),
     )
     return 0

@@ -39,7 +39,7 @@ from rich.table import Table
 
 from haif.configfile import ConfigError
 from haif.deploy import remote
-from haif.deploy.config import PLAIN_HTTP_WARNING, Plan
+from haif.deploy.config import PLAIN_HTTP_WARNING, Placed, Plan
 from haif.deploy.ssh import Host, connect
 
 STATE_DIR = ".haif-deploy"
@@ -120,10 +120,15 @@ async def deploy(plan: Plan) -> int:
     hosts, venvs = await _prepare(plan, console.print)
     try:
         by = _by_name(hosts)
-        for s in plan.services:  # orchestrators, workers, gateways: each waited for
-            host = by[s.host.name]
-            answer = await remote.supervise(host, venvs[s.host.name], "start", s.name)
+
+        async def start(s: Placed) -> None:
+            answer = await remote.supervise(by[s.host.name], venvs[s.host.name], "start", s.name)
             console.print(f"{s.label}: {answer.get('state')} ({answer.get('how', '')}) at {s.url}")
+
+        # The orchestrators first (the others connect to them), then the workers, then
+        # the gateways; each waited for until healthy, those of one kind at once.
+        for kind in ("orchestrator", "worker", "gateway"):
+            await remote.gather(*(start(s) for s in plan.services if s.kind == kind))
         for host in hosts:
             await remote.set_current(host, venvs[host.config.name])
         _endpoints(plan)

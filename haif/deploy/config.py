@@ -278,13 +278,10 @@ def load_deploy(path: str | Path) -> Plan:
         gateway_auth(config.cluster.auth, base)
     except ValueError as exc:
         raise ConfigError(f"{path}: cluster.{exc}") from None
-    result = plan(config, base)
-    for i, host in enumerate(config.hosts):
-        for what in ("key_file", "known_hosts"):
-            local = result.local_path(getattr(host, what))
-            if not local.is_file():
-                raise ConfigError(f"{path}: hosts.{i}.{what}: {local}: no such file")
-    return result
+    try:
+        return plan(config, base)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def iter_hosts(plan_: Plan, only: str | None = None) -> Iterator[HostConfig]:

@@ -96,11 +96,17 @@ async def install(host: Host, house: Wheelhouse, say: Say) -> str:
         say(f"{host.config.name}: making the virtualenv {venv}")
         await host.run(
             f"rm -rf {venv} && {python} -m venv {venv} && {_PIP_ENV} {venv}/bin/pip install -q "
-            f"--no-index --find-links {host.path('wheels', 'deps')} {haif_wheel} "
+            f"--no-compile --no-index --find-links {host.path('wheels', 'deps')} {haif_wheel} "
             f"&& touch {done}",
             what="virtualenv",
         )
     return venv
+
+
+def identity_name(s: Placed) -> str:
+    """The identity a service runs as: every gateway is ``gateway``, both orchestrators
+    ``orchestrator`` (as in ``haif up``), a worker its id."""
+    return s.kind if s.kind != "worker" else s.name
 
 
 async def push_identities(host: Host, placed: list[Placed], ids: Identities) -> list[str]:
@@ -112,15 +118,14 @@ async def push_identities(host: Host, placed: list[Placed], ids: Identities) -> 
         await host.run_args(["chmod", "700", keys])
         for pub in sorted((ids.keys / KEYRING_DIR).glob("*.pub")):
             await host.write(posixpath.join(ring, pub.name), pub.read_bytes(), 0o644)
-        for s in placed:
-            stem = key_file_stem(s.name)
+        for stem in sorted({key_file_stem(identity_name(s)) for s in placed}):
             private = (ids.keys / f"{stem}.key").read_bytes()
             await host.write(posixpath.join(keys, f"{stem}.key"), private, 0o600)
         return []
     tls = host.path("etc", "tls")
     await host.run_args(["mkdir", "-p", tls])
     await host.run_args(["chmod", "700", tls])
-    names = {"gateway" if s.kind == "gateway" else s.name for s in placed} | {MONITOR}
+    names = {identity_name(s) for s in placed} | {MONITOR}
     ca = next(iter(ids.certs.values())).ca
     await host.write(posixpath.join(tls, "ca.pem"), ca.read_bytes(), 0o644)
     for name in sorted(names):
@@ -281,7 +286,7 @@ async def write_specs(
         elif s.kind == "worker":
             w = await worker_files(host, plan, workers[s.name])
             args = [*worker_args(w, plan.orchestrator_url, s.port, etc, plan.standby_url)]
-            args += ["--host", listen, *remote_identity_args(host, s.name, ids)]
+            args += ["--host", listen, *remote_identity_args(host, identity_name(s), ids)]
             if w.engine == "synthetic" and w.timing != "fixed":
                 restart = ["--cold-start"]
             timeout = max(timeout, w.start_timeout())

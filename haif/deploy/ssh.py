@@ -67,6 +67,9 @@ async def connect(plan: Plan, host: HostConfig) -> Host:
     known = plan.local_path(host.known_hosts)
     key = plan.local_path(host.key_file)
     where = f"host {host.name} ({host.destination()})"
+    for what, path in (("key_file", key), ("known_hosts", known)):
+        if not path.is_file():
+            raise DeployError(f"{where}: {what} {path}: no such file")
     try:
         conn = await asyncssh.connect(
             host.address,

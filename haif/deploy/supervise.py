@@ -390,7 +390,7 @@ def systemd_available() -> bool:
 
 def unit_text(directory: Path, spec: Spec) -> str:
     """The systemd user unit that runs the supervisor of ``spec``."""
-    run = [spec.python, "-m", "haif", "supervise", "run", "--dir", str(directory), spec.name]
+    run = [spec.python, "-m", "haif", "supervise", "run", spec.name, "--dir", str(directory)]
     return "\n".join(
         [
             "[Unit]",
@@ -432,6 +432,10 @@ def _uses_systemd(directory: Path, spec: Spec) -> bool:
     return (directory / RUN_DIR / f"{log_name(spec.name)}.systemd").exists()
 
 
+#: The detached supervisors this process started (to notice one that dies at once).
+_detached: dict[str, subprocess.Popen[bytes]] = {}
+
+
 def start(directory: Path, name: str, via: str = "auto") -> str:
     """Start the supervisor of ``name`` (already running: nothing); how it runs."""
     spec = Spec.read(directory, name)
@@ -455,8 +459,8 @@ def start(directory: Path, name: str, via: str = "auto") -> str:
     marker.unlink(missing_ok=True)
     out = (directory / LOG_DIR / f"{log_name(name)}.supervise.log").open("ab")
     with out:
-        subprocess.Popen(
-            [sys.executable, "-m", "haif", "supervise", "run", "--dir", str(directory), name],
+        _detached[name] = subprocess.Popen(
+            [sys.executable, "-m", "haif", "supervise", "run", name, "--dir", str(directory)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -478,6 +482,10 @@ def wait_for(directory: Path, name: str, generation: int, timeout_s: float) -> d
                 return state
             if state.get("state") == "failed" or state.get("reload_failed"):
                 break
+        launched = _detached.get(name)
+        if launched is not None and launched.poll() is not None:
+            tail = _tail(directory / LOG_DIR / f"{log_name(name)}.supervise.log", 15)
+            raise ConfigError(f"{name}: its supervisor exited at once:\n{tail}")
         time.sleep(0.1)
     tail = _tail(log_path(directory, name), 15)
     raise ConfigError(

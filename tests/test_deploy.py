@@ -1,0 +1,348 @@
+"""``haif deploy``: the deploy YAML, host-key refusal, and a live three-host cluster.
+
+The hosts are network namespaces with a real OpenSSH sshd each
+(:mod:`harness.netns`); without root, namespaces or sshd these tests skip
+with the reason (fail under ``CI=true``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from haif.configfile import ConfigError
+from haif.deploy.config import load_deploy
+from haif.deploy.supervise import Spec, unit_text
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "clusters" / "deploy" / "example.yaml"
+
+HOST = """  - name: {name}
+    address: {address}
+    user: root
+    key_file: client_key
+    known_hosts: known_hosts
+    dir: {dir}
+    services: [{services}]
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "deploy.yaml"
+    path.write_text(text)
+    return path
+
+
+# ------------------------------------------------------------------ the YAML
+
+
+def test_the_example_is_valid_and_planned() -> None:
+    plan = load_deploy(EXAMPLE)
+    where = {s.label: s.url for s in plan.services}
+    assert where == {
+        "edge:orchestrator": "https://10.0.0.10:7070",
+        "gpu1:w1": "https://10.0.0.11:7100",
+        "gpu2:w2": "https://10.0.0.12:7100",
+        "edge:gateway": "http://10.0.0.10:8080",
+    }
+    assert plan.tls and plan.gateway_urls() == ["http://10.0.0.10:8080"]
+    assert [s.name for s in plan.find("gpu1:w1")] == ["w1"]
+
+
+def test_workers_sharing_a_host_get_their_own_ports(tmp_path: Path) -> None:
+    hosts = HOST.format(name="a", address="10.1.0.1", dir="/d", services="gateway, orchestrator")
+    hosts += HOST.format(name="b", address="10.1.0.2", dir="/d", services="w1, w2, w3")
+    workers = "".join(f"    - {{id: w{i}, region: r}}\n" for i in (1, 2, 3))
+    plan = load_deploy(_write(tmp_path, f"hosts:\n{hosts}cluster:\n  workers:\n{workers}"))
+    assert [s.port for s in plan.services if s.kind == "worker"] == [7100, 7101, 7102]
+    assert plan.orchestrator_url == "https://10.1.0.1:7070"
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("services: [gateway, orchestrator, w9]", "hosts.0.services: no service 'w9'"),
+        ("services: [gateway]", "hosts: no host runs orchestrator, w1"),
+        ("services: [gateway, orchestrator, w1, w1]", "'w1' is placed twice"),
+        ("services: [gateway, orchestrator, w1]\n    port: 70000", "hosts.0.port"),
+        ("services: [gateway, orchestrator, w1]\n    colour: red", "hosts.0.colour"),
+    ],
+)
+def test_bad_hosts_name_the_field_and_line(tmp_path: Path, body: str, expected: str) -> None:
+    text = (
+        "hosts:\n  - name: a\n    address: 10.1.0.1\n    key_file: k\n    known_hosts: kh\n"
+        f"    {body}\ncluster:\n  workers: [{{id: w1, region: r}}]\n"
+    )
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_deploy(path)
+    message = str(err.value)
+    assert expected in message and f"{path}:" in message
+
+
+@pytest.mark.parametrize(
+    ("cluster", "expected"),
+    [
+        ("host: 0.0.0.0", "cluster.host: set per host by haif deploy"),
+        ("internal_tls: false", "insecure_plain_internal_http: true"),
+        ("colocate_gateway: true", "cluster.colocate_gateway: not supported"),
+    ],
+)
+def test_cluster_keys_deploy_decides_are_refused(
+    tmp_path: Path, cluster: str, expected: str
+) -> None:
+    hosts = HOST.format(name="a", address="10.1.0.1", dir="/d", services="gateway, orchestrator")
+    hosts += HOST.format(name="b", address="10.1.0.2", dir="/d", services="w1, w2")
+    with pytest.raises(ConfigError, match=expected):
+        load_deploy(_write(tmp_path, f"hosts:\n{hosts}cluster:\n  {cluster}\n"))
+
+
+def test_the_systemd_unit_runs_the_supervisor_and_drains_on_stop() -> None:
+    spec = Spec(name="w1", kind="worker", python="/h/venv/bin/python", args=[], url="x")
+    unit = unit_text(Path("/h"), spec)
+    assert "ExecStart=/h/venv/bin/python -m haif supervise run w1 --dir /h" in unit
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit and "Restart=on-failure" in unit
+    assert "KillMode=mixed" in unit and "TimeoutStopSec=55" in unit
+
+
+# ------------------------------------------------------------------ real SSH hosts
+
+
+def _yaml(lab: object, layout: list[list[str]], extra: str = "", name: str = "t") -> str:
+    from harness.netns import Lab
+
+    assert isinstance(lab, Lab)
+    hosts = "".join(
+        HOST.format(
+            name=f"h{i}", address=lab.addresses[i], dir=lab.dir(i), services=", ".join(services)
+        )
+        + "    supervisor: detached\n"
+        for i, services in enumerate(layout)
+    )
+    return f"name: {name}\nhosts:\n{hosts}{extra}"
+
+
+def _haif(*args: str, timeout_s: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"}
+    return subprocess.run(
+        [sys.executable, "-m", "haif", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.fixture
+def one_host() -> Iterator[object]:
+    from harness.netns import Lab
+
+    lab = Lab(1)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_a_changed_or_unknown_host_key_stops_the_deploy(one_host: object) -> None:
+    from harness.netns import Lab
+
+    lab = one_host
+    assert isinstance(lab, Lab)
+    path = lab.root / "deploy.yaml"
+    path.write_text(
+        _yaml(lab, [["gateway", "orchestrator", "w1"]])
+        + "cluster:\n  workers: [{id: w1, region: local}]\n"
+    )
+    good = lab.known_hosts.read_text()
+    # Another key recorded for this address: the host's key "changed".
+    other = subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(lab.root / "other")],
+        check=True,
+    )
+    assert other.returncode == 0
+    kind, blob = (lab.root / "other.pub").read_text().split()[:2]
+    lab.known_hosts.write_text(f"{lab.addresses[0]} {kind} {blob}\n")
+    done = _haif("deploy", str(path))
+    assert done.returncode == 2
+    assert "HOST KEY CHANGED" in done.stderr and "Nothing was deployed" in done.stderr
+    assert not lab.dir(0).exists()
+    # No entry for the host at all.
+    lab.known_hosts.write_text(good.replace(lab.addresses[0], "10.255.255.254"))
+    done = _haif("deploy", "status", str(path))
+    assert done.returncode == 2 and "no key for it in" in done.stderr
+    # The private key is never printed, whatever happens.
+    secret = (lab.client_key).read_text().splitlines()[1]
+    assert secret not in done.stdout + done.stderr
+
+
+async def _load(
+    url: str, stop: asyncio.Event, counts: dict[str, int], errors: list[str], workers: int = 4
+) -> None:
+    """Stream chat completions through the gateway with the openai SDK until ``stop``."""
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                stream = await client.chat.completions.create(
+                    model="llama-3-8b",
+                    messages=[{"role": "user", "content": "hello"}],
+                    max_tokens=12,
+                    stream=True,
+                )
+                text = ""
+                finish = None
+                async for chunk in stream:
+                    if chunk.choices:
+                        text += chunk.choices[0].delta.content or ""
+                        finish = chunk.choices[0].finish_reason or finish
+                if not text or finish is None:
+                    raise RuntimeError(f"incomplete stream: {text!r}, finish {finish}")
+                counts["ok"] += 1
+            except Exception as exc:
+                counts["failed"] += 1
+                errors.append(f"{time.strftime('%H:%M:%S')} {type(exc).__name__}: {exc}")
+
+    try:
+        await asyncio.gather(*(one() for _ in range(workers)))
+    finally:
+        await client.close()
+
+
+async def _under_load(
+    url: str, *command: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, int], list[str]]:
+    """Run ``haif COMMAND`` while streaming through ``url``; its result and the load's."""
+    counts = {"ok": 0, "failed": 0}
+    errors: list[str] = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(url, stop, counts, errors))
+    await asyncio.sleep(2.0)  # steady load before the change
+    done = await asyncio.to_thread(_haif, *command)
+    await asyncio.sleep(2.0)
+    stop.set()
+    await load
+    return done, counts, errors
+
+
+@pytest.fixture
+def three_hosts() -> Iterator[tuple[object, object]]:
+    from harness.netns import Lab
+    from harness.own_pg import OwnPostgres
+
+    lab = Lab(3)
+    pg = None
+    try:
+        pg = OwnPostgres(listen=f"{lab.subnet}.1", allow=f"{lab.subnet}.0/24")
+        pg.start()
+        yield lab, pg
+    finally:
+        if pg is not None:
+            pg.close()
+        lab.close()
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
+    three_hosts: tuple[object, object],
+) -> None:
+    from harness.netns import Lab
+    from harness.own_pg import OwnPostgres
+
+    lab, pg = three_hosts
+    assert isinstance(lab, Lab) and isinstance(pg, OwnPostgres)
+    cluster = (
+        "cluster:\n"
+        f"  store: {pg.dsn}\n"
+        "  orchestrators: 2\n"
+        "  orchestrator:\n    leader_lease_s: 1.0\n"
+        "  workers:\n"
+        "    - {id: w1, region: local, mean_s: 0.3, heartbeat_s: 0.25}\n"
+        "    - {id: w2, region: local, mean_s: 0.3, heartbeat_s: 0.25}\n"
+    )
+    layout = [["gateway", "orchestrator", "orchestrator2"], ["w1"], ["w2"]]
+    path = lab.root / "deploy.yaml"
+    path.write_text(_yaml(lab, layout, cluster, name=lab.tag))
+    gateway = f"http://{lab.addresses[0]}:8080"
+
+    # 1. Deploy: every service healthy, the endpoint printed, tight modes on the hosts.
+    t0 = time.monotonic()
+    done = _haif("deploy", str(path), timeout_s=400)
+    assert done.returncode == 0, done.stdout + done.stderr
+    deployed_s = time.monotonic() - t0
+    assert f"{gateway}  (ready)" in done.stdout
+    secret = lab.client_key.read_text().splitlines()[1]
+    assert secret not in done.stdout + done.stderr
+    for i in range(3):
+        root = lab.dir(i)
+        assert stat.S_IMODE(root.stat().st_mode) == 0o700
+        for key in (root / "etc" / "tls").glob("*.key"):
+            assert stat.S_IMODE(key.stat().st_mode) == 0o600, key
+        assert not (root / "etc" / "tls" / "ca.key").exists()  # the CA's key stays here
+    assert sorted(p.name for p in (lab.dir(1) / "etc" / "tls").glob("*.key")) == [
+        "monitor.key",
+        "w1.key",
+    ]
+
+    # 2. Completions stream through it (openai SDK), and status says all is well.
+    done, counts, errors = await _under_load(gateway, "deploy", "status", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert counts["ok"] > 0 and counts["failed"] == 0, errors
+    logs = _haif("deploy", "logs", str(path), "h1:w1", "-n", "3")
+    assert logs.returncode == 0 and "worker w1 (local, A100-80G) serves" in logs.stdout
+    assert 1 <= len(logs.stdout.splitlines()) <= 3, logs.stdout
+
+    # 3. A host's services all killed (supervisor too), under load: w2 carries it,
+    # status shows w1 down, and deploying again brings it back.
+    counts = {"ok": 0, "failed": 0}
+    errors = []
+    stop = asyncio.Event()
+    load = asyncio.create_task(_load(gateway, stop, counts, errors))
+    await asyncio.sleep(1.5)
+    assert lab.kill_host(1)
+    await asyncio.sleep(3.0)
+    stop.set()
+    await load
+    assert counts["ok"] > 0 and counts["failed"] == 0, errors
+    down = _haif("deploy", "status", str(path))
+    assert down.returncode == 1 and "down" in down.stdout, down.stdout
+    again = _haif("deploy", str(path))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert _haif("deploy", "status", str(path)).returncode == 0
+
+    # 4. Rolling upgrade under steady load: zero failed requests.
+    done, counts, errors = await _under_load(gateway, "deploy", "upgrade", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert counts["ok"] > 20 and counts["failed"] == 0, errors
+    order = [line.split(":")[1] for line in done.stdout.splitlines() if "replacing" in line]
+    assert order == ["w1", "w2", "orchestrator2", "orchestrator", "gateway"]
+    assert done.stdout.count("running (generation 1)") == 5, done.stdout
+    assert _haif("deploy", "status", str(path)).returncode == 0
+
+    # 5. Stop: nothing but sshd is left on the hosts.
+    done = _haif("deploy", "stop", str(path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    for i in range(3):
+        assert all(_comm(pid) == "sshd" for pid in lab.pids(i)), [_comm(p) for p in lab.pids(i)]
+    print(f"deployed in {deployed_s:.0f} s")
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "gone"

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 
 from haif.configfile import ConfigError
 from haif.deploy.config import load_deploy
@@ -108,7 +109,7 @@ def test_cluster_keys_deploy_decides_are_refused(
 def test_the_systemd_unit_runs_the_supervisor_and_drains_on_stop() -> None:
     spec = Spec(name="w1", kind="worker", python="/h/venv/bin/python", args=[], url="x")
     unit = unit_text(Path("/h"), spec)
-    assert "ExecStart=/h/venv/bin/python -m haif supervise run w1 --dir /h" in unit
+    assert "ExecStart=/h/venv/bin/python -m haif.deploy.supervise run w1 --dir /h" in unit
     assert "ExecReload=/bin/kill -HUP $MAINPID" in unit and "Restart=on-failure" in unit
     assert "KillMode=mixed" in unit and "TimeoutStopSec=55" in unit
 
@@ -346,3 +347,10 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return "gone"
+
+
+def test_the_readme_shows_the_example() -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Deploying to your machines") :]
+    shown = section[section.index("```yaml\n") + 8 : section.index("```\n", 8)]
+    assert yaml.safe_load(shown) == yaml.safe_load(EXAMPLE.read_text())

@@ -326,7 +326,7 @@ def _file(name: str) -> str:
 
 async def supervise(host: Host, venv: str, action: str, name: str | None = None) -> Any:
     """``haif supervise ACTION`` on the host; its JSON answer."""
-    args = [posixpath.join(venv, "bin", "python"), "-m", "haif", "supervise", action]
+    args = [posixpath.join(venv, "bin", "python"), "-m", "haif.deploy.supervise", action]
     args += [name] if name else []
     args += ["--dir", host.dir]
     if action == "start":

@@ -66,8 +66,13 @@ def runtime_requirements(root: Path) -> list[str]:
     return [str(d) for d in deps]
 
 
+#: Fixed timestamps in haif's wheel: the same sources give the same wheel (and digest),
+#: so deploying an unchanged checkout again reuses the hosts' virtualenvs.
+_EPOCH = "315532800"
+
+
 def _pip(*args: str, what: str) -> None:
-    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env = {**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1", "SOURCE_DATE_EPOCH": _EPOCH}
     done = subprocess.run(
         [sys.executable, "-m", "pip", *args], capture_output=True, text=True, env=env, check=False
     )

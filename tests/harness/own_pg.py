@@ -60,8 +60,8 @@ class OwnPostgres:
         self.tls = tls
         self.listen = listen
         if allow is not None:  # clients of another network (haif deploy's hosts)
-            with (self.data / "pg_hba.conf").open("a") as hba:
-                hba.write(f"host all all {allow} trust\n")
+            with (self.data / "pg_hba.conf").open("a") as rules:
+                rules.write(f"host all all {allow} trust\n")
         if tls is not None:
             cert, key = self.root / "server.crt", self.root / "server.key"
             cert.write_bytes(tls[0])

@@ -8,6 +8,7 @@ with the reason (fail under ``CI=true``).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
 import subprocess
@@ -354,3 +355,98 @@ def test_the_readme_shows_the_example() -> None:
     section = readme[readme.index("## Deploying to your machines") :]
     shown = section[section.index("```yaml\n") + 8 : section.index("```\n", 8)]
     assert yaml.safe_load(shown) == yaml.safe_load(EXAMPLE.read_text())
+
+
+# ------------------------------------------------------------------ the supervisor, locally
+
+
+def _supervise(directory: Path, *args: str) -> dict[str, object]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "haif.deploy.supervise", *args, "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert isinstance(answer, dict)
+    return answer
+
+
+@pytest.mark.cluster
+def test_supervise_restarts_a_crash_replaces_on_reload_and_stops(tmp_path: Path) -> None:
+    from haif.deploy.supervise import read_state
+    from haif.runtime.cluster import free_port
+
+    port = free_port()
+    args = ["worker", "--port", str(port), "--id", "w1", "--region", "r"]
+    args += ["--orchestrator", "http://127.0.0.1:9", "--heartbeat-s", "5"]
+    spec = Spec(
+        name="w1",
+        kind="worker",
+        python=sys.executable,
+        args=args,
+        url=f"http://127.0.0.1:{port}",
+        drain_s=5,
+    )
+    (tmp_path / "run").mkdir()
+    spec.write(tmp_path)
+    started = _supervise(tmp_path, "start", "w1", "--via", "detached")
+    assert started["state"] == "running" and started["how"] == "detached haif supervise"
+    first = started["pid"]
+    assert isinstance(first, int)
+    os.kill(first, 9)  # a crash: started again, counted
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        state = read_state(tmp_path, "w1")
+        if state.get("state") == "running" and state.get("pid") != first:
+            break
+        time.sleep(0.1)
+    assert state["restarts"] == 1 and state["generation"] == 0, state
+    reloaded = _supervise(tmp_path, "reload", "w1")
+    assert reloaded["state"] == "running" and reloaded["generation"] == 1
+    rows = _supervise_status(tmp_path)
+    assert [(r["name"], r["state"], r["healthy"], r["in_flight"]) for r in rows] == [
+        ("w1", "running", True, 0)
+    ]
+    assert _supervise(tmp_path, "stop", "w1")["stopped"] is True
+    assert read_state(tmp_path, "w1")["state"] == "stopped"
+    assert stat.S_IMODE((tmp_path / "logs" / "w1.log").stat().st_mode) == 0o600
+
+
+def _supervise_status(directory: Path) -> list[dict[str, object]]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "haif.deploy.supervise", "status", "--dir", str(directory)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=True,
+    )
+    rows = json.loads(done.stdout)
+    assert isinstance(rows, list)
+    return rows
+
+
+async def test_a_draining_worker_leaves_placement_and_reports_in_flight() -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from haif.runtime.worker import Worker, WorkerSpec, build_app
+
+    spec = WorkerSpec(
+        worker_id="w1", region="r", url="http://127.0.0.1:1", orchestrator_url="http://127.0.0.1:9"
+    )
+    worker = Worker(spec)
+    async with TestClient(TestServer(build_app(worker))) as client:
+        assert (await client.get("/readyz")).status == 200
+        assert worker.snapshot().healthy
+        worker.drain()
+        assert not worker.snapshot().healthy
+        resp = await client.get("/readyz")
+        assert resp.status == 503 and (await resp.json())["reason"] == "draining"
+        health = await (await client.get("/healthz")).json()
+        assert health["draining"] is True and health["in_flight"] == 0

@@ -450,3 +450,21 @@ async def test_a_draining_worker_leaves_placement_and_reports_in_flight() -> Non
         assert resp.status == 503 and (await resp.json())["reason"] == "draining"
         health = await (await client.get("/healthz")).json()
         assert health["draining"] is True and health["in_flight"] == 0
+
+
+def test_the_plain_http_opt_out_is_explicit_and_loud(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from haif.cli import main
+    from haif.deploy.config import PLAIN_HTTP_WARNING
+
+    hosts = HOST.format(name="a", address="10.1.0.1", dir="/d", services="gateway, orchestrator")
+    hosts += HOST.format(name="b", address="10.1.0.2", dir="/d", services="w1, w2")
+    path = _write(tmp_path, f"insecure_plain_internal_http: true\nhosts:\n{hosts}")
+    plan = load_deploy(path)
+    assert not plan.tls and plan.orchestrator_url == "http://10.1.0.1:7070"
+    # The warning comes first; the missing key file is then named (no traceback).
+    assert main(["deploy", "status", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert PLAIN_HTTP_WARNING in err
+    assert "key_file" in err and "no such file" in err and "Traceback" not in err

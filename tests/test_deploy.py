@@ -468,3 +468,74 @@ def test_the_plain_http_opt_out_is_explicit_and_loud(
     err = capsys.readouterr().err
     assert PLAIN_HTTP_WARNING in err
     assert "key_file" in err and "no such file" in err and "Traceback" not in err
+
+
+class _LocalHost:
+    """What :mod:`haif.deploy.remote` uses of an SSH host, on this machine's files."""
+
+    def __init__(self, root: Path, name: str = "gpu1") -> None:
+        from haif.deploy.config import HostConfig
+
+        self.config = HostConfig(
+            name=name, address="10.1.0.2", key_file="k", known_hosts="kh", services=("w1",)
+        )
+        self.dir = str(root)
+
+    def path(self, *parts: str) -> str:
+        return str(Path(self.dir, *parts))
+
+    async def run_args(self, args: list[str], *, what: str | None = None) -> str:
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout
+
+    async def write(self, remote: str, data: bytes, mode: int) -> None:
+        fd = os.open(remote, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+
+    async def put(self, local: Path, remote: str, mode: int = 0o644) -> None:
+        await self.write(remote, local.read_bytes(), mode)
+
+    async def listdir(self, remote: str) -> dict[str, int]:
+        folder = Path(remote)
+        return {p.name: p.stat().st_size for p in folder.iterdir()} if folder.is_dir() else {}
+
+
+async def test_a_workers_signed_model_is_verified_copied_and_named_by_its_flags(
+    tmp_path: Path,
+) -> None:
+    from haif.deploy import remote
+    from haif.runtime.artifacts import publish, verify
+    from haif.runtime.security import Keyring, Signer, generate_keypair
+
+    private, public = generate_keypair()
+    (tmp_path / "keyring").mkdir()
+    (tmp_path / "keyring" / "release.pub").write_bytes(public)
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x00" * 1000)
+    publish(tmp_path / "store", "tiny", "1", {"model.bin": weights}, Signer(private))
+    hosts = HOST.format(name="edge", address="10.1.0.1", dir="/d", services="gateway, orchestrator")
+    hosts += HOST.format(name="gpu1", address="10.1.0.2", dir="/d", services="w1")
+    worker = (
+        "    - {id: w1, region: r, engine: transformers, artifact_store: store, "
+        "keyring: keyring, model_ref: 'tiny:1'}\n"
+    )
+    plan = load_deploy(_write(tmp_path, f"hosts:\n{hosts}cluster:\n  workers:\n{worker}"))
+    host_root = tmp_path / "host"
+    host_root.mkdir()
+    host = _LocalHost(host_root)
+    w = await remote.worker_files(host, plan, plan.config.cluster.workers[0])  # type: ignore[arg-type]
+    assert w.artifact_store == str(host_root / "artifacts" / "w1" / "store")
+    assert w.keyring is not None and w.artifact_store is not None
+    files = verify(w.artifact_store, "tiny", "1", Keyring.from_dir(w.keyring))
+    assert files["model.bin"].read_bytes() == weights.read_bytes()
+    # The cluster YAML the host's services read: no local paths left in it.
+    (host_root / "etc").mkdir()
+    config = await remote.push_config(host, plan)  # type: ignore[arg-type]
+    shipped = yaml.safe_load(Path(config).read_text())
+    assert shipped["internal_tls"] is True and "artifact_store" not in shipped["workers"][0]
+    assert stat.S_IMODE(Path(config).stat().st_mode) == 0o600
+    # A tampered blob is refused here, before anything is sent.
+    blob = next((tmp_path / "store" / "blobs" / "sha256").iterdir())
+    blob.write_bytes(b"\x01" * 1000)
+    with pytest.raises(ConfigError, match="worker w1: model tiny:1"):
+        await remote.worker_files(host, plan, plan.config.cluster.workers[0])  # type: ignore[arg-type]

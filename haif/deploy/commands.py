@@ -28,6 +28,7 @@ sent meanwhile fail; ``orchestrators: 2`` avoids it.
 from __future__ import annotations
 
 import asyncio
+import shlex
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -229,7 +230,7 @@ async def logs(plan: Plan, service: str, follow: bool, lines: int) -> int:
             path = str(log_path(Path(host.dir), name))
             cmd = ["tail", "-n", str(lines), *(["-F"] if follow else []), path]
             prefix = f"{label} | " if len(targets) > 1 else ""
-            async with host.conn.create_process(" ".join(cmd)) as proc:
+            async with host.conn.create_process(shlex.join(cmd)) as proc:
                 async for line in proc.stdout:
                     sys.stdout.write(prefix + str(line))
                     sys.stdout.flush()

@@ -56,9 +56,8 @@ def _known_keys(known_hosts: Path, host: HostConfig) -> int:
         known = asyncssh.read_known_hosts(str(known_hosts))
     except (OSError, ValueError, asyncssh.Error):
         return 0
-    trusted, _ca, _revoked, _x509, _x509_ca, _x509_revoked, _subjects = known.match(
-        host.address, host.address, host.port
-    )
+    # (trusted host keys, CA keys, revoked, ...): the tuple's length varies by release.
+    trusted = known.match(host.address, host.address, host.port)[0]
     return len(trusted)
 
 

@@ -216,7 +216,15 @@ class Lab:
             _ip("link", "del", f"{self.tag}v{i}", check=False)
             _ip("netns", "del", ns, check=False)
         _ip("link", "del", self.bridge, check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # The hosts' virtualenvs are thousands of files: removed in the background,
+        # not on the test's time.
+        subprocess.Popen(
+            ["rm", "-rf", str(self.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
 
 
 def _is_sshd(pid: int) -> bool:

@@ -324,14 +324,18 @@ async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
     assert down.returncode == 1 and "down" in down.stdout, down.stdout
     again = _haif("deploy", str(path))
     assert again.returncode == 0, again.stdout + again.stderr
-    assert _haif("deploy", "status", str(path)).returncode == 0
+    status = _haif("deploy", "status", str(path))
+    assert status.returncode == 0 and status.stdout.count("(leader)") == 1, status.stdout
 
     # 4. Rolling upgrade under steady load: zero failed requests.
     done, counts, errors = await _under_load(gateway, "deploy", "upgrade", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
     assert counts["ok"] > 20 and counts["failed"] == 0, errors
-    order = [line.split(":")[1] for line in done.stdout.splitlines() if "replacing" in line]
-    assert order == ["w1", "w2", "orchestrator2", "orchestrator", "gateway"]
+    replaced = [line for line in done.stdout.splitlines() if "replacing" in line]
+    order = [line.split(":")[1] for line in replaced]
+    assert order[:2] == ["w1", "w2"] and order[4:] == ["gateway"], replaced
+    assert sorted(order[2:4]) == ["orchestrator", "orchestrator2"], replaced
+    assert "(the standby)" in replaced[2] and "(the leader)" in replaced[3], replaced
     assert done.stdout.count("running (generation 1)") == 5, done.stdout
     assert _haif("deploy", "status", str(path)).returncode == 0
 

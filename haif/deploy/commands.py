@@ -121,17 +121,29 @@ async def deploy(plan: Plan) -> int:
     hosts, venvs = await _prepare(plan, console.print)
     try:
         by = _by_name(hosts)
+        before = {h.config.name: await remote.current_venv(h, missing_ok=True) for h in hosts}
+        kept: set[str] = set()
 
         async def start(s: Placed) -> None:
             answer = await remote.supervise(by[s.host.name], venvs[s.host.name], "start", s.name)
-            console.print(f"{s.label}: {answer.get('state')} ({answer.get('how', '')}) at {s.url}")
+            how = answer.get("how", "")
+            console.print(f"{s.label}: {answer.get('state')} ({how}) at {s.url}")
+            if how == "already running":
+                kept.add(s.host.name)
 
         # The orchestrators first (the others connect to them), then the workers, then
         # the gateways; each waited for until healthy, those of one kind at once.
         for kind in ("orchestrator", "worker", "gateway"):
             await remote.gather(*(start(s) for s in plan.services if s.kind == kind))
         for host in hosts:
-            await remote.set_current(host, venvs[host.config.name])
+            name = host.config.name
+            if name in kept and before[name] not in (None, venvs[name]):
+                console.print(
+                    f"{name}: services already running kept their build; "
+                    "haif deploy upgrade replaces them with this one"
+                )
+            else:
+                await remote.set_current(host, venvs[name])
         _endpoints(plan)
     finally:
         for h in hosts:
@@ -143,13 +155,14 @@ async def upgrade(plan: Plan) -> int:
     hosts, venvs = await _prepare(plan, console.print)
     try:
         by = _by_name(hosts)
+        leader = await _leader(plan, by, venvs)
         kinds = ("worker", "orchestrator", "gateway")
-        order = sorted(
-            plan.services, key=lambda s: (kinds.index(s.kind), s.name != "orchestrator2")
-        )
+        # The standby before the leader: one takeover, not two.
+        order = sorted(plan.services, key=lambda s: (kinds.index(s.kind), s.name == leader))
         for s in order:
             host = by[s.host.name]
-            console.print(f"{s.label}: replacing")
+            role = f" (the {'leader' if s.name == leader else 'standby'})" if leader else ""
+            console.print(f"{s.label}: replacing{role}")
             answer = await remote.supervise(host, venvs[s.host.name], "reload", s.name)
             console.print(
                 f"{s.label}: {answer.get('state')} (generation {answer.get('generation')})"
@@ -161,6 +174,18 @@ async def upgrade(plan: Plan) -> int:
         for h in hosts:
             h.close()
     return 0
+
+
+async def _leader(plan: Plan, by: dict[str, Host], venvs: dict[str, str]) -> str | None:
+    """Which orchestrator of a standby pair leads now (None: one orchestrator, or unknown)."""
+    if plan.config.cluster.orchestrators == 1:
+        return None
+    hosts = {s.host.name for s in plan.services if s.kind == "orchestrator"}
+    for name in sorted(hosts):
+        for row in await remote.supervise(by[name], venvs[name], "status"):
+            if row.get("kind") == "orchestrator" and row.get("leader"):
+                return str(row["name"])
+    return None
 
 
 async def _each_host(plan: Plan, action: str) -> list[tuple[Host, Any]]:
@@ -189,7 +214,7 @@ async def _each_host(plan: Plan, action: str) -> list[tuple[Host, Any]]:
 async def status(plan: Plan) -> int:
     rows = await _each_host(plan, "status")
     table = Table(title=f"cluster {plan.config.name}")
-    for col in ("host", "service", "kind", "state", "healthy", "pid", "restarts", "url"):
+    for col in ("host", "service", "kind", "state", "healthy", "ready", "pid", "restarts", "url"):
         table.add_column(col)
     bad = 0
     for host, services in rows:
@@ -202,6 +227,7 @@ async def status(plan: Plan) -> int:
                 r["kind"],
                 r["state"],
                 "yes" if r["healthy"] else "[red]no[/]",
+                ("yes" if r["ready"] else "no") + (" (leader)" if r.get("leader") else ""),
                 str(r["pid"] or "-"),
                 str(r["restarts"]),
                 r["url"],

@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import json
 import posixpath
+import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, overload
 
 import yaml
 
@@ -91,13 +92,15 @@ async def install(host: Host, house: Wheelhouse, say: Say) -> str:
     await host.put(house.haif, haif_wheel)
     venv = host.path("venvs", house.key)
     done = posixpath.join(venv, ".haif-complete")
-    present = await host.run(f"test -f {done} && echo yes || true")
+    q = shlex.quote
+    present = await host.run(f"test -f {q(done)} && echo yes || true")
     if present.strip() != "yes":
         say(f"{host.config.name}: making the virtualenv {venv}")
+        pip = posixpath.join(venv, "bin", "pip")
         await host.run(
-            f"rm -rf {venv} && {python} -m venv {venv} && {_PIP_ENV} {venv}/bin/pip install -q "
-            f"--no-compile --no-index --find-links {host.path('wheels', 'deps')} {haif_wheel} "
-            f"&& touch {done}",
+            f"rm -rf {q(venv)} && {python} -m venv {q(venv)} && {_PIP_ENV} {q(pip)} install -q "
+            f"--no-compile --no-index --find-links {q(host.path('wheels', 'deps'))} "
+            f"{q(haif_wheel)} && touch {q(done)}",
             what="virtualenv",
         )
     return venv
@@ -341,11 +344,18 @@ async def supervise(host: Host, venv: str, action: str, name: str | None = None)
         raise DeployError(f"host {host.config.name}: haif supervise {action}: {out!r}") from None
 
 
-async def current_venv(host: Host) -> str:
-    """The virtualenv the host's services run (``DeployError`` when never deployed)."""
+@overload
+async def current_venv(host: Host, missing_ok: Literal[False] = False) -> str: ...
+@overload
+async def current_venv(host: Host, missing_ok: bool) -> str | None: ...
+async def current_venv(host: Host, missing_ok: bool = False) -> str | None:
+    """The virtualenv the host's services run (``DeployError`` when never deployed,
+    or None with ``missing_ok``)."""
     await host.resolve_dir()
-    out = await host.run(f"readlink {host.path('current')} || true")
+    out = await host.run(f"readlink {shlex.quote(host.path('current'))} || true")
     if not out.strip():
+        if missing_ok:
+            return None
         raise DeployError(f"host {host.config.name}: nothing deployed in {host.dir}")
     return host.path(out.strip())
 

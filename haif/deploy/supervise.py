@@ -51,6 +51,7 @@ import ssl
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -171,12 +172,12 @@ def _alive(pid: int | None) -> bool:
     return True
 
 
-def _health(spec: Spec, timeout_s: float = 2.0) -> dict[str, Any] | None:
+def _health(spec: Spec, timeout_s: float = 2.0, path: str = "/healthz") -> dict[str, Any] | None:
     """The service's ``/healthz`` JSON, or None when it does not answer 200."""
     context = spec.health_tls()
     try:
         with urllib.request.urlopen(
-            f"{spec.url}/healthz", timeout=timeout_s, context=context
+            f"{spec.url}{path}", timeout=timeout_s, context=context
         ) as resp:
             if resp.status != 200:
                 return None
@@ -184,6 +185,23 @@ def _health(spec: Spec, timeout_s: float = 2.0) -> dict[str, Any] | None:
             return body if isinstance(body, dict) else {}
     except (OSError, ValueError):
         return None
+
+
+def _readiness(spec: Spec) -> dict[str, Any]:
+    """``/readyz``: ``ready``, and for an orchestrator whether it is the ``leader``."""
+    body: Any
+    try:
+        url = f"{spec.url}/readyz"
+        with urllib.request.urlopen(url, timeout=2.0, context=spec.health_tls()) as resp:
+            body, ready = json.loads(resp.read() or b"{}"), resp.status == 200
+    except urllib.error.HTTPError as exc:  # 503: not ready, and it says why
+        try:
+            body, ready = json.loads(exc.read() or b"{}"), False
+        except ValueError:
+            body, ready = {}, False
+    except (OSError, ValueError):
+        return {"ready": False, "leader": None}
+    return {"ready": ready, "leader": body.get("leader") if isinstance(body, dict) else None}
 
 
 # ------------------------------------------------------------------ the supervisor loop
@@ -545,6 +563,7 @@ def status(directory: Path) -> list[dict[str, Any]]:
         state = read_state(directory, spec.name)
         alive = _alive(state.get("supervisor_pid"))
         health = _health(spec) if alive else None
+        readiness = _readiness(spec) if health is not None else {"ready": False, "leader": None}
         rows.append(
             {
                 "name": spec.name,
@@ -556,6 +575,7 @@ def status(directory: Path) -> list[dict[str, Any]]:
                 "restarts": state.get("restarts", 0),
                 "healthy": health is not None,
                 "in_flight": (health or {}).get("in_flight"),
+                **readiness,
             }
         )
     return rows

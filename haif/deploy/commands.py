@@ -113,12 +113,23 @@ async def _prepare(plan: Plan, say: Callable[[str], None]) -> tuple[list[Host], 
     return hosts, {h.config.name: v for h, v in zip(hosts, venvs, strict=True)}
 
 
+async def _prepare_with_progress(plan: Plan) -> tuple[list[Host], dict[str, str]]:
+    """:func:`_prepare` with a spinner naming the step under way (on a terminal)."""
+    with console.status("[bold]connecting to the hosts") as status:
+
+        def say(message: str) -> None:
+            console.print(message)
+            status.update(f"[bold]{message}")
+
+        return await _prepare(plan, say)
+
+
 def _by_name(hosts: list[Host]) -> dict[str, Host]:
     return {h.config.name: h for h in hosts}
 
 
 async def deploy(plan: Plan) -> int:
-    hosts, venvs = await _prepare(plan, console.print)
+    hosts, venvs = await _prepare_with_progress(plan)
     try:
         by = _by_name(hosts)
         before = {h.config.name: await remote.current_venv(h, missing_ok=True) for h in hosts}
@@ -152,7 +163,7 @@ async def deploy(plan: Plan) -> int:
 
 
 async def upgrade(plan: Plan) -> int:
-    hosts, venvs = await _prepare(plan, console.print)
+    hosts, venvs = await _prepare_with_progress(plan)
     try:
         by = _by_name(hosts)
         leader = await _leader(plan, by, venvs)

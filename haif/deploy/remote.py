@@ -21,6 +21,7 @@ for health checks); the CA's key stays with the operator.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import posixpath
 import shlex
@@ -315,7 +316,7 @@ async def write_specs(
             cluster=plan.config.name,
             **monitor,
         )
-        body = json.dumps(spec.__dict__, indent=2).encode()
+        body = json.dumps(dataclasses.asdict(spec), indent=2).encode()
         await host.write(host.path("run", f"{_file(s.name)}.json"), body, 0o600)
         specs.append(spec)
     return specs

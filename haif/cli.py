@@ -141,10 +141,12 @@ def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     parser.add_argument(
-        "--reuse-port",
-        action="store_true",
-        help="listen with SO_REUSEPORT, so a new gateway can take over the port while this "
-        "one drains (haif deploy upgrade)",
+        "--listen-fd",
+        type=int,
+        metavar="FD",
+        help="serve on this inherited listening socket instead of binding --host/--port "
+        "(haif supervise holds the gateway's socket, so a new gateway takes over the port "
+        "without refusing or dropping a connection)",
     )
     from haif.runtime.gateway import add_edge_args
 

@@ -543,3 +543,66 @@ async def test_a_workers_signed_model_is_verified_copied_and_named_by_its_flags(
     blob.write_bytes(b"\x01" * 1000)
     with pytest.raises(ConfigError, match="worker w1: model tiny:1"):
         await remote.worker_files(host, plan, plan.config.cluster.workers[0])  # type: ignore[arg-type]
+
+
+@pytest.mark.cluster
+def test_a_gateway_reload_hands_its_socket_over_without_a_refused_request(
+    tmp_path: Path,
+) -> None:
+    """The supervisor holds the gateway's socket: a new gateway takes over beside the old
+    one, and a client polling all along (kept-alive and new connections) sees no error."""
+    import http.client
+    import threading
+
+    from haif.runtime.cluster import free_port
+
+    port = free_port()
+    args = ["gateway", "--port", str(port), "--orchestrator", "http://127.0.0.1:9"]
+    spec = Spec(
+        name="gateway",
+        kind="gateway",
+        python=sys.executable,
+        args=args,
+        url=f"http://127.0.0.1:{port}",
+        bind_host="127.0.0.1",
+        bind_port=port,
+        drain_s=5,
+    )
+    (tmp_path / "run").mkdir()
+    spec.write(tmp_path)
+    first = _supervise(tmp_path, "start", "gateway", "--via", "detached")["pid"]
+    seen: dict[object, int] = {}
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def poll(keep_alive: bool) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        while not stop.is_set():
+            try:
+                conn.request("GET", "/healthz")
+                resp = conn.getresponse()
+                body = json.loads(resp.read())
+                seen[body["pid"]] = seen.get(body["pid"], 0) + 1
+                if not keep_alive or resp.getheader("Connection") == "close":
+                    conn.close()
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                conn.close()
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        conn.close()
+
+    threads = [threading.Thread(target=poll, args=(k,)) for k in (True, True, False)]
+    for t in threads:
+        t.start()
+    try:
+        reloaded = _supervise(tmp_path, "reload", "gateway")
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        _supervise(tmp_path, "stop", "gateway")
+    assert reloaded["generation"] == 1 and reloaded["pid"] != first
+    assert not errors, errors[:5]
+    assert seen.get(first, 0) > 0 and seen.get(reloaded["pid"], 0) > 0, seen

@@ -20,8 +20,8 @@ the new virtualenv, one at a time, each waited for until healthy: the workers
 first (each drained: out of placement, its attempts finished, then stopped;
 the others carry the load), then the orchestrators (the standby of
 ``orchestrators: 2`` first, then the leader, whose requests the standby takes
-over), then the gateways (the new one listens beside the old one, which then
-drains). With one orchestrator its replacement is a short outage: requests
+over), then the gateways (the new one accepts on the socket the supervisor
+holds, beside the old one, which then hands its clients over and drains). With one orchestrator its replacement is a short outage: requests
 sent meanwhile fail; ``orchestrators: 2`` avoids it.
 """
 

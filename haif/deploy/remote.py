@@ -302,7 +302,7 @@ async def write_specs(
                 standby_url=plan.standby_url,
                 identity=remote_identity_args(host, "gateway", ids),
                 config_path=config_path,
-                serving=[*serving, "--reuse-port"],
+                serving=serving,
             )
         spec = Spec(
             name=s.name,
@@ -312,6 +312,8 @@ async def write_specs(
             start_timeout_s=timeout,
             drain_s=plan.config.drain_timeout_s,
             restart_args=restart,
+            bind_host=listen if s.kind == "gateway" else None,
+            bind_port=s.port if s.kind == "gateway" else None,
             python=posixpath.join(venv, "bin", "python"),
             cluster=plan.config.name,
             **monitor,

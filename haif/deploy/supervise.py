@@ -34,9 +34,15 @@ gateways and orchestrators finish their in-flight requests on SIGTERM
 themselves. Anything still running ``drain_s`` + 15 s later is killed.
 
 *SIGHUP* (``reload``, a rolling upgrade): the spec is read again and the
-service replaced. A gateway overlaps: the new one starts on the same port
-(``--reuse-port``), and the old one drains only once the new one listens and
-answers; any other service is stopped gracefully first, then started.
+service replaced. A gateway overlaps: the supervisor itself holds the
+gateway's listening socket (``bind_host``/``bind_port`` in the spec) and
+hands it to each gateway it starts (``--listen-fd``), so connections queue
+there while a gateway restarts instead of being refused. On a reload the new
+gateway starts beside the old one on that socket; once it answers
+``/healthz`` (it reports its pid), the old one gets SIGUSR1 (each of its
+responses now closes its connection, so clients reconnect, to either),
+:data:`HANDOFF_S` later SIGTERM (it finishes its streams). Any other service
+is stopped gracefully first, then started.
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -65,6 +72,9 @@ RESTART_WINDOW_S = 300.0
 MAX_BACKOFF_S = 30.0
 #: How long past ``drain_s`` a stopping service may take before it is killed.
 STOP_GRACE_S = 15.0
+#: Gateway hand-off: how long the old gateway answers with ``Connection: close`` before
+#: its SIGTERM, so that the clients' kept-alive connections move to the new one.
+HANDOFF_S = 2.0
 RUN_DIR = "run"
 LOG_DIR = "logs"
 
@@ -90,6 +100,9 @@ class Spec:
     monitor_key: str | None = None
     #: The cluster's name (the systemd unit is ``haif-<cluster>-<name>``).
     cluster: str = "haif"
+    #: A gateway's address and port: the supervisor listens and hands the socket over.
+    bind_host: str | None = None
+    bind_port: int | None = None
 
     @classmethod
     def read(cls, directory: Path, name: str) -> Spec:
@@ -220,6 +233,13 @@ class _Loop:
         self.state = "starting"
         self.stop_asked = False
         self.reload_asked = False
+        self.sock: socket.socket | None = None
+        if self.spec.bind_port is not None:
+            host = self.spec.bind_host or "0.0.0.0"
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            self.sock = socket.create_server(
+                (host, self.spec.bind_port), family=family, backlog=1024
+            )
 
     def _say(self, message: str) -> None:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {self.name}: {message}", flush=True)
@@ -240,14 +260,20 @@ class _Loop:
 
     def _spawn(self, restarted: bool) -> subprocess.Popen[bytes]:
         log = log_path(self.directory, self.name)
+        command = self.spec.command(restarted)
+        fds: tuple[int, ...] = ()
+        if self.sock is not None:
+            fds = (self.sock.fileno(),)
+            command += ["--listen-fd", str(fds[0])]
         with log.open("ab") as out:
             os.chmod(log, 0o600)
             return subprocess.Popen(
-                self.spec.command(restarted),
+                command,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=self.directory,
+                pass_fds=fds,
             )
 
     def _start(self, restarted: bool = False) -> bool:
@@ -258,7 +284,11 @@ class _Loop:
 
     def _await_healthy(self, proc: subprocess.Popen[bytes]) -> bool:
         try:
-            wait_healthy(self.spec.url, proc, self.spec.start_timeout_s, self.spec.health_tls())
+            if self.sock is None:
+                tls = self.spec.health_tls()
+                wait_healthy(self.spec.url, proc, self.spec.start_timeout_s, tls)
+            else:
+                self._await_pid(proc)
         except ConfigError as exc:
             self._say(f"not healthy: {exc}")
             return False
@@ -266,16 +296,18 @@ class _Loop:
         self._say(f"running (pid {proc.pid}, generation {self.generation})")
         return True
 
-    def _listening(self, proc: subprocess.Popen[bytes]) -> bool:
-        """Whether ``proc`` itself listens on the service's port (gateway overlap)."""
-        import psutil
-
-        port = int(self.spec.url.rsplit(":", 1)[1].split("/")[0])
-        try:
-            conns = psutil.Process(proc.pid).net_connections(kind="inet")
-        except psutil.Error:
-            return False
-        return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in conns)
+    def _await_pid(self, proc: subprocess.Popen[bytes]) -> None:
+        """Wait until ``proc`` itself answers ``/healthz`` on the shared socket (another
+        gateway may answer there too: the answer names its pid)."""
+        deadline = time.monotonic() + self.spec.start_timeout_s
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ConfigError(f"{self.spec.url}: exited with code {proc.returncode}")
+            body = _health(self.spec, timeout_s=1.0)
+            if body is not None and body.get("pid") == proc.pid:
+                return
+            time.sleep(0.05)
+        raise ConfigError(f"{self.spec.url}: not healthy after {self.spec.start_timeout_s:.0f} s")
 
     def _stop(self, proc: subprocess.Popen[bytes]) -> None:
         """Stop ``proc`` gracefully (a worker drained first), killing it if it lingers."""
@@ -308,16 +340,13 @@ class _Loop:
         old = self.proc
         self.generation += 1
         self.restarts = []
-        if self.spec.kind == "gateway" and old is not None and old.poll() is None:
+        if self.sock is not None and old is not None and old.poll() is None:
             self._record("starting")
             new = self._spawn(False)
-            deadline = time.monotonic() + self.spec.start_timeout_s
-            while not self._listening(new) and new.poll() is None:
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.1)
             self.proc = new
             if self._await_healthy(new):
+                old.send_signal(signal.SIGUSR1)  # its responses close their connections
+                time.sleep(HANDOFF_S)
                 self._stop(old)
                 return
             self._stop(new)  # the old one keeps serving

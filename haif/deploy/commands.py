@@ -21,8 +21,9 @@ first (each drained: out of placement, its attempts finished, then stopped;
 the others carry the load), then the orchestrators (the standby of
 ``orchestrators: 2`` first, then the leader, whose requests the standby takes
 over), then the gateways (the new one accepts on the socket the supervisor
-holds, beside the old one, which then hands its clients over and drains). With one orchestrator its replacement is a short outage: requests
-sent meanwhile fail; ``orchestrators: 2`` avoids it.
+holds, beside the old one, which then hands its clients over and drains).
+With one orchestrator its replacement is a short outage: requests sent
+meanwhile fail; ``orchestrators: 2`` avoids it.
 """
 
 from __future__ import annotations

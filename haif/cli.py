@@ -24,6 +24,8 @@ from rich.console import Console
 from haif.analysis.cli import add_analysis_commands
 from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
+from haif.deploy.cli import add_deploy_command
+from haif.deploy.supervise import add_supervise_command
 from haif.runtime.api_keys import add_keys_commands
 from haif.runtime.artifacts_cli import add_artifact_commands
 from haif.runtime.certs_cli import add_certs_commands
@@ -138,6 +140,14 @@ def _add_gateway_serving_args(parser: argparse.ArgumentParser) -> None:
         help="serve HTTPS with this certificate chain (with --tls-key); default plain HTTP",
     )
     parser.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    parser.add_argument(
+        "--listen-fd",
+        type=int,
+        metavar="FD",
+        help="serve on this inherited listening socket instead of binding --host/--port "
+        "(haif supervise holds the gateway's socket, so a new gateway takes over the port "
+        "without refusing or dropping a connection)",
+    )
     from haif.runtime.gateway import add_edge_args
 
     add_edge_args(parser)  # deadlines and the connection cap
@@ -153,10 +163,13 @@ COMMAND_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "simulate and analyse",
         ("sim", "sweep", "compare", "query", "regress", "calibrate", "validate"),
     ),
-    ("run a cluster", ("up", "replay", "parity", "keys", "dlq", "certs", "artifacts")),
+    (
+        "run a cluster",
+        ("up", "deploy", "replay", "parity", "keys", "dlq", "certs", "artifacts"),
+    ),
     (
         "services (haif up starts them; run one by hand to place it on another machine)",
-        ("gateway", "orchestrator", "worker"),
+        ("gateway", "orchestrator", "worker", "supervise"),
     ),
 )
 """Top-level help: (heading, commands) in order; every command is in exactly one group."""
@@ -485,6 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_dlq_commands(sub)
     add_certs_commands(sub)
     add_artifact_commands(sub)
+    add_deploy_command(sub)
+    add_supervise_command(sub)
     sub.choices["replay"].description = _REPLAY_DESCRIPTION
     _fill_missing_help(parser)
     parser.description = _top_level_help(sub)

@@ -86,6 +86,11 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/test_example_clusters.py::test_tiny_model_example",
         "tests/test_runtime_up.py::test_completion_round_trip",
     ),
+    "deploy": (
+        "tests/test_deploy.py::test_three_hosts_deploy_serve_recover_upgrade_and_stop",
+        "tests/test_deploy.py::test_a_changed_or_unknown_host_key_stops_the_deploy",
+    ),
+    "supervise": ("tests/test_deploy.py::test_three_hosts_deploy_serve_recover_upgrade_and_stop",),
     "replay": (
         "tests/test_replay.py::test_replay_cli_with_faults_kills_and_restarts_a_worker",
         "tests/test_replay.py::test_replay_cli_errors_are_clear",

@@ -568,6 +568,61 @@ def worker_args(
     ]
 
 
+def gateway_serving_args(config: ClusterConfig, base: Path | None) -> list[str]:
+    """How a gateway serves clients: its drain time, and HTTPS where ``gateway_tls`` says."""
+    serving = ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
+    if config.gateway_tls is not None:
+        cert, key = config.gateway_tls.resolved(base)
+        serving += ["--tls-cert", cert, "--tls-key", key]
+    return serving
+
+
+def orchestrator_args(
+    config: ClusterConfig,
+    *,
+    host: str,
+    port: int,
+    store: str,
+    journal: Path,
+    identity: list[str],
+    config_path: str | None,
+    serving: list[str],
+) -> list[str]:
+    """The ``haif orchestrator`` command line of one orchestrator of ``config``
+    (``serving``: :func:`gateway_serving_args`, used when the gateway is colocated)."""
+    settings = config.orchestrator
+    args = ["orchestrator", "--host", host, "--port", str(port), "--store", store]
+    args += ["--journal", str(journal)]
+    if not settings.journal_fsync:
+        args.append("--journal-no-fsync")
+    args += ["--seed", str(config.seed), *identity]
+    if config_path:
+        args += ["--config", config_path]
+    if config.colocate_gateway:
+        args += ["--gateway-port", str(config.gateway_port), *serving]
+    if config.orchestrators == 2:
+        args += ["--leader-lease-s", str(settings.leader_lease_s)]
+    return args
+
+
+def gateway_args(
+    config: ClusterConfig,
+    *,
+    host: str,
+    orchestrator_url: str,
+    standby_url: str | None,
+    identity: list[str],
+    config_path: str | None,
+    serving: list[str],
+) -> list[str]:
+    """The ``haif gateway`` command line of ``config``'s gateway."""
+    args = ["gateway", "--host", host, "--port", str(config.gateway_port)]
+    args += ["--orchestrator", orchestrator_url, "--region", config.region, *serving]
+    args += ["--standby", standby_url] if standby_url else []
+    args += ["--config", config_path] if config_path else []
+    return [*args, *identity]
+
+
 @dataclass(frozen=True)
 class UpFlags:
     """``haif up``'s flags that override the cluster YAML (None: the YAML's value)."""
@@ -767,26 +822,21 @@ def run_cluster(
     try:
         scheme = "https" if config.gateway_tls is not None else "http"
         gw_url = service_url(host, gw_port, scheme)
-        serving = ["--shutdown-timeout-s", str(GATEWAY_SHUTDOWN_S)]
-        if config.gateway_tls is not None:
-            cert, key = config.gateway_tls.resolved(base)
-            serving += ["--tls-cert", cert, "--tls-key", key]
-        settings = config.orchestrator
+        serving = gateway_serving_args(config, base)
         pair = [("orchestrator", orch_port, "journal")]
         if standby_port is not None:
             pair.append(("orchestrator2", standby_port, "journal2"))
         for name, port, journal in pair:
-            orch_args = ["orchestrator", "--host", host, "--port", str(port), "--store", store]
-            orch_args += ["--journal", str(data_dir / journal)]
-            if not settings.journal_fsync:
-                orch_args.append("--journal-no-fsync")
-            orch_args += ["--seed", str(config.seed), *identity_args("orchestrator")]
-            if config_path:
-                orch_args += ["--config", config_path]
-            if config.colocate_gateway:
-                orch_args += ["--gateway-port", str(gw_port), *serving]
-            if standby_port is not None:
-                orch_args += ["--leader-lease-s", str(settings.leader_lease_s)]
+            orch_args = orchestrator_args(
+                config,
+                host=host,
+                port=port,
+                store=store,
+                journal=data_dir / journal,
+                identity=identity_args("orchestrator"),
+                config_path=config_path,
+                serving=serving,
+            )
             url = service_url(host, port, internal)
             supervisor.add(Service(name, "orchestrator", config.region, url, orch_args))
         for w in config.workers:
@@ -799,12 +849,15 @@ def run_cluster(
             supervisor.add(Service(w.id, "worker", w.region, url, args, restart, w.start_timeout()))
         gateway = Service("gateway", "gateway", config.region, gw_url, [])
         if not config.colocate_gateway:
-            gw_args = ["gateway", "--host", host, "--port", str(gw_port)]
-            gw_args += ["--orchestrator", orch_url, "--region", config.region, *serving]
-            gw_args += ["--standby", standby_url] if standby_url else []
-            gw_args += ["--config", config_path] if config_path else []
-            gw_args += identity_args("gateway")
-            gateway.args = gw_args
+            gateway.args = gateway_args(
+                config,
+                host=host,
+                orchestrator_url=orch_url,
+                standby_url=standby_url,
+                identity=identity_args("gateway"),
+                config_path=config_path,
+                serving=serving,
+            )
             supervisor.add(gateway)
         with control:
             scraped = supervisor.table()

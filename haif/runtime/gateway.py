@@ -154,6 +154,13 @@ Shutdown: on SIGTERM aiohttp stops listening and closes idle connections
 first, the gateway answers new requests on open connections with 503 and
 ``/readyz`` with 503, and in-flight requests and streams get up to the
 service's ``shutdown_timeout`` to finish.
+
+Hand-off (``haif gateway --listen-fd``, SIGUSR1): a supervisor holds the
+listening socket and starts a new gateway on it beside this one; SIGUSR1 then
+makes every response of this one close its connection (``Connection:
+close``) and ``/readyz`` answer 503, so clients open their next connection,
+which either gateway accepts from the one queue, and none finds an idle
+connection closed under it when this one stops.
 """
 
 from __future__ import annotations
@@ -164,7 +171,9 @@ import contextlib
 import json
 import logging
 import math
+import os
 import re
+import signal
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -894,6 +903,8 @@ class Gateway:
         self.idle_timeout_s = idle_timeout_s
         self.auth = auth or GatewayAuth()
         self.draining = False
+        #: Handing off to a new gateway (SIGUSR1): each response closes its connection.
+        self.closing = False
         self._session: aiohttp.ClientSession | None = None
         self._key_cache: dict[str, tuple[str, float]] = {}  # key hash -> (tenant, expiry)
         self.metrics = telemetry.GatewayMetrics()
@@ -1426,7 +1437,7 @@ class Gateway:
         return web.json_response({"object": "list", "data": data})
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        if self.draining:
+        if self.draining or self.closing:
             return web.json_response({"ready": False, "reason": "draining"}, status=503)
         try:
             status = await self._status()
@@ -1556,6 +1567,10 @@ class _EdgeServer(web.Server):
     max_connections: int
     metrics: telemetry.GatewayMetrics
     open_connections: int
+    #: Handing off to a new gateway: idle connections are closed a moment later than
+    #: aiohttp would (:meth:`pre_shutdown`), so that one accepted just before the
+    #: listener closed gets its request in and answered instead of closed unanswered.
+    handing_off: bool
 
     @classmethod
     def adopt(
@@ -1567,7 +1582,17 @@ class _EdgeServer(web.Server):
         server.max_connections = max_connections
         server.metrics = metrics
         server.open_connections = 0
+        server.handing_off = False
         return server
+
+    def pre_shutdown(self) -> None:
+        if not self.handing_off:
+            super().pre_shutdown()
+
+    async def close_idle_after(self, settle_s: float) -> None:
+        """The deferred :meth:`pre_shutdown` of a hand-off."""
+        await asyncio.sleep(settle_s)
+        super().pre_shutdown()
 
     def __call__(self) -> RequestHandler:
         handler = super().__call__()
@@ -1593,21 +1618,34 @@ class _EdgeServer(web.Server):
 
 
 def _serve_with_edge(
-    app: web.Application, limits: GatewayLimits, metrics: telemetry.GatewayMetrics
+    app: web.Application,
+    limits: GatewayLimits,
+    metrics: telemetry.GatewayMetrics,
+    servers: list[_EdgeServer],
 ) -> None:
     """Make every server of ``app`` an :class:`_EdgeServer`, however it is run
-    (``web.run_app``, an ``AppRunner``), with the cap of ``limits``."""
+    (``web.run_app``, an ``AppRunner``), with the cap of ``limits``; each is added to
+    ``servers``."""
     make_handler = app._make_handler
     cap = limits.connection_cap
 
     def make_edge_handler(**kwargs: Any) -> web.Server:
-        return _EdgeServer.adopt(make_handler(**kwargs), cap, metrics)
+        server = _EdgeServer.adopt(make_handler(**kwargs), cap, metrics)
+        servers.append(server)
+        return server
 
     # Past Application.__setattr__, which warns about new attributes in debug mode.
     object.__setattr__(app, "_make_handler", make_edge_handler)
 
 
-def build_app(gateway: Gateway) -> web.Application:
+#: A hand-off's wait between closing the listener and closing idle connections.
+_HANDOFF_SETTLE_S = 0.25
+
+
+def build_app(gateway: Gateway, *, drain_signal: bool = False) -> web.Application:
+    """The gateway's app (``drain_signal``: SIGUSR1 starts the hand-off to a new gateway
+    on a shared socket: every response from then on closes its connection, so clients
+    open their next one, which the new gateway accepts)."""
     limits = gateway.limits
     app = web.Application(
         client_max_size=limits.max_body_bytes,
@@ -1622,18 +1660,34 @@ def build_app(gateway: Gateway) -> web.Application:
             "handler_cancellation": True,
         },
     )
-    _serve_with_edge(app, limits, gateway.metrics)
+    servers: list[_EdgeServer] = []
+    _serve_with_edge(app, limits, gateway.metrics, servers)
 
     async def healthz(_request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        # The pid tells two gateways on one shared socket apart (haif supervise).
+        return web.json_response({"ok": True, "pid": os.getpid()})
+
+    def hand_off() -> None:
+        gateway.closing = True
+        for server in servers:
+            server.handing_off = True
+
+    async def close_after(_request: web.Request, response: web.StreamResponse) -> None:
+        if gateway.closing:  # headers are made already: the close must be said too
+            response.force_close()
+            response.headers["Connection"] = "close"
 
     async def on_startup(_app: web.Application) -> None:
         await gateway.start()
+        if drain_signal:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, hand_off)
 
     async def on_shutdown(_app: web.Application) -> None:
         # Listening sockets are closed already; refuse what still arrives on
         # open connections while in-flight requests finish.
-        gateway.draining = True
+        gateway.draining = not gateway.closing
+        if gateway.closing:  # a hand-off: answer what was accepted, then close the idle
+            await asyncio.gather(*(s.close_idle_after(_HANDOFF_SETTLE_S) for s in servers))
 
     async def on_cleanup(_app: web.Application) -> None:
         await gateway.stop()
@@ -1644,6 +1698,7 @@ def build_app(gateway: Gateway) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", gateway.readyz)
     app.router.add_get("/metrics", telemetry.metrics_handler(gateway.metrics.registry))
+    app.on_response_prepare.append(close_after)
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)

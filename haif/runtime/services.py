@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -122,16 +123,20 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
             prompts=_prompts(cluster, args.config),
             tls=internal,
         )
-        app = gateway.build_app(gw)
+        app = gateway.build_app(gw, drain_signal=True)
         shutdown_timeout = args.shutdown_timeout_s
         tls = server_tls(args.tls_cert, args.tls_key)
     else:
         raise ValueError(f"unknown service {kind!r}")
     gateway_port = getattr(args, "gateway_port", None)
+    # A socket a supervisor listens on and hands over (haif deploy's gateways).
+    fd = getattr(args, "listen_fd", None)
+    sock = socket.socket(fileno=fd) if fd is not None else None
     web.run_app(
         freeze_after_startup(app),
-        host=args.host,
-        port=args.port if gateway_port is None else gateway_port,
+        host=args.host if sock is None else None,
+        port=(args.port if gateway_port is None else gateway_port) if sock is None else None,
+        sock=sock,
         print=None,
         shutdown_timeout=shutdown_timeout,
         ssl_context=tls,

@@ -46,6 +46,16 @@ ended (``stop`` / ``length``, from the engine's last chunk).
 with the whole text. If the caller goes away mid-stream the generation stops
 and the slot is released.
 
+Draining
+--------
+:meth:`Worker.drain` (``SIGUSR1`` to ``haif worker``) takes the worker out of
+placement before it stops: its heartbeats say ``healthy: false`` from then on
+(one is sent at once, so the orchestrator stops placing on it within a
+round trip), ``/readyz`` answers 503 while ``/healthz`` stays 200, and the
+attempts it already runs finish. ``/healthz`` reports ``in_flight``, so a
+supervisor (``haif supervise``, ``haif deploy upgrade``) waits for 0 before
+its SIGTERM.
+
 Sampling
 --------
 Each engine declares the sampling parameters it honours
@@ -58,8 +68,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
@@ -166,6 +178,10 @@ class Worker:
         self._heartbeat_tasks: list[asyncio.Task[None]] = []
         self.resources = ResourceMonitor()
         self.ready = False
+        #: Set by :meth:`drain`: heartbeats say unhealthy, /readyz answers 503.
+        self.draining = False
+        # Replaced (and the old one set) to wake every heartbeat loop at once.
+        self._beat = asyncio.Event()
         self.metrics = telemetry.WorkerMetrics(
             lambda: self._running, lambda: self._waiting, spec.capacity
         )
@@ -189,7 +205,7 @@ class Worker:
             queue_depth=self._waiting,
             running=self._running,
             capacity=s.capacity,
-            healthy=True,
+            healthy=not self.draining,
             price_per_hour=s.price_per_hour,
         )
         occupancy = getattr(self.engine, "occupancy", lambda: None)()
@@ -343,7 +359,22 @@ class Worker:
                 await client.call("heartbeat", announce)
             except (RpcUnavailable, RpcError) as exc:
                 log.warning("heartbeat to %s failed: %s", url, exc)
-            await asyncio.sleep(self.spec.heartbeat_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._beat.wait(), self.spec.heartbeat_s)
+
+    @property
+    def in_flight(self) -> int:
+        """Attempts queued or running here."""
+        return self._waiting + self._running
+
+    def drain(self) -> None:
+        """Stop taking new attempts (heartbeats say unhealthy, one sent now); the
+        running ones finish. There is no undoing it: the process is about to stop."""
+        if not self.draining:
+            log.info("worker %s draining (%d in flight)", self.spec.worker_id, self.in_flight)
+        self.draining = True
+        woken, self._beat = self._beat, asyncio.Event()
+        woken.set()
 
     async def start(self) -> None:
         """Load the engine's model (verifying its artifact), then start heartbeating.
@@ -394,7 +425,8 @@ class Worker:
             await self.engine.close()
 
 
-def build_app(worker: Worker) -> web.Application:
+def build_app(worker: Worker, *, drain_signal: bool = False) -> web.Application:
+    """The worker's HTTP app (``drain_signal``: :meth:`Worker.drain` on SIGUSR1)."""
     app = web.Application()
     if worker.service_tls is not None:
         export_expiry(worker.metrics.registry, worker.service_tls)
@@ -419,16 +451,26 @@ def build_app(worker: Worker) -> web.Application:
                 "worker_id": worker.spec.worker_id,
                 "engine": type(worker.engine).__name__,
                 "ready": worker.ready,
+                "draining": worker.draining,
+                "in_flight": worker.in_flight,
             }
         )
 
+    async def readyz(_request: web.Request) -> web.Response:
+        ready = worker.ready and not worker.draining
+        body = {"ready": ready, **({"reason": "draining"} if worker.draining else {})}
+        return web.json_response(body, status=200 if ready else 503)
+
     async def on_startup(_app: web.Application) -> None:
         await worker.start()
+        if drain_signal:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, worker.drain)
 
     async def on_cleanup(_app: web.Application) -> None:
         await worker.stop()
 
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", telemetry.metrics_handler(worker.metrics.registry))
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
@@ -476,7 +518,7 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
     try:
         worker = worker_from_args(args)
         web.run_app(
-            freeze_after_startup(build_app(worker)),
+            freeze_after_startup(build_app(worker, drain_signal=True)),
             host=args.host,
             port=args.port,
             print=None,

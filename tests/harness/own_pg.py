@@ -34,10 +34,16 @@ class OwnPostgres:
 
     ``tls``: (certificate PEM, key PEM) to serve with ``ssl=on``; then loopback
     clients must use TLS (``hostssl`` only in ``pg_hba.conf``, plain connections
-    are rejected).
+    are rejected). ``listen``: the address it listens on; ``allow``: a network
+    (CIDR) whose clients are trusted besides loopback.
     """
 
-    def __init__(self, tls: tuple[bytes, bytes] | None = None) -> None:
+    def __init__(
+        self,
+        tls: tuple[bytes, bytes] | None = None,
+        listen: str = "127.0.0.1",
+        allow: str | None = None,
+    ) -> None:
         bindir = _bindir()
         if bindir is None:
             pg_unavailable("no initdb/pg_ctl on this machine")
@@ -52,6 +58,10 @@ class OwnPostgres:
             self.as_user = ["runuser", "-u", "postgres", "--"]
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
         self.tls = tls
+        self.listen = listen
+        if allow is not None:  # clients of another network (haif deploy's hosts)
+            with (self.data / "pg_hba.conf").open("a") as rules:
+                rules.write(f"host all all {allow} trust\n")
         if tls is not None:
             cert, key = self.root / "server.crt", self.root / "server.key"
             cert.write_bytes(tls[0])
@@ -69,7 +79,7 @@ class OwnPostgres:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql://postgres@{self.listen}:{self.port}/postgres"
 
     def _run(self, tool: str, *args: str) -> None:
         cmd = [*self.as_user, str(self.bindir / tool), *args]
@@ -78,7 +88,7 @@ class OwnPostgres:
             raise RuntimeError(f"{tool} failed ({done.returncode}): {done.stderr[-2000:]}")
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.root} -c listen_addresses={self.listen} -c fsync=off"
         if self.tls is not None:
             options += f" -c ssl=on -c ssl_cert_file={self.root / 'server.crt'}"
             options += f" -c ssl_key_file={self.root / 'server.key'}"

@@ -109,7 +109,7 @@ class _Buckets:
 class _Pool:
     """The workers eligible for one model."""
 
-    __slots__ = ("buckets", "groups", "ids", "members", "model")
+    __slots__ = ("buckets", "groups", "ids", "members", "model", "views")
 
     def __init__(self, model: str, orders: Iterable[str]) -> None:
         self.model = model
@@ -121,6 +121,9 @@ class _Pool:
         }
         # (region, gpu_class, warm, capacity) -> ids by load; a group left empty is dropped.
         self.groups: dict[GroupKey, _Buckets] | None = {} if "groups" in wanted else None
+        # origin -> the groups as a view without skipped ids reads them (EligibleView.groups);
+        # cleared whenever a group is made or dropped.
+        self.views: dict[str, list[_Group]] = {}
 
     def _group(self, place: Place | None) -> GroupKey:
         assert place is not None
@@ -138,6 +141,7 @@ class _Pool:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = _Buckets()
+                self.views.clear()
             group.add(wid, keys[1])
 
     def remove(self, wid: str, keys: Keys) -> None:
@@ -156,6 +160,7 @@ class _Pool:
         group.remove(wid, keys[1])
         if not group.keys:
             del self.groups[key]
+            self.views.clear()
 
     def rekey(self, wid: str, old: Keys, new: Keys) -> None:
         for order, buckets in self.buckets.items():
@@ -170,6 +175,7 @@ class _Pool:
             group = groups.get(key)
             if group is None:
                 group = groups[key] = _Buckets()
+                self.views.clear()
             group.add(wid, new[1])
 
 
@@ -742,10 +748,18 @@ class EligibleView(OrderedCandidates):
         if not index._grouped:
             return None
         pool = index._pools.get(self._model)
-        groups = pool.groups if pool is not None else None
-        if groups is None:
+        if pool is None or pool.groups is None:
             return []
-        origin = self._origin
+        if not self._skipped:
+            # The same for every request from this origin until a group comes or goes.
+            cached = pool.views.get(self._origin)
+            if cached is None:
+                cached = pool.views[self._origin] = self._groups(pool.groups)
+            return cached
+        return self._groups(pool.groups)
+
+    def _groups(self, groups: dict[GroupKey, _Buckets]) -> list[_Group]:
+        index, origin = self._index, self._origin
         return [
             _Group(self, buckets, region, gpu_class, warm, capacity, index._rtt_ms(origin, region))
             for (region, gpu_class, warm, capacity), buckets in groups.items()
@@ -778,7 +792,12 @@ class EligibleView(OrderedCandidates):
 
 
 class _Group(CandidateGroup):
-    """One ``(region, gpu_class, warm, capacity)`` group of a view, by load."""
+    """One ``(region, gpu_class, warm, capacity)`` group of a view, by load.
+
+    Reads the view's model, origin and skipped ids, never its positions, so
+    one made for a view without skipped ids serves every such view of the
+    same model and origin (the pool keeps them until its groups change).
+    """
 
     __slots__ = ("_buckets", "_view")
 
@@ -798,6 +817,11 @@ class _Group(CandidateGroup):
 
     def levels(self) -> Iterator[tuple[int, OrderedCandidates]]:
         view, lists = self._view, self._buckets.lists
+        if not view._skipped:
+            index, model, origin = view._index, view._model, view._origin
+            for load in self._buckets.keys:
+                yield load, EligibleView(index, model, origin, lists[load], (), ())
+            return
         for load in self._buckets.keys:
             level = view._level(lists[load])
             if level is not None:

@@ -400,25 +400,49 @@ class _Union(Sequence[Candidate]):
             k += self._len
         if not 0 <= k < self._len:
             raise IndexError("candidate index out of range")
-        runs = self._runs
-        for run in runs:
-            others = [other for other in runs if other is not run]
-            lo, hi = 0, len(run)
-            while lo < hi:  # the first p with _ahead(p) >= k
+        # Windows [a, b) of the runs that still may hold member k of their union.
+        # Bisect the widest for its first member with >= k members of the union
+        # ahead of it; either that is the one, or the one lies strictly between it
+        # and its predecessor, in another run: narrow the others to that gap.
+        windows = [(run, 0, len(run)) for run in self._runs]
+        while True:
+            windows.sort(key=lambda w: w[2] - w[1], reverse=True)
+            (run, a, b), others = windows[0], windows[1:]
+            if not others:
+                return run[a + k]
+            lo, hi = a, b
+            while lo < hi:
                 mid = (lo + hi) // 2
-                if _ahead(run, mid, others) < k:
+                if _ahead(run.worker_id_at(mid), others) + mid - a < k:
                     lo = mid + 1
                 else:
                     hi = mid
-            if lo < len(run) and _ahead(run, lo, others) == k:
+            if lo < b and _ahead(run.worker_id_at(lo), others) + lo - a == k:
                 return run[lo]
-        raise AssertionError("runs overlap")  # pragma: no cover
+            after = run.worker_id_at(lo - 1) if lo > a else None
+            before = run.worker_id_at(lo) if lo < b else None
+            k -= lo - a
+            narrowed = []
+            for other, oa, ob in others:
+                na = _within(other.rank(after), oa, ob) if after is not None else oa
+                nb = _within(other.rank(before), oa, ob) if before is not None else ob
+                k -= na - oa
+                if na < nb:
+                    narrowed.append((other, na, nb))
+            windows = narrowed
 
 
-def _ahead(run: OrderedCandidates, p: int, others: Sequence[OrderedCandidates]) -> int:
-    """How many members of the union come before ``run[p]``: its position plus the others'."""
-    wid = run.worker_id_at(p)
-    return p + sum(other.rank(wid) for other in others)
+def _within(r: int, a: int, b: int) -> int:
+    return a if r < a else b if r > b else r
+
+
+def _ahead(wid: str, windows: Sequence[tuple[OrderedCandidates, int, int]]) -> int:
+    """How many members of the windows have an id ``< wid``."""
+    n = 0
+    for run, a, b in windows:
+        r = run.rank(wid)
+        n += (a if r < a else b if r > b else r) - a
+    return n
 
 
 def _tie_break_runs(runs: Sequence[OrderedCandidates], rng: random.Random) -> Candidate:

@@ -822,24 +822,27 @@ class Locality:
         limit = self.spill_utilization
         heads: list[tuple[CandidateGroup, int, OrderedCandidates]] = []
         open_: list[tuple[CandidateGroup, int, OrderedCandidates]] = []
-        for g in groups:
-            first = next(g.levels(), None)
-            if first is None:
-                continue
-            load, members = first
-            heads.append((g, load, members))
-            if load / g.capacity < limit:
-                open_.append((g, load, members))
-        if open_:
-            local = [head for head in open_ if head[0].same_region]
-            if not local:
-                # Every open candidate of a region has the region's RTT from the origin.
-                nearest = min((g.rtt_ms, g.region) for g, _, _ in open_)[1]
-                local = [head for head in open_ if head[0].region == nearest]
-            least_load = min(load for _, load, _ in local)
-            return _tie_break_runs(
-                [members for _, load, members in local if load == least_load], rng
-            )
+        # The origin's groups first: when one is open, no other group is read.
+        for local in (True, False):
+            for g in groups:
+                if g.same_region != local:
+                    continue
+                first = next(g.levels(), None)
+                if first is None:
+                    continue
+                load, members = first
+                heads.append((g, load, members))
+                if load / g.capacity < limit:
+                    open_.append((g, load, members))
+            if open_:
+                if not local:
+                    # Every open candidate of a region has the region's RTT from the origin.
+                    nearest = min((g.rtt_ms, g.region) for g, _, _ in open_)[1]
+                    open_ = [head for head in open_ if head[0].region == nearest]
+                least_load = min(load for _, load, _ in open_)
+                return _tie_break_runs(
+                    [members for _, load, members in open_ if load == least_load], rng
+                )
         # All saturated: least utilization (within 1e-9), then least RTT (within 1e-9).
         # Only a group's first level can be within 1e-9 of the least: its next
         # load is at least 1 more at the same capacity, 1 / capacity more.

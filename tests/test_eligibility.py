@@ -193,7 +193,7 @@ def grouped(groups: Sequence[CandidateGroup]) -> Grouped:
     for g in groups:
         key = (g.region, g.gpu_class, g.warm, g.capacity, g.rtt_ms, g.same_region)
         assert key not in out
-        levels = [(load, list(members)) for load, members in g.levels()]
+        levels = [(load, list(g.members(load))) for load in g.loads()]
         assert all(members for _, members in levels)
         if levels:  # (none when every member was tried)
             out[key] = levels

@@ -269,6 +269,4 @@ def test_groups_follow_load_and_warm_changes() -> None:
     assert groups is not None and len(groups) == 1
     (g,) = groups
     assert (g.gpu_class, g.rtt_ms, g.same_region) == ("H100-80G", 40.0, False)
-    assert [(load, [c.worker_id for c in members]) for load, members in g.levels()] == [
-        (3, ["w000"])
-    ]
+    assert [(load, [c.worker_id for c in g.members(load)]) for load in g.loads()] == [(3, ["w000"])]

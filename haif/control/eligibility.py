@@ -507,11 +507,16 @@ class EligibilityIndex:
         breaker = self._worker_breakers.get(worker_id)
         if breaker is None:
             return False
+        blocked = self._blocked_workers
+        if breaker.is_closed():  # allows, no deadline (the usual case)
+            if worker_id in blocked:
+                blocked.discard(worker_id)
+                return True
+            return False
         allows = breaker.would_allow(now)
         at = breaker.next_deadline()
         if at is not None:
             self._schedule(("worker", worker_id, ""), at)
-        blocked = self._blocked_workers
         if allows == (worker_id not in blocked):
             return False
         if allows:
@@ -525,6 +530,8 @@ class EligibilityIndex:
         breaker = self._route_breakers.get(route)
         if breaker is None:
             return
+        if breaker.is_closed() and route not in self._blocked_routes:
+            return  # allows, no deadline, as before (the usual case)
         allows = breaker.would_allow(now)
         at = breaker.next_deadline()
         if at is not None:
@@ -815,14 +822,19 @@ class _Group(CandidateGroup):
         self._view = view
         self._buckets = buckets
 
-    def levels(self) -> Iterator[tuple[int, OrderedCandidates]]:
-        view, lists = self._view, self._buckets.lists
+    def loads(self) -> Iterator[int]:
+        buckets, view = self._buckets, self._view
         if not view._skipped:
-            index, model, origin = view._index, view._model, view._origin
-            for load in self._buckets.keys:
-                yield load, EligibleView(index, model, origin, lists[load], (), ())
-            return
-        for load in self._buckets.keys:
-            level = view._level(lists[load])
-            if level is not None:
-                yield load, level
+            return iter(buckets.keys)
+        lists = buckets.lists
+        return (load for load in buckets.keys if view._level(lists[load]) is not None)
+
+    def members(self, load: int) -> OrderedCandidates:
+        view = self._view
+        ids = self._buckets.lists[load]
+        if not view._skipped:
+            return EligibleView(view._index, view._model, view._origin, ids, (), ())
+        level = view._level(ids)
+        if level is None:
+            raise KeyError(f"no member at load {load}")
+        return level

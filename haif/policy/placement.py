@@ -91,19 +91,19 @@ with the same random draws:
 * ``weighted_score``: within a group every score term but the queue term is
   the same, and the score is computed with the same float operations, each
   monotone, so it never increases with ``load``: the best score is the best
-  of the groups' first levels, and the tied set (within 1e-9 of it) is read
-  from each group's lowest levels until one falls out of the tie;
+  of the groups' least loads, and the tied set (within 1e-9 of it) is read
+  from each group's lowest loads until one falls out of the tie;
 * ``locality``: whether a group has an unsaturated member is whether its
   least ``load`` is (``utilization`` grows with ``load`` at one capacity);
   the least ``load`` among them, the nearest region with one, and the least
   ``utilization`` and then ``rtt_ms`` of step 3 all come from the groups'
-  lowest levels.
+  least loads.
 
-The tied workers, the union of a few levels each in ``worker_id`` order,
+The tied workers, the union of a few loads' members each in ``worker_id`` order,
 are read as one sequence in ``worker_id`` order (:class:`_Union`: its
 length, and the one member ``rng.choice`` picks, found by bisection), so the
 same index is drawn as from the full list. Cost per request: O(groups) score
-evaluations plus O(tied levels squared x log n) bisections, whatever the
+evaluations plus O(tied loads squared x log n) bisections, whatever the
 number of workers; groups are bounded by the fleet's variety (regions x GPU
 classes x warm or not x capacities), not its size. Given a plain list (or a
 view without groups) both strategies score every candidate, as before.
@@ -336,18 +336,15 @@ class OrderedCandidates(Sequence[Candidate]):
         return bisect_left([c.worker_id for c in self], worker_id)
 
 
-Level = tuple[int, OrderedCandidates]
-"""``(load, members)``: one load of a :class:`CandidateGroup`, members in worker_id order."""
-
-
 class CandidateGroup:
     """Eligible candidates that share ``region``, ``gpu_class``, ``warm`` and
     ``capacity`` (hence ``rtt_ms`` and ``same_region``) and differ only in load.
 
-    :meth:`levels` yields ``(load, members)`` by increasing ``load``, each
-    ``members`` non-empty and in ``worker_id`` order; lazily, so a strategy
-    that stops at the first level reads no more. It yields nothing when every
-    member is left out (tried before, with an untried worker elsewhere).
+    :meth:`loads` iterates the loads its members have, increasing (lazily, so
+    a strategy that stops at the first reads no more), and :meth:`members` the
+    candidates at one of them, in ``worker_id`` order (never empty). A group
+    has no loads when every member is left out (tried before, with an untried
+    worker elsewhere).
     """
 
     __slots__ = ("capacity", "gpu_class", "region", "rtt_ms", "same_region", "warm")
@@ -368,8 +365,12 @@ class CandidateGroup:
         self.rtt_ms = rtt_ms
         self.same_region = same_region
 
-    def levels(self) -> Iterator[Level]:
-        """``(load, members)`` by increasing ``load``."""
+    def loads(self) -> Iterator[int]:
+        """The members' loads, each once, increasing."""
+        raise NotImplementedError
+
+    def members(self, load: int) -> OrderedCandidates:
+        """The members at ``load`` (one :meth:`loads` gave), in worker_id order."""
         raise NotImplementedError
 
 
@@ -706,10 +707,10 @@ class WeightedScore:
     def _score(
         self, same_region: bool, gpu_class: str, warm: bool, utilization: float, rtt_ms: float
     ) -> float:
-        # One expression for the scan and the groups: the same float operations, so
-        # the same value to the last bit. Each step is monotone in ``utilization``
-        # (w_queue >= 0), so at one set of the other inputs the score never rises
-        # with it.
+        # choose() computes this by groups in the same float operations, in the same
+        # order (so the same value to the last bit): keep the two in step. Each step
+        # is monotone in ``utilization`` (w_queue >= 0), so at one set of the other
+        # inputs the score never rises with it.
         return (
             self.w_region * same_region
             + self.w_gpu * self._preference.get(gpu_class, 0.0)
@@ -732,31 +733,44 @@ class WeightedScore:
             return _argmin(list(_by_id(candidates)), lambda c: -self.score(c), rng)
         # The exhaustive rule on keys -score: best = min, tied = key <= best + 1e-9.
         # Within a group the key never decreases with load, so the best key is a
-        # group's first level, and a group's tied levels are its first few.
-        score = self._score
-        heads: list[tuple[float, CandidateGroup, OrderedCandidates, Iterator[Level]]] = []
+        # group's first load's, and a group's tied loads are its first few. The key
+        # is _score's expression, split: the terms a group shares first, then
+        # ((shared - queue term) - rtt term), the order _score subtracts them in.
+        w_region, w_gpu, w_warm, w_queue, w_rtt = (
+            self.w_region,
+            self.w_gpu,
+            self.w_warm,
+            self.w_queue,
+            self.w_rtt,
+        )
+        preference = self._preference
+        heads: list[tuple[float, CandidateGroup, int, Iterator[int], float, float]] = []
         best = math.inf
         for g in groups:
-            levels = g.levels()
-            first = next(levels, None)
-            if first is None:
+            loads = g.loads()
+            load = next(loads, None)
+            if load is None:
                 continue
-            load, members = first
-            key = -score(g.same_region, g.gpu_class, g.warm, load / g.capacity, g.rtt_ms)
-            heads.append((key, g, members, levels))
+            shared = (
+                w_region * g.same_region
+                + w_gpu * preference.get(g.gpu_class, 0.0)
+                + w_warm * g.warm
+            )
+            rtt_term = w_rtt * g.rtt_ms / 100.0
+            key = -(shared - w_queue * (load / g.capacity) - rtt_term)
+            heads.append((key, g, load, loads, shared, rtt_term))
             if key < best:
                 best = key
         limit = best + _TIE_EPS
         tied: list[OrderedCandidates] = []
-        for key, g, members, levels in heads:
+        for key, g, load, loads, shared, rtt_term in heads:
             if key > limit:
                 continue
-            tied.append(members)
-            for load, more in levels:
-                u = load / g.capacity
-                if -score(g.same_region, g.gpu_class, g.warm, u, g.rtt_ms) > limit:
+            tied.append(g.members(load))
+            for more in loads:
+                if -(shared - w_queue * (more / g.capacity) - rtt_term) > limit:
                     break
-                tied.append(more)
+                tied.append(g.members(more))
         return _tie_break_runs(tied, rng)
 
 
@@ -820,37 +834,36 @@ class Locality:
         its least unsaturated one.
         """
         limit = self.spill_utilization
-        heads: list[tuple[CandidateGroup, int, OrderedCandidates]] = []
-        open_: list[tuple[CandidateGroup, int, OrderedCandidates]] = []
+        heads: list[tuple[CandidateGroup, int]] = []
+        open_: list[tuple[CandidateGroup, int]] = []
         # The origin's groups first: when one is open, no other group is read.
         for local in (True, False):
             for g in groups:
                 if g.same_region != local:
                     continue
-                first = next(g.levels(), None)
-                if first is None:
+                load = next(g.loads(), None)
+                if load is None:
                     continue
-                load, members = first
-                heads.append((g, load, members))
+                heads.append((g, load))
                 if load / g.capacity < limit:
-                    open_.append((g, load, members))
+                    open_.append((g, load))
             if open_:
                 if not local:
                     # Every open candidate of a region has the region's RTT from the origin.
-                    nearest = min((g.rtt_ms, g.region) for g, _, _ in open_)[1]
+                    nearest = min((g.rtt_ms, g.region) for g, _ in open_)[1]
                     open_ = [head for head in open_ if head[0].region == nearest]
-                least_load = min(load for _, load, _ in open_)
+                least_load = min(load for _, load in open_)
                 return _tie_break_runs(
-                    [members for _, load, members in open_ if load == least_load], rng
+                    [g.members(load) for g, load in open_ if load == least_load], rng
                 )
         # All saturated: least utilization (within 1e-9), then least RTT (within 1e-9).
-        # Only a group's first level can be within 1e-9 of the least: its next
+        # Only a group's first load can be within 1e-9 of the least: its next
         # load is at least 1 more at the same capacity, 1 / capacity more.
-        least = min(load / g.capacity for g, load, _ in heads)
+        least = min(load / g.capacity for g, load in heads)
         bound = least + _TIE_EPS
-        tied = [(g.rtt_ms, members) for g, load, members in heads if load / g.capacity <= bound]
-        rtt_bound = min(rtt for rtt, _ in tied) + _TIE_EPS
-        return _tie_break_runs([members for rtt, members in tied if rtt <= rtt_bound], rng)
+        tied = [(g, load) for g, load in heads if load / g.capacity <= bound]
+        rtt_bound = min(g.rtt_ms for g, _ in tied) + _TIE_EPS
+        return _tie_break_runs([g.members(load) for g, load in tied if g.rtt_ms <= rtt_bound], rng)
 
 
 # ---------------------------------------------------------- prefix affinity

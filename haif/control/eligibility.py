@@ -105,6 +105,20 @@ class _Buckets:
             del self.lists[key]
             del self.keys[bisect_left(self.keys, key)]
 
+    def move(self, wid: str, was: int, now: int) -> None:
+        """:meth:`remove` from ``was`` then :meth:`add` at ``now``, in one call."""
+        lists = self.lists
+        left = lists[was]
+        del left[bisect_left(left, wid)]
+        if not left:
+            del lists[was]
+            del self.keys[bisect_left(self.keys, was)]
+        ids = lists.get(now)
+        if ids is None:
+            ids = lists[now] = []
+            insort(self.keys, now)
+        insort(ids, wid)
+
 
 class _Pool:
     """The workers eligible for one model."""
@@ -166,10 +180,14 @@ class _Pool:
         for order, buckets in self.buckets.items():
             was, now = (old[1], new[1]) if order == "load" else (old[0], new[0])
             if was != now:
-                buckets.remove(wid, was)
-                buckets.add(wid, now)
+                buckets.move(wid, was, now)
         groups = self.groups
-        if groups is not None and (old[1] != new[1] or old[2] != new[2]):
+        if groups is None:
+            return
+        if old[2] == new[2]:  # same group (the usual case: a dispatch or a release)
+            if old[1] != new[1]:
+                groups[self._group(old[2])].move(wid, old[1], new[1])
+        else:
             self._ungroup(wid, old)
             key = self._group(new[2])
             group = groups.get(key)

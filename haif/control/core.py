@@ -35,8 +35,10 @@ Cost per decision does not grow with the fleet: which workers are eligible
 (and the fleet's utilization, which admission reads) is kept incrementally
 by :class:`~haif.control.eligibility.EligibilityIndex` as heartbeats,
 dispatches, results and breaker changes arrive, and placement reads a view
-of it. The candidates, their order and hence every decision are what the
-exhaustive walk over the fleet gave. The index's own deadlines (a worker
+of it (``weighted_score`` and ``locality`` its groups of workers alike but
+for load, :class:`~haif.policy.placement.CandidateGroup`). The candidates,
+their order and hence every decision are what the exhaustive walk over the
+fleet gave. The index's own deadlines (a worker
 going stale, a breaker half-opening) are applied at the ``now`` of the next
 event that reads it; they are not part of :meth:`ControlCore.next_deadline`,
 since nothing is decided at them.

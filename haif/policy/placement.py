@@ -99,8 +99,8 @@ with the same random draws:
   ``utilization`` and then ``rtt_ms`` of step 3 all come from the groups'
   least loads.
 
-The tied workers, the union of a few loads' members each in ``worker_id`` order,
-are read as one sequence in ``worker_id`` order (:class:`_Union`: its
+The tied workers, the union of a few loads' members, each in ``worker_id``
+order, are read as one sequence in ``worker_id`` order (:class:`_Union`: its
 length, and the one member ``rng.choice`` picks, found by bisection), so the
 same index is drawn as from the full list. Cost per request: O(groups) score
 evaluations plus O(tied loads squared x log n) bisections, whatever the
@@ -377,7 +377,7 @@ class CandidateGroup:
 class _Union(Sequence[Candidate]):
     """Disjoint runs of candidates, each in ``worker_id`` order, read as one sequence
     in ``worker_id`` order without merging them: ``len`` adds up, and member ``k``
-    is found by bisection (the run holding it, then its position there)."""
+    is found by bisection (see ``__getitem__``), never by walking the runs."""
 
     __slots__ = ("_len", "_runs")
 

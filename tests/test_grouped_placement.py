@@ -199,7 +199,7 @@ def test_large_uniform_fleets_agree(
 
 @settings(max_examples=200, deadline=None)
 @given(
-    runs=st.lists(st.lists(st.integers(0, 500), min_size=1, max_size=30), min_size=1, max_size=6),
+    runs=st.lists(st.lists(st.integers(0, 999), min_size=1, max_size=120), min_size=1, max_size=6),
 )
 def test_union_reads_the_merged_order(runs: list[list[int]]) -> None:
     """The union of disjoint sorted runs reads as their merge, without merging."""
@@ -270,3 +270,18 @@ def test_groups_follow_load_and_warm_changes() -> None:
     (g,) = groups
     assert (g.gpu_class, g.rtt_ms, g.same_region) == ("H100-80G", 40.0, False)
     assert [(load, [c.worker_id for c in g.members(load)]) for load in g.loads()] == [(3, ["w000"])]
+
+
+@pytest.mark.parametrize("sizes", [(3, 1), (200, 100), (300, 5, 40), (1000,), (90, 90, 90, 90)])
+def test_union_reads_the_merged_order_small_and_large(sizes: tuple[int, ...]) -> None:
+    """Both ways of finding member k (merging a few ids, bisecting many) agree with the merge."""
+    rnd = random.Random(sum(sizes))
+    ids = rnd.sample(range(10_000), sum(sizes))
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(_Runs(sorted(f"w{i:05d}" for i in ids[start : start + size])))
+        start += size
+    union = _Union(parts)
+    merged = sorted(f"w{i:05d}" for i in ids)
+    for k in {0, 1, len(merged) // 2, len(merged) - 1, *rnd.sample(range(len(merged)), 4)}:
+        assert union[k].worker_id == merged[k]

@@ -374,6 +374,10 @@ class CandidateGroup:
         raise NotImplementedError
 
 
+_MERGE_AT_MOST = 256
+"""A tied union of at most this many candidates is merged by id rather than bisected."""
+
+
 class _Union(Sequence[Candidate]):
     """Disjoint runs of candidates, each in ``worker_id`` order, read as one sequence
     in ``worker_id`` order without merging them: ``len`` adds up, and member ``k``
@@ -401,6 +405,14 @@ class _Union(Sequence[Candidate]):
             k += self._len
         if not 0 <= k < self._len:
             raise IndexError("candidate index out of range")
+        if self._len <= _MERGE_AT_MOST:  # few: merging the ids is cheaper than bisecting
+            merged = sorted(
+                (run.worker_id_at(i), r, i)
+                for r, run in enumerate(self._runs)
+                for i in range(len(run))
+            )
+            _, r, i = merged[k]
+            return self._runs[r][i]
         # Windows [a, b) of the runs that still may hold member k of their union.
         # Bisect the widest for its first member with >= k members of the union
         # ahead of it; either that is the one, or the one lies strictly between it

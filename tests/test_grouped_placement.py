@@ -272,9 +272,12 @@ def test_groups_follow_load_and_warm_changes() -> None:
     assert [(load, [c.worker_id for c in g.members(load)]) for load in g.loads()] == [(3, ["w000"])]
 
 
-@pytest.mark.parametrize("sizes", [(3, 1), (200, 100), (300, 5, 40), (1000,), (90, 90, 90, 90)])
+@pytest.mark.parametrize(
+    "sizes", [(3, 1), (4,) * 12, (30, 2, 2, 2), (200, 100), (300, 5, 40), (1000,), (90,) * 4]
+)
 def test_union_reads_the_merged_order_small_and_large(sizes: tuple[int, ...]) -> None:
-    """Both ways of finding member k (merging a few ids, bisecting many) agree with the merge."""
+    """Both ways of finding member k (merging the ids of few members in many runs,
+    bisecting otherwise) agree with the merge."""
     rnd = random.Random(sum(sizes))
     ids = rnd.sample(range(10_000), sum(sizes))
     parts, start = [], 0

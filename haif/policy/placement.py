@@ -374,10 +374,6 @@ class CandidateGroup:
         raise NotImplementedError
 
 
-_MERGE_AT_MOST = 256
-"""A tied union of at most this many candidates is merged by id rather than bisected."""
-
-
 class _Union(Sequence[Candidate]):
     """Disjoint runs of candidates, each in ``worker_id`` order, read as one sequence
     in ``worker_id`` order without merging them: ``len`` adds up, and member ``k``
@@ -405,7 +401,10 @@ class _Union(Sequence[Candidate]):
             k += self._len
         if not 0 <= k < self._len:
             raise IndexError("candidate index out of range")
-        if self._len <= _MERGE_AT_MOST:  # few: merging the ids is cheaper than bisecting
+        runs = len(self._runs)
+        if self._len <= runs * runs * max(1, (self._len // runs).bit_length()):
+            # Few members for many runs: merging the ids (a call per member) costs less
+            # than bisecting (about runs^2 x log(members per run) calls).
             merged = sorted(
                 (run.worker_id_at(i), r, i)
                 for r, run in enumerate(self._runs)

@@ -824,6 +824,7 @@ class BreakerMachine(RuleBasedStateMachine):
         breaker, config = self.breaker, self.breaker.config
         state = breaker.state(self.now)
         assert state in STATES
+        assert breaker.is_closed() == (state == "closed")
         deadline = breaker.next_deadline()
         timeless = state == "closed" or (state == "half_open" and config.half_open_max_s is None)
         assert (deadline is None) == timeless

@@ -9,8 +9,9 @@ the whole fleet on every request:
   the passing of time (staleness, breakers opening and half-opening), and
   checks after every step that the eligible ids, the candidates a request
   sees (tried workers left out), the tied minimum by ``outstanding`` and by
-  ``load``, round robin's cursor and the fleet's utilization are what a
-  rebuild over every worker gives;
+  ``load``, the groups by ``(region, gpu_class, warm, capacity)`` and load,
+  round robin's cursor and the fleet's utilization are what a rebuild over
+  every worker gives;
 * random event sequences drive a :class:`ControlCore` and a subclass that
   places from the exhaustive list, as the core did before the index, under
   every strategy: every decision is identical.
@@ -48,9 +49,9 @@ from haif.contracts import (
 )
 from haif.control.config import CoreConfig
 from haif.control.core import ControlCore, _Job
-from haif.control.eligibility import EligibilityIndex, EligibleView
+from haif.control.eligibility import ORDERS, EligibilityIndex, EligibleView
 from haif.policy.breaker import BreakerConfig, CircuitBreaker, Permit
-from haif.policy.placement import Candidate, OrderedCandidates, placement_names
+from haif.policy.placement import Candidate, CandidateGroup, OrderedCandidates, placement_names
 from haif.policy.retry import Backoff, RetryConfig
 
 MODELS = ("m1", "m2")
@@ -183,6 +184,31 @@ def least(candidates: list[Candidate], order: str) -> list[Candidate]:
     return [c for c in candidates if key(c) == best]
 
 
+Grouped = dict[tuple[str, str, bool, int, float, bool], list[tuple[int, list[Candidate]]]]
+
+
+def grouped(groups: Sequence[CandidateGroup]) -> Grouped:
+    """What a view's groups hold: per group, its levels (load, members) in order."""
+    out: Grouped = {}
+    for g in groups:
+        key = (g.region, g.gpu_class, g.warm, g.capacity, g.rtt_ms, g.same_region)
+        assert key not in out
+        levels = [(load, list(g.members(load))) for load in g.loads()]
+        assert all(members for _, members in levels)
+        if levels:  # (none when every member was tried)
+            out[key] = levels
+    return out
+
+
+def grouped_list(candidates: list[Candidate]) -> Grouped:
+    """The same from the candidate list: levels by increasing load, ids in order."""
+    out: dict[tuple[str, str, bool, int, float, bool], dict[int, list[Candidate]]] = {}
+    for c in candidates:
+        key = (c.region, c.gpu_class, c.warm, c.capacity, c.rtt_ms, c.same_region)
+        out.setdefault(key, {}).setdefault(c.load, []).append(c)
+    return {key: sorted(levels.items()) for key, levels in out.items()}
+
+
 # ---------------------------------------------------------------- state machine
 
 
@@ -191,7 +217,11 @@ class IndexMachine(RuleBasedStateMachine):
 
     sent = Bundle("sent")
 
-    @initialize(orders=st.sampled_from([(), ("outstanding",), ("load",), ("outstanding", "load")]))
+    @initialize(
+        orders=st.sampled_from(
+            [(), ("outstanding",), ("load",), ("outstanding", "load"), ("groups",), ORDERS]
+        )
+    )
     def start(self, orders: tuple[str, ...]) -> None:
         self.now = 0.0
         self.snaps: dict[str, WorkerSnapshot] = {}
@@ -318,6 +348,12 @@ class IndexMachine(RuleBasedStateMachine):
                         elif want:
                             assert tied is not None
                             assert list(tied) == least(want, order)
+                    groups = view.groups()
+                    if "groups" not in self.orders:
+                        assert groups is None
+                    else:
+                        assert groups is not None
+                        assert grouped(groups) == grouped_list(want)
 
     @invariant()
     def utilization_matches_the_rebuild(self) -> None:

@@ -35,8 +35,10 @@ Cost per decision does not grow with the fleet: which workers are eligible
 (and the fleet's utilization, which admission reads) is kept incrementally
 by :class:`~haif.control.eligibility.EligibilityIndex` as heartbeats,
 dispatches, results and breaker changes arrive, and placement reads a view
-of it. The candidates, their order and hence every decision are what the
-exhaustive walk over the fleet gave. The index's own deadlines (a worker
+of it (``weighted_score`` and ``locality`` its groups of workers alike but
+for load, :class:`~haif.policy.placement.CandidateGroup`). The candidates,
+their order and hence every decision are what the exhaustive walk over the
+fleet gave. The index's own deadlines (a worker
 going stale, a breaker half-opening) are applied at the ``now`` of the next
 event that reads it; they are not part of :meth:`ControlCore.next_deadline`,
 since nothing is decided at them.
@@ -96,6 +98,10 @@ class _Attempt:
     worker_permit: Permit
     route_permit: Permit
     route: tuple[str, str]
+    # The breakers the permits came from (the core never drops a breaker, so these
+    # are the ones its maps hold): recorded on without looking them up again.
+    worker_breaker: CircuitBreaker
+    route_breaker: CircuitBreaker
 
 
 @dataclass(slots=True)
@@ -179,6 +185,7 @@ class ControlCore:
         # throttle draw, a retry's jitter), so the simulated and the live core
         # part ways only where their states do.
         self._seed = rng.getrandbits(64)
+        self._stream_prefix = f"{self._seed}:"  # of every stream's key (_rng_for)
         self._placement = make_placement(config.placement, config.placement_params)
         self._retry = RetryPolicy(config.retry)
         self._quotas = QuotaManager(
@@ -410,7 +417,7 @@ class ControlCore:
 
     def _rng_for(self, purpose: str, request_id: str, n: int) -> random.Random:
         """The random stream of one choice (``n``: the try it is for); stable across processes."""
-        return _Stream(f"{self._seed}:{purpose}:{request_id}:{n}")
+        return _Stream(f"{self._stream_prefix}{purpose}:{request_id}:{n}")
 
     def _place(self, job: _Job, now: float) -> list[Decision]:
         req = job.request
@@ -419,24 +426,33 @@ class ControlCore:
         if chosen is None:
             job.placement_failures += 1
             return self._after_failure(job, _NO_ELIGIBLE_WORKER, True, now, None)
+        wid = chosen.worker_id
         route = (req.model, chosen.region)
-        worker_permit = self._worker_breaker(chosen.worker_id).acquire(now)
-        route_permit = self._route_breaker(route).acquire(now)
+        worker_breaker = self._worker_breakers.get(wid)
+        if worker_breaker is None:
+            worker_breaker = self._worker_breaker(wid)
+        route_breaker = self._route_breakers.get(route)
+        if route_breaker is None:
+            route_breaker = self._route_breaker(route)
+        worker_permit = worker_breaker.acquire(now)
+        route_permit = route_breaker.acquire(now)
         assert isinstance(worker_permit, Permit) and isinstance(route_permit, Permit)
         job.attempts += 1
-        job.tried.append(chosen.worker_id)
+        job.tried.append(wid)
         attempt = _Attempt(
-            number=job.attempts,
-            worker_id=chosen.worker_id,
-            region=chosen.region,
-            gpu_class=chosen.gpu_class,
-            started_s=now,
-            worker_permit=worker_permit,
-            route_permit=route_permit,
-            route=route,
+            job.attempts,
+            wid,
+            chosen.region,
+            chosen.gpu_class,
+            now,
+            worker_permit,
+            route_permit,
+            route,
+            worker_breaker,
+            route_breaker,
         )
         job.running = job.last = attempt
-        self._index.dispatched(chosen.worker_id, route, now)
+        self._index.dispatched(wid, route, now)
         if self.config.attempt_timeout_s is not None:
             self._arm(
                 now + self.config.attempt_timeout_s,
@@ -463,8 +479,8 @@ class ControlCore:
         # (ERROR_KINDS in haif.contracts says which kinds are the worker's fault).
         recorded = ok or is_worker_fault(error)
         if recorded:
-            self._worker_breaker(wid).record(attempt.worker_permit, ok, duration, now)
-            self._route_breaker(attempt.route).record(attempt.route_permit, ok, duration, now)
+            attempt.worker_breaker.record(attempt.worker_permit, ok, duration, now)
+            attempt.route_breaker.record(attempt.route_permit, ok, duration, now)
         self._index.released(wid, attempt.route, now, breakers_used=recorded)
 
     def _after_failure(

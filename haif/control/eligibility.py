@@ -43,7 +43,11 @@ and needed only when a worker's eligibility changes. For the strategies
 that ask (``indexed_orders``), each model's eligible ids are also filed in
 buckets by ``outstanding`` or by ``load`` (``max(outstanding, queue_depth +
 running)``), each bucket a sorted list, so the tied minimum is the first
-non-empty bucket.
+non-empty bucket. For ``weighted_score`` and ``locality`` (order
+``"groups"``) they are also filed by ``(region, gpu_class, warm, capacity)``,
+and within each such group in buckets by ``load``: a view reads them as
+:class:`~haif.policy.placement.CandidateGroup` s (the placement module says
+why that answers both rules exactly).
 
 Requests re-placed after a failure avoid the workers they already tried
 when some other worker is eligible; the view skips those positions.
@@ -60,15 +64,22 @@ from typing import overload
 
 from haif.contracts import WorkerSnapshot
 from haif.policy.breaker import CircuitBreaker
-from haif.policy.placement import Candidate, OrderedCandidates
+from haif.policy.placement import Candidate, CandidateGroup, OrderedCandidates
 
 __all__ = ["ORDERS", "EligibilityIndex", "EligibleView"]
 
-ORDERS: tuple[str, ...] = ("outstanding", "load")
-"""The orders the index can keep buckets for (``OrderedCandidates.least``)."""
+ORDERS: tuple[str, ...] = ("outstanding", "load", "groups")
+"""The orders the index can keep: buckets for ``OrderedCandidates.least``
+(``outstanding``, ``load``) and groups for ``OrderedCandidates.groups``."""
 
 Route = tuple[str, str]  # (model, region)
 _NOTHING: frozenset[str] = frozenset()
+# What a worker is filed under in a pool: (outstanding, load, place), place being
+# (region, gpu_class, capacity, models_warm) when groups are kept, else None.
+Place = tuple[str, str, int, tuple[str, ...]]
+Keys = tuple[int, int, Place | None]
+GroupKey = tuple[str, str, bool, int]  # (region, gpu_class, warm, capacity)
+_NO_KEYS: Keys = (0, 0, None)
 
 
 class _Buckets:
@@ -94,36 +105,96 @@ class _Buckets:
             del self.lists[key]
             del self.keys[bisect_left(self.keys, key)]
 
+    def move(self, wid: str, was: int, now: int) -> None:
+        """:meth:`remove` from ``was`` then :meth:`add` at ``now``, in one call."""
+        lists = self.lists
+        left = lists[was]
+        del left[bisect_left(left, wid)]
+        if not left:
+            del lists[was]
+            del self.keys[bisect_left(self.keys, was)]
+        ids = lists.get(now)
+        if ids is None:
+            ids = lists[now] = []
+            insort(self.keys, now)
+        insort(ids, wid)
+
 
 class _Pool:
     """The workers eligible for one model."""
 
-    __slots__ = ("buckets", "ids", "members")
+    __slots__ = ("buckets", "groups", "ids", "members", "model", "views")
 
-    def __init__(self, orders: Iterable[str]) -> None:
+    def __init__(self, model: str, orders: Iterable[str]) -> None:
+        self.model = model
         self.ids: list[str] = []  # sorted
         self.members: set[str] = set()
-        self.buckets: dict[str, _Buckets] = {order: _Buckets() for order in orders}
+        wanted = set(orders)
+        self.buckets: dict[str, _Buckets] = {
+            order: _Buckets() for order in ("outstanding", "load") if order in wanted
+        }
+        # (region, gpu_class, warm, capacity) -> ids by load; a group left empty is dropped.
+        self.groups: dict[GroupKey, _Buckets] | None = {} if "groups" in wanted else None
+        # origin -> the groups as a view without skipped ids reads them (EligibleView.groups);
+        # cleared whenever a group is made or dropped.
+        self.views: dict[str, list[_Group]] = {}
 
-    def add(self, wid: str, keys: tuple[int, int]) -> None:
+    def _group(self, place: Place | None) -> GroupKey:
+        assert place is not None
+        region, gpu_class, capacity, warm = place
+        return (region, gpu_class, self.model in warm, capacity)
+
+    def add(self, wid: str, keys: Keys) -> None:
         insort(self.ids, wid)
         self.members.add(wid)
         for order, buckets in self.buckets.items():
-            buckets.add(wid, keys[order == "load"])
+            buckets.add(wid, keys[1] if order == "load" else keys[0])
+        groups = self.groups
+        if groups is not None:
+            key = self._group(keys[2])
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Buckets()
+                self.views.clear()
+            group.add(wid, keys[1])
 
-    def remove(self, wid: str, keys: tuple[int, int]) -> None:
+    def remove(self, wid: str, keys: Keys) -> None:
         ids = self.ids
         del ids[bisect_left(ids, wid)]
         self.members.discard(wid)
         for order, buckets in self.buckets.items():
-            buckets.remove(wid, keys[order == "load"])
+            buckets.remove(wid, keys[1] if order == "load" else keys[0])
+        if self.groups is not None:
+            self._ungroup(wid, keys)
 
-    def rekey(self, wid: str, old: tuple[int, int], new: tuple[int, int]) -> None:
+    def _ungroup(self, wid: str, keys: Keys) -> None:
+        assert self.groups is not None
+        key = self._group(keys[2])
+        group = self.groups[key]
+        group.remove(wid, keys[1])
+        if not group.keys:
+            del self.groups[key]
+            self.views.clear()
+
+    def rekey(self, wid: str, old: Keys, new: Keys) -> None:
         for order, buckets in self.buckets.items():
-            i = order == "load"
-            if old[i] != new[i]:
-                buckets.remove(wid, old[i])
-                buckets.add(wid, new[i])
+            was, now = (old[1], new[1]) if order == "load" else (old[0], new[0])
+            if was != now:
+                buckets.move(wid, was, now)
+        groups = self.groups
+        if groups is None:
+            return
+        if old[2] == new[2]:  # same group (the usual case: a dispatch or a release)
+            if old[1] != new[1]:
+                groups[self._group(old[2])].move(wid, old[1], new[1])
+        else:
+            self._ungroup(wid, old)
+            key = self._group(new[2])
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = _Buckets()
+                self.views.clear()
+            group.add(wid, new[1])
 
 
 class _Worker:
@@ -137,7 +208,7 @@ class _Worker:
         self.fresh = fresh
         self.models = frozenset(snapshot.models_warm) | frozenset(snapshot.models_loadable)
         self.listed: frozenset[str] = _NOTHING  # models whose pool lists it
-        self.keys = (0, 0)  # (outstanding, load) it is filed under
+        self.keys: Keys = _NO_KEYS  # what it is filed under in its pools
         self.counted: tuple[int, int] | None = None  # (load, capacity) in the totals
 
 
@@ -167,6 +238,7 @@ class EligibilityIndex:
         self._rtt_of = rtt_ms
         wanted = set(orders)
         self._orders = tuple(o for o in ORDERS if o in wanted)
+        self._grouped = "groups" in wanted
         unknown = wanted - set(ORDERS)
         if unknown:
             raise ValueError(f"unknown orders {sorted(unknown)}; allowed: {', '.join(ORDERS)}")
@@ -336,6 +408,8 @@ class EligibilityIndex:
                 and old.healthy == snapshot.healthy
                 and old.capacity == snapshot.capacity
                 and old.queue_depth + old.running == snapshot.queue_depth + snapshot.running
+                and old.gpu_class == snapshot.gpu_class
+                and old.models_warm == snapshot.models_warm
             )
             if (
                 old.models_warm != snapshot.models_warm
@@ -451,11 +525,16 @@ class EligibilityIndex:
         breaker = self._worker_breakers.get(worker_id)
         if breaker is None:
             return False
+        blocked = self._blocked_workers
+        if breaker.is_closed():  # allows, no deadline (the usual case)
+            if worker_id in blocked:
+                blocked.discard(worker_id)
+                return True
+            return False
         allows = breaker.would_allow(now)
         at = breaker.next_deadline()
         if at is not None:
             self._schedule(("worker", worker_id, ""), at)
-        blocked = self._blocked_workers
         if allows == (worker_id not in blocked):
             return False
         if allows:
@@ -469,6 +548,8 @@ class EligibilityIndex:
         breaker = self._route_breakers.get(route)
         if breaker is None:
             return
+        if breaker.is_closed() and route not in self._blocked_routes:
+            return  # allows, no deadline, as before (the usual case)
         allows = breaker.would_allow(now)
         at = breaker.next_deadline()
         if at is not None:
@@ -521,7 +602,17 @@ class EligibilityIndex:
             if blocked:
                 region = snapshot.region
                 listed = frozenset(m for m in listed if (m, region) not in blocked)
-        keys = (outstanding, load) if self._orders else (0, 0)
+        keys: Keys = _NO_KEYS
+        if self._orders:
+            place: Place | None = None
+            if self._grouped:
+                place = (
+                    snapshot.region,
+                    snapshot.gpu_class,
+                    snapshot.capacity,
+                    snapshot.models_warm,
+                )
+            keys = (outstanding, load, place)
         before, old_keys = worker.listed, worker.keys
         if listed == before and keys == old_keys:
             return
@@ -536,7 +627,7 @@ class EligibilityIndex:
             else:
                 pool = pools.get(model)
                 if pool is None:
-                    pool = pools[model] = _Pool(self._orders)
+                    pool = pools[model] = _Pool(model, self._orders)
                 pool.add(wid, keys)
         worker.listed = listed
         worker.keys = keys
@@ -661,22 +752,107 @@ class EligibleView(OrderedCandidates):
         at = bisect_right(self._ids, worker_id)
         return at - bisect_left(self._positions, at)
 
+    def worker_id_at(self, i: int) -> str:
+        if i < 0:
+            i += self._len
+        if not 0 <= i < self._len:
+            raise IndexError("candidate index out of range")
+        for p in self._positions:
+            if p <= i:
+                i += 1
+            else:
+                break
+        return self._ids[i]
+
+    def rank(self, worker_id: str) -> int:
+        at = bisect_left(self._ids, worker_id)
+        return at - bisect_left(self._positions, at)
+
+    def groups(self) -> Sequence[CandidateGroup] | None:
+        index = self._index
+        if not index._grouped:
+            return None
+        pool = index._pools.get(self._model)
+        if pool is None or pool.groups is None:
+            return []
+        if not self._skipped:
+            # The same for every request from this origin until a group comes or goes.
+            cached = pool.views.get(self._origin)
+            if cached is None:
+                cached = pool.views[self._origin] = self._groups(pool.groups)
+            return cached
+        return self._groups(pool.groups)
+
+    def _groups(self, groups: dict[GroupKey, _Buckets]) -> list[_Group]:
+        index, origin = self._index, self._origin
+        return [
+            _Group(self, buckets, region, gpu_class, warm, capacity, index._rtt_ms(origin, region))
+            for (region, gpu_class, warm, capacity), buckets in groups.items()
+        ]
+
+    def _level(self, ids: list[str]) -> EligibleView | None:
+        """``ids`` (sorted, all eligible) less the skipped ones; None if none is left."""
+        skipped = self._skipped
+        positions: tuple[int, ...] = ()
+        left_out: tuple[str, ...] = ()
+        if skipped:
+            found = [(bisect_left(ids, wid), wid) for wid in skipped]
+            hits = [(p, wid) for p, wid in found if p < len(ids) and ids[p] == wid]
+            if len(hits) == len(ids):
+                return None
+            positions = tuple(p for p, _ in hits)
+            left_out = tuple(wid for _, wid in hits)
+        return EligibleView(self._index, self._model, self._origin, ids, left_out, positions)
+
     def least(self, order: str) -> Sequence[Candidate] | None:
         pool = self._index._pools.get(self._model)
         buckets = pool.buckets.get(order) if pool is not None else None
         if buckets is None:
             return None
-        skipped = self._skipped
         for key in buckets.keys:
-            ids = buckets.lists[key]
-            positions: tuple[int, ...] = ()
-            left_out: tuple[str, ...] = ()
-            if skipped:
-                found = [(bisect_left(ids, wid), wid) for wid in skipped]
-                hits = [(p, wid) for p, wid in found if p < len(ids) and ids[p] == wid]
-                if len(hits) == len(ids):
-                    continue  # all tried; a later bucket has an untried one
-                positions = tuple(p for p, _ in hits)
-                left_out = tuple(wid for _, wid in hits)
-            return EligibleView(self._index, self._model, self._origin, ids, left_out, positions)
+            level = self._level(buckets.lists[key])
+            if level is not None:  # else all tried; a later bucket has an untried one
+                return level
         return EligibleView(self._index, self._model, self._origin, [], (), ())
+
+
+class _Group(CandidateGroup):
+    """One ``(region, gpu_class, warm, capacity)`` group of a view, by load.
+
+    Reads the view's model, origin and skipped ids, never its positions, so
+    one made for a view without skipped ids serves every such view of the
+    same model and origin (the pool keeps them until its groups change).
+    """
+
+    __slots__ = ("_buckets", "_view")
+
+    def __init__(
+        self,
+        view: EligibleView,
+        buckets: _Buckets,
+        region: str,
+        gpu_class: str,
+        warm: bool,
+        capacity: int,
+        rtt_ms: float,
+    ) -> None:
+        super().__init__(region, gpu_class, warm, capacity, rtt_ms, region == view._origin)
+        self._view = view
+        self._buckets = buckets
+
+    def loads(self) -> Iterator[int]:
+        buckets, view = self._buckets, self._view
+        if not view._skipped:
+            return iter(buckets.keys)
+        lists = buckets.lists
+        return (load for load in buckets.keys if view._level(lists[load]) is not None)
+
+    def members(self, load: int) -> OrderedCandidates:
+        view = self._view
+        ids = self._buckets.lists[load]
+        if not view._skipped:
+            return EligibleView(view._index, view._model, view._origin, ids, (), ())
+        level = view._level(ids)
+        if level is None:
+            raise KeyError(f"no member at load {load}")
+        return level

@@ -418,8 +418,21 @@ class CircuitBreaker:
             case "half_open":
                 return self._probes.granted < self.config.half_open_permits
 
+    def is_closed(self) -> bool:
+        """Whether it is closed (then it allows every call and has no deadline; time
+        alone never moves a closed breaker, so this needs no ``now``)."""
+        return self._state == CLOSED
+
     def acquire(self, now: float) -> Decision:
         """Ask to send one call: a :class:`Permit` (truthy) or a :class:`Rejection`."""
+        if self._state == CLOSED:  # the hot path: _advance and the closed case inlined
+            if not math.isfinite(now):
+                raise ValueError(f"now must be a finite number of seconds, got {now!r}")
+            self._window.prune(now)
+            permit = self._permit
+            if permit.generation != self._generation:
+                permit = self._permit = Permit(self._generation)
+            return permit
         self._advance(now)
         match self._state:
             case "closed":
@@ -447,6 +460,14 @@ class CircuitBreaker:
         """
         if not isinstance(permit, Permit):
             raise TypeError(f"record() needs the Permit returned by acquire(), got {permit!r}")
+        if self._state == CLOSED:  # the hot path: _advance and the closed case inlined
+            if not math.isfinite(now):
+                raise ValueError(f"now must be a finite number of seconds, got {now!r}")
+            self._window.prune(now)
+            if permit.generation == self._generation:
+                limit = self.config.slow_call_s
+                self._record_closed(now, not ok, limit is not None and duration > limit)
+            return
         self._advance(now)
         if permit.generation != self._generation:
             return  # stale: issued before the latest transition
@@ -466,6 +487,8 @@ class CircuitBreaker:
         window = self._window
         window.add(now, failed, slow)
         window.prune(now)
+        if not (window.failures or window.slow):
+            return  # both rates 0, below thresholds that are > 0
         calls = len(window)
         if calls < self.config.required_calls:
             return

@@ -76,8 +76,37 @@ list give the same answer for the same seed. Two hooks spare the rest the
 O(n) walk: :meth:`OrderedCandidates.position_after` (round robin's cursor)
 and :meth:`OrderedCandidates.least` (the tied minimum of ``outstanding`` or
 ``load``, kept by the core's index for the orders a strategy names in its
-``indexed_orders``). ``weighted_score`` and ``locality`` stay exact and read
-every candidate: O(eligible workers) per request.
+``indexed_orders``).
+
+``weighted_score`` and ``locality`` read :meth:`OrderedCandidates.groups`
+instead (``indexed_orders = ("groups",)``): the eligible workers split into
+:class:`CandidateGroup` s, one per ``(region, gpu_class, warm, capacity)``,
+each listing its members by ``load`` in increasing order (the index keeps
+them so). Members of a group differ only in ``load`` (and in how it splits
+into ``outstanding``, ``queue_depth`` and ``running``, which neither
+strategy reads), so both rules can be answered group by group, from the
+lowest loads, and the answer is the one the exhaustive scan gives, exactly,
+with the same random draws:
+
+* ``weighted_score``: within a group every score term but the queue term is
+  the same, and the score is computed with the same float operations, each
+  monotone, so it never increases with ``load``: the best score is the best
+  of the groups' least loads, and the tied set (within 1e-9 of it) is read
+  from each group's lowest loads until one falls out of the tie;
+* ``locality``: whether a group has an unsaturated member is whether its
+  least ``load`` is (``utilization`` grows with ``load`` at one capacity);
+  the least ``load`` among them, the nearest region with one, and the least
+  ``utilization`` and then ``rtt_ms`` of step 3 all come from the groups'
+  least loads.
+
+The tied workers, the union of a few loads' members, each in ``worker_id``
+order, are read as one sequence in ``worker_id`` order (:class:`_Union`: its
+length, and the one member ``rng.choice`` picks, found by bisection), so the
+same index is drawn as from the full list. Cost per request: O(groups) score
+evaluations plus O(tied loads squared x log n) bisections, whatever the
+number of workers; groups are bounded by the fleet's variety (regions x GPU
+classes x warm or not x capacities), not its size. Given a plain list (or a
+view without groups) both strategies score every candidate, as before.
 
 Strategies by name
 ------------------
@@ -107,10 +136,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import field, fields, is_dataclass
-from typing import Annotated, ClassVar, NamedTuple, Protocol, runtime_checkable
+from typing import Annotated, ClassVar, NamedTuple, Protocol, overload, runtime_checkable
 
 from pydantic import BeforeValidator, Field, TypeAdapter, ValidationError, field_validator
 
@@ -130,6 +159,7 @@ __all__ = [
     "P2C",
     "STRATEGIES",
     "Candidate",
+    "CandidateGroup",
     "GpuPreference",
     "LeastOutstanding",
     "Locality",
@@ -290,6 +320,148 @@ class OrderedCandidates(Sequence[Candidate]):
         or ``load`` (``order="load"``), in ``worker_id`` order; ``None`` when this
         view does not index ``order`` (the strategy then looks at every candidate)."""
         return None
+
+    def groups(self) -> Sequence[CandidateGroup] | None:
+        """The candidates split by ``(region, gpu_class, warm, capacity)``, each group
+        read by ``load`` (see the module docstring); ``None`` when this view does not
+        keep them (the strategy then looks at every candidate)."""
+        return None
+
+    def worker_id_at(self, i: int) -> str:
+        """The id of candidate ``i`` (a view answers without building the candidate)."""
+        return self[i].worker_id
+
+    def rank(self, worker_id: str) -> int:
+        """How many candidates have an id ``< worker_id`` (``bisect_left`` on the ids)."""
+        return bisect_left([c.worker_id for c in self], worker_id)
+
+
+class CandidateGroup:
+    """Eligible candidates that share ``region``, ``gpu_class``, ``warm`` and
+    ``capacity`` (hence ``rtt_ms`` and ``same_region``) and differ only in load.
+
+    :meth:`loads` iterates the loads its members have, increasing (lazily, so
+    a strategy that stops at the first reads no more), and :meth:`members` the
+    candidates at one of them, in ``worker_id`` order (never empty). A group
+    has no loads when every member is left out (tried before, with an untried
+    worker elsewhere).
+    """
+
+    __slots__ = ("capacity", "gpu_class", "region", "rtt_ms", "same_region", "warm")
+
+    def __init__(
+        self,
+        region: str,
+        gpu_class: str,
+        warm: bool,
+        capacity: int,
+        rtt_ms: float,
+        same_region: bool,
+    ) -> None:
+        self.region = region
+        self.gpu_class = gpu_class
+        self.warm = warm
+        self.capacity = capacity
+        self.rtt_ms = rtt_ms
+        self.same_region = same_region
+
+    def loads(self) -> Iterator[int]:
+        """The members' loads, each once, increasing."""
+        raise NotImplementedError
+
+    def members(self, load: int) -> OrderedCandidates:
+        """The members at ``load`` (one :meth:`loads` gave), in worker_id order."""
+        raise NotImplementedError
+
+
+class _Union(Sequence[Candidate]):
+    """Disjoint runs of candidates, each in ``worker_id`` order, read as one sequence
+    in ``worker_id`` order without merging them: ``len`` adds up, and member ``k``
+    is found by bisection (see ``__getitem__``), never by walking the runs."""
+
+    __slots__ = ("_len", "_runs")
+
+    def __init__(self, runs: Sequence[OrderedCandidates]) -> None:
+        self._runs = sorted(runs, key=len, reverse=True)
+        self._len = sum(len(run) for run in runs)
+
+    def __len__(self) -> int:
+        return self._len
+
+    @overload
+    def __getitem__(self, k: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Candidate]: ...
+
+    def __getitem__(self, k: int | slice) -> Candidate | list[Candidate]:
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(self._len))]
+        if k < 0:
+            k += self._len
+        if not 0 <= k < self._len:
+            raise IndexError("candidate index out of range")
+        runs = len(self._runs)
+        if self._len <= runs * runs * max(1, (self._len // runs).bit_length()):
+            # Few members for many runs: merging the ids (a call per member) costs less
+            # than bisecting (about runs^2 x log(members per run) calls).
+            merged = sorted(
+                (run.worker_id_at(i), r, i)
+                for r, run in enumerate(self._runs)
+                for i in range(len(run))
+            )
+            _, r, i = merged[k]
+            return self._runs[r][i]
+        # Windows [a, b) of the runs that still may hold member k of their union.
+        # Bisect the widest for its first member with >= k members of the union
+        # ahead of it; either that is the one, or the one lies strictly between it
+        # and its predecessor, in another run: narrow the others to that gap.
+        windows = [(run, 0, len(run)) for run in self._runs]
+        while True:
+            windows.sort(key=lambda w: w[2] - w[1], reverse=True)
+            (run, a, b), others = windows[0], windows[1:]
+            if not others:
+                return run[a + k]
+            lo, hi = a, b
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if _ahead(run.worker_id_at(mid), others) + mid - a < k:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo < b and _ahead(run.worker_id_at(lo), others) + lo - a == k:
+                return run[lo]
+            after = run.worker_id_at(lo - 1) if lo > a else None
+            before = run.worker_id_at(lo) if lo < b else None
+            k -= lo - a
+            narrowed = []
+            for other, oa, ob in others:
+                na = _within(other.rank(after), oa, ob) if after is not None else oa
+                nb = _within(other.rank(before), oa, ob) if before is not None else ob
+                k -= na - oa
+                if na < nb:
+                    narrowed.append((other, na, nb))
+            windows = narrowed
+
+
+def _within(r: int, a: int, b: int) -> int:
+    return a if r < a else b if r > b else r
+
+
+def _ahead(wid: str, windows: Sequence[tuple[OrderedCandidates, int, int]]) -> int:
+    """How many members of the windows have an id ``< wid``."""
+    n = 0
+    for run, a, b in windows:
+        r = run.rank(wid)
+        n += (a if r < a else b if r > b else r) - a
+    return n
+
+
+def _tie_break_runs(runs: Sequence[OrderedCandidates], rng: random.Random) -> Candidate:
+    """:func:`_tie_break` over the union of ``runs`` (disjoint, each in worker_id order)."""
+    if len(runs) == 1:
+        return _tie_break(runs[0], rng)
+    return _tie_break(_Union(runs), rng)
 
 
 def _least(
@@ -504,6 +676,7 @@ class WeightedScore:
     """
 
     name: ClassVar[str] = "weighted_score"
+    indexed_orders: ClassVar[tuple[str, ...]] = ("groups",)
 
     w_region: NonNegative = 1.0
     w_gpu: NonNegative = 1.0
@@ -534,12 +707,27 @@ class WeightedScore:
 
     def score(self, candidate: Candidate) -> float:
         """The candidate's score under this strategy's weights."""
+        return self._score(
+            candidate.same_region,
+            candidate.gpu_class,
+            candidate.warm,
+            candidate.utilization,
+            candidate.rtt_ms,
+        )
+
+    def _score(
+        self, same_region: bool, gpu_class: str, warm: bool, utilization: float, rtt_ms: float
+    ) -> float:
+        # choose() computes this by groups in the same float operations, in the same
+        # order (so the same value to the last bit): keep the two in step. Each step
+        # is monotone in ``utilization`` (w_queue >= 0), so at one set of the other
+        # inputs the score never rises with it.
         return (
-            self.w_region * candidate.same_region
-            + self.w_gpu * self._preference.get(candidate.gpu_class, 0.0)
-            + self.w_warm * candidate.warm
-            - self.w_queue * candidate.utilization
-            - self.w_rtt * candidate.rtt_ms / 100.0
+            self.w_region * same_region
+            + self.w_gpu * self._preference.get(gpu_class, 0.0)
+            + self.w_warm * warm
+            - self.w_queue * utilization
+            - self.w_rtt * rtt_ms / 100.0
         )
 
     def choose(
@@ -551,7 +739,50 @@ class WeightedScore:
     ) -> Candidate | None:
         if not candidates:
             return None
-        return _argmin(list(_by_id(candidates)), lambda c: -self.score(c), rng)
+        groups = candidates.groups() if isinstance(candidates, OrderedCandidates) else None
+        if groups is None:
+            return _argmin(list(_by_id(candidates)), lambda c: -self.score(c), rng)
+        # The exhaustive rule on keys -score: best = min, tied = key <= best + 1e-9.
+        # Within a group the key never decreases with load, so the best key is a
+        # group's first load's, and a group's tied loads are its first few. The key
+        # is _score's expression, split: the terms a group shares first, then
+        # ((shared - queue term) - rtt term), the order _score subtracts them in.
+        w_region, w_gpu, w_warm, w_queue, w_rtt = (
+            self.w_region,
+            self.w_gpu,
+            self.w_warm,
+            self.w_queue,
+            self.w_rtt,
+        )
+        preference = self._preference
+        heads: list[tuple[float, CandidateGroup, int, Iterator[int], float, float]] = []
+        best = math.inf
+        for g in groups:
+            loads = g.loads()
+            load = next(loads, None)
+            if load is None:
+                continue
+            shared = (
+                w_region * g.same_region
+                + w_gpu * preference.get(g.gpu_class, 0.0)
+                + w_warm * g.warm
+            )
+            rtt_term = w_rtt * g.rtt_ms / 100.0
+            key = -(shared - w_queue * (load / g.capacity) - rtt_term)
+            heads.append((key, g, load, loads, shared, rtt_term))
+            if key < best:
+                best = key
+        limit = best + _TIE_EPS
+        tied: list[OrderedCandidates] = []
+        for key, g, load, loads, shared, rtt_term in heads:
+            if key > limit:
+                continue
+            tied.append(g.members(load))
+            for more in loads:
+                if -(shared - w_queue * (more / g.capacity) - rtt_term) > limit:
+                    break
+                tied.append(g.members(more))
+        return _tie_break_runs(tied, rng)
 
 
 # ----------------------------------------------------------------- locality
@@ -571,6 +802,7 @@ class Locality:
     """
 
     name: ClassVar[str] = "locality"
+    indexed_orders: ClassVar[tuple[str, ...]] = ("groups",)
 
     spill_utilization: Positive = 0.8
 
@@ -583,6 +815,9 @@ class Locality:
     ) -> Candidate | None:
         if not candidates:
             return None
+        groups = candidates.groups() if isinstance(candidates, OrderedCandidates) else None
+        if groups is not None:
+            return self._by_groups(groups, rng)
         ordered = list(_by_id(candidates))
         limit = self.spill_utilization
         open_ = [c for c in ordered if c.utilization < limit]
@@ -601,6 +836,45 @@ class Locality:
         least = min(c.utilization for c in ordered)
         tied = [c for c in ordered if c.utilization <= least + _TIE_EPS]
         return _argmin(tied, lambda c: c.rtt_ms, rng)
+
+    def _by_groups(self, groups: Sequence[CandidateGroup], rng: random.Random) -> Candidate:
+        """The three steps above, from each group's lowest loads (same choice, same draws).
+
+        A group has an unsaturated member iff its least load is unsaturated
+        (one capacity: utilization grows with load), and that least load is
+        its least unsaturated one.
+        """
+        limit = self.spill_utilization
+        heads: list[tuple[CandidateGroup, int]] = []
+        open_: list[tuple[CandidateGroup, int]] = []
+        # The origin's groups first: when one is open, no other group is read.
+        for local in (True, False):
+            for g in groups:
+                if g.same_region != local:
+                    continue
+                load = next(g.loads(), None)
+                if load is None:
+                    continue
+                heads.append((g, load))
+                if load / g.capacity < limit:
+                    open_.append((g, load))
+            if open_:
+                if not local:
+                    # Every open candidate of a region has the region's RTT from the origin.
+                    nearest = min((g.rtt_ms, g.region) for g, _ in open_)[1]
+                    open_ = [head for head in open_ if head[0].region == nearest]
+                least_load = min(load for _, load in open_)
+                return _tie_break_runs(
+                    [g.members(load) for g, load in open_ if load == least_load], rng
+                )
+        # All saturated: least utilization (within 1e-9), then least RTT (within 1e-9).
+        # Only a group's first load can be within 1e-9 of the least: its next
+        # load is at least 1 more at the same capacity, 1 / capacity more.
+        least = min(load / g.capacity for g, load in heads)
+        bound = least + _TIE_EPS
+        tied = [(g, load) for g, load in heads if load / g.capacity <= bound]
+        rtt_bound = min(g.rtt_ms for g, _ in tied) + _TIE_EPS
+        return _tie_break_runs([g.members(load) for g, load in tied if g.rtt_ms <= rtt_bound], rng)
 
 
 # ---------------------------------------------------------- prefix affinity

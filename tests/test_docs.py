@@ -185,6 +185,10 @@ VLLM_EXAMPLE = (
     "tests/vllm_lane/test_vllm_serving.py::test_the_vllm_engine_streams_a_chat_with_a_stop_sequence",
 )
 
+VLLM_PARITY = (
+    "tests/vllm_lane/test_vllm_parity.py::test_calibrate_then_parity_against_real_vllm_end_to_end",
+)
+
 #: Commands of other programs, as shown (comment and trailing ``&`` left out): the test that
 #: runs or checks them, or why none does. Repository paths in them must exist.
 OTHER: dict[str, tuple[str, ...] | str] = {
@@ -221,6 +225,21 @@ OTHER: dict[str, tuple[str, ...] | str] = {
     "--key tiny-llama/keys/cluster.key": VLLM_EXAMPLE,
     "../.ci/vllm-env python -m haif up tiny-llama-vllm.yaml": VLLM_EXAMPLE,
     "../.ci/vllm-env python - <<'PY'": VLLM_EXAMPLE,
+    # The README's sim-to-real against real vLLM: the vLLM lane runs the same commands
+    # (the test's own data directory and output folders).
+    ".ci/vllm-env python -m haif artifacts make-tiny --arch llama --store clusters/tiny-llama/art "
+    "--key clusters/tiny-llama/keys/cluster.key": VLLM_PARITY,
+    ".ci/vllm-env python -m haif up clusters/tiny-llama-vllm.yaml --data-dir .haif-vllm": (
+        VLLM_PARITY
+    ),
+    ".ci/vllm-env python -m haif replay scenarios/calibrate_vllm.yaml --cluster .haif-vllm": (
+        VLLM_PARITY
+    ),
+    "kill %1": VLLM_PARITY,
+    ".ci/vllm-env python -m haif calibrate .haif-vllm/records.parquet --as-gpu CPU-vllm --base CPU "
+    "--out scenarios/profiles/cpu-vllm.yaml": VLLM_PARITY,
+    ".ci/vllm-env python -m haif parity scenarios/parity_vllm.yaml "
+    "--engines clusters/tiny-llama-vllm.yaml": VLLM_PARITY,
 }
 
 # ------------------------------------------------------------------ reading the pages

@@ -705,16 +705,7 @@ class EligibleView(OrderedCandidates):
     def __getitem__(self, i: int | slice) -> Candidate | list[Candidate]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(self._len))]
-        if i < 0:
-            i += self._len
-        if not 0 <= i < self._len:
-            raise IndexError("candidate index out of range")
-        for p in self._positions:
-            if p <= i:
-                i += 1
-            else:
-                break
-        return self._index._candidate(self._ids[i], self._model, self._origin)
+        return self._index._candidate(self.worker_id_at(i), self._model, self._origin)
 
     def __iter__(self) -> Iterator[Candidate]:
         # Every candidate at once (weighted_score and locality read them all): one

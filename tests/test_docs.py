@@ -227,8 +227,6 @@ OTHER: dict[str, tuple[str, ...] | str] = {
     "../.ci/vllm-env python - <<'PY'": VLLM_EXAMPLE,
     # The README's sim-to-real against real vLLM: the vLLM lane runs the same commands
     # (the test's own data directory and output folders).
-    ".ci/vllm-env python -m haif artifacts make-tiny --arch llama --store clusters/tiny-llama/art "
-    "--key clusters/tiny-llama/keys/cluster.key": VLLM_PARITY,
     ".ci/vllm-env python -m haif up clusters/tiny-llama-vllm.yaml --data-dir .haif-vllm": (
         VLLM_PARITY
     ),

@@ -377,16 +377,12 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        keyring = Keyring.from_dir(args.keyring)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"--keyring {args.keyring}: {exc}") from None
+    keyring = _keyring(args.keyring)
     t0 = time.perf_counter()
     try:
         files = verify(Path(args.store), args.name, args.version, keyring)
     except ArtifactError as exc:
-        print(f"REFUSED {args.name}:{args.version} ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
+        return _refused(args, exc)
     total = sum(p.stat().st_size for p in files.values())
     print(
         f"OK {args.name}:{args.version}: signature and {len(files)} digests verified, "
@@ -395,19 +391,29 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_fetch(args: argparse.Namespace) -> int:
+def _keyring(path: str) -> Keyring:
+    """``--keyring``'s trusted keys, or a ConfigError naming the option."""
     try:
-        keyring = Keyring.from_dir(args.keyring)
+        return Keyring.from_dir(path)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--keyring {args.keyring}: {exc}") from None
+        raise ConfigError(f"--keyring {path}: {exc}") from None
+
+
+def _refused(args: argparse.Namespace, exc: ArtifactError) -> int:
+    """Say why the artifact was refused; exit status 1."""
+    print(f"REFUSED {args.name}:{args.version} ({exc.code}): {exc.message}", file=sys.stderr)
+    return 1
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    keyring = _keyring(args.keyring)
     dest = Path(args.dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ConfigError(f"--dest {dest}: exists and is not an empty directory")
     try:
         files = fetch(Path(args.store), args.name, args.version, keyring, dest)
     except ArtifactError as exc:
-        print(f"REFUSED {args.name}:{args.version} ({exc.code}): {exc.message}", file=sys.stderr)
-        return 1
+        return _refused(args, exc)
     total = sum(p.stat().st_size for p in files.values())
     print(
         f"fetched {args.name}:{args.version} into {dest}: {len(files)} verified files, "

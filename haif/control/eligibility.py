@@ -149,14 +149,8 @@ class _Pool:
         self.members.add(wid)
         for order, buckets in self.buckets.items():
             buckets.add(wid, keys[1] if order == "load" else keys[0])
-        groups = self.groups
-        if groups is not None:
-            key = self._group(keys[2])
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = _Buckets()
-                self.views.clear()
-            group.add(wid, keys[1])
+        if self.groups is not None:
+            self._regroup(wid, keys)
 
     def remove(self, wid: str, keys: Keys) -> None:
         ids = self.ids
@@ -166,6 +160,15 @@ class _Pool:
             buckets.remove(wid, keys[1] if order == "load" else keys[0])
         if self.groups is not None:
             self._ungroup(wid, keys)
+
+    def _regroup(self, wid: str, keys: Keys) -> None:
+        assert self.groups is not None
+        key = self._group(keys[2])
+        group = self.groups.get(key)
+        if group is None:
+            group = self.groups[key] = _Buckets()
+            self.views.clear()
+        group.add(wid, keys[1])
 
     def _ungroup(self, wid: str, keys: Keys) -> None:
         assert self.groups is not None
@@ -189,12 +192,7 @@ class _Pool:
                 groups[self._group(old[2])].move(wid, old[1], new[1])
         else:
             self._ungroup(wid, old)
-            key = self._group(new[2])
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = _Buckets()
-                self.views.clear()
-            group.add(wid, new[1])
+            self._regroup(wid, new)
 
 
 class _Worker:

@@ -647,6 +647,7 @@ SECTIONS: dict[str, tuple[type, Any]] = {
     "`workers[].service`": (sc.ServiceModel, None),
     "`workload`": (sc.Workload, None),
     "`workload.prompt_tokens`, `workload.output_tokens`": (sc.Distribution, None),
+    "`workload.phases[]`": (sc.Phase, None),
     "`heartbeat`": (sc.Heartbeats, None),
     "`network`": (sc.Network, None),
     "`store`": (sc.Store, None),

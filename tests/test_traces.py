@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
+from haif.fleet.scenario import Scenario
 from haif.fleet.traces import (
     BLOCK_TOKENS,
     SERVEGEN_WINDOW_S,
@@ -35,6 +37,7 @@ from haif.fleet.traces import (
     time_window,
     trace_stats,
 )
+from haif.fleet.workload import build_requests
 
 AZURE_CONV = TRACES_DIR / "azure_llm_2023_conv.csv"
 AZURE_CODE = TRACES_DIR / "azure_llm_2023_code.csv"
@@ -483,3 +486,67 @@ def test_trace_stats_empty_and_small() -> None:
     s = trace_stats(_reqs(0.0, 1.0, 3.0))
     assert s["rate"] == pytest.approx(2 / 3)  # 1 / mean IAT
     assert s["iat_cv"] == pytest.approx(1 / 3)
+
+
+# ------------------------------------------------------------------ phases
+
+
+def _phases_scenario(**workload: object) -> Scenario:
+    return Scenario.model_validate(
+        {
+            "name": "phases",
+            "duration_s": 250,
+            "regions": ["r"],
+            "workers": [{"region": "r", "models": ["m"]}],
+            "workload": {"models": {"m": 1.0}, **workload},
+        }
+    )
+
+
+def test_phases_have_their_own_rates_and_lengths_and_repeat_to_the_end() -> None:
+    phases = [
+        {"duration_s": 50, "rate": 4.0, "prompt_tokens": {"kind": "fixed", "value": 10}},
+        {"duration_s": 25, "rate": 0.0},
+        {"duration_s": 25, "rate": 8.0, "output_tokens": {"kind": "uniform", "low": 3, "high": 5}},
+    ]
+    scenario = _phases_scenario(
+        kind="phases",
+        phases=phases,
+        rate_scale=0.5,
+        prompt_tokens={"kind": "fixed", "value": 900},
+        output_tokens={"kind": "fixed", "value": 7},
+    )
+    requests = build_requests(scenario)
+    # 250 s: the 100 s cycle twice, then the first phase's 50 s once more.
+    spans = {0: (0, 50), 1: (50, 75), 2: (75, 100)}
+    counts = {0: 0, 1: 0, 2: 0}
+    for r in requests:
+        phase = next(i for i, (lo, hi) in spans.items() if lo <= r.arrival_s % 100 < hi)
+        counts[phase] += 1
+        if phase == 0:
+            assert (r.prompt_tokens, r.max_tokens) == (10, 7)
+        else:
+            assert r.prompt_tokens == 900 and 3 <= r.max_tokens <= 5
+    assert counts[1] == 0  # rate 0: a pause
+    # Rates halved by rate_scale: 2/s over 150 s and 4/s over 50 s; Poisson, within 4 sd.
+    assert abs(counts[0] - 300) <= 4 * math.sqrt(300), counts
+    assert abs(counts[2] - 200) <= 4 * math.sqrt(200), counts
+    assert max(r.arrival_s for r in requests) < 250
+    assert max(r.arrival_s for r in requests if r.prompt_tokens == 10) >= 200  # the third cycle
+
+
+@pytest.mark.parametrize(
+    ("workload", "message"),
+    [
+        ({"kind": "phases"}, "kind phases needs a list of phases"),
+        ({"phases": [{"duration_s": 1, "rate": 1}]}, "only kind phases has phases"),
+        (
+            {"kind": "phases", "phases": [{"duration_s": 1, "rate": 1}], "lengths": "x.csv"},
+            "phases draw token counts from their distributions",
+        ),
+        ({"kind": "phases", "phases": [{"rate": 1}]}, "duration_s"),
+    ],
+)
+def test_phases_refuse_what_does_not_fit(workload: dict[str, object], message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        _phases_scenario(**workload)

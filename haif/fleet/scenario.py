@@ -106,13 +106,27 @@ class Distribution(_Strict):
         return self
 
 
+class Phase(_Strict):
+    """A stretch of a ``phases`` workload: Poisson arrivals at ``rate`` for
+    ``duration_s``, token counts from its own distributions or the workload's."""
+
+    duration_s: PositiveFloat
+    rate: NonNegFloat
+    prompt_tokens: Distribution | None = None
+    output_tokens: Distribution | None = None
+
+
 class Workload(_Strict):
     """Where requests come from.
 
     Synthetic arrivals: ``poisson`` (``rate``), ``gamma`` (``rate``, ``cv``),
     ``diurnal`` (``rate`` as the mean, ``amplitude``, ``period_s``) with token
     counts from ``prompt_tokens`` / ``output_tokens`` or, when ``lengths`` names
-    a length CSV, drawn from it. Trace replay: ``azure`` and ``mooncake``
+    a length CSV, drawn from it; ``phases``: Poisson stretches in order, each
+    with its own rate and, where it gives them, its own token distributions,
+    repeated until the run's end (``rate`` does not apply; :class:`Phase`).
+    A calibration uses phases to vary the context per sequence independently
+    of the batch size. Trace replay: ``azure`` and ``mooncake``
     (arrivals and lengths from ``path``), ``servegen`` (per-client windows from
     ``path``, lengths as for synthetic). ``rate_scale`` compresses time
     (2 = twice the rate); ``start_s`` skips into the trace; ``region_shift_s``
@@ -126,8 +140,11 @@ class Workload(_Strict):
     model with a short context. ``max_output_tokens`` cuts output lengths.
     """
 
-    kind: Literal["poisson", "gamma", "diurnal", "azure", "mooncake", "servegen"] = "poisson"
+    kind: Literal["poisson", "gamma", "diurnal", "phases", "azure", "mooncake", "servegen"] = (
+        "poisson"
+    )
     rate: PositiveFloat = 10.0
+    phases: list[Phase] = Field(default_factory=list)
     cv: PositiveFloat = 1.0
     amplitude: Fraction = 0.5
     period_s: PositiveFloat = 86400.0
@@ -157,6 +174,16 @@ class Workload(_Strict):
             raise ValueError(
                 "prompt_scale: a mooncake trace's prompts are its prefix blocks (hash_ids); "
                 "scaling their lengths would break the blocks, so it is not allowed"
+            )
+        if (self.kind == "phases") != bool(self.phases):
+            raise ValueError(
+                "phases: kind phases needs a list of phases"
+                if self.kind == "phases"
+                else f"phases: only kind phases has phases, not {self.kind!r}"
+            )
+        if self.phases and self.lengths:
+            raise ValueError(
+                "lengths: phases draw token counts from their distributions, not a CSV"
             )
         if self.repeat > 1 and self.kind not in ("azure", "mooncake"):
             raise ValueError(

@@ -2,9 +2,10 @@
 
 Arrival times and token counts come from a trace (Azure 2023, Mooncake,
 ServeGen client windows) or a synthetic process (Poisson, Gamma with a CV,
-diurnal); tenant, model, origin region and priority are drawn from the
-scenario's mixes. All draws use the workload's own generators, so changing
-a policy, the fleet or the faults never changes the requests.
+diurnal, Poisson phases with their own rates and lengths); tenant, model,
+origin region and priority are drawn from the scenario's mixes. All draws
+use the workload's own generators, so changing a policy, the fleet or the
+faults never changes the requests.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def _arrivals(
                 windows, rng, start_s=w.start_s, duration_s=duration_s, rate_scale=w.rate_scale
             )
         ]
+    elif w.kind == "phases":
+        return _phase_arrivals(w, duration_s, rng, derive_rng(seed, "workload:lengths"))
     elif w.kind == "poisson":
         times = traces.poisson_arrivals(w.rate * w.rate_scale, duration_s, rng)
     elif w.kind == "gamma":
@@ -101,6 +104,29 @@ def _arrivals(
         )
         for t in times
     ]
+
+
+def _phase_arrivals(
+    w: Workload, duration_s: float, rng: random.Random, lengths_rng: random.Random
+) -> list[traces.TraceRequest]:
+    """The phases in order, over and over, until ``duration_s``."""
+    out: list[traces.TraceRequest] = []
+    start = 0.0
+    while start < duration_s:
+        for phase in w.phases:
+            span = min(phase.duration_s, duration_s - start)
+            prompts = phase.prompt_tokens or w.prompt_tokens
+            outputs = phase.output_tokens or w.output_tokens
+            out.extend(
+                traces.TraceRequest(
+                    start + t, draw_tokens(prompts, lengths_rng), draw_tokens(outputs, lengths_rng)
+                )
+                for t in traces.poisson_arrivals(phase.rate * w.rate_scale, span, rng)
+            )
+            start += phase.duration_s
+            if start >= duration_s:
+                break
+    return out
 
 
 def build_requests(scenario: Scenario) -> list[Request]:

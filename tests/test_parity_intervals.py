@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,7 @@ from haif.analysis.stats import (
 from haif.cli import build_parser, main
 from haif.contracts import RequestRecord
 from haif.fleet.scenario import Scenario, load_scenario
+from haif.runtime.supervisor import STATE_FILE, read_state
 from haif.sim.driver import run_scenario
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -461,3 +465,32 @@ def test_default_bounds_unchanged() -> None:
     assert {
         f"{m}.p{q}": b for m in ("ttft", "e2e") for q, b in ((50, 0.05), (90, 0.05), (99, 0.10))
     } == DEFAULT_BOUNDS
+
+
+@pytest.mark.cluster
+@pytest.mark.timeout(300)
+def test_sigterm_stops_the_live_cluster_parity_started(tmp_path: Path) -> None:
+    """``kill`` (SIGTERM) on ``haif parity`` while its live run plays: the command exits
+    with 143 and every service of the cluster it started is gone, as after Ctrl-C."""
+    out = tmp_path / "parity"
+    command = ["parity", "scenarios/parity_heldout.yaml", "-q", "--out", str(out)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "haif", *command],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    state = out / "live" / STATE_FILE
+    deadline = time.monotonic() + 240
+    while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), proc.communicate()[1]
+    pids = [s["pid"] for s in read_state(out / "live")["services"] if s.get("pid")]
+    pids.append(read_state(out / "live")["pid"])
+    assert len(pids) >= 3
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    alive = [pid for pid in pids if Path(f"/proc/{pid}").exists()]
+    assert not alive, [(pid, Path(f"/proc/{pid}/cmdline").read_bytes()) for pid in alive]

@@ -502,11 +502,14 @@ def _start_cluster(
             process_group=0,
         )
     deadline = time.monotonic() + start_s
-    while not (data_dir / STATE_FILE).exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _stop_cluster(proc)
-            raise ConfigError(f"the live cluster did not start; see {log}")
-        time.sleep(0.1)
+    try:
+        while not (data_dir / STATE_FILE).exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise ConfigError(f"the live cluster did not start; see {log}")
+            time.sleep(0.1)
+    except BaseException:  # Ctrl-C or SIGTERM too: never leave the cluster running
+        _stop_cluster(proc)
+        raise
     return proc
 
 

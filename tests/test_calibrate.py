@@ -100,6 +100,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     scenarios = {
         # Continuous batching: B from 1 to 8, prefills pausing the decodes.
         "iteration": _scenario(folder, "iteration", fidelity="iteration"),
+        # Prompts join the running decodes' steps (vLLM v1): shared steps.
+        "shared": _scenario(
+            folder, "shared", fidelity="iteration", worker={"chunked_prefill_tokens": 4096}
+        ),
         # One slot: every decode runs alone (B = 1), so d cannot be told from the floor.
         "single": _scenario(
             folder,
@@ -159,6 +163,23 @@ def test_iteration_level_records_give_back_the_known_profile(runs: dict[str, Pat
     naive = fit_pair(fit.obs, overhead_s=OVERHEAD_S, origin="x", prefill_stalls=False)
     assert naive.coeffs.step_time(0, 600, 3) > fit.coeffs.step_time(0, 600, 3)
     assert not [n for n in result.notes if "--overhead" in n]
+
+
+def test_prefills_that_share_the_decodes_steps_are_taken_out_as_such(
+    runs: dict[str, Path],
+) -> None:
+    """With chunked_prefill_tokens a prompt joins a step that still decodes the others:
+    --shared-steps takes out only what its prefill adds beyond the floor and gives back
+    the known profile; taken out as a step of its own, the floor is taken out once too
+    often and decode steps come out too fast."""
+    (fit,) = calibrate(runs["shared"], today=TODAY, shared_steps=True).fits
+    assert fit.obs.batch.max() > 4
+    assert _decode_error(fit) < TOLERANCE
+    assert _prefill_error(fit) < TOLERANCE
+    assert "prefills share steps with decodes" in fit.sources["d_s"]
+    (separate,) = calibrate(runs["shared"], today=TODAY).fits
+    assert _decode_error(separate) > 2 * TOLERANCE
+    assert separate.coeffs.step_time(0, 600, 3) < fit.coeffs.step_time(0, 600, 3)
 
 
 def test_an_overhead_the_simulator_does_not_add_is_pointed_out(runs: dict[str, Path]) -> None:

@@ -321,11 +321,17 @@ def _prefill_seconds(prompts: FloatArray, v: Mapping[str, float]) -> FloatArray:
     return np.asarray(np.maximum(v["floor_s"], compute) + v["d_s"], dtype=np.float64)
 
 
-def _stall_seconds(obs: PairObservations, v: Mapping[str, float] | None) -> FloatArray:
-    """Per request: the others' prefills on its worker while it decoded, as the model times them."""
+def _stall_seconds(
+    obs: PairObservations, v: Mapping[str, float] | None, shared: bool = False
+) -> FloatArray:
+    """Per request: the time the others' prefills on its worker added to its decode, as the
+    model times them: a step of their own each, or (``shared``: the prompt joins a step of
+    the running decodes, which still emits their tokens) what the prefill adds beyond the
+    floor of that step."""
     if v is None:
         return np.zeros(len(obs.prompt))
-    return np.array([float(_prefill_seconds(n, v).sum()) for n in obs.stalls])
+    floor = v["floor_s"] if shared else 0.0
+    return np.array([float((_prefill_seconds(n, v) - floor).sum()) for n in obs.stalls])
 
 
 def _fit_decode(obs: PairObservations, stall_s: FloatArray, f: _Fitter) -> None:
@@ -541,6 +547,7 @@ def fit_pair(
     base: StepCoefficients | None = None,
     base_label: str = "",
     prefill_stalls: bool = True,
+    shared_steps: bool = False,
 ) -> PairFit:
     """Fit the step coefficients of one pair.
 
@@ -550,14 +557,16 @@ def fit_pair(
     are taken out of the decode intervals of those decoding there (they pause
     decoding: vLLM without chunked prefill, the transformers engine, the
     simulator's iteration level); the decode and prefill fits then alternate
-    until the stalls settle.
+    until the stalls settle. ``shared_steps``: a joining prompt is prefilled in
+    a step that also decodes the running sequences (vLLM v1; a scenario's
+    ``chunked_prefill_tokens``), so it stalls them by its prefill beyond the floor.
     """
     base_values = {n: float(getattr(base, n)) for n in COEFFICIENTS} if base else None
     f = _Fitter(base_values)
     previous: dict[str, float] | None = None
     for _ in range(STALL_ITERATIONS if prefill_stalls else 1):
         f = _Fitter(base_values)
-        _fit_decode(obs, _stall_seconds(obs, previous), f)
+        _fit_decode(obs, _stall_seconds(obs, previous, shared_steps), f)
         _fit_prefill(obs, overhead_s, f)
         previous = dict(f.values)
     fitted = tuple(n for n in COEFFICIENTS if n not in f.unidentified)
@@ -573,7 +582,9 @@ def fit_pair(
         f"fitted by haif calibrate to {origin}: {obs.gpu}, {obs.model}, "
         f"{int(obs.prefill_ok.sum())} TTFTs ({fitted_ttfts}), {int(obs.decode_ok.sum())} "
         f"decode intervals, overhead {overhead_s * 1000:.4g} ms"
-        f"{', prefill stalls taken out' if prefill_stalls else ''}; median |relative error|: "
+        f"{', prefill stalls taken out' if prefill_stalls else ''}"
+        f"{' (prefills share steps with decodes)' if prefill_stalls and shared_steps else ''}"
+        "; median |relative error|: "
         f"TTFT {_pct(_abs_error(draft.ttft_error(idle_only=True))['median'])} on an idle "
         f"worker, {_pct(_abs_error(draft.ttft_error())['median'])} in all, "
         f"time per output token {_pct(_abs_error(draft.tpot_error())['median'])}"
@@ -789,6 +800,7 @@ def calibrate(
     catalog_path: Path | None = None,
     overhead_s: float | None = None,
     prefill_stalls: bool = True,
+    shared_steps: bool = False,
 ) -> Calibration:
     """Read, fit every selected pair, and (with ``out``) write the catalog and calibrate.json."""
     records = read_records(records_path)
@@ -845,6 +857,7 @@ def calibrate(
                 base=base,
                 base_label=f"{base_gpu} (catalog)",
                 prefill_stalls=prefill_stalls,
+                shared_steps=shared_steps,
             )
         )
     notes: list[str] = []
@@ -974,6 +987,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         catalog_path=Path(args.catalog) if args.catalog else None,
         overhead_s=args.overhead,
         prefill_stalls=args.prefill_stalls,
+        shared_steps=args.shared_steps,
     )
     print_calibration(result, Console(width=None if sys.stdout.isatty() else 120))
     return 0
@@ -1039,5 +1053,12 @@ def add_calibrate_command(sub: Any) -> None:
         help="take the prefills of requests joining a worker out of the decode times of "
         "those decoding there (default: on; off for engines that prefill without pausing "
         "decodes, and for records of haif sim at fidelity: request)",
+    )
+    p.add_argument(
+        "--shared-steps",
+        action="store_true",
+        help="a joining prompt is prefilled in a step that also decodes the running sequences "
+        "(vLLM v1, a scenario's chunked_prefill_tokens): it stalls them by its prefill beyond "
+        "the step's floor, not by a step of its own",
     )
     p.set_defaults(func=_cmd_calibrate)

@@ -235,7 +235,7 @@ OTHER: dict[str, tuple[str, ...] | str] = {
     ),
     "kill %1": VLLM_PARITY,
     ".ci/vllm-env python -m haif calibrate .haif-vllm/records.parquet --as-gpu CPU-vllm --base CPU "
-    "--out scenarios/profiles/cpu-vllm.yaml": VLLM_PARITY,
+    "--shared-steps --out scenarios/profiles/cpu-vllm.yaml": VLLM_PARITY,
     ".ci/vllm-env python -m haif parity scenarios/parity_vllm.yaml "
     "--engines clusters/tiny-llama-vllm.yaml": VLLM_PARITY,
 }
@@ -757,3 +757,72 @@ def test_the_scenario_fields_are_all_in_a_section() -> None:
                     if isinstance(inner, type) and issubclass(inner, BaseModel):
                         nested.add(inner)
     assert nested <= covered, nested - covered
+
+
+# ------------------------------------------------------------------ figures from kept runs
+
+VLLM_RUNS = ROOT / "docs" / "runs" / "vllm-parity-2026-12-07"
+
+
+def _vllm_run(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A kept run's fit coefficients and its parity metrics by name ("ttft p50", ...)."""
+    fit = json.loads((VLLM_RUNS / name / "calibrate.json").read_text())["pairs"][0]
+    parity = json.loads((VLLM_RUNS / name / "parity.json").read_text())
+    return fit["coefficients"], {m["metric"]: m for m in parity["metrics"]} | {
+        f"{d['metric']} ks": d for d in parity["distances"]
+    }
+
+
+def _signed(x: float) -> str:
+    return f"{x * 100:+.1f}"
+
+
+def test_the_readme_vllm_table_is_the_kept_run() -> None:
+    """README, "Sim-to-real against real vLLM": every figure of the table and the KS
+    distances are the shipped profile's run (docs/runs/vllm-parity-2026-12-07)."""
+    _, m = _vllm_run("shared-steps")
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    qs = ("p50", "p90", "p99")
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    def error(k: str) -> str:
+        lo, hi = m[k]["interval"]
+        return f"{_signed(m[k]['error'])} % ({_signed(lo)} .. {_signed(hi)})"
+
+    ttft = [
+        f"{m[f'ttft {q}']['sim'] * 1e3:.1f} / {m[f'ttft {q}']['live'] * 1e3:.1f} ms" for q in qs
+    ]
+    e2e = [f"{m[f'e2e {q}']['sim'] * 1e3:,.0f} / {m[f'e2e {q}']['live'] * 1e3:,.0f} ms" for q in qs]
+    assert row("TTFT, simulated / live", ttft) in readme
+    assert row("TTFT error (95 % interval)", [error(f"ttft {q}") for q in qs]) in readme
+    assert row("end-to-end, simulated / live", e2e) in readme
+    assert row("end-to-end error (95 % interval)", [error(f"e2e {q}") for q in qs]) in readme
+    ks = f"(TTFT {m['ttft ks']['ks']:.3f}, end-to-end {m['e2e ks']['ks']:.3f}, critical "
+    assert ks + f"{m['ttft ks']['ks_critical_95']:.3f})" in " ".join(readme.split())
+
+
+@pytest.mark.parametrize(
+    ("name", "fitted"),
+    [
+        ("busier", "7.7 ms, 0.44 µs, 0.78 ms"),
+        ("separate-steps", "7.6 ms, 0.20 µs, 0.70 ms"),
+        ("shared-steps", "6.2 ms, 0.80 µs, 0.98 ms"),
+    ],
+)
+def test_the_validation_vllm_rows_are_the_kept_runs(name: str, fitted: str) -> None:
+    """docs/validation.md, "Against real vLLM": each row's fit and errors are its run's."""
+    coef, m = _vllm_run(name)
+    assert fitted == (
+        f"{coef['floor_s'] * 1e3:.1f} ms, {coef['c_s'] * 1e6:.2f} µs, {coef['d_s'] * 1e3:.2f} ms"
+    )
+    errors = [
+        " / ".join(_signed(m[f"{k} {q}"]["error"]) for q in ("p50", "p90", "p99")) + " %"
+        for k in ("ttft", "e2e")
+    ]
+    text = (ROOT / "docs" / "validation.md").read_text(encoding="utf-8")
+    assert any(
+        line.startswith("| ") and f"| {fitted} | {errors[0]} | {errors[1]} |" in line
+        for line in text.splitlines()
+    ), (fitted, errors)

@@ -229,7 +229,10 @@ class PromptTokens:
         self._roots: dict[str, int] = {}
 
     async def load(self) -> None:
-        """Load every tokenizer (each artifact's files are verified first)."""
+        """Load every tokenizer (each artifact's files are verified first) and the catalog
+        of block sizes, so that the first request does not pay for reading it (30 ms)."""
+        if self.catalog is None:
+            self.catalog = load_catalog()
         for tokenizer in {id(t): t for t in self.tokenizers.values() if t is not None}.values():
             await tokenizer.load()
 

@@ -14,16 +14,21 @@ written, hence the default 0), so::
     hop_ms = (added TTFT - store write) / 4
 
 is the figure a scenario that should predict this runtime on this machine
-gives as ``network.hop_ms`` (``scenarios/parity.yaml`` does). A script, not a
+gives as ``network.hop_ms``. ``--out PATH`` writes the distribution instead:
+each request's ``(added TTFT - store write) / 4`` as one measured hop, with the
+run that measured them (command, date, machine, load) as the file's
+``source``, for a scenario's ``network.hops: PATH`` (:mod:`haif.fleet.hops`;
+``scenarios/parity*.yaml`` use ``scenarios/hops/local.yaml``). A script, not a
 test: it prints figures (``--json PATH`` writes them).
 
-    .venv/bin/python bench/hop_latency.py [--requests 200] [--store-write-ms 0]
+    .venv/bin/python bench/hop_latency.py [--requests 200] [--store-write-ms 0] [--out PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import os
 import platform
@@ -39,6 +44,7 @@ import aiohttp
 import numpy as np
 
 from haif.analysis.parity import wait_all_fresh
+from haif.fleet.hops import hops_document, load_hops
 from haif.runtime.cluster import free_port
 from haif.runtime.replay import prompt_text
 
@@ -81,6 +87,9 @@ def main() -> None:
     parser.add_argument("--output-tokens", type=int, default=50)
     parser.add_argument("--store-write-ms", type=float, default=0.0)
     parser.add_argument("--json", help="write the figures to this file")
+    parser.add_argument(
+        "--out", metavar="YAML", help="write the measured hops here, for a scenario's network.hops"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "cluster.yaml"
@@ -128,6 +137,32 @@ def main() -> None:
     print(f"load average {figures['load_average'][0]:.2f}; {figures['machine']}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+    if args.out:
+        hops = np.maximum(0.0, (ttft - args.store_write_ms) / 4)
+        write_hops(Path(args.out), [float(h) for h in hops], figures, sys.argv[1:], dt.date.today())
+        print(f"measured hops: {args.out}")
+
+
+def write_hops(
+    path: Path, hops_ms: list[float], figures: dict[str, Any], argv: list[str], today: dt.date
+) -> None:
+    """The hops file, naming the run that measured it (a scenario checked on other runs)."""
+    load = figures["load_average"][0]
+    command = " ".join(["bench/hop_latency.py", *argv])
+    source = (
+        f"{command} on {today.isoformat()}: {figures['requests']} idle streaming requests, "
+        f"{figures['machine']}, load average {load:.2f}"
+    )
+    q = figures["added_ttft_ms"]
+    comment = [
+        "Measured one-way cost of one service hop (ms), for a scenario's network.hops:",
+        "each sample is a quarter of one request's added time to first token (the four",
+        "hops the simulator models), measured on an idle `haif up` cluster of synthetic",
+        f"workers. Added TTFT p50 {q[50]:.2f}, p90 {q[90]:.2f}, p99 {q[99]:.2f} ms.",
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(hops_document(hops_ms, source, comment), encoding="utf-8")
+    load_hops(path)  # what was written reads back
 
 
 if __name__ == "__main__":

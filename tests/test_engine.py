@@ -68,7 +68,7 @@ class Harness:
             **kw,
         )
 
-    def _send(self, _src: str, _dst: str, event: Event) -> None:
+    def _send(self, _src: str, _dst: str, event: Event, _delay_s: float | None = None) -> None:
         if isinstance(event, Heartbeat):
             self.beats.append(self.env.now)
             return
@@ -424,9 +424,9 @@ def test_cancel_while_queued_or_in_the_api_overhead() -> None:
 class CheckedHarness(Harness):
     """Checks the KV accounting at every result the worker sends."""
 
-    def _send(self, src: str, dst: str, event: Event) -> None:
+    def _send(self, src: str, dst: str, event: Event, delay_s: float | None = None) -> None:
         assert_kv_consistent(self.worker)
-        super()._send(src, dst, event)
+        super()._send(src, dst, event, delay_s)
 
 
 def test_random_cancels_keep_the_kv_accounting_exact() -> None:

@@ -34,7 +34,7 @@ Beat = tuple[float, str, Heartbeat]  # (sent at, to, beat)
 def _worker(env: simpy.Environment, sent: list[Beat]) -> BatchingWorker:
     profiles = {"llama-3-8b": load_catalog(None).get("A100-80G", "llama-3-8b")}
 
-    def send(_src: str, dst: str, event: Event) -> None:
+    def send(_src: str, dst: str, event: Event, _delay_s: float | None = None) -> None:
         if isinstance(event, Heartbeat):
             sent.append((float(env.now), dst, event))
 

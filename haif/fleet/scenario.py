@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING, Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from haif.configfile import load_model
+from haif.configfile import ConfigError, load_model
 from haif.control.config import CoreConfig
 from haif.control.presence import PresenceConfig
+from haif.fleet.hops import HopSamples, load_hops
 
 if TYPE_CHECKING:
     from haif.fleet.profiles import ProfileCatalog
@@ -233,11 +234,24 @@ class Network(_Strict):
     # orchestrator -> worker and back), on top of the RTT between regions: the
     # runtime's HTTP + msgpack + Python cost per hop (`haif parity` measures it).
     hop_ms: NonNegFloat = 0.0
+    # Instead of hop_ms: a file of measured hop delays (haif.fleet.hops; written by
+    # `bench/hop_latency.py --out`), relative to the scenario file. Each hop of a
+    # request's path draws its delay from them; heartbeats take their median.
+    hops: str | None = None
     # How a call to a crashed (or still booting) worker fails: "timeout", its
     # host is gone, after connect_timeout_s; "refused", only its process is
     # (what `haif replay --faults` does to a local cluster): the host refuses
     # the connection at once, so the call fails after one hop there and back.
     crashed_worker: Literal["timeout", "refused"] = "timeout"
+
+    @model_validator(mode="after")
+    def _one_hop_cost(self) -> Network:
+        if self.hops is not None and "hop_ms" in self.model_fields_set:
+            raise ValueError(
+                "hops: give the hop cost as hop_ms or as a hops file, not both "
+                f"(hop_ms {self.hop_ms:g}, hops {self.hops!r})"
+            )
+        return self
 
 
 class Store(_Strict):
@@ -373,9 +387,20 @@ class Scenario(_Strict):
     def profiles_path(self) -> Path | None:
         """The ``profiles`` catalog file: relative to the scenario file, then to the CWD
         (as the other data paths)."""
-        if self.profiles is None:
-            return None
-        path = Path(self.profiles).expanduser()
+        return None if self.profiles is None else self._data_file(self.profiles)
+
+    def hops_path(self) -> Path | None:
+        """The ``network.hops`` file, found as :meth:`profiles_path` finds the catalog."""
+        return None if self.network.hops is None else self._data_file(self.network.hops)
+
+    def hop_samples(self) -> HopSamples | None:
+        """The measured hop delays the simulator draws from (None: ``hop_ms`` holds)."""
+        path = self.hops_path()
+        return None if path is None else load_hops(path)
+
+    def _data_file(self, name: str) -> Path:
+        """A file the scenario names: relative to the scenario file, then to the CWD."""
+        path = Path(name).expanduser()
         if path.is_absolute():
             return path
         loading = _LOADING_DIR.get()
@@ -418,7 +443,15 @@ class Scenario(_Strict):
             for attr in ("region", "a", "b"):
                 check(f"faults.{i}.{attr}", getattr(fault, attr, None))
         self._check_fleet()
+        self._check_hops()
         return self
+
+    def _check_hops(self) -> None:
+        """A hops file is read once here, so a bad one is refused before anything runs."""
+        try:
+            self.hop_samples()
+        except ConfigError as exc:
+            raise ValueError(f"network.hops: {exc}") from None
 
     def _check_fleet(self) -> None:
         """Every profiled worker exists in the catalog, and every model has a server."""

@@ -48,6 +48,7 @@ from haif.control.core import ControlCore
 from haif.control.driver import CoreDriver, Sink
 from haif.control.presence import Presence
 from haif.fleet.faults import FaultWindow, plan_faults
+from haif.fleet.hops import HopSampler
 from haif.fleet.profiles import PerfProfile, ProfileCatalog
 from haif.fleet.scenario import Scenario, WorkerGroup
 from haif.fleet.targets import scenario_workers
@@ -196,11 +197,16 @@ class SimCluster:
     def __init__(self, scenario: Scenario, *, keep_log: bool = False) -> None:
         self.scenario = sc = scenario
         self.env = Environment()
+        hops = sc.hop_samples()
+        sampler = (
+            None if hops is None else HopSampler(hops.hop_ms, derive_rng(sc.seed, "network:hops"))
+        )
         self.net = Network(
             sc.policy.rtt,
             sc.network.connect_timeout_s,
-            sc.network.hop_ms / 1000,
+            sc.network.hop_ms / 1000 if sampler is None else sampler.median_s,
             refused_when_down=sc.network.crashed_worker == "refused",
+            draw_hop=None if sampler is None else sampler.draw_s,
         )
         presence = sc.heartbeat.presence()
         self.drivers: dict[str, SimDriver] = {
@@ -318,12 +324,15 @@ class SimCluster:
 
     # ------------------------------------------------------------ network
 
-    def send(self, src: str, dst: str, event: Event) -> None:
-        """Deliver ``event`` to the orchestrator of region ``dst`` (if reachable)."""
+    def send(self, src: str, dst: str, event: Event, delay_s: float | None = None) -> None:
+        """Deliver ``event`` to the orchestrator of region ``dst`` (if reachable), after
+        ``delay_s`` (a drawn hop) or the route's one-way delay."""
         try:
             driver, one_way = self._routes[src][dst]
         except KeyError:
             driver, one_way = self._route(src, dst)
+        if delay_s is not None:
+            one_way = delay_s
         net = self.net
         if driver is None or (net.cuts and not net.reachable(src, dst)):
             return
@@ -398,7 +407,7 @@ class SimCluster:
             else:
                 self._record_client_failure(req, "no_gateway")
             return
-        hop = delay + self.net.one_way_s(req.origin_region, region)
+        hop = delay + self.net.request_hop_s(req.origin_region, region)
         driver = self.drivers[region]
         self._later(hop, lambda: driver.feed(Submit(req)))
 
@@ -433,7 +442,7 @@ class SimCluster:
 
     def _at_client(self, region: str, record: RequestRecord) -> RequestRecord:
         """The record as its client sees it: tokens and the end travel back from the gateway."""
-        back = self.net.one_way_s(region, record.origin_region)
+        back = self.net.request_hop_s(region, record.origin_region)
         if back == 0:
             return record
         first = record.first_token_s

@@ -20,6 +20,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Protocol
 
 import simpy
 
@@ -27,8 +28,15 @@ from haif.contracts import AttemptResult, ErrorKind, Event, Heartbeat, Request, 
 from haif.fleet.engine import Seq
 from haif.sim.heartbeats import HeartbeatClock, call_in
 
-# (source region, destination region, event) -> None; the network applies delay and loss.
-Send = Callable[[str, str, Event], None]
+
+class Send(Protocol):
+    """Sends ``event`` from region ``src`` to ``dst``'s orchestrator: after ``delay_s``
+    (a request's answer, whose hop was drawn), or the route's fixed one-way delay."""
+
+    def __call__(self, src: str, dst: str, event: Event, delay_s: float | None = None) -> None:
+        """Deliver ``event`` (unless the path is cut)."""
+
+
 # (time sent, heartbeat, draw, loss) -> None: send one beat to every orchestrator, in
 # order, each lost when draw() < loss (draw None: none lost, nothing drawn).
 PostBeat = Callable[[float, Heartbeat, Callable[[], float] | None, float], None]
@@ -54,7 +62,12 @@ class Job(Seq):
 
 
 class Network:
-    """RTTs between regions and the partitions in force."""
+    """RTTs between regions, the cost of a service hop, and the partitions in force.
+
+    A hop costs ``hop_s``, or, with ``draw_hop`` (measured delays,
+    :mod:`haif.fleet.hops`), a fresh draw for each hop of a request's path
+    (:meth:`request_hop_s`); the other messages (heartbeats) keep ``hop_s``.
+    """
 
     def __init__(
         self,
@@ -63,21 +76,36 @@ class Network:
         hop_s: float = 0.0,
         *,
         refused_when_down: bool = False,
+        draw_hop: Callable[[], float] | None = None,
     ) -> None:
         self._rtt = rtt
         self._one_way: dict[tuple[str, str], float] = {}
+        self._half_rtt: dict[tuple[str, str], float] = {}
         self.connect_timeout_s = connect_timeout_s
         self.hop_s = hop_s  # per service hop, within a region too
+        self._draw_hop = draw_hop
         # A down worker's host refuses connections at once (else they time out).
         self.refused_when_down = refused_when_down
         self.cuts: set[frozenset[str]] = set()
 
     def one_way_s(self, a: str, b: str) -> float:
+        """A message's delay from ``a`` to ``b`` at the fixed hop cost."""
         key = (a, b)
         delay = self._one_way.get(key)
         if delay is None:
             delay = self._one_way[key] = self._rtt(a, b) / 2000.0 + self.hop_s
         return delay
+
+    def request_hop_s(self, a: str, b: str) -> float:
+        """A request's (or its answer's) delay from ``a`` to ``b``: its own hop draw when
+        the hop cost is a distribution, else :meth:`one_way_s` (nothing drawn)."""
+        if self._draw_hop is None:
+            return self.one_way_s(a, b)
+        key = (a, b)
+        half = self._half_rtt.get(key)
+        if half is None:
+            half = self._half_rtt[key] = self._rtt(a, b) / 2000.0
+        return half + self._draw_hop()
 
     def reachable(self, a: str, b: str) -> bool:
         return a == b or not self.cuts or frozenset((a, b)) not in self.cuts
@@ -172,13 +200,15 @@ class BaseWorker(ABC):
         reachable = self.net.reachable(orchestrator, self.region)
         if not self.up or not reachable:
             if reachable and self.net.refused_when_down:  # refused; the answer hops back
-                wait = self.net.one_way_s(orchestrator, self.region)
+                wait = self.net.request_hop_s(orchestrator, self.region)
             else:
                 wait = self.net.connect_timeout_s
             call_in(self.env, wait, lambda _ev: self._fail_unreached(job))
             return
         call_in(
-            self.env, self.net.one_way_s(orchestrator, self.region), lambda _ev: self._arrive(job)
+            self.env,
+            self.net.request_hop_s(orchestrator, self.region),
+            lambda _ev: self._arrive(job),
         )
 
     def _arrive(self, job: Job) -> None:
@@ -201,6 +231,7 @@ class BaseWorker(ABC):
                 finish_s=self.env.now,
                 error=ErrorKind.CONNECTION_ERROR,
             ),
+            self.net.request_hop_s(self.region, job.orchestrator),
         )
 
     def cancel(self, request_id: str, attempt: int) -> None:
@@ -248,7 +279,7 @@ class BaseWorker(ABC):
         self._result(job, ok=True)
 
     def _result(self, job: Job, *, ok: bool, error: str | None = None) -> None:
-        hop = self.net.one_way_s(self.region, job.orchestrator)
+        hop = self.net.request_hop_s(self.region, job.orchestrator)
         first = job.first_token_s + hop if job.first_token_s is not None else None
         self._send(
             self.region,
@@ -266,6 +297,7 @@ class BaseWorker(ABC):
                 cold_start=job.cold_start,
                 cost=job.cost,
             ),
+            hop,
         )
 
     # -------------------------------------------------------- telemetry

@@ -96,7 +96,8 @@ COVERED: dict[str, tuple[str, ...]] = {
         "tests/test_replay.py::test_replay_cli_errors_are_clear",
     ),
     "parity": (
-        ".ci/run: .venv/bin/haif parity scenarios/parity_heldout.yaml --out reports/parity-heldout",
+        ".ci/run: .venv/bin/haif parity scenarios/parity_heldout.yaml --repeat 3 "
+        "--out reports/parity-heldout",
         "tests/test_replay.py::test_parity_cluster_mirrors_the_scenario_fleet",
     ),
     "keys add": ("tests/test_api_keys.py::test_keys_commands_on_a_stopped_clusters_store",),

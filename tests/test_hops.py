@@ -217,3 +217,14 @@ def test_drawn_hops_are_reproducible_for_a_seed(tmp_path: Path) -> None:
     first = run_scenario(load_scenario(path)).records
     assert len(first) > 5
     assert run_scenario(load_scenario(path)).records == first
+
+
+@pytest.mark.parametrize("name", ["parity.yaml", "parity_ci.yaml", "parity_heldout.yaml"])
+def test_the_parity_scenarios_draw_hops_measured_on_a_run_of_their_own(name: str) -> None:
+    """The hop cost a parity run is checked with was measured by bench/hop_latency.py on
+    an idle cluster, not fitted on a parity scenario's live run; the file says so."""
+    scenario = load_scenario(ROOT / "scenarios" / name)
+    assert scenario.network.hops == "hops/local.yaml"
+    samples = scenario.hop_samples()
+    assert samples is not None and len(samples.hop_ms) >= 100
+    assert samples.source.startswith("bench/hop_latency.py --out scenarios/hops/local.yaml")

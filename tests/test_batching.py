@@ -88,7 +88,7 @@ def simulate(
     env = simpy.Environment()
     results: list[AttemptResult] = []
 
-    def send(_src: str, _dst: str, event: Event) -> None:
+    def send(_src: str, _dst: str, event: Event, _delay_s: float | None = None) -> None:
         assert isinstance(event, AttemptResult)
         results.append(event)
 

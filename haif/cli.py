@@ -23,18 +23,9 @@ from typing import Any
 
 from rich.console import Console
 
-from haif.analysis.cli import add_analysis_commands
-from haif.analysis.parity import add_parity_command
 from haif.configfile import ConfigError
-from haif.deploy.cli import add_deploy_command
-from haif.deploy.supervise import add_supervise_command
-from haif.runtime.api_keys import add_keys_commands
-from haif.runtime.artifacts_cli import add_artifact_commands
-from haif.runtime.certs_cli import add_certs_commands
 from haif.runtime.cluster_keys import add_cluster_auth_args
 from haif.runtime.cluster_tls import add_cluster_tls_args
-from haif.runtime.dlq_cli import add_dlq_commands
-from haif.runtime.replay import add_replay_command
 from haif.runtime.worker import add_worker_args
 
 err_console = Console(stderr=True, soft_wrap=True)
@@ -298,7 +289,14 @@ def _top_level_help(sub: argparse._SubParsersAction[Any]) -> str:
     return "\n".join(lines)
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The services ``haif up`` starts: their processes parse only their own command
+#: (:func:`main`), without importing the analysis stack (pandas, matplotlib:
+#: about 2 s of CPU at every start, paid again by each restarted service).
+SERVICE_COMMANDS = frozenset({"orchestrator", "worker", "gateway"})
+
+
+def build_parser(*, services_only: bool = False) -> argparse.ArgumentParser:
+    """The whole command line; with ``services_only``, the service commands alone."""
     parser = argparse.ArgumentParser(
         prog="haif", formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -493,6 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_tls_args(gw)
     gw.set_defaults(func=_cmd_service)
 
+    if services_only:
+        return parser
+
+    from haif.analysis.cli import add_analysis_commands
+    from haif.analysis.parity import add_parity_command
+    from haif.deploy.cli import add_deploy_command
+    from haif.deploy.supervise import add_supervise_command
+    from haif.runtime.api_keys import add_keys_commands
+    from haif.runtime.artifacts_cli import add_artifact_commands
+    from haif.runtime.certs_cli import add_certs_commands
+    from haif.runtime.dlq_cli import add_dlq_commands
+    from haif.runtime.replay import add_replay_command
+
     add_keys_commands(sub)
     add_analysis_commands(sub)
     add_replay_command(sub)
@@ -518,7 +529,9 @@ def _terminate(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    services_only = bool(argv) and argv[0] in SERVICE_COMMANDS
+    args = build_parser(services_only=services_only).parse_args(argv)
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -24,6 +26,23 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 0
     out = capsys.readouterr().out
     assert out.startswith(f"haif {importlib.metadata.version('haif')} (Python ")
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_parses_its_command_without_the_analysis_stack(service: str) -> None:
+    """A service (re)started by ``haif up`` imports no pandas or matplotlib: they cost
+    about 2 s of CPU at every start, on a machine busy with the cluster's failover."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from haif.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        f"    main([{service!r}, '--help'])\n"
+        "print(sorted(m for m in ('pandas', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
 
 
 def test_every_help_text_is_for_users() -> None:

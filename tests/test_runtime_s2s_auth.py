@@ -229,6 +229,31 @@ async def test_a_keyed_cluster_serves_completions_on_both_workers(cluster: Keyed
     assert tokens_of(cluster.workers["w2"]) > 0
 
 
+@on_module_loop
+@pytest.mark.cluster
+async def test_a_submit_whose_seal_lapsed_in_line_is_sent_again_sealed_afresh(
+    cluster: KeyedCluster,
+) -> None:
+    """An orchestrator that reads a submit after its seal's end refuses it unread
+    (``expired``); the gateway sends it again with a fresh seal, and the client
+    gets its answer, not a 503. The orchestrator's clock stands in for the wait."""
+    assert cluster.orch is not None and cluster.orch.envelope_auth is not None
+    verifier = cluster.orch.envelope_auth
+    reads: list[str] = []
+
+    def late_once() -> float:
+        reads.append("late" if not reads else "now")
+        return time.time() + (60.0 if reads[-1] == "late" else 0.0)
+
+    verifier.clock = late_once
+    try:
+        answer = await cluster.complete("seal-lapsed")
+    finally:
+        verifier.clock = time.time
+    assert answer["choices"][0]["text"] == expected_text("seal-lapsed", 6)
+    assert reads[0] == "late" and len(reads) >= 2  # refused once, read again
+
+
 # ------------------------------------------------------------------ announcements
 
 

@@ -43,3 +43,11 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
         return uvloop.new_event_loop()
     return asyncio.new_event_loop()
+
+
+#: The listen backlog of every service's socket (aiohttp's default is 128).
+#: When a standby orchestrator takes over, the gateway's whole backlog of
+#: unanswered requests connects to it at once: with 128, connections past the
+#: queue were dropped and waited out a connect timeout (seen in the chaos
+#: suite's leader kill at 150 req/s). The kernel caps it at ``somaxconn``.
+LISTEN_BACKLOG = 4096

@@ -106,7 +106,10 @@ With a standby (``standby_url``: a pair sharing PostgreSQL, see
 :mod:`haif.runtime.leadership`), the gateway sends to the one it last found
 leading and turns to the other when a call cannot reach it, breaks, or is
 answered 503 ``not_leader``, retrying for up to ``failover_s`` (backoff
-50-500 ms) while the standby takes the lease over. So that a request the
+50-500 ms, jittered) while the standby takes the lease over. A call the
+orchestrator refused because its seal lapsed while it waited in line (one
+that has just taken over, working off what the dead leader left) is sent
+again, sealed afresh, within the same window. So that a request the
 dead leader left unanswered can be sent again safely, every request then
 carries an ``Idempotency-Key`` (the client's, else one the gateway makes
 up): its resend takes its job over under the same id, and it is billed once
@@ -172,6 +175,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import signal
 import time
@@ -676,6 +680,16 @@ _RPC_STATUS = {
 }
 
 
+def _seal_lapsed(exc: Exception) -> bool:
+    """Was the call refused because its seal lapsed before the orchestrator read it?
+
+    The orchestrator refuses such a call before acting on it, so sending it
+    again, sealed afresh, is safe: it happens when the orchestrator is behind
+    (one that has just taken over, working off what the dead leader left).
+    """
+    return isinstance(exc, RpcError) and exc.code == "expired"
+
+
 def _unavailable_error(store: bool) -> tuple[str, str, str]:
     """Message, type and code of a failure behind the gateway: nothing internal in them."""
     if store:
@@ -994,13 +1008,14 @@ class Gateway:
                         yield frame
                 return
             except (RpcUnavailable, RpcError) as exc:
-                if not self._failed_over(exc, url):
+                if not (_seal_lapsed(exc) or self._failed_over(exc, url)):
                     raise
                 give_up = give_up if give_up is not None else loop.time() + self.failover_s
                 if loop.time() >= give_up:
                     raise
                 log.warning("request %s: sending it again after %s", req.request_id, exc)
-            await asyncio.sleep(backoff)
+            # Jittered: the requests a dead leader left do not reach its successor in step.
+            await asyncio.sleep(random.uniform(backoff / 2, backoff))
             backoff = min(0.5, backoff * 2)
 
     # ------------------------------------------------------------------ auth

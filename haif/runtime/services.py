@@ -74,7 +74,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
     from haif.runtime.cluster import ClusterConfig, load_cluster
     from haif.runtime.cluster_keys import cluster_auth_from_args
     from haif.runtime.cluster_tls import service_tls_from_args
-    from haif.runtime.event_loop import new_loop
+    from haif.runtime.event_loop import LISTEN_BACKLOG, new_loop
     from haif.runtime.gc_pauses import freeze_after_startup
 
     # Logs (HAIF_LOG_FORMAT, HAIF_LOG_LEVEL) and the tracer provider
@@ -141,6 +141,7 @@ def run_service(kind: str, args: argparse.Namespace) -> int:
         shutdown_timeout=shutdown_timeout,
         ssl_context=tls,
         loop=new_loop(),
+        backlog=LISTEN_BACKLOG,
     )
     return 0
 
@@ -198,6 +199,7 @@ async def _with_gateway(
     takes requests and stops after the gateway has drained its streams.
     """
     from haif.runtime import gateway, orchestrator
+    from haif.runtime.event_loop import LISTEN_BACKLOG
     from haif.runtime.rpc import LocalClient
 
     orch_app = await orchestrator_app
@@ -217,7 +219,13 @@ async def _with_gateway(
 
     async def start_orchestrator(_app: web.Application) -> None:
         await runner.setup()
-        await web.TCPSite(runner, args.host, args.port, ssl_context=orchestrator_tls).start()
+        await web.TCPSite(
+            runner,
+            args.host,
+            args.port,
+            ssl_context=orchestrator_tls,
+            backlog=LISTEN_BACKLOG,
+        ).start()
 
     async def stop_orchestrator(_app: web.Application) -> None:
         await runner.cleanup()

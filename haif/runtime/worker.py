@@ -103,7 +103,7 @@ from haif.runtime.engines import (
     unsupported_parameter,
 )
 from haif.runtime.engines_cli import add_worker_engine_args, engine_from_args
-from haif.runtime.event_loop import new_loop
+from haif.runtime.event_loop import LISTEN_BACKLOG, new_loop
 from haif.runtime.gc_pauses import freeze_after_startup
 from haif.runtime.messages import Announce, InferCall, InferEnd, InferReply, TokenChunk
 from haif.runtime.resources import ResourceMonitor
@@ -525,6 +525,7 @@ def run_worker(args: argparse.Namespace, shutdown_timeout: float = 5.0) -> int:
             shutdown_timeout=shutdown_timeout,
             ssl_context=worker.service_tls.server if worker.service_tls is not None else None,
             loop=new_loop(),
+            backlog=LISTEN_BACKLOG,
         )
     except (ArtifactError, EngineError, ModelCacheFull) as exc:
         log.error("worker %s not started: %s", getattr(args, "worker_id", "?"), exc)

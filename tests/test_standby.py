@@ -78,7 +78,13 @@ LEASE_S = 0.4
 async def _pair(dsn: str) -> tuple[Orchestrator, Orchestrator]:
     pair = []
     for name in ("a", "b"):
-        orch = Orchestrator(CoreConfig(), await open_store(dsn), leader_lease_s=LEASE_S, name=name)
+        orch = Orchestrator(
+            CoreConfig(),
+            await open_store(dsn),
+            leader_lease_s=LEASE_S,
+            lease_store=lambda: open_store(dsn),
+            name=name,
+        )
         await orch.start()
         pair.append(orch)
     return pair[0], pair[1]
@@ -128,6 +134,28 @@ async def test_one_leads_the_standby_refuses_and_takes_over_by_epoch(pg_dsn: str
         taken = await standby.store.get_job("r1")
         assert taken is not None and (taken.status, taken.epoch) == ("reserved", 2)
         assert taken.body_hash == request_body_hash(_request("r1", "k1"))
+    finally:
+        for orch in (a, b):
+            await orch.stop()
+
+
+@pytest.mark.postgres
+async def test_a_leader_whose_loop_is_blocked_past_its_lease_keeps_it(pg_dsn: str) -> None:
+    """The lease is renewed off the orchestrators' event loop: a leader busy for three
+    leases (both orchestrators here share the loop, so neither's loop runs) still
+    leads the moment its loop runs again, under the same epoch, and the standby
+    took nothing."""
+    a, b = await _pair(pg_dsn)
+    try:
+        await _until(lambda: a.leading or b.leading)
+        leader, standby = (a, b) if a.leading else (b, a)
+        assert leader.leadership is not None
+        epoch = leader.leadership.epoch
+        time.sleep(3 * LEASE_S)  # blocks the event loop, as a backlog of work would
+        assert leader.leading and leader.leadership.epoch == epoch
+        assert not standby.leading
+        holder = await leader.store.leadership("orchestrator")
+        assert holder is not None and holder[:2] == (leader.leadership.holder, epoch)
     finally:
         for orch in (a, b):
             await orch.stop()

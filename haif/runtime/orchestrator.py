@@ -131,7 +131,7 @@ import math
 import random
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -227,11 +227,15 @@ class Orchestrator:
         journal: Journal | None = None,
         shutdown_grace_s: float = 5.0,
         leader_lease_s: float | None = None,
+        lease_store: Callable[[], Awaitable[MetadataStore]] | None = None,
         name: str = "orchestrator",
     ) -> None:
         """``leader_lease_s``: one of a standby pair sharing the store, leading while it
-        holds the store's leader lease of this length (:mod:`haif.runtime.leadership`);
-        ``None``: the only orchestrator, always serving."""
+        holds the store's leader lease of this length (:mod:`haif.runtime.leadership`),
+        which a thread of its own renews over ``lease_store`` (a second connection to
+        the same store); ``None``: the only orchestrator, always serving."""
+        if leader_lease_s is not None and lease_store is None:
+            raise ValueError("a standby pair's orchestrator needs lease_store")
         from haif.seeding import derive_rng
 
         self.config = config
@@ -279,13 +283,13 @@ class Orchestrator:
         self.lease_ttl_s = lease_ttl_s
         self.leadership = (
             Leadership(
-                store,
+                lease_store,
                 holder_id(name),
                 ttl_s=leader_lease_s,
                 wall=wall,
                 on_elected=self._take_over,
             )
-            if leader_lease_s is not None
+            if leader_lease_s is not None and lease_store is not None
             else None
         )
         self._writes = WriteQueue(on_drained=self._drained)

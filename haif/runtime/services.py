@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import re
 import socket
 import ssl
@@ -284,6 +285,8 @@ async def _orchestrator_app(
             else None
         ),
         leader_lease_s=lease_s,
+        # The lease's own connection, for the thread that renews it.
+        lease_store=functools.partial(open_store, args.store, min_size=1, max_size=2),
         name=f"orchestrator:{getattr(args, 'port', '')}",
     )
     return orchestrator.build_app(orch)

@@ -24,7 +24,9 @@ when it died (at most 10 allowed, each printed; 4 of 3,000 seen). It prints
 what the fault cost (failed requests, by second) and the recovery time (from
 the fault to the last failed request).
 
-``make chaos`` runs this suite; CI runs it after ``make test``.
+``make chaos`` runs this suite; CI runs it after ``make test``. With
+``CHAOS_TLS=1`` every cluster runs with ``internal_tls: true`` (mutual TLS on
+every hop between the services).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -90,6 +93,7 @@ def _config(path: Path, dsn: str, orchestrators: int = 1) -> Path:
         "colocate_gateway": False,
         "orchestrators": orchestrators,
         "workers": workers,
+        "internal_tls": os.environ.get("CHAOS_TLS") == "1",
     }
     if orchestrators == 2:
         # Room for the failover burst: what arrives while the standby takes over (about

@@ -70,7 +70,7 @@ def _cluster_yaml(
     return (
         (f"store: {store}\n" if store else "")
         + ("colocate_gateway: true\n" if colocate else "")
-        + ("internal_tls: true\n" if internal_tls else "")
+        + f"internal_tls: {str(internal_tls).lower()}\n"
         + (
             "orchestrator: {" + ", ".join(f"{k}: {v}" for k, v in orchestrator.items()) + "}\n"
             if orchestrator
@@ -254,8 +254,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--internal-tls",
         choices=("on", "off"),
         default="off",
-        help="on: internal_tls: true, mutual TLS between the services; off (haif up's "
-        "default): plain HTTP with sealed envelopes",
+        help="on (haif up's default): internal_tls: true, mutual TLS between the "
+        "services; off (the default here, as the figures in docs/benchmarks.md were "
+        "taken): plain HTTP with sealed envelopes",
     )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args(argv)

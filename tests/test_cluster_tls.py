@@ -648,20 +648,19 @@ def test_certs_cli_lists_rotates_and_issues_a_server_certificate(tmp_path: Path)
 
 
 @pytest.mark.cluster
-def test_haif_up_with_internal_tls_encrypts_every_hop(tmp_path: Path) -> None:
-    """``internal_tls: true``: internal URLs are https, requests go through, the admin
-    tools reach the orchestrator with the admin certificate from cluster.json, and neither
-    plain HTTP nor a caller without a certificate gets an answer from an internal port."""
+def test_haif_up_encrypts_every_hop_by_default(tmp_path: Path) -> None:
+    """``internal_tls`` unset (true by default): internal URLs are https, requests go
+    through, the admin tools reach the orchestrator with the admin certificate from
+    cluster.json, and neither plain HTTP nor a caller without a certificate gets an
+    answer from an internal port."""
     import urllib.error
     import urllib.request
 
     from harness.cluster import monitor_tls, run_haif
     from harness.up_cli import UpCli
 
-    config = tmp_path / "cluster.yaml"
-    config.write_text("internal_tls: true\n")
     data = tmp_path / "d"
-    up = UpCli(data, config)
+    up = UpCli(data)
     try:
         orch = up.state["orchestrator_url"]
         assert orch.startswith("https://") and "internal hops: mutual TLS 1.3" in up.output

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from harness.cluster import run_haif
+from harness.cluster import monitor_tls, run_haif
 from harness.pg import dsn_for, pg_admin, pg_unavailable
 from harness.up_cli import UpCli
 
@@ -116,13 +116,16 @@ def test_up_refuses_a_port_in_use(tmp_path: Path) -> None:
 
 
 def _check_started(up: UpCli, workers: int, orchestrators: int = 1) -> None:
-    """The flags decided every address, and cluster.json / the targets file say so."""
+    """The flags decided every address, and cluster.json / the targets file say so; the
+    internal ports are behind mutual TLS (the default), the CA in <data-dir>/tls/."""
     state = up.state
     assert state["gateway_url"] == up.url
-    assert state["orchestrator_url"] == f"http://127.0.0.1:{up.orchestrator_port}"
+    assert state["orchestrator_url"] == f"https://127.0.0.1:{up.orchestrator_port}"
     assert state["control_url"] == f"http://127.0.0.1:{up.control_port}"
     worker_urls = sorted(s["url"] for s in state["services"] if s["kind"] == "worker")
-    assert worker_urls == [f"http://127.0.0.1:{up.worker_port + i}" for i in range(workers)]
+    assert worker_urls == [f"https://127.0.0.1:{up.worker_port + i}" for i in range(workers)]
+    assert "internal hops: mutual TLS 1.3" in up.output
+    assert monitor_tls(up.data) is not None
     targets = json.loads(Path(state["prometheus_targets"]).read_text())
     components = sorted(t["labels"]["component"] for t in targets)
     expected = ["gateway", *["orchestrator"] * orchestrators, *["worker"] * workers]
@@ -208,12 +211,14 @@ def test_standby_example_leads_with_one_and_answers_admin_tools(
     up = UpCli(data, path, extra=("--store", pg_database))
     try:
         _check_started(up, 2, orchestrators=2)
-        assert up.state["standby_url"] == f"http://127.0.0.1:{up.standby_port}"
+        assert up.state["standby_url"] == f"https://127.0.0.1:{up.standby_port}"
         answer = up.complete(headers={"x-request-id": "ex-standby"})
         assert answer["usage"]["completion_tokens"] == 4
         leaders = []
         for port in (up.orchestrator_port, up.standby_port):
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as resp:
+            with urllib.request.urlopen(
+                f"https://127.0.0.1:{port}/status", timeout=10, context=monitor_tls(data)
+            ) as resp:
                 leaders.append(json.loads(resp.read())["leader"])
         assert sorted(leaders) == [False, True]
         listed = run_haif("dlq", "list", "--json", "--data-dir", str(data))

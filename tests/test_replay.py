@@ -478,8 +478,21 @@ def test_compare_pairs_requests_by_id_for_same_worker_share_and_outliers() -> No
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_haif_up_seals_rpc_and_the_admin_key_opens_the_dlq(up: Up, tmp_path: Path) -> None:
+def test_haif_up_seals_rpc_and_the_admin_key_opens_the_dlq(tmp_path: Path) -> None:
+    """With ``internal_tls: false`` (the opt-out) every RPC is sealed with the cluster
+    keys ``haif up`` made, and the admin key opens the DLQ."""
+    config = tmp_path / "plain.yaml"
+    config.write_text("internal_tls: false\n")
+    up = Up(tmp_path / "data", config)
+    try:
+        _seals_and_admin_key(up, tmp_path)
+    finally:
+        up.stop()
+
+
+def _seals_and_admin_key(up: Up, tmp_path: Path) -> None:
     orch = _services(up)["orchestrator"]["url"]
+    assert orch.startswith("http://")
     keys = up.data / "keys"
 
     def dlq(*flags: str) -> subprocess.CompletedProcess[str]:

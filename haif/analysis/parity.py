@@ -206,6 +206,9 @@ def cluster_config(
     return {
         "seed": scenario.seed,
         "region": region,
+        # Plain loopback HTTP, as the scenario's hop delays (network.hops) were
+        # measured: mutual TLS would add a cost of its own to every hop.
+        "internal_tls": False,
         "workers": workers,
         "policy": TypeAdapter(CoreConfig).dump_python(scenario.policy, mode="json"),
     }

@@ -53,7 +53,8 @@ Port = Annotated[int, Field(ge=0, le=65535)]
 START_TIMEOUT_S = 30.0
 #: The same for a worker that loads a local model first (vLLM on a CPU: about a minute).
 MODEL_LOAD_TIMEOUT_S = 300.0
-#: What ``haif up`` says when ``internal_tls`` is false (the default, for now).
+#: What ``haif up`` says when ``internal_tls`` is false (the opt-out, for loopback
+#: benchmarks and the simulator-vs-live comparison).
 PLAIN_WARNING = (
     "WARNING: internal_tls: false: every hop between the services is plain HTTP "
     "(prompts, completions and API-key lookups readable on the path), authenticated by "
@@ -363,13 +364,12 @@ class ClusterConfig(_Strict):
         "certificate)",
     )
     internal_tls: bool = Field(
-        default=False,
-        description="true: mutual TLS 1.3 on every connection between the services "
-        "(gateway, orchestrator, workers, haif dlq / keys), with certificates from the "
-        "cluster CA (cluster_ca, else one haif up creates in <data-dir>/tls/). false (the "
-        "default for now: bursts of new TLS connections failed requests in some loaded runs "
-        "on a 2-core machine, see docs/benchmarks.md): plain HTTP sealed with Ed25519 cluster "
-        "keys, readable on the path (loopback only; haif up warns)",
+        default=True,
+        description="true (the default): mutual TLS 1.3 on every connection between the "
+        "services (gateway, orchestrator, workers, haif dlq / keys), with certificates from "
+        "the cluster CA (cluster_ca, else one haif up creates in <data-dir>/tls/). false: "
+        "plain HTTP sealed with Ed25519 cluster keys, readable on the path: an opt-out for "
+        "loopback benchmarks (haif up warns on every start)",
     )
     cluster_ca: TlsFiles | None = Field(
         default=None,

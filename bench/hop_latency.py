@@ -94,6 +94,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "cluster.yaml"
         config.write_text(
+            # Plain loopback HTTP, as haif parity runs the cluster these hops are for.
+            "internal_tls: false\n"
             "workers:\n"
             + "".join(
                 f"  - {{id: w{i}, region: local, mean_s: {args.mean_ms / 1000}, "

@@ -81,7 +81,11 @@ def cluster_yaml(placement: str, ports: list[int], gateway_port: int) -> str:
         "     timing: profile, prefix_cache: true, heartbeat_s: 0.2}\n"
         for i, port in enumerate(ports, start=1)
     )
-    return f"gateway_port: {gateway_port}\npolicy: {{placement: {placement}}}\nworkers:\n{workers}"
+    # Plain loopback HTTP: the workers' /metrics are read without the monitor certificate.
+    return (
+        f"internal_tls: false\ngateway_port: {gateway_port}\n"
+        f"policy: {{placement: {placement}}}\nworkers:\n{workers}"
+    )
 
 
 def _words(rng: random.Random, n: int) -> str:

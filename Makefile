@@ -25,7 +25,13 @@ $(STAMP): pyproject.toml
 sim: $(STAMP)
 	$(BIN)/haif sim scenarios/failover.yaml
 
+# Where PYTHONDONTWRITEBYTECODE is set (these machines), imports never cache
+# bytecode, so every `haif` process a test starts compiled the package again
+# (0.3-0.5 s of CPU each); compileall writes the caches (only what changed).
+BYTECODE = $(BIN)/python -m compileall -q haif > /dev/null
+
 test: $(STAMP)
+	$(BYTECODE)
 	$(BIN)/pytest -q -m "not chaos and not vllm"
 
 # Its own environment, not .venv: vLLM pins its own torch and transformers.
@@ -35,6 +41,7 @@ test-vllm:
 	.ci/vllm-env python -m pytest -q -p no:cacheprovider -m vllm tests/vllm_lane
 
 chaos: $(STAMP)
+	$(BYTECODE)
 	$(BIN)/pytest -q -s -m chaos tests/chaos
 
 test-fast: $(STAMP)

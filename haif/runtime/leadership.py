@@ -97,7 +97,8 @@ class Leadership:
         self.epoch: int | None = None
         self._until = -1.0  # monotonic time this process may lead until
         self._serving = False  # elected and its takeover done
-        self._electing: int | None = None  # the epoch whose takeover is under way
+        # The epoch the lease was won under (its takeover under way or done; None: not won).
+        self._electing: int | None = None
         self._release = False  # end the lease when the renewing stops
         self._thread: threading.Thread | None = None
         self._renewing: tuple[asyncio.AbstractEventLoop, asyncio.Task[None]] | None = None
@@ -118,11 +119,11 @@ class Leadership:
             self._unanswered(exc)
             return
         if epoch is None:
-            if self._serving or self._electing is not None:
+            if self._electing is not None:  # electing or serving: lost
                 self._depose("another orchestrator holds the lease")
             return
         self._until = sent + self.ttl_s
-        if (self._serving and epoch == self.epoch) or self._electing == epoch:
+        if self._electing == epoch:  # a renewal, or its takeover is under way
             return
         self._electing = epoch
         try:
@@ -187,14 +188,13 @@ class Leadership:
         finally:
             if store is not None:
                 if self._release:
-                    await self._release_lease(store)
+                    try:
+                        await store.release_leadership(self.name, self.holder, self.wall())
+                    except Exception as exc:
+                        log.warning(
+                            "leadership: could not release the lease: %s", type(exc).__name__
+                        )
                 await store.close()
-
-    async def _release_lease(self, store: MetadataStore) -> None:
-        try:
-            await store.release_leadership(self.name, self.holder, self.wall())
-        except Exception as exc:
-            log.warning("leadership: could not release the lease: %s", type(exc).__name__)
 
     async def _stop_renewing(self) -> None:
         self._stopping.set()

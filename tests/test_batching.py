@@ -55,6 +55,7 @@ class Outcome:
     first_s: float | None
     finish_s: float
     tokens: int  # the response's length so far (resumed tokens included)
+    cold_start: bool = False  # it waited for the weights to load
 
 
 def catalog_profiles(*models: str, kv: int | None = None) -> dict[str, PerfProfile]:
@@ -132,7 +133,8 @@ def simulate(
         worker.come_up()
     env.run()
     return {
-        r.request_id: Outcome(r.ok, r.first_token_s, r.finish_s, r.output_tokens) for r in results
+        r.request_id: Outcome(r.ok, r.first_token_s, r.finish_s, r.output_tokens, r.cold_start)
+        for r in results
     }
 
 
@@ -173,7 +175,8 @@ def run_live(
                 assert exc.code == "context_too_long"
                 ok = False
         tokens = start + sum(len(c.texts) for _, c in got)
-        out[req.request_id] = Outcome(ok, got[0][0] if got else None, loop.time(), tokens)
+        cold = any(c.cold_start for _, c in got)
+        out[req.request_id] = Outcome(ok, got[0][0] if got else None, loop.time(), tokens, cold)
 
     async def main() -> None:
         await engine.load()  # a cold-started engine begins loading its weights now (0)
@@ -215,6 +218,7 @@ def assert_same(sim: dict[str, Outcome], live: dict[str, Outcome]) -> None:
         if not want.ok:
             continue
         assert got.tokens == want.tokens, rid
+        assert got.cold_start == want.cold_start, rid
         assert want.first_s is not None and got.first_s is not None, rid
         assert abs(got.first_s - want.first_s) <= TOL, (rid, got.first_s, want.first_s)
         assert abs(got.finish_s - want.finish_s) <= TOL, (rid, got.finish_s, want.finish_s)
@@ -273,8 +277,11 @@ def test_light_load_matches_the_simulator(timing: str) -> None:
 @pytest.mark.parametrize("timing", ["profile", "profile-request"])
 def test_a_restarted_worker_loads_its_weights_first_like_the_simulator(timing: str) -> None:
     arrivals = [*light(), (3.0, request("during", 300, 20), 0), (9.0, request("after", 80, 9), 0)]
-    _, engine = compare(timing, catalog_profiles(LLAMA3), arrivals, cold_start=True)
+    live, engine = compare(timing, catalog_profiles(LLAMA3), arrivals, cold_start=True)
     assert engine.timer is not None and engine.timer.occupancy().warm_models == (LLAMA3,)
+    # Those that waited for the weights are marked, in the records of both shells alike.
+    assert live["a"].cold_start and live["during"].cold_start
+    assert not live["after"].cold_start
 
 
 @pytest.mark.parametrize("timing", ["profile", "profile-request"])

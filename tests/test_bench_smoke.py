@@ -6,32 +6,22 @@ Checks the figures are there and sane; no timing assertions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
+from harness.bench import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "bench" / "sim_speed.py"
 
 
-def _load(script: Path = SCRIPT) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"haif_bench_{script.stem}", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    return _load()
+    return load_bench("sim_speed")
 
 
 def test_scenario_is_the_benchmark_fleet(bench: ModuleType) -> None:
@@ -118,7 +108,7 @@ def test_single_level_skips_the_comparison(bench: ModuleType) -> None:
 
 
 def test_store_writes_reports_cpu_and_batches(capsys: pytest.CaptureFixture[str]) -> None:
-    bench = _load(ROOT / "bench" / "store_writes.py")
+    bench = load_bench("store_writes")
     bench.main(["--rate", "100", "--seconds", "0.5", "--linger-ms", "20"])
     printed = capsys.readouterr().out
     assert "DuckDB, linger 20 ms; 100 requests/s" in printed

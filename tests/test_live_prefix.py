@@ -10,30 +10,18 @@ own counters say how many prompt tokens their caches served
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+from harness.bench import load_bench
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _bench() -> ModuleType:
-    script = ROOT / "bench" / "prefix_placement.py"
-    spec = importlib.util.spec_from_file_location("haif_bench_prefix_placement", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_cluster_yaml_names_the_placement_and_a_prefix_cache(tmp_path: Path) -> None:
     from haif.runtime.cluster import load_cluster
 
-    bench = _bench()
+    bench = load_bench("prefix_placement")
     path = tmp_path / "c.yaml"
     path.write_text(bench.cluster_yaml("prefix_affinity", [9001, 9002], 9000))
     cluster = load_cluster(path)
@@ -85,7 +73,7 @@ def test_a_worker_exports_its_prefix_cache_counters() -> None:
 def test_prefix_affinity_finds_more_cached_prefixes_than_least_outstanding(
     tmp_path: Path,
 ) -> None:
-    bench = _bench()
+    bench = load_bench("prefix_placement")
     runs = {
         p: bench.run(p, workers=3, conversations=6, turns=4, think_s=0.2, log_dir=tmp_path)
         for p in ("least_outstanding", "prefix_affinity")

@@ -4,7 +4,6 @@ model's tokenizer, the same ids the engine computes."""
 from __future__ import annotations
 
 import concurrent.futures
-import importlib.util
 import shutil
 import threading
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import yaml
+from harness.bench import load_bench
 from harness.cluster import serve
 from harness.tiny import make_tiny_store
 
@@ -259,11 +259,7 @@ async def test_a_tokenizer_with_a_thread_encodes_off_the_event_loop() -> None:
 
 
 def test_the_bench_prints_the_cost_per_request(capsys: pytest.CaptureFixture[str]) -> None:
-    script = Path(__file__).resolve().parent.parent / "bench" / "prompt_tokens.py"
-    spec = importlib.util.spec_from_file_location("haif_bench_prompt_tokens", script)
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("prompt_tokens")
     report = bench.main(["--calls", "2", "--repeat", "1", "--no-artifact"])
     cases = {(r["case"], r["prompt_words"]): r for r in report["rows"]}
     measured = cases[("words: measure (both)", 1000)]

@@ -9,15 +9,14 @@ No timing assertions.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections import Counter
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from harness.bench import load_bench
 
 from haif.configfile import ConfigError
 from haif.fleet import traces
@@ -32,12 +31,7 @@ SCRIPT = ROOT / "bench" / "sim_scale.py"
 
 @pytest.fixture(scope="module")
 def bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("haif_bench_sim_scale", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("sim_scale")
 
 
 def test_scale_scenario_is_10k_gpus_in_10_regions_with_a_million_requests() -> None:

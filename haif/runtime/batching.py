@@ -210,8 +210,12 @@ class Timer(ABC):
         """A fresh engine of this timer's kind."""
 
     @abstractmethod
-    def emissions(self, request: Request, start: int, most: int) -> AsyncGenerator[range, None]:
-        """Token index ranges (at most ``most`` long) as they are emitted, until the last."""
+    def emissions(
+        self, request: Request, start: int, most: int
+    ) -> AsyncGenerator[tuple[range, bool], None]:
+        """Token index ranges (at most ``most`` long) as they are emitted, until the last,
+        each with whether the sequence waited for weights to load (``cold_start``, as the
+        simulator records it: a restarted worker's reload, a swap of models)."""
 
     def reset(self) -> None:
         """Forget every sequence (a fresh engine, e.g. on another event loop)."""
@@ -357,7 +361,7 @@ class IterationTimer(Timer):
 
     async def emissions(
         self, request: Request, start: int, most: int
-    ) -> AsyncGenerator[range, None]:
+    ) -> AsyncGenerator[tuple[range, bool], None]:
         n = request.max_tokens
         if start >= n:
             return
@@ -370,7 +374,7 @@ class IterationTimer(Timer):
                 if seq.failure is not None:
                     raise seq.failure
                 j = min(seq.generated, n, i + most)
-                yield range(i, j)
+                yield range(i, j), seq.cold_start
                 i = j
         finally:
             self.cancel(seq)
@@ -388,7 +392,7 @@ class RequestTimer(Timer):
 
     async def emissions(
         self, request: Request, start: int, most: int
-    ) -> AsyncGenerator[range, None]:
+    ) -> AsyncGenerator[tuple[range, bool], None]:
         n = request.max_tokens
         if start >= n:
             return
@@ -406,7 +410,7 @@ class RequestTimer(Timer):
                 j = i + 1
                 while j < n and j - i < most and seq.due_s(j) <= now:
                     j += 1
-                yield range(i, j)
+                yield range(i, j), seq.cold_start
                 i = j
         finally:
             self.cancel(seq)

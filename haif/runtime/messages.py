@@ -83,12 +83,16 @@ class TokenChunk:
     ``usage``: ``(prompt_tokens, completion_tokens)`` as the engine counted
     them (an upstream server's reported usage), on its last chunk; ``None``:
     the worker counts (the request's prompt count, the tokens streamed).
+    ``cold_start``: the response waited for the engine to load weights (a
+    restarted worker's reload, a swap of models), as the simulator records it;
+    the worker's :class:`InferEnd` carries it to the request's record.
     """
 
     start: int
     texts: tuple[str, ...]
     finish_reason: str | None = None
     usage: tuple[int, int] | None = None
+    cold_start: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -267,6 +267,7 @@ class Worker:
         produced = call.resume_tokens
         finish: str | None = None
         usage: tuple[int, int] | None = None
+        cold = False
         # Not made current: this generator's steps run in different tasks.
         span = telemetry.tracer().start_span(
             "worker.generate",
@@ -290,6 +291,7 @@ class Worker:
                 produced = max(produced, chunk.start + len(chunk.texts))
                 finish = chunk.finish_reason or finish
                 usage = chunk.usage or usage
+                cold = cold or chunk.cold_start
                 self.metrics.generated(request.model, len(chunk.texts))
                 yield chunk
             finished = loop.time()
@@ -312,6 +314,7 @@ class Worker:
             output_tokens=output,
             ttft_s=(first if first is not None else finished) - received,
             service_s=finished - received,
+            cold_start=cold,
             cost=cost,
             finish_reason=finish,
             usage=usage,

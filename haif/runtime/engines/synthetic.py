@@ -304,11 +304,12 @@ class SyntheticEngine:
             )
             emissions = self.timer.emissions(timed, start, MAX_CHUNK_TOKENS)
             async with contextlib.aclosing(emissions):
-                async for span in emissions:
+                async for span, cold in emissions:
                     yield TokenChunk(
                         span.start,
                         tuple(p.piece(k) for k in span),
                         p.finish if span.stop >= n else None,
+                        cold_start=cold,
                     )
             return
         loop = asyncio.get_running_loop()

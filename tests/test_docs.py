@@ -173,6 +173,10 @@ BENCH: dict[str, tuple[str, ...] | str] = {
     "bench/orchestrator_fleet.py": "by hand: an orchestrator watching 1,000 workers for minutes",
     "bench/hop_latency.py": "by hand: a live cluster, 200 requests one at a time",
     "bench/worker_boot.py": "by hand: restarts a live cluster's workers",
+    "bench/parity_matrix.py": (
+        "tests/test_parity_matrix.py::test_summarize_reads_both_windows_errors_and_lag",
+        "tests/test_parity_matrix.py::test_the_kept_matrix_is_the_documented_one",
+    ),
 }
 #: Appended to a bench command that ``test_commands_run_for_real`` runs.
 SHORT_BENCH = {

@@ -303,7 +303,7 @@ async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
     # 2. Completions stream through it (openai SDK), and status says all is well.
     done, counts, errors = await _under_load(gateway, "deploy", "status", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert counts["ok"] > 0 and counts["failed"] == 0, errors
+    assert counts["ok"] > 0 and counts["failed"] == 0, _with_logs(path, errors)
     logs = _haif("deploy", "logs", str(path), "h1:w1", "-n", "3")
     assert logs.returncode == 0 and "worker w1 (local, A100-80G) serves" in logs.stdout
     assert 1 <= len(logs.stdout.splitlines()) <= 3, logs.stdout
@@ -319,7 +319,7 @@ async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
     await asyncio.sleep(3.0)
     stop.set()
     await load
-    assert counts["ok"] > 0 and counts["failed"] == 0, errors
+    assert counts["ok"] > 0 and counts["failed"] == 0, _with_logs(path, errors)
     down = _haif("deploy", "status", str(path))
     assert down.returncode == 1 and "down" in down.stdout, down.stdout
     again = _haif("deploy", str(path))
@@ -330,7 +330,7 @@ async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
     # 4. Rolling upgrade under steady load: zero failed requests.
     done, counts, errors = await _under_load(gateway, "deploy", "upgrade", str(path))
     assert done.returncode == 0, done.stdout + done.stderr
-    assert counts["ok"] > 20 and counts["failed"] == 0, errors
+    assert counts["ok"] > 20 and counts["failed"] == 0, _with_logs(path, errors)
     replaced = [line for line in done.stdout.splitlines() if "replacing" in line]
     order = [line.split(":")[1] for line in replaced]
     assert order[:2] == ["w1", "w2"] and order[4:] == ["gateway"], replaced
@@ -345,6 +345,15 @@ async def test_three_hosts_deploy_serve_recover_upgrade_and_stop(
     for i in range(3):
         assert all(_comm(pid) == "sshd" for pid in lab.pids(i)), [_comm(p) for p in lab.pids(i)]
     print(f"deployed in {deployed_s:.0f} s")
+
+
+def _with_logs(path: Path, errors: list[str]) -> str:
+    """The load's errors and the control plane's last log lines: what a failure needs."""
+    parts = ["\n".join(errors)]
+    for service in ("h0:gateway", "h0:orchestrator", "h0:orchestrator2"):
+        logs = _haif("deploy", "logs", str(path), service, "-n", "40")
+        parts.append(f"--- {service}\n{logs.stdout}{logs.stderr}")
+    return "\n".join(parts)
 
 
 def _comm(pid: int) -> str:

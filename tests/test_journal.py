@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
+import pytest
 from harness.records import ok_record
 
 from haif.runtime.journal import Journal, Settlement
@@ -108,3 +110,21 @@ async def test_without_fsync_entries_are_written_at_once(tmp_path: Path) -> None
     found = Journal(tmp_path).open()
     assert [(f.settlement.job_id, f.delivered) for f in found] == [("r1", True)]
     assert journal.syncs == 0 and journal.appended == 1
+
+
+async def test_a_slow_fsync_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Answers wait for the fsync, so one slower than SLOW_SYNC_S is worth a warning."""
+    from haif.runtime import journal as module
+
+    journal = Journal(tmp_path)
+    journal.open()
+    with caplog.at_level(logging.WARNING, logger="haif.orchestrator"):
+        await journal.append(_settlement(0))
+        assert not [r for r in caplog.records if "fsyncing" in r.getMessage()]
+        monkeypatch.setattr(module, "SLOW_SYNC_S", 0.0)  # every real fsync is "slow" now
+        await journal.append(_settlement(1))
+    slow = [r.getMessage() for r in caplog.records if "fsyncing" in r.getMessage()]
+    assert len(slow) == 1 and "1 settlement(s)" in slow[0], slow
+    await journal.close()

@@ -40,6 +40,7 @@ import os
 import re
 import struct
 import threading
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,8 @@ _HEADER = struct.Struct(">II")  # body length, CRC32 of the body
 _SEGMENT = re.compile(r"usage-(\d+)\.journal")
 #: A new segment starts after this many entries, so settled ones can be deleted.
 SEGMENT_ENTRIES = 10_000
+#: An fsync slower than this is logged: every answer waiting on it waited as long.
+SLOW_SYNC_S = 1.0
 
 
 @register
@@ -315,12 +318,21 @@ class _Writer:
                     order.append(fd)
                     chunks[fd] = []
                 chunks[fd].append(data)
+        started = time.monotonic()
         try:
             for fd in order:
                 _write_sync(fd, b"".join(chunks[fd]), True)
         except OSError as exc:
             log.error("journal: writing failed: %s", exc)
             error = exc
+        took = time.monotonic() - started
+        if took > SLOW_SYNC_S:
+            log.warning(
+                "journal: writing and fsyncing %d settlement(s) took %.1f s; their answers "
+                "waited as long (the disk is slow or busy)",
+                len(batch),
+                took,
+            )
         for fd, _, _, close in batch:
             if close:
                 os.close(fd)

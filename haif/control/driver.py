@@ -50,6 +50,12 @@ class CoreDriver(ABC):
         self._armed = None
         now = self.now()
         self._execute(now, self.core.on_timer(now))
+        # Armed again even when nothing was decided: the timer may have run a
+        # little before its time (uvloop's timers count whole milliseconds), or
+        # its deadline was stale (an attempt's timeout after the attempt ended)
+        # with a later one behind it. Left unarmed, the next deadline would wait
+        # for some other decision, and with no other traffic for ever.
+        self._arm()
 
     def _execute(self, now: float, decisions: list[Decision]) -> None:
         if not decisions:
@@ -58,6 +64,9 @@ class CoreDriver(ABC):
             if self.decisions is not None:
                 self.decisions.append((now, decision))
             self.sink(decision)
+        self._arm()
+
+    def _arm(self) -> None:
         deadline = self.core.next_deadline()
         if deadline is not None and (self._armed is None or deadline < self._armed):
             self._armed = deadline

@@ -102,10 +102,7 @@ Logs
 ``logger``, ``message``, ``trace_id`` / ``span_id`` (hex) when a span is
 current, and ``exc_info`` when there is an exception. The default stays the
 text format (``<time> <service> <LEVEL> <logger>: <message>``) so that
-``haif up`` logs read as before. A line is formatted where it is logged
-(trace ids are the caller's) and written by a thread of its own
-(:class:`logging.handlers.QueueListener`): a service's event loop never
-waits on its log's disk or pipe.
+``haif up`` logs read as before.
 
 The gateway logs one line per request (logger ``haif.gateway.requests``,
 :func:`log_request`) instead of aiohttp's access lines: ``request_id``,
@@ -137,11 +134,9 @@ Environment variables
 from __future__ import annotations
 
 import asyncio
-import atexit
 import importlib
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -149,7 +144,6 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from queue import SimpleQueue
 from typing import Any
 
 from aiohttp import web
@@ -992,50 +986,17 @@ def text_formatter(service: str) -> logging.Formatter:
 ACCESS_LOGGER = "aiohttp.access"
 
 
-#: The thread that writes this process's log lines (see :func:`setup_logging`).
-_listener: logging.handlers.QueueListener | None = None
-
-
-def stop_logging() -> None:
-    """Write the log lines still queued, then end the writing thread (at exit)."""
-    global _listener
-    listener, _listener = _listener, None
-    if listener is not None:
-        listener.stop()
-
-
-def _queued(stream: Any) -> logging.handlers.QueueHandler:
-    """A handler that formats here and hands the line to a thread writing ``stream``.
-
-    Why: a write to a log file or pipe can block (a disk busy writing back, a
-    pipe nobody reads fast enough); on a service's event loop that stalls every
-    request it holds. The queue is unbounded, so logging never waits.
-    """
-    stop_logging()
-    lines: SimpleQueue[logging.LogRecord] = SimpleQueue()
-    writer = logging.StreamHandler(stream)
-    writer.setFormatter(logging.Formatter("%(message)s"))  # formatted by the caller
-    global _listener
-    _listener = logging.handlers.QueueListener(lines, writer)
-    _listener.start()
-    return logging.handlers.QueueHandler(lines)
-
-
-atexit.register(stop_logging)
-
-
-def setup_logging(service: str, env: Mapping[str, str] | None = None, *, stream: Any = None) -> str:
+def setup_logging(service: str, env: Mapping[str, str] | None = None) -> str:
     """Configure the root logger for ``service`` from ``HAIF_LOG_FORMAT`` / ``HAIF_LOG_LEVEL``.
 
-    Lines go to ``stream`` (default ``sys.stderr``), written by a thread of
-    their own. Returns the format used (``text`` or ``json``).
+    Returns the format used (``text`` or ``json``).
     """
     env = os.environ if env is None else env
     fmt = env.get(ENV_LOG_FORMAT, "text").strip().lower() or "text"
     if fmt not in ("text", "json"):
         fmt = "text"
     level = env.get(ENV_LOG_LEVEL, "INFO").strip().upper() or "INFO"
-    handler = _queued(stream if stream is not None else sys.stderr)
+    handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter(service) if fmt == "json" else text_formatter(service))
     root = logging.getLogger()
     for old in list(root.handlers):

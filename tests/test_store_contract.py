@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import os
 import random
@@ -91,9 +92,10 @@ async def _fresh_schema(dsn: str) -> None:
 BACKENDS = ["duckdb", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
+@contextlib.asynccontextmanager
 async def _open(
     request: pytest.FixtureRequest, tmp_path: Path, linger_s: float | None = None
-) -> MetadataStore:
+) -> AsyncIterator[MetadataStore]:
     s: MetadataStore
     if request.param == "duckdb":
         s = await open_store(f"duckdb://{tmp_path / 'store.duckdb'}", linger_s=linger_s)
@@ -105,16 +107,16 @@ async def _open(
         await _fresh_schema(server.dsn)
         s = await open_store(server.dsn, linger_s=linger_s)
         assert isinstance(s, PostgresStore)
-    return s
-
-
-@pytest.fixture(params=BACKENDS)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
-    s = await _open(request, tmp_path)
     try:
         yield s
     finally:
         await s.close()
+
+
+@pytest.fixture(params=BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[MetadataStore]:
+    async with _open(request, tmp_path) as s:
+        yield s
 
 
 @pytest.fixture(params=BACKENDS)
@@ -123,11 +125,8 @@ async def eager_store(
 ) -> AsyncIterator[MetadataStore]:
     """A store whose off-path writes do not linger: for tests that await hundreds of
     writes one by one (on DuckDB each would wait out its 200 ms linger)."""
-    s = await _open(request, tmp_path, linger_s=0.0)
-    try:
+    async with _open(request, tmp_path, linger_s=0.0) as s:
         yield s
-    finally:
-        await s.close()
 
 
 @pytest.mark.postgres
